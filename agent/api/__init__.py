@@ -1,0 +1,1 @@
+"""The on-device HTTP API: OpenAI-compatible, Open Inference Protocol, health and metrics."""

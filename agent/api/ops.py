@@ -1,0 +1,61 @@
+"""Liveness, readiness, metrics and what the device probe found."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Response
+from fastapi.responses import JSONResponse
+
+from agent.api.deps import Authorized, StateDep
+
+__all__ = ["router"]
+
+router = APIRouter()
+
+
+@router.get("/healthz")
+def healthz() -> dict[str, str]:
+    """Alive: the process answers. Says nothing about models."""
+    return {"status": "ok"}
+
+
+@router.get("/readyz")
+def readyz(state: StateDep) -> JSONResponse:
+    """Ready once every configured model is loaded; 503 with the reason until then."""
+    loading, failed = state.registry.waiting()
+    body: dict[str, Any] = {"models": state.registry.names()}
+    if loading or failed:
+        body.update(
+            status="failed" if failed and not loading else "loading", loading=loading, failed=failed
+        )
+        return JSONResponse(body, status_code=503)
+    body["status"] = "ready"
+    return JSONResponse(body)
+
+
+@router.get("/metrics", dependencies=[Authorized])
+def metrics(state: StateDep) -> Response:
+    data, content_type = state.metrics.render()
+    return Response(content=data, media_type=content_type)
+
+
+@router.get("/v1/device", dependencies=[Authorized])
+def device(state: StateDep) -> dict[str, Any]:
+    """The capability probe, plus where each loaded model actually runs."""
+    models = [
+        {
+            "name": m.manifest.name,
+            "version": m.manifest.version,
+            "format": m.manifest.format.value,
+            "runtime": m.info.runtime,
+            "runtime_version": m.info.runtime_version,
+            "device": m.info.device,
+            "provider": m.info.provider,
+            "gpu_layers": m.info.gpu_layers,
+            "load_seconds": round(m.info.load_seconds, 3),
+            "memory_bytes": m.info.memory_bytes,
+        }
+        for m in state.registry.models()
+    ]
+    return {"device": state.device.model_dump(mode="json"), "models": models}

@@ -1,0 +1,113 @@
+"""Agent settings: one TOML file, overridden by ``EDGEFLEET_AGENT_*`` environment variables.
+
+This is the process edge: everything below it takes plain frozen values.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from agent.errors import ConfigError
+from models.manifest import ModelName, RuntimeParams
+
+__all__ = ["AgentSettings", "LogSettings", "ModelSpec", "load_settings"]
+
+DEFAULT_STORE = Path.home() / ".local" / "share" / "edgefleet" / "models"
+
+
+class ModelSpec(BaseModel):
+    """A model to serve: by name from the store, or straight from a file."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: ModelName
+    path: Path | None = None  # a GGUF/ONNX file outside the store (quick start)
+    runtime: RuntimeParams | None = None  # overrides the manifest's runtime parameters
+
+
+class LogSettings(BaseModel):
+    """The interaction log: metadata always, bodies only when asked for, always redacted."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    path: Path | None = None  # None: no interaction log
+    max_bytes: int = Field(default=10 * 2**20, ge=4096)  # per file before rotating
+    backups: int = Field(default=3, ge=0, le=100)  # rotated files kept
+    include_bodies: bool = False
+
+
+class AgentSettings(BaseSettings):
+    """Everything an operator can set; see docs/operators.md."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="EDGEFLEET_AGENT_", env_nested_delimiter="__", extra="forbid"
+    )
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=8080, ge=0, le=65535)
+    api_keys: list[SecretStr] = Field(default_factory=list)
+    store_dir: Path = DEFAULT_STORE
+    models: list[ModelSpec] = Field(default_factory=list)
+    memory_budget_mb: int | None = Field(default=None, ge=1)
+    queue_size: int = Field(default=64, ge=1)  # waiting requests per model beyond the slots
+    request_timeout_s: float = Field(default=300.0, gt=0)
+    max_body_bytes: int = Field(default=4 * 2**20, ge=1024)
+    cache_entries: int = Field(default=256, ge=0)  # response cache; 0 disables it
+    log: LogSettings = Field(default_factory=LogSettings)
+
+    @model_validator(mode="after")
+    def _refuse_open_binding(self) -> AgentSettings:
+        if not self.api_keys and not _is_loopback(self.host):
+            raise ValueError(
+                f"refusing to listen on {self.host} without an API key: set api_keys "
+                "(or EDGEFLEET_AGENT_API_KEYS='[\"...\"]'), or bind to 127.0.0.1"
+            )
+        return self
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        toml = settings_cls.model_config.get("toml_file")
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        if toml is not None:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=toml))
+        return tuple(sources)
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def load_settings(config: Path | None = None, **overrides: Any) -> AgentSettings:
+    """Read settings from ``config`` (TOML) and the environment; explicit overrides win."""
+    if config is not None and not config.is_file():
+        raise ConfigError(f"config file {config} does not exist")
+
+    class _FromFile(AgentSettings):
+        model_config = SettingsConfigDict(toml_file=config)
+
+    try:
+        return _FromFile(**overrides) if config is not None else AgentSettings(**overrides)
+    except ValueError as exc:
+        raise ConfigError(f"invalid agent configuration: {exc}") from exc

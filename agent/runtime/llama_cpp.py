@@ -1,0 +1,327 @@
+"""GGUF models through llama.cpp's low-level API, one context decoding many sequences.
+
+The high-level ``llama_cpp.Llama`` owns one sequence at a time; continuous batching
+needs the C API underneath it: a ``llama_batch`` whose tokens belong to different
+sequence ids, per-sequence KV cache removal, and one sampler chain per sequence.
+
+Threading: everything that touches the context (``decode``, ``sample``, ``forget``,
+``set_sampler``) must be called from one thread, the scheduler's. Tokenising and
+detokenising only read the vocabulary and may be called from any thread.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import llama_cpp
+
+from agent.errors import ContextOverflow, InvalidRequest, ModelLoadError, Transient
+from agent.runtime.base import RuntimeInfo, SamplingParams
+from models.manifest import ModelManifest, RuntimeParams
+
+__all__ = ["BatchEntry", "LlamaModel", "load_gguf"]
+
+_GGUF_MAGIC = b"GGUF"
+
+
+@dataclass(frozen=True)
+class BatchEntry:
+    """Tokens of one sequence to decode in this step, starting at KV position ``pos``."""
+
+    seq: int
+    tokens: Sequence[int]
+    pos: int
+    want_logits: bool  # ask for logits of the last token (to sample the next one)
+
+
+def _physical_cores() -> int:
+    try:
+        import psutil
+
+        return psutil.cpu_count(logical=False) or os.cpu_count() or 1
+    except ImportError:  # pragma: no cover - psutil is a dependency of the agent extra
+        return os.cpu_count() or 1
+
+
+def _quiet_llama_logs() -> None:
+    """llama.cpp prints every tensor at load; keep stderr for errors only."""
+    from llama_cpp import _logger
+
+    _logger.set_verbose(False)
+
+
+class LlamaModel:
+    """A loaded GGUF model and one context with ``slots`` independent sequences."""
+
+    def __init__(self, path: Path, manifest: ModelManifest, params: RuntimeParams) -> None:
+        self._manifest = manifest
+        self._path = path
+        self._closed = False
+        self._samplers: dict[int, Any] = {}
+        _quiet_llama_logs()
+        _check_gguf_header(path)
+        llama_cpp.llama_backend_init()
+        started = time.perf_counter()
+
+        offload = llama_cpp.llama_supports_gpu_offload()
+        mparams = llama_cpp.llama_model_default_params()
+        mparams.n_gpu_layers = params.gpu_layers if offload else 0
+        model = llama_cpp.llama_model_load_from_file(str(path).encode(), mparams)
+        if not model:
+            raise ModelLoadError(
+                f"llama.cpp could not load {path}: the file is not a valid GGUF model "
+                "for this llama.cpp build; re-download it or check its sha256"
+            )
+        self._model = model
+        self._vocab = llama_cpp.llama_model_get_vocab(model)
+        n_ctx_train = llama_cpp.llama_model_n_ctx_train(model)
+        self.n_ctx_slot = (
+            min(params.context_length, n_ctx_train) if n_ctx_train > 0 else params.context_length
+        )
+        self.n_slots = params.parallel_slots
+        self.n_batch = max(params.batch_tokens, self.n_slots)
+        threads = params.threads or _physical_cores()
+
+        cparams = llama_cpp.llama_context_default_params()
+        cparams.n_ctx = self.n_ctx_slot * self.n_slots
+        cparams.n_batch = self.n_batch
+        cparams.n_ubatch = self.n_batch
+        cparams.n_seq_max = self.n_slots
+        cparams.n_threads = threads
+        cparams.n_threads_batch = threads
+        cparams.kv_unified = False  # each sequence attends over its own KV stream only
+        cparams.swa_full = True  # lets partial seq_rm keep a reusable prompt prefix
+        cparams.no_perf = True
+        ctx = llama_cpp.llama_init_from_model(model, cparams)
+        if not ctx:
+            llama_cpp.llama_model_free(model)
+            raise ModelLoadError(
+                f"llama.cpp could not create a context of {cparams.n_ctx} tokens for {path}: "
+                "lower context_length or parallel_slots"
+            )
+        self._ctx = ctx
+        self._memory = llama_cpp.llama_get_memory(ctx)
+        self._batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
+        self.n_vocab = int(llama_cpp.llama_vocab_n_tokens(self._vocab))
+        self._chat_template = _chat_template(model, params.chat_template)
+        self._piece_cache: dict[int, bytes] = {}
+
+        n_layers = llama_cpp.llama_model_n_layer(model)
+        gpu_layers = 0
+        if offload:
+            gpu_layers = n_layers if params.gpu_layers < 0 else min(params.gpu_layers, n_layers)
+        desc = ctypes.create_string_buffer(256)
+        llama_cpp.llama_model_desc(model, desc, len(desc))
+        self._info = RuntimeInfo(
+            runtime="llama.cpp",
+            runtime_version=str(llama_cpp.__version__),
+            device="gpu" if gpu_layers > 0 else "cpu",
+            provider="llama.cpp-gpu" if gpu_layers > 0 else "llama.cpp-cpu",
+            gpu_layers=gpu_layers,
+            load_seconds=time.perf_counter() - started,
+            memory_bytes=int(llama_cpp.llama_model_size(model))
+            + _kv_estimate(model, cparams.n_ctx),
+            details={
+                "description": desc.value.decode(errors="replace"),
+                "layers": n_layers,
+                "context_per_slot": self.n_ctx_slot,
+                "slots": self.n_slots,
+                "threads": threads,
+                "gpu_offload_supported": bool(offload),
+                "system": llama_cpp.llama_print_system_info().decode(errors="replace").strip(),
+            },
+        )
+
+    # -- identity ------------------------------------------------------------------------
+
+    @property
+    def manifest(self) -> ModelManifest:
+        return self._manifest
+
+    @property
+    def info(self) -> RuntimeInfo:
+        return self._info
+
+    # -- text <-> tokens (any thread) ----------------------------------------------------
+
+    def tokenize(self, text: str, *, special: bool) -> list[int]:
+        """Tokens for ``text`` with BOS; ``special`` parses control tokens (chat templates)."""
+        try:
+            data = text.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise InvalidRequest(f"the text is not valid Unicode: {exc.reason}") from exc
+        capacity = len(data) + 16
+        buf = (llama_cpp.llama_token * capacity)()
+        n = llama_cpp.llama_tokenize(self._vocab, data, len(data), buf, capacity, True, special)
+        if n < 0:
+            capacity = -n
+            buf = (llama_cpp.llama_token * capacity)()
+            n = llama_cpp.llama_tokenize(self._vocab, data, len(data), buf, capacity, True, special)
+        if n < 0:
+            raise InvalidRequest("the prompt could not be tokenised")
+        return list(buf[:n])
+
+    def piece(self, token: int) -> bytes:
+        """The bytes of one token; may be part of a multi-byte UTF-8 character."""
+        cached = self._piece_cache.get(token)
+        if cached is not None:
+            return cached
+        buf = ctypes.create_string_buffer(64)
+        n = llama_cpp.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, False)
+        if n < 0:
+            buf = ctypes.create_string_buffer(-n)
+            n = llama_cpp.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, False)
+        out = buf.raw[: max(n, 0)]
+        self._piece_cache[token] = out
+        return out
+
+    def is_eog(self, token: int) -> bool:
+        return bool(llama_cpp.llama_vocab_is_eog(self._vocab, token))
+
+    def apply_chat_template(self, messages: Sequence[Mapping[str, str]]) -> str:
+        """The model's own chat template (llama.cpp's built-in rendering of it)."""
+        if not self._chat_template:
+            raise InvalidRequest(
+                f"model {self._manifest.name!r} has no chat template; use /v1/completions"
+            )
+        keep = [(m["role"].encode(), m["content"].encode()) for m in messages]
+        chat = (llama_cpp.llama_chat_message * len(keep))()
+        for i, (role, content) in enumerate(keep):
+            chat[i].role = role
+            chat[i].content = content
+        size = sum(len(r) + len(c) for r, c in keep) * 2 + 512
+        for _ in range(2):
+            buf = ctypes.create_string_buffer(size)
+            n = llama_cpp.llama_chat_apply_template(
+                self._chat_template, chat, len(keep), True, buf, size
+            )
+            if n < 0:
+                raise InvalidRequest("the chat template does not support these messages")
+            if n <= size:
+                return buf.raw[:n].decode("utf-8", errors="replace")
+            size = n + 1
+        raise InvalidRequest("the chat template output did not fit")  # pragma: no cover
+
+    # -- the scheduler's thread only -----------------------------------------------------
+
+    def decode(self, entries: Sequence[BatchEntry]) -> list[int]:
+        """Decode one step; returns, per entry wanting logits, its batch index for sampling."""
+        batch = self._batch
+        n = 0
+        out: list[int] = []
+        for entry in entries:
+            if entry.pos + len(entry.tokens) > self.n_ctx_slot:
+                raise ContextOverflow("sequence outgrew its context window")
+            for i, token in enumerate(entry.tokens):
+                batch.token[n] = token
+                batch.pos[n] = entry.pos + i
+                batch.n_seq_id[n] = 1
+                batch.seq_id[n][0] = entry.seq
+                batch.logits[n] = False
+                n += 1
+            if entry.want_logits:
+                batch.logits[n - 1] = True
+                out.append(n - 1)
+        if n > self.n_batch:
+            raise ValueError(f"batch of {n} tokens exceeds n_batch={self.n_batch}")
+        batch.n_tokens = n
+        rc = llama_cpp.llama_decode(self._ctx, batch)
+        if rc != 0:
+            raise Transient(f"llama_decode failed with code {rc}")
+        return out
+
+    def set_sampler(self, seq: int, params: SamplingParams) -> None:
+        """Give ``seq`` a fresh sampler chain for a new request."""
+        old = self._samplers.pop(seq, None)
+        if old is not None:
+            llama_cpp.llama_sampler_free(old)
+        chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
+        add = llama_cpp.llama_sampler_chain_add
+        if params.frequency_penalty or params.presence_penalty or params.repeat_penalty != 1.0:
+            add(
+                chain,
+                llama_cpp.llama_sampler_init_penalties(
+                    64, params.repeat_penalty, params.frequency_penalty, params.presence_penalty
+                ),
+            )
+        if params.greedy:
+            add(chain, llama_cpp.llama_sampler_init_greedy())
+        else:
+            if params.top_k > 0:
+                add(chain, llama_cpp.llama_sampler_init_top_k(params.top_k))
+            add(chain, llama_cpp.llama_sampler_init_top_p(params.top_p, 1))
+            if params.min_p > 0:
+                add(chain, llama_cpp.llama_sampler_init_min_p(params.min_p, 1))
+            add(chain, llama_cpp.llama_sampler_init_temp(params.temperature))
+            add(chain, llama_cpp.llama_sampler_init_dist(params.seed & 0xFFFFFFFF))
+        self._samplers[seq] = chain
+
+    def sample(self, seq: int, index: int) -> int:
+        return int(llama_cpp.llama_sampler_sample(self._samplers[seq], self._ctx, index))
+
+    def forget(self, seq: int, keep: int) -> bool:
+        """Drop ``seq``'s KV cache from position ``keep`` on; False if only a full drop works."""
+        return bool(llama_cpp.llama_memory_seq_rm(self._memory, seq, keep, -1))
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for chain in self._samplers.values():
+            llama_cpp.llama_sampler_free(chain)
+        self._samplers.clear()
+        llama_cpp.llama_batch_free(self._batch)
+        llama_cpp.llama_free(self._ctx)
+        llama_cpp.llama_model_free(self._model)
+
+
+def _kv_estimate(model: Any, n_ctx: int) -> int:
+    """Rough KV cache size (f16 K and V per layer), for the memory budget."""
+    n_layer = llama_cpp.llama_model_n_layer(model)
+    n_embd = llama_cpp.llama_model_n_embd(model)
+    n_head = max(llama_cpp.llama_model_n_head(model), 1)
+    n_head_kv = max(llama_cpp.llama_model_n_head_kv(model), 1)
+    kv_dim = n_embd * n_head_kv // n_head
+    return int(2 * 2 * n_layer * kv_dim * n_ctx)
+
+
+def _chat_template(model: Any, configured: str | None) -> bytes | None:
+    """The GGUF's own template, else the configured built-in, else one named after the arch.
+
+    Some GGUF conversions drop ``tokenizer.chat_template``; llama.cpp's built-in
+    renderers (``gemma``, ``llama3``, ``chatml``...) cover the common families.
+    """
+    own = llama_cpp.llama_model_chat_template(model, None)
+    if own:
+        return bytes(own)
+    if configured:
+        return configured.encode()
+    buf = ctypes.create_string_buffer(64)
+    n = llama_cpp.llama_model_meta_val_str(model, b"general.architecture", buf, len(buf))
+    arch = buf.value.decode(errors="replace") if n > 0 else ""
+    for family in ("gemma", "llama3", "phi3", "qwen2", "mistral"):
+        if arch.startswith(family):
+            return b"chatml" if family == "qwen2" else family.encode()
+    return None
+
+
+def _check_gguf_header(path: Path) -> None:
+    """Fail with a clear reason before llama.cpp prints a cryptic one."""
+    try:
+        with path.open("rb") as f:
+            magic = f.read(4)
+    except OSError as exc:
+        raise ModelLoadError(f"cannot read model file {path}: {exc.strerror}") from exc
+    if magic != _GGUF_MAGIC:
+        raise ModelLoadError(f"{path} is not a GGUF file (bad magic {magic!r})")
+
+
+def load_gguf(path: Path, manifest: ModelManifest) -> LlamaModel:
+    """Load ``path`` with the manifest's runtime parameters; blocking (run in a thread)."""
+    return LlamaModel(path, manifest, manifest.runtime)

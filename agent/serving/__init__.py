@@ -1,0 +1,1 @@
+"""Scheduling, caching and model lifecycles between the API and the runtimes."""

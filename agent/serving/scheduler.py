@@ -1,0 +1,476 @@
+"""Continuous batching: many requests decode together in one llama.cpp context.
+
+One thread owns the context. Each step it admits waiting requests into free
+slots (sequence ids), builds one batch holding the next token of every
+generating sequence plus prompt chunks of newly admitted ones, decodes it, samples
+one token per sequence and streams the text to each request's asyncio queue.
+Requests join and leave between steps; a cancelled or expired request frees its
+slot before the next step. Each slot keeps its KV cache after a request ends, so
+the next request sharing a prompt prefix (a system prompt, an earlier chat turn)
+only decodes what is new.
+
+    event loop                          scheduler thread
+    submit() ─► waiting (bounded) ──► admit ─► plan ─► llama_decode ─► sample
+    Generation ◄──── call_soon_threadsafe(text deltas, result) ◄──────┘
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import threading
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from agent.errors import (
+    AgentError,
+    ContextOverflow,
+    InvalidRequest,
+    ModelNotReady,
+    Overloaded,
+    RequestTimeout,
+    Transient,
+)
+from agent.runtime.base import RuntimeInfo, SamplingParams
+from agent.runtime.llama_cpp import BatchEntry
+from agent.serving.text import StopMatcher, Utf8Stream
+from models.manifest import ModelManifest
+
+__all__ = [
+    "BatchDecoder",
+    "BatchScheduler",
+    "Generation",
+    "GenerationRequest",
+    "GenerationResult",
+]
+
+log = logging.getLogger(__name__)
+
+
+class BatchDecoder(Protocol):
+    """The seam between scheduling and llama.cpp; :class:`LlamaModel` is the real one."""
+
+    n_slots: int
+    n_ctx_slot: int
+    n_batch: int
+    n_vocab: int
+
+    @property
+    def manifest(self) -> ModelManifest: ...
+
+    @property
+    def info(self) -> RuntimeInfo: ...
+
+    def tokenize(self, text: str, *, special: bool) -> list[int]: ...
+
+    def piece(self, token: int) -> bytes: ...
+
+    def is_eog(self, token: int) -> bool: ...
+
+    def apply_chat_template(self, messages: Sequence[Mapping[str, str]]) -> str: ...
+
+    def decode(self, entries: Sequence[BatchEntry]) -> list[int]: ...
+
+    def set_sampler(self, seq: int, params: SamplingParams) -> None: ...
+
+    def sample(self, seq: int, index: int) -> int: ...
+
+    def forget(self, seq: int, keep: int) -> bool: ...
+
+    def close(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """A tokenised prompt and how to continue it."""
+
+    prompt: Sequence[int]
+    max_tokens: int
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
+    timeout_s: float = 300.0
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    """What a finished generation produced, with the timings /metrics wants."""
+
+    text: str
+    finish_reason: str  # "stop" or "length"
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int  # prompt tokens reused from the slot's KV cache
+    ttft_s: float  # submit to first token
+    total_s: float  # submit to finish
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        span = self.total_s - self.ttft_s
+        return (
+            (self.completion_tokens - 1) / span if span > 0 and self.completion_tokens > 1 else 0.0
+        )
+
+
+class _Done:
+    __slots__ = ("result",)
+
+    def __init__(self, result: GenerationResult) -> None:
+        self.result = result
+
+
+class Generation:
+    """One request in flight: iterate it for text deltas; ``result`` is set when it ends."""
+
+    def __init__(
+        self, request: GenerationRequest, loop: asyncio.AbstractEventLoop, wake: threading.Condition
+    ) -> None:
+        self.request = request
+        self.result: GenerationResult | None = None
+        self.submitted_at = time.monotonic()
+        self.deadline = self.submitted_at + request.timeout_s
+        self._loop = loop
+        self._wake = wake
+        self._queue: asyncio.Queue[str | _Done | AgentError] = asyncio.Queue()
+        self._cancelled = False
+        self._ended = False
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled
+
+    def cancel(self) -> None:
+        """Stop generating; the slot is freed before the next decode step."""
+        if self._ended:
+            return
+        self._cancelled = True
+        with self._wake:
+            self._wake.notify()
+
+    async def __aiter__(self) -> AsyncIterator[str]:
+        while True:
+            item = await self._queue.get()
+            if isinstance(item, _Done):
+                self.result = item.result
+                return
+            if isinstance(item, AgentError):
+                raise item
+            yield item
+
+    async def complete(self) -> GenerationResult:
+        """Wait for the whole text (non-streaming requests)."""
+        async for _ in self:
+            pass
+        assert self.result is not None
+        return self.result
+
+    # -- called from the scheduler thread ------------------------------------------------
+
+    def _put(self, item: str | _Done | AgentError) -> None:
+        if isinstance(item, _Done | AgentError):
+            self._ended = True
+        try:
+            self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
+        except RuntimeError:  # the client's event loop is gone; nobody is listening
+            self._cancelled = True
+
+
+@dataclass
+class _Slot:
+    """One sequence id in the context and what currently occupies it."""
+
+    seq: int
+    cached: list[int] = field(default_factory=list)  # tokens whose KV is in the cache
+    gen: Generation | None = None
+    pending: list[int] = field(default_factory=list)  # prompt tokens not decoded yet
+    next_token: int | None = None
+    generated: int = 0
+    reused: int = 0
+    first_token_at: float | None = None
+    text: list[str] = field(default_factory=list)
+    utf8: Utf8Stream = field(default_factory=Utf8Stream)
+    stops: StopMatcher = field(default_factory=lambda: StopMatcher(()))
+    last_used: float = 0.0
+
+
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """Length of the shared prefix of two token lists."""
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
+
+
+def choose_slot(free: Sequence[_Slot], prompt: Sequence[int]) -> tuple[_Slot, int]:
+    """The free slot whose cache shares the longest prefix with ``prompt``; else the LRU one."""
+    best = max(free, key=lambda s: (common_prefix(s.cached, prompt), -s.last_used))
+    return best, common_prefix(best.cached, prompt)
+
+
+class BatchScheduler:
+    """Serves one GGUF model to many concurrent requests; a :class:`ServedModel`."""
+
+    def __init__(self, decoder: BatchDecoder, *, queue_size: int = 64) -> None:
+        self._decoder = decoder
+        self._queue_size = queue_size
+        self._slots = [_Slot(seq=i) for i in range(decoder.n_slots)]
+        self._waiting: deque[Generation] = deque()
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._closed = False
+        self._service_s = 1.0  # moving average of request duration, for Retry-After
+        self.steps = 0
+        self.reused_tokens = 0
+        self._thread = threading.Thread(
+            target=self._run, name=f"batch-{decoder.manifest.name}", daemon=True
+        )
+        self._thread.start()
+
+    # -- ServedModel ---------------------------------------------------------------------
+
+    @property
+    def manifest(self) -> ModelManifest:
+        return self._decoder.manifest
+
+    @property
+    def info(self) -> RuntimeInfo:
+        return self._decoder.info
+
+    @property
+    def decoder(self) -> BatchDecoder:
+        return self._decoder
+
+    @property
+    def context_length(self) -> int:
+        return self._decoder.n_ctx_slot
+
+    def close(self) -> None:
+        """Stop the thread, fail whatever is still queued or running, free the model."""
+        with self._cond:
+            if self._closed:
+                return
+            self._closed = True
+            self._stopping = True
+            self._cond.notify()
+        self._thread.join()
+        self._decoder.close()
+
+    # -- event-loop side -----------------------------------------------------------------
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def active(self) -> int:
+        return sum(1 for s in self._slots if s.gen is not None)
+
+    def submit(self, request: GenerationRequest) -> Generation:
+        """Queue a request; raises at once if it can never fit or the queue is full."""
+        n_prompt = len(request.prompt)
+        if n_prompt == 0:
+            raise InvalidRequest("the prompt is empty", param="prompt")
+        if n_prompt >= self._decoder.n_ctx_slot:
+            raise ContextOverflow(
+                f"This model's maximum context length is {self._decoder.n_ctx_slot} tokens, "
+                f"but the prompt has {n_prompt} tokens. Shorten the prompt.",
+                param="messages",
+            )
+        if request.max_tokens < 1:
+            raise InvalidRequest("max_tokens must be at least 1", param="max_tokens")
+        gen = Generation(request, asyncio.get_running_loop(), self._cond)
+        with self._cond:
+            if self._stopping:
+                raise ModelNotReady(f"model {self.manifest.name!r} is shutting down")
+            if len(self._waiting) >= self._queue_size:
+                busy = len(self._waiting) + self.active
+                retry = math.ceil(self._service_s * busy / max(len(self._slots), 1))
+                raise Overloaded(
+                    f"model {self.manifest.name!r} is at capacity "
+                    f"({self.active} generating, {len(self._waiting)} waiting); retry later",
+                    retry_after=min(max(retry, 1), 60),
+                )
+            self._waiting.append(gen)
+            self._cond.notify()
+        return gen
+
+    # -- scheduler thread ----------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            while True:
+                with self._cond:
+                    while not self._stopping and not self._waiting and not self._busy():
+                        self._cond.wait()
+                    if self._stopping:
+                        break
+                    self._admit()
+                self._reap()
+                self._step()
+        except Exception:
+            log.exception("batch scheduler for %s crashed", self.manifest.name)
+        finally:
+            self._fail_all(ModelNotReady(f"model {self.manifest.name!r} was unloaded"))
+
+    def _busy(self) -> bool:
+        return any(s.gen is not None for s in self._slots)
+
+    def _admit(self) -> None:
+        now = time.monotonic()
+        while self._waiting:
+            gen = self._waiting[0]
+            if gen.cancelled or now > gen.deadline:
+                self._waiting.popleft()
+                self._end_early(gen, now)
+                continue
+            free = [s for s in self._slots if s.gen is None]
+            if not free:
+                return
+            self._waiting.popleft()
+            self._start(gen, free)
+
+    def _start(self, gen: Generation, free: Sequence[_Slot]) -> None:
+        prompt = list(gen.request.prompt)
+        slot, keep = choose_slot(free, prompt)
+        keep = min(keep, len(prompt) - 1)  # decode at least one token to get logits
+        if not self._decoder.forget(slot.seq, keep):
+            self._decoder.forget(slot.seq, 0)
+            keep = 0
+        slot.cached = prompt[:keep]
+        slot.pending = prompt[keep:]
+        slot.gen = gen
+        slot.next_token = None
+        slot.generated = 0
+        slot.reused = keep
+        slot.first_token_at = None
+        slot.text = []
+        slot.utf8 = Utf8Stream()
+        slot.stops = StopMatcher(gen.request.stop)
+        self.reused_tokens += keep
+        self._decoder.set_sampler(slot.seq, gen.request.sampling)
+
+    def _reap(self) -> None:
+        """Free the slots of requests that were cancelled or ran out of time."""
+        now = time.monotonic()
+        for slot in self._slots:
+            gen = slot.gen
+            if gen is not None and (gen.cancelled or now > gen.deadline):
+                slot.gen = None
+                slot.last_used = now
+                if slot.pending:  # the prompt was only partly decoded; cached stays exact
+                    slot.pending = []
+                self._end_early(gen, now)
+
+    def _end_early(self, gen: Generation, now: float) -> None:
+        if not gen.cancelled:
+            gen._put(RequestTimeout(f"request ran past its {gen.request.timeout_s:g} s timeout"))
+        else:
+            gen._put(Transient("request cancelled"))
+
+    def _step(self) -> None:
+        entries: list[BatchEntry] = []
+        owners: list[_Slot] = []
+        budget = self._decoder.n_batch
+        for slot in self._slots:
+            if slot.gen is not None and not slot.pending and slot.next_token is not None:
+                entries.append(BatchEntry(slot.seq, [slot.next_token], len(slot.cached), True))
+                owners.append(slot)
+                budget -= 1
+        prefilling = [s for s in self._slots if s.gen is not None and s.pending]
+        prefilling.sort(key=lambda s: s.gen.submitted_at if s.gen else 0.0)
+        for slot in prefilling:
+            if budget <= 0:
+                break
+            chunk = slot.pending[:budget]
+            entries.append(
+                BatchEntry(slot.seq, chunk, len(slot.cached), len(chunk) == len(slot.pending))
+            )
+            owners.append(slot)
+            budget -= len(chunk)
+        if not entries:
+            return
+        try:
+            indices = self._decoder.decode(entries)
+        except AgentError as exc:
+            log.error("decode step failed: %s", exc.message)
+            for slot in owners:
+                self._decoder.forget(slot.seq, 0)
+                slot.cached = []
+                self._abort(slot, exc)
+            return
+        self.steps += 1
+        sampled = iter(indices)
+        for entry, slot in zip(entries, owners, strict=True):
+            slot.cached.extend(entry.tokens)
+            if slot.pending:
+                del slot.pending[: len(entry.tokens)]
+            if entry.want_logits:
+                token = self._decoder.sample(slot.seq, next(sampled))
+                self._on_token(slot, token)
+
+    def _on_token(self, slot: _Slot, token: int) -> None:
+        gen = slot.gen
+        assert gen is not None
+        now = time.monotonic()
+        if slot.first_token_at is None:
+            slot.first_token_at = now
+        request = gen.request
+        if self._decoder.is_eog(token) and not request.ignore_eos:
+            self._finish(slot, "stop", now)
+            return
+        slot.generated += 1
+        text, stopped = slot.stops.feed(slot.utf8.feed(self._decoder.piece(token)))
+        if text:
+            slot.text.append(text)
+            gen._put(text)
+        if stopped:
+            self._finish(slot, "stop", now)
+        elif (
+            slot.generated >= request.max_tokens or len(slot.cached) + 1 >= self._decoder.n_ctx_slot
+        ):
+            self._finish(slot, "length", now)
+        else:
+            slot.next_token = token
+
+    def _finish(self, slot: _Slot, reason: str, now: float) -> None:
+        gen = slot.gen
+        assert gen is not None
+        tail = slot.stops.feed(slot.utf8.flush())[0] + slot.stops.flush()
+        if tail:
+            slot.text.append(tail)
+            gen._put(tail)
+        first = slot.first_token_at if slot.first_token_at is not None else now
+        result = GenerationResult(
+            text="".join(slot.text),
+            finish_reason=reason,
+            prompt_tokens=len(gen.request.prompt),
+            completion_tokens=slot.generated,
+            cached_tokens=slot.reused,
+            ttft_s=first - gen.submitted_at,
+            total_s=now - gen.submitted_at,
+        )
+        self._service_s = 0.8 * self._service_s + 0.2 * result.total_s
+        slot.gen = None
+        slot.next_token = None
+        slot.last_used = now
+        gen._put(_Done(result))
+
+    def _abort(self, slot: _Slot, exc: AgentError) -> None:
+        if slot.gen is not None:
+            slot.gen._put(exc)
+        slot.gen = None
+        slot.pending = []
+        slot.next_token = None
+
+    def _fail_all(self, exc: AgentError) -> None:
+        with self._cond:
+            waiting, self._waiting = list(self._waiting), deque()
+        for gen in waiting:
+            gen._put(exc)
+        for slot in self._slots:
+            self._abort(slot, exc)

@@ -1,0 +1,1 @@
+"""The edgefleet fleet controller (its core arrives with the fleet-link issue)."""

@@ -1,0 +1,1 @@
+"""The contract the agent and the fleet controller share, and nothing else."""

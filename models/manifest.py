@@ -1,0 +1,78 @@
+"""Model manifests: what a model on a device is, as both sides describe it.
+
+A manifest travels with every installed model (``manifest.json`` in its store
+folder) and, in later issues, inside signed desired state. It is a frozen value:
+parse it once at the edge, pass it around without re-checking.
+"""
+
+from __future__ import annotations
+
+import re
+from enum import StrEnum
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+
+__all__ = [
+    "ModelFormat",
+    "ModelManifest",
+    "ModelName",
+    "RuntimeParams",
+    "Sha256",
+]
+
+ModelName = Annotated[
+    str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9._-]{0,63}$", strip_whitespace=False)
+]
+"""Lower-case, path- and URL-safe: a model name is also a folder and a route segment."""
+
+Sha256 = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
+
+_VERSION = re.compile(r"^[0-9A-Za-z][0-9A-Za-z.+_-]{0,63}$")
+
+
+class ModelFormat(StrEnum):
+    """The file formats the agent has a runtime for."""
+
+    GGUF = "gguf"
+    ONNX = "onnx"
+
+
+class RuntimeParams(BaseModel):
+    """How to run a model; every field has a default that works on a CPU-only box."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    context_length: int = Field(default=4096, ge=64, le=1 << 20)  # tokens per sequence
+    parallel_slots: int = Field(default=8, ge=1, le=256)  # sequences decoded together
+    batch_tokens: int = Field(default=512, ge=16, le=1 << 16)  # tokens per llama_decode call
+    gpu_layers: int = Field(default=-1, ge=-1)  # -1: offload all layers when a GPU is usable
+    threads: int | None = Field(default=None, ge=1, le=512)  # None: one per physical core
+    max_tokens_default: int = Field(default=512, ge=1)  # when a request names none
+    embedding_dim: int | None = Field(default=None, ge=1)  # ONNX embedders
+    max_input_tokens: int = Field(default=256, ge=1)  # ONNX embedders: truncate beyond this
+    tokenizer: str | None = None  # ONNX: tokenizer.json path relative to the model folder
+    chat_template: str | None = None  # GGUF without its own template: a llama.cpp built-in name
+    extra: dict[str, Any] = Field(default_factory=dict)
+
+
+class ModelManifest(BaseModel):
+    """One installed model: identity, integrity and how to run it."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    schema_version: int = 1
+    name: ModelName
+    version: str
+    format: ModelFormat
+    file: str = Field(description="file name inside the model folder")
+    sha256: Sha256
+    size_bytes: int = Field(ge=0)
+    runtime: RuntimeParams = Field(default_factory=RuntimeParams)
+
+    def model_post_init(self, context: Any, /) -> None:
+        """Reject names that could escape the model folder or confuse a version sort."""
+        if not _VERSION.match(self.version):
+            raise ValueError(f"invalid version {self.version!r}: use letters, digits and .+_-")
+        if "/" in self.file or "\\" in self.file or self.file in {"", ".", ".."}:
+            raise ValueError(f"invalid file name {self.file!r}: must be a plain name")
