@@ -85,7 +85,9 @@ class LlamaModel:
             min(params.context_length, n_ctx_train) if n_ctx_train > 0 else params.context_length
         )
         self.n_slots = params.parallel_slots
-        self.n_batch = max(params.batch_tokens, self.n_slots)
+        self.n_chunk = params.prefill_chunk
+        self.step_budget = max(params.batch_tokens, self.n_chunk)
+        self.n_batch = max(self.n_chunk, self.n_slots)  # one prefill chunk, or one token per slot
         threads = params.threads or _physical_cores()
 
         cparams = llama_cpp.llama_context_default_params()

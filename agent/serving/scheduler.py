@@ -1,13 +1,19 @@
 """Continuous batching: many requests decode together in one llama.cpp context.
 
 One thread owns the context. Each step it admits waiting requests into free
-slots (sequence ids), builds one batch holding the next token of every
-generating sequence plus prompt chunks of newly admitted ones, decodes it, samples
-one token per sequence and streams the text to each request's asyncio queue.
-Requests join and leave between steps; a cancelled or expired request frees its
-slot before the next step. Each slot keeps its KV cache after a request ends, so
-the next request sharing a prompt prefix (a system prompt, an earlier chat turn)
-only decodes what is new.
+slots (sequence ids), decodes the next token of every generating sequence in one
+batch, then decodes prompt chunks of newly admitted ones, samples one token per
+sequence and streams the text to each request's asyncio queue. Requests join and
+leave between steps; a cancelled or expired request frees its slot before the
+next step.
+
+Determinism: llama.cpp's arithmetic for a token depends on how its sequence's
+prompt was chunked, so a greedy answer could change with what else was running.
+Every sequence is therefore computed the same way whatever the load: prompts are
+decoded in chunks aligned to multiples of ``n_chunk`` positions, one sequence per
+prefill call, and generated tokens one at a time. A slot keeps its KV cache after
+a request ends, and the next request sharing a prompt prefix (a system prompt)
+reuses the whole aligned chunks of it, which are bit-identical to recomputing them.
 
     event loop                          scheduler thread
     submit() ─► waiting (bounded) ──► admit ─► plan ─► llama_decode ─► sample
@@ -56,7 +62,9 @@ class BatchDecoder(Protocol):
 
     n_slots: int
     n_ctx_slot: int
-    n_batch: int
+    n_batch: int  # most tokens one decode call takes
+    n_chunk: int  # prompt chunk length; chunks start at multiples of it
+    step_budget: int  # prompt tokens decoded per scheduler step, across sequences
     n_vocab: int
 
     @property
@@ -185,6 +193,7 @@ class _Slot:
 
     seq: int
     cached: list[int] = field(default_factory=list)  # tokens whose KV is in the cache
+    canonical: int = 0  # leading cached tokens computed as whole aligned prompt chunks
     gen: Generation | None = None
     pending: list[int] = field(default_factory=list)  # prompt tokens not decoded yet
     next_token: int | None = None
@@ -206,10 +215,20 @@ def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     return n
 
 
-def choose_slot(free: Sequence[_Slot], prompt: Sequence[int]) -> tuple[_Slot, int]:
-    """The free slot whose cache shares the longest prefix with ``prompt``; else the LRU one."""
-    best = max(free, key=lambda s: (common_prefix(s.cached, prompt), -s.last_used))
-    return best, common_prefix(best.cached, prompt)
+def reusable(slot: _Slot, prompt: Sequence[int], chunk: int) -> int:
+    """Prompt tokens ``slot`` can keep: whole aligned chunks, leaving one token to decode."""
+    shared = min(common_prefix(slot.cached, prompt), slot.canonical, len(prompt) - 1)
+    return shared - shared % chunk
+
+
+def choose_slot(free: Sequence[_Slot], prompt: Sequence[int], chunk: int) -> tuple[_Slot, int]:
+    """The free slot that can reuse the most of ``prompt``; ties go to the lowest sequence id.
+
+    Low ids first keeps generating sequences contiguous, which llama.cpp decodes in
+    one micro-batch (non-contiguous ids are split into several).
+    """
+    best = max(free, key=lambda s: (reusable(s, prompt, chunk), -s.seq))
+    return best, reusable(best, prompt, chunk)
 
 
 class BatchScheduler:
@@ -336,12 +355,12 @@ class BatchScheduler:
 
     def _start(self, gen: Generation, free: Sequence[_Slot]) -> None:
         prompt = list(gen.request.prompt)
-        slot, keep = choose_slot(free, prompt)
-        keep = min(keep, len(prompt) - 1)  # decode at least one token to get logits
+        slot, keep = choose_slot(free, prompt, self._decoder.n_chunk)
         if not self._decoder.forget(slot.seq, keep):
             self._decoder.forget(slot.seq, 0)
             keep = 0
         slot.cached = prompt[:keep]
+        slot.canonical = keep
         slot.pending = prompt[keep:]
         slot.gen = gen
         slot.next_token = None
@@ -373,27 +392,35 @@ class BatchScheduler:
             gen._put(Transient("request cancelled"))
 
     def _step(self) -> None:
-        entries: list[BatchEntry] = []
-        owners: list[_Slot] = []
-        budget = self._decoder.n_batch
-        for slot in self._slots:
-            if slot.gen is not None and not slot.pending and slot.next_token is not None:
-                entries.append(BatchEntry(slot.seq, [slot.next_token], len(slot.cached), True))
-                owners.append(slot)
-                budget -= 1
+        """One token for every generating sequence, then prompt chunks within the budget."""
+        generating = [
+            s
+            for s in self._slots
+            if s.gen is not None and not s.pending and s.next_token is not None
+        ]
+        if generating:
+            entries = [
+                BatchEntry(s.seq, [s.next_token or 0], len(s.cached), True) for s in generating
+            ]
+            self._decode(entries, generating)
         prefilling = [s for s in self._slots if s.gen is not None and s.pending]
         prefilling.sort(key=lambda s: s.gen.submitted_at if s.gen else 0.0)
+        budget = self._decoder.step_budget
+        chunk = self._decoder.n_chunk
         for slot in prefilling:
-            if budget <= 0:
+            start = len(slot.cached)
+            end = min(start - start % chunk + chunk, start + len(slot.pending))
+            if end - start > budget:
                 break
-            chunk = slot.pending[:budget]
-            entries.append(
-                BatchEntry(slot.seq, chunk, len(slot.cached), len(chunk) == len(slot.pending))
+            budget -= end - start
+            entry = BatchEntry(
+                slot.seq, slot.pending[: end - start], start, end - start == len(slot.pending)
             )
-            owners.append(slot)
-            budget -= len(chunk)
-        if not entries:
-            return
+            if self._decode([entry], [slot]) and end % chunk == 0:
+                slot.canonical = end
+
+    def _decode(self, entries: list[BatchEntry], owners: list[_Slot]) -> bool:
+        """Decode one call's entries and sample where asked; False if the call failed."""
         try:
             indices = self._decoder.decode(entries)
         except AgentError as exc:
@@ -401,8 +428,9 @@ class BatchScheduler:
             for slot in owners:
                 self._decoder.forget(slot.seq, 0)
                 slot.cached = []
+                slot.canonical = 0
                 self._abort(slot, exc)
-            return
+            return False
         self.steps += 1
         sampled = iter(indices)
         for entry, slot in zip(entries, owners, strict=True):
@@ -410,8 +438,8 @@ class BatchScheduler:
             if slot.pending:
                 del slot.pending[: len(entry.tokens)]
             if entry.want_logits:
-                token = self._decoder.sample(slot.seq, next(sampled))
-                self._on_token(slot, token)
+                self._on_token(slot, self._decoder.sample(slot.seq, next(sampled)))
+        return True
 
     def _on_token(self, slot: _Slot, token: int) -> None:
         gen = slot.gen

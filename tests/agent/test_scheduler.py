@@ -1,0 +1,279 @@
+"""Continuous batching against the fake decoder: correctness of slots, queue and cancellation."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Iterator
+
+import pytest
+
+from agent.errors import (
+    ContextOverflow,
+    InvalidRequest,
+    ModelNotReady,
+    Overloaded,
+    RequestTimeout,
+    Transient,
+)
+from agent.serving.scheduler import BatchScheduler, GenerationRequest, GenerationResult
+from tests.fakes.decoder import FakeDecoder
+
+PROMPTS = ["hello", "world wide", "abc", "the quick brown fox", "zz", "edge fleet", "q", "batching"]
+
+
+@pytest.fixture
+def decoder() -> FakeDecoder:
+    return FakeDecoder(slots=4, n_ctx=64, n_batch=32)
+
+
+@pytest.fixture
+def sched(decoder: FakeDecoder) -> Iterator[BatchScheduler]:
+    s = BatchScheduler(decoder, queue_size=8)
+    yield s
+    if decoder.step_gate is not None:
+        decoder.step_gate.set()
+    s.close()
+
+
+def fresh_text(text: str, max_tokens: int) -> str:
+    """What a scheduler with an empty cache generates for ``text``."""
+    decoder = FakeDecoder()
+    sched = BatchScheduler(decoder)
+    try:
+        return asyncio.run(run(sched, req(text, decoder, max_tokens=max_tokens)))[1].text
+    finally:
+        sched.close()
+
+
+def req(text: str, decoder: FakeDecoder, **kw: object) -> GenerationRequest:
+    params: dict[str, object] = {"max_tokens": 12}
+    params.update(kw)
+    return GenerationRequest(prompt=decoder.tokenize(text, special=False), **params)  # type: ignore[arg-type]
+
+
+async def run(sched: BatchScheduler, request: GenerationRequest) -> tuple[str, GenerationResult]:
+    gen = sched.submit(request)
+    parts = [p async for p in gen]
+    assert gen.result is not None
+    return "".join(parts), gen.result
+
+
+def test_generates_max_tokens_and_streams_the_same_text(
+    sched: BatchScheduler, decoder: FakeDecoder
+) -> None:
+    streamed, result = asyncio.run(run(sched, req("hello", decoder, max_tokens=10)))
+    assert result.finish_reason == "length"
+    assert result.completion_tokens == 10
+    assert len(streamed) == 10
+    assert streamed == result.text
+    assert result.prompt_tokens == 5
+
+
+def test_batched_output_equals_output_alone(decoder: FakeDecoder) -> None:
+    alone_sched = BatchScheduler(FakeDecoder(slots=1), queue_size=8)
+    try:
+        alone = [asyncio.run(run(alone_sched, req(p, decoder)))[1].text for p in PROMPTS]
+    finally:
+        alone_sched.close()
+    sched = BatchScheduler(decoder, queue_size=8)
+
+    async def together() -> list[str]:
+        results = await asyncio.gather(*(run(sched, req(p, decoder)) for p in PROMPTS))
+        return [r.text for _, r in results]
+
+    try:
+        batched = asyncio.run(together())
+    finally:
+        sched.close()
+    assert batched == alone
+
+
+def test_eog_ends_generation_unless_ignored(decoder: FakeDecoder) -> None:
+    decoder.eog_after = 8  # prompt of 5 + 3 generated
+    sched = BatchScheduler(decoder)
+    try:
+        _, stopped = asyncio.run(run(sched, req("hello", decoder, max_tokens=20)))
+        _, forced = asyncio.run(run(sched, req("world", decoder, max_tokens=20, ignore_eos=True)))
+    finally:
+        sched.close()
+    assert stopped.finish_reason == "stop"
+    assert stopped.completion_tokens == 3
+    assert forced.finish_reason == "length"
+    assert forced.completion_tokens == 20
+
+
+def test_stop_string_cuts_text_before_it(sched: BatchScheduler, decoder: FakeDecoder) -> None:
+    _, full = asyncio.run(run(sched, req("hello", decoder, max_tokens=12)))
+    stop = full.text[5:7]
+    first = full.text.find(stop)
+    streamed, result = asyncio.run(run(sched, req("hello", decoder, max_tokens=12, stop=(stop,))))
+    assert result.finish_reason == "stop"
+    assert result.text == full.text[:first]
+    assert streamed == result.text
+
+
+def test_prompt_prefix_is_reused_from_the_slot_cache(
+    sched: BatchScheduler, decoder: FakeDecoder
+) -> None:
+    prompt = "a shared system prompt then a question"
+    _, first = asyncio.run(run(sched, req(prompt, decoder, max_tokens=4)))
+    before = decoder.decoded_tokens
+    _, second = asyncio.run(run(sched, req(prompt + " more", decoder, max_tokens=4)))
+    assert first.cached_tokens == 0
+    assert second.cached_tokens == len(prompt) - len(prompt) % decoder.n_chunk  # whole chunks
+    assert second.text == fresh_text(prompt + " more", 4)
+    # only what follows the reused chunks was decoded the second time
+    assert decoder.decoded_tokens - before == second.prompt_tokens - second.cached_tokens + 3
+
+
+def test_identical_prompt_reuses_all_but_one_token(
+    sched: BatchScheduler, decoder: FakeDecoder
+) -> None:
+    _, first = asyncio.run(run(sched, req("repeat me", decoder, max_tokens=6)))
+    _, second = asyncio.run(run(sched, req("repeat me", decoder, max_tokens=6)))
+    assert second.cached_tokens == (len("repeat me") - 1) // decoder.n_chunk * decoder.n_chunk
+    assert second.text == first.text
+
+
+def test_prefill_calls_hold_one_sequence_in_aligned_chunks(decoder: FakeDecoder) -> None:
+    sched = BatchScheduler(decoder)
+
+    async def together() -> None:
+        await asyncio.gather(*(run(sched, req(p * 3, decoder, max_tokens=3)) for p in PROMPTS))
+
+    try:
+        asyncio.run(together())
+    finally:
+        sched.close()
+    prefill_calls = [call for call in decoder.calls if any(n > 1 for _, _, n in call)]
+    assert prefill_calls
+    for call in prefill_calls:
+        assert len(call) == 1
+        (_, pos, n) = call[0]
+        assert pos % decoder.n_chunk == 0
+        assert n <= decoder.n_chunk
+    decode_calls = [call for call in decoder.calls if all(n == 1 for _, _, n in call)]
+    assert max(len(call) for call in decode_calls) > 1, "generating sequences never shared a step"
+
+
+def test_cancel_frees_the_slot_within_one_decode_step(decoder: FakeDecoder) -> None:
+    decoder.n_slots = 1
+    sched = BatchScheduler(decoder)
+
+    async def scenario() -> tuple[int, str]:
+        gen = sched.submit(req("long one", decoder, max_tokens=10_000, ignore_eos=True))
+        it = gen.__aiter__()
+        await it.__anext__()
+        steps_at_cancel = sched.steps
+        gen.cancel()
+        while sched.active:
+            await asyncio.sleep(0.001)
+        extra = sched.steps - steps_at_cancel
+        _, other = await run(sched, req("next", decoder, max_tokens=3))
+        return extra, other.text
+
+    try:
+        extra_steps, text = asyncio.run(scenario())
+    finally:
+        sched.close()
+    assert extra_steps <= 1
+    assert len(text) == 3
+
+
+def test_full_queue_is_refused_with_retry_after(decoder: FakeDecoder) -> None:
+    decoder.n_slots = 1
+    decoder.step_gate = threading.Event()
+    sched = BatchScheduler(decoder, queue_size=2)
+
+    async def scenario() -> list[GenerationResult]:
+        first = sched.submit(req("one", decoder))
+        while not sched.active:  # the thread has admitted it and is blocked in decode
+            await asyncio.sleep(0.001)
+        queued = [sched.submit(req("two", decoder)), sched.submit(req("three", decoder))]
+        with pytest.raises(Overloaded) as refused:
+            sched.submit(req("four", decoder))
+        assert refused.value.retry_after >= 1
+        assert refused.value.status == 429
+        decoder.step_gate.set()
+        return [await g.complete() for g in (first, *queued)]
+
+    try:
+        results = asyncio.run(scenario())
+    finally:
+        decoder.step_gate.set()
+        sched.close()
+    assert [r.completion_tokens for r in results] == [12, 12, 12]
+
+
+def test_request_past_its_deadline_times_out(decoder: FakeDecoder) -> None:
+    decoder.n_slots = 1
+    decoder.step_gate = threading.Event()
+    sched = BatchScheduler(decoder)
+
+    async def scenario() -> None:
+        blocker = sched.submit(req("one", decoder))
+        late = sched.submit(req("two", decoder, timeout_s=0.05))
+        await asyncio.sleep(0.1)  # the deadline itself is what is under test
+        decoder.step_gate.set()
+        await blocker.complete()
+        with pytest.raises(RequestTimeout):
+            await late.complete()
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        decoder.step_gate.set()
+        sched.close()
+
+
+def test_prompt_longer_than_context_is_rejected_up_front(
+    sched: BatchScheduler, decoder: FakeDecoder
+) -> None:
+    async def scenario() -> None:
+        with pytest.raises(ContextOverflow, match="maximum context length is 64"):
+            sched.submit(req("x" * 64, decoder))
+        with pytest.raises(InvalidRequest):
+            sched.submit(GenerationRequest(prompt=[], max_tokens=4))
+
+    asyncio.run(scenario())
+
+
+def test_generation_stops_at_the_end_of_the_context(
+    sched: BatchScheduler, decoder: FakeDecoder
+) -> None:
+    _, result = asyncio.run(run(sched, req("x" * 60, decoder, max_tokens=100, ignore_eos=True)))
+    assert result.finish_reason == "length"
+    assert result.prompt_tokens + result.completion_tokens <= decoder.n_ctx_slot
+
+
+def test_decode_failure_fails_that_step_and_the_scheduler_keeps_serving(
+    sched: BatchScheduler, decoder: FakeDecoder
+) -> None:
+    decoder.fail_next = True
+    with pytest.raises(Transient, match="llama_decode failed"):
+        asyncio.run(run(sched, req("boom", decoder)))
+    _, result = asyncio.run(run(sched, req("fine", decoder, max_tokens=5)))
+    assert result.completion_tokens == 5
+
+
+def test_close_fails_waiting_requests_and_frees_the_model(decoder: FakeDecoder) -> None:
+    decoder.n_slots = 1
+    decoder.step_gate = threading.Event()
+    sched = BatchScheduler(decoder)
+
+    async def scenario() -> None:
+        running = sched.submit(req("one", decoder))
+        waiting = sched.submit(req("two", decoder))
+        closer = threading.Thread(target=sched.close)
+        closer.start()
+        decoder.step_gate.set()
+        closer.join()
+        for gen in (running, waiting):
+            with pytest.raises(ModelNotReady):
+                await gen.complete()
+        with pytest.raises(ModelNotReady):
+            sched.submit(req("three", decoder))
+
+    asyncio.run(scenario())
+    assert decoder.closed

@@ -1,0 +1,146 @@
+"""Fixtures shared by the whole suite: the real bundled models and a real agent process."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+AGENT_BIN = Path(sys.executable).parent / "edgefleet-agent"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def model_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A store with the real bundled models (Gemma 3 270M GGUF, MiniLM ONNX) installed."""
+    from agent.store import ModelStore
+    from models.catalog import BUNDLED
+
+    root = tmp_path_factory.mktemp("store")
+    store = ModelStore(root)
+    for model in BUNDLED.values():
+        store.install_bundled(model)
+    return root
+
+
+def _toml_value(value: Any) -> str:
+    return json.dumps(str(value)) if isinstance(value, Path) else json.dumps(value)
+
+
+def write_config(path: Path, settings: dict[str, Any], models: list[dict[str, Any]]) -> Path:
+    """A minimal TOML writer for flat settings and [[models]] tables (with a runtime table)."""
+    lines = []
+    for key, value in settings.items():
+        if isinstance(value, dict):
+            continue
+        lines.append(f"{key} = {_toml_value(value)}")
+    for key, value in settings.items():
+        if isinstance(value, dict):
+            lines.append(f"[{key}]")
+            lines.extend(f"{k} = {_toml_value(v)}" for k, v in value.items())
+    for model in models:
+        lines.append("[[models]]")
+        lines.extend(f"{k} = {_toml_value(v)}" for k, v in model.items() if k != "runtime")
+        if "runtime" in model:
+            lines.append("[models.runtime]")
+            lines.extend(f"{k} = {_toml_value(v)}" for k, v in model["runtime"].items())
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@dataclass
+class AgentProcess:
+    proc: subprocess.Popen[bytes]
+    url: str
+    config: Path
+    log: Path
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+def wait_ready(agent: AgentProcess, timeout: float = 180.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if agent.proc.poll() is not None:
+            raise RuntimeError(
+                f"agent exited with {agent.proc.returncode}:\n{agent.output()[-3000:]}"
+            )
+        try:
+            if httpx.get(f"{agent.url}/readyz", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)  # polling a process we do not control; not hiding a race
+    raise RuntimeError(f"agent not ready after {timeout} s:\n{agent.output()[-3000:]}")
+
+
+def start_agent(
+    tmp: Path,
+    store: Path,
+    *,
+    settings: dict[str, Any] | None = None,
+    models: list[dict[str, Any]] | None = None,
+    wait: bool = True,
+) -> AgentProcess:
+    port = free_port()
+    merged: dict[str, Any] = {"port": port, "store_dir": store}
+    merged.update(settings or {})
+    config = write_config(
+        tmp / f"agent-{port}.toml",
+        merged,
+        models if models is not None else [{"name": "gemma3-270m"}, {"name": "minilm"}],
+    )
+    log = tmp / f"agent-{port}.log"
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [str(AGENT_BIN), "serve", "--config", str(config), "--log-level", "warning"],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=tmp,
+        )
+    agent = AgentProcess(proc, f"http://127.0.0.1:{port}", config, log)
+    if wait:
+        try:
+            wait_ready(agent)
+        except Exception:
+            agent.stop()
+            raise
+    return agent
+
+
+@pytest.fixture(scope="session")
+def agent(tmp_path_factory: pytest.TempPathFactory, model_store: Path) -> Iterator[AgentProcess]:
+    """One real agent serving both bundled models, shared by the integration tests."""
+    tmp = tmp_path_factory.mktemp("agent")
+    proc = start_agent(tmp, model_store)
+    yield proc
+    proc.stop()
