@@ -70,7 +70,8 @@ def test_streamed_chat_matches_the_unstreamed_text(client: openai.OpenAI) -> Non
         c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason
     ]
     assert finishes == ["length"]
-    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 24
+    assert chunks[-1].usage is not None
+    assert chunks[-1].usage.completion_tokens == 24
 
 
 def test_streamed_text_completion(client: openai.OpenAI) -> None:
