@@ -63,15 +63,22 @@ def serve(
     if api_key:
         overrides["api_keys"] = api_key
     settings = _settings(config, **overrides)
-    if model:
-        names = list(name or [])
-        for i, path in enumerate(model):
-            if not path.is_file():
-                _fail(f"model file {path} does not exist")
-            model_name = names[i] if i < len(names) else name_for_file(path)
-            settings.models.append(ModelSpec(name=model_name, path=path.resolve()))
+    extra_models: list[ModelSpec] = []
+    names = list(name or [])
+    for i, path in enumerate(model or []):
+        if not path.is_file():
+            _fail(f"model file {path} does not exist")
+        model_name = names[i] if i < len(names) else name_for_file(path)
+        extra_models.append(ModelSpec(name=model_name, path=path.resolve()))
+    settings.models.extend(extra_models)
+
+    def reload() -> AgentSettings:
+        fresh = load_settings(config, **{k: v for k, v in overrides.items() if v is not None})
+        fresh.models.extend(extra_models)
+        return fresh
+
     uvicorn.run(
-        create_app(settings),
+        create_app(settings, reload=reload),
         host=settings.host,
         port=settings.port,
         log_level=log_level.lower(),

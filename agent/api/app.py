@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import signal
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
@@ -21,35 +23,79 @@ from agent.interaction_log import InteractionLog
 from agent.metrics import AgentMetrics
 from agent.probe import GpuSampler, probe_device
 from agent.serving.cache import ResponseCache
-from agent.serving.loader import load_model
+from agent.serving.loader import load_model, resolve
 from agent.serving.registry import ModelRegistry
+from agent.state.plan import Unload, plan_models
+from agent.store import ModelStore
+from models.manifest import ModelManifest
 
-__all__ = ["create_app", "swap_model"]
+__all__ = ["create_app", "reconcile"]
 
 log = logging.getLogger(__name__)
 
 
-async def _load_configured(state: AgentState) -> None:
-    """Load every configured model in turn; a failure is reported by /readyz, not fatal."""
-    for spec in state.settings.models:
-        await swap_model(state, spec)
-
-
-async def swap_model(state: AgentState, spec: ModelSpec) -> None:
-    """Load ``spec`` and serve it under its name; in-flight requests finish on the old model."""
-    started = time.monotonic()
+def _on_hangup(
+    state: AgentState, reload: Callable[[], AgentSettings], tasks: set[asyncio.Task[None]]
+) -> None:
     try:
-        model = await run_in_threadpool(load_model, spec, state.settings, state.registry)
+        desired = list(reload().models)
     except AgentError as exc:
-        log.error("model %s failed to load: %s", spec.name, exc.message)
-        state.registry.fail(spec.name, exc.message)
+        log.error(
+            "SIGHUP: keeping the current models, the new configuration is invalid: %s", exc.message
+        )
         return
-    state.metrics.load_seconds.labels(spec.name).set(time.monotonic() - started)
-    state.registry.publish(spec.name, model)
+    log.info("SIGHUP: reconciling %d configured models", len(desired))
+    task = asyncio.create_task(reconcile(state, desired))
+    tasks.add(task)
+    task.add_done_callback(tasks.discard)
 
 
-def create_app(settings: AgentSettings) -> FastAPI:
-    """An app serving ``settings.models``; ready (``/readyz``) once they are loaded."""
+async def reconcile(state: AgentState, desired: list[ModelSpec]) -> None:
+    """Serve exactly ``desired``: load new models, hot-swap changed ones, unload the rest.
+
+    A model that fails to resolve or load is reported by /readyz; the others still load.
+    """
+    store = ModelStore(state.settings.store_dir)
+    resolved: dict[str, tuple[ModelSpec, ModelManifest, Path]] = {}
+    for spec in desired:
+        try:
+            manifest, path = await run_in_threadpool(resolve, spec, store)
+        except AgentError as exc:
+            log.error("model %s cannot be resolved: %s", spec.name, exc.message)
+            state.registry.fail(spec.name, exc.message)
+            continue
+        resolved[spec.name] = (spec, manifest, path)
+    steps = plan_models(state.loaded, [(spec, manifest) for spec, manifest, _ in resolved.values()])
+    for step in steps:
+        if isinstance(step, Unload):
+            log.info("unloading %s", step.name)
+            state.registry.remove(step.name)
+            state.loaded.pop(step.name, None)
+            continue
+        spec, manifest, path = resolved[step.spec.name]
+        started = time.monotonic()
+        try:
+            model = await run_in_threadpool(
+                load_model, manifest, path, state.settings, state.registry
+            )
+        except AgentError as exc:
+            log.error("model %s failed to load: %s", spec.name, exc.message)
+            if not step.replaces:
+                state.registry.fail(spec.name, exc.message)
+            continue  # a failed swap keeps serving the previous model
+        state.metrics.load_seconds.labels(spec.name).set(time.monotonic() - started)
+        state.registry.publish(spec.name, model)
+        state.loaded[spec.name] = (spec, model.manifest)
+
+
+def create_app(
+    settings: AgentSettings, *, reload: Callable[[], AgentSettings] | None = None
+) -> FastAPI:
+    """An app serving ``settings.models``; ready (``/readyz``) once they are loaded.
+
+    With ``reload``, SIGHUP re-reads the settings and reconciles the served models
+    (hot swap); other settings take effect at the next start.
+    """
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -66,13 +112,20 @@ def create_app(settings: AgentSettings) -> FastAPI:
             device=await run_in_threadpool(probe_device),
             cache=ResponseCache(settings.cache_entries),
             started_at=int(time.time()),
+            loaded={},
         )
         app.state.agent = state
-        loading = asyncio.create_task(_load_configured(state))
+        tasks = {asyncio.create_task(reconcile(state, list(settings.models)))}
+        loop = asyncio.get_running_loop()
+        if reload is not None:
+            loop.add_signal_handler(signal.SIGHUP, _on_hangup, state, reload, tasks)
         try:
             yield
         finally:
-            loading.cancel()
+            if reload is not None:
+                loop.remove_signal_handler(signal.SIGHUP)
+            for task in tasks:
+                task.cancel()
             await run_in_threadpool(registry.close)
             state.interactions.close()
             gpus.close()

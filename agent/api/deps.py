@@ -8,13 +8,14 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
-from agent.config import AgentSettings
+from agent.config import AgentSettings, ModelSpec
 from agent.errors import Unauthorized
 from agent.interaction_log import InteractionLog
 from agent.metrics import AgentMetrics
 from agent.serving.cache import ResponseCache
 from agent.serving.registry import ModelRegistry
 from models.device import DeviceReport
+from models.manifest import ModelManifest
 
 __all__ = ["AgentState", "Authorized", "StateDep", "get_state", "require_api_key"]
 
@@ -30,6 +31,7 @@ class AgentState:
     device: DeviceReport
     cache: ResponseCache
     started_at: int  # unix seconds, the "created" of /v1/models
+    loaded: dict[str, tuple[ModelSpec, ModelManifest]]  # what each served model was loaded from
 
 
 def get_state(request: Request) -> AgentState:

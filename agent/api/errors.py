@@ -45,6 +45,8 @@ def _describe(errors: list[Any]) -> tuple[str, str | None]:
     if first.get("type") == "json_invalid":
         return f"The request body is not valid JSON: {first.get('ctx', {}).get('error', msg)}", None
     field = ".".join(loc) or None
+    if field is None and first.get("type") in {"model_attributes_type", "dict_type"}:
+        return "The request body must be a JSON object", None
     more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
     return (f"Invalid value for '{field}': {msg}{more}" if field else f"{msg}{more}"), field
 

@@ -106,7 +106,7 @@ async def completions(body: CompletionRequest, request: Request, state: StateDep
 async def embeddings(body: EmbeddingRequest, state: StateDep) -> dict[str, Any]:
     started = time.monotonic()
     texts = body.texts()
-    status = 500
+    status, n_tokens, error = 500, 0, None
     try:
         with state.registry.lease(body.model, Embedder) as model:
             dim = model.manifest.runtime.embedding_dim
@@ -120,11 +120,26 @@ async def embeddings(body: EmbeddingRequest, state: StateDep) -> dict[str, Any]:
             n_tokens = await run_in_threadpool(model.count_tokens, texts)
         status = 200
     except AgentError as exc:
-        status = exc.status
+        status, error = exc.status, exc.message
         raise
     finally:
+        elapsed = time.monotonic() - started
         state.metrics.requests.labels(body.model, "embeddings", str(status)).inc()
-        state.metrics.latency.labels(body.model, "embeddings").observe(time.monotonic() - started)
+        state.metrics.latency.labels(body.model, "embeddings").observe(elapsed)
+        bodies = state.settings.log.include_bodies
+        state.interactions.record(
+            Interaction(
+                request_id=f"emb-{uuid.uuid4().hex[:24]}",
+                model=body.model,
+                endpoint="embeddings",
+                status=status,
+                prompt_tokens=n_tokens,
+                completion_tokens=0,
+                latency_ms=elapsed * 1000,
+                error=error,
+                prompt="\n".join(texts) if bodies else None,
+            )
+        )
     data = [
         {"object": "embedding", "index": i, "embedding": _encode_vector(row, body.encoding_format)}
         for i, row in enumerate(vectors)

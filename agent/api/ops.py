@@ -55,6 +55,7 @@ def device(state: StateDep) -> dict[str, Any]:
             "gpu_layers": m.info.gpu_layers,
             "load_seconds": round(m.info.load_seconds, 3),
             "memory_bytes": m.info.memory_bytes,
+            "details": dict(m.info.details),
         }
         for m in state.registry.models()
     ]

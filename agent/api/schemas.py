@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from agent.runtime.base import SamplingParams
 
@@ -26,13 +26,25 @@ MAX_STOPS = 4
 _SEED_MAX = 2**63 - 1
 
 
+def _encodable(text: str) -> str:
+    """JSON escapes can carry lone surrogates, which no UTF-8 encoder accepts."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"text is not valid Unicode ({exc.reason})") from None
+    return text
+
+
+Text = Annotated[str, AfterValidator(_encodable)]
+
+
 class TextPart(BaseModel):
     """One part of a multi-part message; only text is supported on this agent."""
 
     model_config = ConfigDict(extra="ignore")
 
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class ChatMessage(BaseModel):
@@ -41,7 +53,7 @@ class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart] | None = None
+    content: Text | list[TextPart] | None = None
     name: str | None = None
 
     def text(self) -> str:
@@ -72,7 +84,7 @@ class GenerationFields(BaseModel):
     n: Annotated[int, Field(ge=1, le=1)] = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
-    stop: str | list[str] | None = None
+    stop: Text | list[Text] | None = None
     seed: Annotated[int | None, Field(ge=-_SEED_MAX, le=_SEED_MAX)] = None
     frequency_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] = 0.0
     presence_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] = 0.0
@@ -134,8 +146,8 @@ class CompletionRequest(GenerationFields):
     """``POST /v1/completions``: a string, one-string list, or token ids."""
 
     prompt: (
-        str
-        | Annotated[list[str], Field(min_length=1, max_length=1)]
+        Text
+        | Annotated[list[Text], Field(min_length=1, max_length=1)]
         | Annotated[list[int], Field(min_length=1)]
     )
     max_tokens: Annotated[int | None, Field(ge=1)] = 16  # OpenAI's default for completions
@@ -159,7 +171,7 @@ class EmbeddingRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     model: Annotated[str, Field(min_length=1, max_length=256)]
-    input: str | Annotated[list[str], Field(min_length=1, max_length=2048)]
+    input: Text | Annotated[list[Text], Field(min_length=1, max_length=2048)]
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: Annotated[int | None, Field(ge=1)] = None
     user: str | None = None

@@ -4,6 +4,14 @@ The high-level ``llama_cpp.Llama`` owns one sequence at a time; continuous batch
 needs the C API underneath it: a ``llama_batch`` whose tokens belong to different
 sequence ids, per-sequence KV cache removal, and one sampler chain per sequence.
 
+Batch invariance: a greedy answer must not depend on how many requests decode
+beside it. ggml picks different matmul kernels by row count (weight repacking:
+gemm for 4+ rows, gemv below; the tiled K-quant kernel from 8 rows; llamafile's
+sgemm from 2 rows), and their rounding differs. The agent loads weights without
+repacking, turns the tiled path off (``GGML_CPU_TILED_MM=0``, read once per
+process) and is built without llamafile, so every row takes the same kernel.
+Measured cost on a 2-core x86 box: about 6% of batched decode, none single-stream.
+
 Threading: everything that touches the context (``decode``, ``sample``, ``forget``,
 ``set_sampler``) must be called from one thread, the scheduler's. Tokenising and
 detokenising only read the vocabulary and may be called from any thread.
@@ -65,6 +73,7 @@ class LlamaModel:
         self._closed = False
         self._samplers: dict[int, Any] = {}
         _quiet_llama_logs()
+        os.environ.setdefault("GGML_CPU_TILED_MM", "0")  # see the module docstring
         _check_gguf_header(path)
         llama_cpp.llama_backend_init()
         started = time.perf_counter()
@@ -72,6 +81,7 @@ class LlamaModel:
         offload = llama_cpp.llama_supports_gpu_offload()
         mparams = llama_cpp.llama_model_default_params()
         mparams.n_gpu_layers = params.gpu_layers if offload else 0
+        mparams.use_extra_bufts = False  # no repacked weights: same kernel for 1 and N rows
         model = llama_cpp.llama_model_load_from_file(str(path).encode(), mparams)
         if not model:
             raise ModelLoadError(

@@ -36,10 +36,11 @@ def resolve(spec: ModelSpec, store: ModelStore) -> tuple[ModelManifest, Path]:
     return manifest, path
 
 
-def load_model(spec: ModelSpec, settings: AgentSettings, registry: ModelRegistry) -> ServedModel:
-    """Load ``spec`` within the memory budget; blocking."""
-    manifest, path = resolve(spec, ModelStore(settings.store_dir))
-    registry.check_budget(manifest.size_bytes, replacing=spec.name)
+def load_model(
+    manifest: ModelManifest, path: Path, settings: AgentSettings, registry: ModelRegistry
+) -> ServedModel:
+    """Load a resolved model within the memory budget; blocking."""
+    registry.check_budget(manifest.size_bytes, replacing=manifest.name)
     model: ServedModel
     if manifest.format is ModelFormat.GGUF:
         from agent.runtime.llama_cpp import load_gguf
@@ -51,7 +52,7 @@ def load_model(spec: ModelSpec, settings: AgentSettings, registry: ModelRegistry
         tokenizer = manifest.runtime.tokenizer
         model = load_onnx(path, manifest, path.parent / tokenizer if tokenizer else None)
     try:
-        registry.check_budget(model.info.memory_bytes, replacing=spec.name)
+        registry.check_budget(model.info.memory_bytes, replacing=manifest.name)
     except ConfigError:
         model.close()
         raise

@@ -1,0 +1,1 @@
+"""Reconciling what the agent serves with what it should serve."""

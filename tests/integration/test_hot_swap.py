@@ -1,0 +1,101 @@
+"""SIGHUP reconciles the served models; a swap never cuts an in-flight stream."""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import start_agent, write_config
+
+pytestmark = pytest.mark.integration
+
+LLM = "gemma3-270m"
+
+
+def context_per_slot(url: str) -> int | None:
+    models = httpx.get(f"{url}/v1/device").json()["models"]
+    details = [m for m in models if m["name"] == LLM]
+    return details[0]["details"].get("context_per_slot") if details else None
+
+
+def test_sighup_swaps_a_model_while_a_stream_finishes_on_the_old_one(
+    tmp_path: Path, model_store: Path
+) -> None:
+    runtime = {"context_length": 1024, "parallel_slots": 2, "chat_template": "gemma"}
+    agent = start_agent(
+        tmp_path, model_store, models=[{"name": LLM, "runtime": runtime}, {"name": "minilm"}]
+    )
+    try:
+        assert context_per_slot(agent.url) == 1024
+        body = {
+            "model": LLM,
+            "prompt": "A long story:",
+            "max_tokens": 160,
+            "temperature": 0,
+            "ignore_eos": True,
+            "stream": True,
+        }
+        started = threading.Event()
+        outcome: dict[str, object] = {}
+
+        def stream() -> None:
+            chunks = 0
+            with httpx.stream("POST", f"{agent.url}/v1/completions", json=body, timeout=120) as r:
+                for line in r.iter_lines():
+                    if line.startswith("data: {"):
+                        chunks += 1
+                        started.set()
+                    elif line == "data: [DONE]":
+                        outcome["done"] = True
+            outcome["chunks"] = chunks
+
+        reader = threading.Thread(target=stream)
+        reader.start()
+        assert started.wait(60)
+        port = int(agent.url.rsplit(":", 1)[1])
+        write_config(
+            agent.config,
+            {"port": port, "store_dir": model_store},
+            [{"name": LLM, "runtime": {**runtime, "context_length": 512}}],
+        )
+        agent.proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 60
+        while context_per_slot(agent.url) != 512:
+            assert time.monotonic() < deadline, "the new model never went live"
+            time.sleep(0.1)  # polling another process
+        reader.join(120)
+        assert outcome.get("done") is True
+        assert outcome["chunks"] >= 160  # every token arrived from the model it started on
+        names = [m["id"] for m in httpx.get(f"{agent.url}/v1/models").json()["data"]]
+        assert names == [LLM]  # minilm was removed from the config and unloaded
+        again = httpx.post(
+            f"{agent.url}/v1/completions", json={"model": LLM, "prompt": "hi", "max_tokens": 3}
+        )
+        assert again.status_code == 200
+    finally:
+        agent.stop()
+
+
+def test_sighup_with_a_broken_config_keeps_serving(tmp_path: Path, model_store: Path) -> None:
+    agent = start_agent(tmp_path, model_store, models=[{"name": "minilm"}])
+    try:
+        agent.config.write_text("this is = not [valid toml")
+        agent.proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 30
+        while "keeping the current models" not in agent.output():
+            assert time.monotonic() < deadline, agent.output()
+            time.sleep(0.05)  # polling another process's log
+        r = httpx.post(
+            f"{agent.url}/v1/embeddings",
+            json={"model": "minilm", "input": "still here"},
+            timeout=30,
+        )
+        assert r.status_code == 200
+        assert agent.proc.poll() is None
+    finally:
+        agent.stop()
