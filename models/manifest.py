@@ -45,8 +45,7 @@ class RuntimeParams(BaseModel):
 
     context_length: int = Field(default=4096, ge=64, le=1 << 20)  # tokens per sequence
     parallel_slots: int = Field(default=8, ge=1, le=256)  # sequences decoded together
-    batch_tokens: int = Field(default=512, ge=16, le=1 << 16)  # prompt tokens decoded per step
-    prefill_chunk: int = Field(default=64, ge=8, le=4096)  # prompt chunk, aligned to positions
+    batch_tokens: int = Field(default=512, ge=16, le=1 << 16)  # tokens per llama_decode step
     gpu_layers: int = Field(default=-1, ge=-1)  # -1: offload all layers when a GPU is usable
     threads: int | None = Field(default=None, ge=1, le=512)  # None: one per physical core
     max_tokens_default: int = Field(default=512, ge=1)  # when a request names none

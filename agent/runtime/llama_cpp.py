@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import llama_cpp
+import numpy as np
 
 from agent.errors import ContextOverflow, InvalidRequest, ModelLoadError, Transient
 from agent.runtime.base import RuntimeInfo, SamplingParams
@@ -72,6 +73,7 @@ class LlamaModel:
         self._path = path
         self._closed = False
         self._samplers: dict[int, Any] = {}
+        self._argmax: set[int] = set()  # greedy sequences without penalties: no sampler chain
         _quiet_llama_logs()
         os.environ.setdefault("GGML_CPU_TILED_MM", "0")  # see the module docstring
         _check_gguf_header(path)
@@ -95,9 +97,7 @@ class LlamaModel:
             min(params.context_length, n_ctx_train) if n_ctx_train > 0 else params.context_length
         )
         self.n_slots = params.parallel_slots
-        self.n_chunk = params.prefill_chunk
-        self.step_budget = max(params.batch_tokens, self.n_chunk)
-        self.n_batch = max(self.n_chunk, self.n_slots)  # one prefill chunk, or one token per slot
+        self.n_batch = max(params.batch_tokens, self.n_slots + 1)
         threads = params.threads or _physical_cores()
 
         cparams = llama_cpp.llama_context_default_params()
@@ -253,9 +253,18 @@ class LlamaModel:
         old = self._samplers.pop(seq, None)
         if old is not None:
             llama_cpp.llama_sampler_free(old)
+        penalties = (
+            params.frequency_penalty or params.presence_penalty or params.repeat_penalty != 1.0
+        )
+        if params.greedy and not penalties:
+            # llama.cpp's greedy sampler copies all logits (262k for Gemma) into a
+            # candidate array first; an argmax over them in place is ~10x cheaper.
+            self._argmax.add(seq)
+            return
+        self._argmax.discard(seq)
         chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
         add = llama_cpp.llama_sampler_chain_add
-        if params.frequency_penalty or params.presence_penalty or params.repeat_penalty != 1.0:
+        if penalties:
             add(
                 chain,
                 llama_cpp.llama_sampler_init_penalties(
@@ -275,6 +284,9 @@ class LlamaModel:
         self._samplers[seq] = chain
 
     def sample(self, seq: int, index: int) -> int:
+        if seq in self._argmax:
+            logits = llama_cpp.llama_get_logits_ith(self._ctx, index)
+            return int(np.ctypeslib.as_array(logits, shape=(self.n_vocab,)).argmax())
         return int(llama_cpp.llama_sampler_sample(self._samplers[seq], self._ctx, index))
 
     def forget(self, seq: int, keep: int) -> bool:

@@ -1,19 +1,15 @@
 """Continuous batching: many requests decode together in one llama.cpp context.
 
 One thread owns the context. Each step it admits waiting requests into free
-slots (sequence ids), decodes the next token of every generating sequence in one
-batch, then decodes prompt chunks of newly admitted ones, samples one token per
-sequence and streams the text to each request's asyncio queue. Requests join and
-leave between steps; a cancelled or expired request frees its slot before the
-next step.
-
-Determinism: llama.cpp's arithmetic for a token depends on how its sequence's
-prompt was chunked, so a greedy answer could change with what else was running.
-Every sequence is therefore computed the same way whatever the load: prompts are
-decoded in chunks aligned to multiples of ``n_chunk`` positions, one sequence per
-prefill call, and generated tokens one at a time. A slot keeps its KV cache after
-a request ends, and the next request sharing a prompt prefix (a system prompt)
-reuses the whole aligned chunks of it, which are bit-identical to recomputing them.
+slots (sequence ids), builds one batch holding the next token of every
+generating sequence plus prompt chunks of newly admitted ones (within the step
+budget, so a long prompt never stalls running streams), decodes it, samples one
+token per sequence and streams the text to each request's asyncio queue.
+Requests join and leave between steps; a cancelled or expired request frees its
+slot before the next step. Each slot keeps its KV cache after a request ends, so
+the next request sharing a prefix (a system prompt, the earlier turns of a chat)
+only decodes what is new. The runtime is batch-invariant (see
+:mod:`agent.runtime.llama_cpp`), so none of this changes a greedy answer.
 
     event loop                          scheduler thread
     submit() ─► waiting (bounded) ──► admit ─► plan ─► llama_decode ─► sample
@@ -63,8 +59,6 @@ class BatchDecoder(Protocol):
     n_slots: int
     n_ctx_slot: int
     n_batch: int  # most tokens one decode call takes
-    n_chunk: int  # prompt chunk length; chunks start at multiples of it
-    step_budget: int  # prompt tokens decoded per scheduler step, across sequences
     n_vocab: int
 
     @property
@@ -193,7 +187,6 @@ class _Slot:
 
     seq: int
     cached: list[int] = field(default_factory=list)  # tokens whose KV is in the cache
-    canonical: int = 0  # leading cached tokens computed as whole aligned prompt chunks
     gen: Generation | None = None
     pending: list[int] = field(default_factory=list)  # prompt tokens not decoded yet
     next_token: int | None = None
@@ -215,20 +208,19 @@ def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     return n
 
 
-def reusable(slot: _Slot, prompt: Sequence[int], chunk: int) -> int:
-    """Prompt tokens ``slot`` can keep: whole aligned chunks, leaving one token to decode."""
-    shared = min(common_prefix(slot.cached, prompt), slot.canonical, len(prompt) - 1)
-    return shared - shared % chunk
+def reusable(slot: _Slot, prompt: Sequence[int]) -> int:
+    """Prompt tokens ``slot`` already holds, leaving at least one to decode for logits."""
+    return min(common_prefix(slot.cached, prompt), len(prompt) - 1)
 
 
-def choose_slot(free: Sequence[_Slot], prompt: Sequence[int], chunk: int) -> tuple[_Slot, int]:
+def choose_slot(free: Sequence[_Slot], prompt: Sequence[int]) -> tuple[_Slot, int]:
     """The free slot that can reuse the most of ``prompt``; ties go to the lowest sequence id.
 
     Low ids first keeps generating sequences contiguous, which llama.cpp decodes in
     one micro-batch (non-contiguous ids are split into several).
     """
-    best = max(free, key=lambda s: (reusable(s, prompt, chunk), -s.seq))
-    return best, reusable(best, prompt, chunk)
+    best = max(free, key=lambda s: (reusable(s, prompt), -s.seq))
+    return best, reusable(best, prompt)
 
 
 class BatchScheduler:
@@ -355,12 +347,11 @@ class BatchScheduler:
 
     def _start(self, gen: Generation, free: Sequence[_Slot]) -> None:
         prompt = list(gen.request.prompt)
-        slot, keep = choose_slot(free, prompt, self._decoder.n_chunk)
+        slot, keep = choose_slot(free, prompt)
         if not self._decoder.forget(slot.seq, keep):
             self._decoder.forget(slot.seq, 0)
             keep = 0
         slot.cached = prompt[:keep]
-        slot.canonical = keep
         slot.pending = prompt[keep:]
         slot.gen = gen
         slot.next_token = None
@@ -392,35 +383,31 @@ class BatchScheduler:
             gen._put(Transient("request cancelled"))
 
     def _step(self) -> None:
-        """One token for every generating sequence, then prompt chunks within the budget."""
-        generating = [
-            s
-            for s in self._slots
-            if s.gen is not None and not s.pending and s.next_token is not None
-        ]
-        if generating:
-            entries = [
-                BatchEntry(s.seq, [s.next_token or 0], len(s.cached), True) for s in generating
-            ]
-            self._decode(entries, generating)
+        """One batch: a token for every generating sequence, then prompt chunks in budget."""
+        entries: list[BatchEntry] = []
+        owners: list[_Slot] = []
+        budget = self._decoder.n_batch
+        for slot in self._slots:  # in sequence-id order: llama.cpp groups consecutive ids
+            if slot.gen is not None and not slot.pending and slot.next_token is not None:
+                entries.append(BatchEntry(slot.seq, [slot.next_token], len(slot.cached), True))
+                owners.append(slot)
+                budget -= 1
         prefilling = [s for s in self._slots if s.gen is not None and s.pending]
         prefilling.sort(key=lambda s: s.gen.submitted_at if s.gen else 0.0)
-        budget = self._decoder.step_budget
-        chunk = self._decoder.n_chunk
         for slot in prefilling:
-            start = len(slot.cached)
-            end = min(start - start % chunk + chunk, start + len(slot.pending))
-            if end - start > budget:
+            chunk = slot.pending[: max(budget, 0)]
+            if not chunk:
                 break
-            budget -= end - start
-            entry = BatchEntry(
-                slot.seq, slot.pending[: end - start], start, end - start == len(slot.pending)
+            entries.append(
+                BatchEntry(slot.seq, chunk, len(slot.cached), len(chunk) == len(slot.pending))
             )
-            if self._decode([entry], [slot]) and end % chunk == 0:
-                slot.canonical = end
+            owners.append(slot)
+            budget -= len(chunk)
+        if entries:
+            self._decode(entries, owners)
 
-    def _decode(self, entries: list[BatchEntry], owners: list[_Slot]) -> bool:
-        """Decode one call's entries and sample where asked; False if the call failed."""
+    def _decode(self, entries: list[BatchEntry], owners: list[_Slot]) -> None:
+        """Decode one batch and sample where asked; a failure fails only its requests."""
         try:
             indices = self._decoder.decode(entries)
         except AgentError as exc:
@@ -428,9 +415,8 @@ class BatchScheduler:
             for slot in owners:
                 self._decoder.forget(slot.seq, 0)
                 slot.cached = []
-                slot.canonical = 0
                 self._abort(slot, exc)
-            return False
+            return
         self.steps += 1
         sampled = iter(indices)
         for entry, slot in zip(entries, owners, strict=True):
@@ -439,7 +425,6 @@ class BatchScheduler:
                 del slot.pending[: len(entry.tokens)]
             if entry.want_logits:
                 self._on_token(slot, self._decoder.sample(slot.seq, next(sampled)))
-        return True
 
     def _on_token(self, slot: _Slot, token: int) -> None:
         gen = slot.gen

@@ -26,8 +26,6 @@ class FakeDecoder:
         self.n_slots = slots
         self.n_ctx_slot = n_ctx
         self.n_batch = n_batch
-        self.n_chunk = 8
-        self.step_budget = n_batch
         self.n_vocab = VOCAB
         self.eog_after = eog_after  # emit EOG once a sequence has this many tokens
         self.kv: dict[int, list[int]] = {s: [] for s in range(slots)}
@@ -54,7 +52,7 @@ class FakeDecoder:
         return RuntimeInfo(runtime="fake", runtime_version="0", device="cpu", provider="fake")
 
     def tokenize(self, text: str, *, special: bool) -> list[int]:
-        return [1 + (ord(c) % 26) for c in text]
+        return [1 + (ord(c) - ord("a")) % 26 for c in text]  # round-trips lower-case letters
 
     def piece(self, token: int) -> bytes:
         return bytes([ord("a") + token - 1]) if token > 0 else b""
