@@ -105,6 +105,9 @@ class LlamaModel:
         cparams.n_batch = self.n_batch
         cparams.n_ubatch = self.n_batch
         cparams.n_seq_max = self.n_slots
+        # at most one sampled token per sequence per step; the default (n_batch outputs)
+        # reserves n_batch x n_vocab floats: 512 MB for Gemma's 262k vocabulary
+        cparams.n_outputs_max = self.n_slots
         cparams.n_threads = threads
         cparams.n_threads_batch = threads
         cparams.kv_unified = False  # each sequence attends over its own KV stream only
