@@ -177,7 +177,7 @@ def test_past_capacity_requests_get_429_with_retry_after_and_others_finish(
             body = {
                 "model": LLM,
                 "prompt": "Overload",
-                "max_tokens": 48,
+                "max_tokens": 96,
                 "temperature": 0,
                 "ignore_eos": True,
             }
@@ -192,15 +192,15 @@ def test_past_capacity_requests_get_429_with_retry_after_and_others_finish(
 
     responses = asyncio.run(scenario())
     codes = sorted(r.status_code for r in responses)
-    assert codes.count(200) >= 2  # one generating, one queued
-    assert codes.count(429) >= 1
-    assert set(codes) <= {200, 429}
+    assert codes.count(200) >= 2, codes  # one generating, one queued
+    assert codes.count(429) >= 1, codes
+    assert set(codes) <= {200, 429}, [r.text for r in responses]
     for r in responses:
         if r.status_code == 429:
             assert int(r.headers["retry-after"]) >= 1
             assert r.json()["error"]["type"] == "rate_limit_error"
         else:
-            assert r.json()["usage"]["completion_tokens"] == 48
+            assert r.json()["usage"]["completion_tokens"] == 96
     assert metric(tiny_agent.url, "edgefleet_rejections_total", 'reason="queue_full"') >= 1
     ok = httpx.post(
         f"{tiny_agent.url}/v1/completions",
