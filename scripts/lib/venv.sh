@@ -49,6 +49,18 @@ build_llama_wheel() {
     rm -rf "$dir" && mv "$dir.tmp" "$dir"
 }
 
+ensure_build_tools() {
+    # llama-cpp-python compiles llama.cpp; CMake itself comes from PyPI when missing.
+    command -v c++ >/dev/null && return 0
+    if [[ $(id -u) == 0 ]] && command -v apt-get >/dev/null; then
+        log "installing a C/C++ compiler (Debian build-essential)"
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -q build-essential >&2 \
+            || { apt-get update -q >&2 && DEBIAN_FRONTEND=noninteractive apt-get install -y -q build-essential >&2; }
+    else
+        die "no C++ compiler: install one (Debian: sudo apt-get install build-essential) and run again"
+    fi
+}
+
 ensure_venv() {
     [[ -x "$VENV/bin/python" ]] || { log "creating $VENV"; "$PY" -m venv "$VENV"; }
     local stamp
@@ -57,6 +69,7 @@ ensure_venv() {
         return 0
     fi
     log "installing Python packages into $VENV"
+    ensure_build_tools
     "$VENV/bin/pip" install --quiet --upgrade pip >&2
     build_llama_wheel
     "$VENV/bin/pip" install --quiet --force-reinstall --no-deps "$(llama_wheel_dir)"/llama_cpp_python-*.whl >&2

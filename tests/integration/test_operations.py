@@ -164,3 +164,28 @@ def test_a_corrupt_model_fails_readiness_with_the_reason(tmp_path: Path, model_s
         assert "failed to load" in chat.json()["error"]["message"]
     finally:
         proc.stop()
+
+
+def test_a_model_over_the_memory_budget_is_refused_with_the_reason(
+    tmp_path: Path, model_store: Path
+) -> None:
+    proc = start_agent(
+        tmp_path,
+        model_store,
+        settings={"memory_budget_mb": 100},
+        models=[{"name": "minilm"}, {"name": LLM}],
+        wait=False,
+    )
+    try:
+        for _ in range(600):
+            try:
+                body = httpx.get(f"{proc.url}/readyz", timeout=2).json()
+                if body.get("status") == "failed":
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)  # polling another process
+        assert "memory budget" in body["failed"][LLM]
+        assert body["models"] == ["minilm"]  # the model that fits is served
+    finally:
+        proc.stop()
