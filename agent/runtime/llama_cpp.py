@@ -20,6 +20,7 @@ detokenising only read the vocabulary and may be called from any thread.
 from __future__ import annotations
 
 import ctypes
+import logging
 import os
 import time
 from collections.abc import Mapping, Sequence
@@ -58,11 +59,24 @@ def _physical_cores() -> int:
         return os.cpu_count() or 1
 
 
-def _quiet_llama_logs() -> None:
-    """llama.cpp prints every tensor at load; keep stderr for errors only."""
-    from llama_cpp import _logger
+_LLAMA_LOG = logging.getLogger("llama.cpp")
+_GGML_LOG_ERROR = 4  # enum ggml_log_level: NONE, DEBUG, INFO, WARN, ERROR, CONT
 
-    _logger.set_verbose(False)
+
+@llama_cpp.llama_log_callback  # type: ignore[untyped-decorator]
+def _forward_log(level: int, text: bytes, _user_data: Any) -> None:
+    """Route llama.cpp's chatter (a line per tensor at load) to logging, at debug level.
+
+    Only errors keep their level; everything else is debug, so operators see it
+    with ``--log-level debug`` and it never clutters a terminal otherwise.
+    """
+    message = text.decode("utf-8", errors="replace").rstrip()
+    if message:
+        _LLAMA_LOG.log(logging.ERROR if level == _GGML_LOG_ERROR else logging.DEBUG, "%s", message)
+
+
+def _quiet_llama_logs() -> None:
+    llama_cpp.llama_log_set(_forward_log, ctypes.c_void_p(0))
 
 
 class LlamaModel:

