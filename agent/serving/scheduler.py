@@ -196,7 +196,6 @@ class _Slot:
     text: list[str] = field(default_factory=list)
     utf8: Utf8Stream = field(default_factory=Utf8Stream)
     stops: StopMatcher = field(default_factory=lambda: StopMatcher(()))
-    last_used: float = 0.0
 
 
 def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
@@ -236,7 +235,6 @@ class BatchScheduler:
         self._closed = False
         self._service_s = 1.0  # moving average of request duration, for Retry-After
         self.steps = 0
-        self.reused_tokens = 0
         self._thread = threading.Thread(
             target=self._run, name=f"batch-{decoder.manifest.name}", daemon=True
         )
@@ -337,7 +335,7 @@ class BatchScheduler:
             gen = self._waiting[0]
             if gen.cancelled or now > gen.deadline:
                 self._waiting.popleft()
-                self._end_early(gen, now)
+                self._end_early(gen)
                 continue
             free = [s for s in self._slots if s.gen is None]
             if not free:
@@ -361,7 +359,6 @@ class BatchScheduler:
         slot.text = []
         slot.utf8 = Utf8Stream()
         slot.stops = StopMatcher(gen.request.stop)
-        self.reused_tokens += keep
         self._decoder.set_sampler(slot.seq, gen.request.sampling)
 
     def _reap(self) -> None:
@@ -371,12 +368,10 @@ class BatchScheduler:
             gen = slot.gen
             if gen is not None and (gen.cancelled or now > gen.deadline):
                 slot.gen = None
-                slot.last_used = now
-                if slot.pending:  # the prompt was only partly decoded; cached stays exact
-                    slot.pending = []
-                self._end_early(gen, now)
+                slot.pending = []  # a partly decoded prompt: ``cached`` still matches the KV
+                self._end_early(gen)
 
-    def _end_early(self, gen: Generation, now: float) -> None:
+    def _end_early(self, gen: Generation) -> None:
         if not gen.cancelled:
             gen._put(RequestTimeout(f"request ran past its {gen.request.timeout_s:g} s timeout"))
         else:
@@ -470,7 +465,6 @@ class BatchScheduler:
         self._service_s = 0.8 * self._service_s + 0.2 * result.total_s
         slot.gen = None
         slot.next_token = None
-        slot.last_used = now
         gen._put(_Done(result))
 
     def _abort(self, slot: _Slot, exc: AgentError) -> None:

@@ -99,3 +99,44 @@ def test_sighup_with_a_broken_config_keeps_serving(tmp_path: Path, model_store: 
         assert agent.proc.poll() is None
     finally:
         agent.stop()
+
+
+def test_a_swap_to_a_broken_file_keeps_serving_the_previous_model(
+    tmp_path: Path, model_store: Path
+) -> None:
+    good = model_store / "minilm"
+    agent = start_agent(
+        tmp_path,
+        model_store,
+        models=[
+            {
+                "name": "emb",
+                "path": str(good / "model.onnx"),
+                "runtime": {"tokenizer": "tokenizer.json", "embedding_dim": 384},
+            }
+        ],
+    )
+    try:
+        broken = tmp_path / "broken.onnx"
+        broken.write_bytes(b"\x00not an onnx graph" * 64)
+        port = int(agent.url.rsplit(":", 1)[1])
+        write_config(
+            agent.config,
+            {"port": port, "store_dir": model_store},
+            [{"name": "emb", "path": str(broken)}],
+        )
+        agent.proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 30
+        while "emb failed to load" not in agent.output():
+            assert time.monotonic() < deadline, agent.output()
+            time.sleep(0.05)  # polling another process's log
+        r = httpx.post(
+            f"{agent.url}/v1/embeddings",
+            json={"model": "emb", "input": "still the old one"},
+            timeout=30,
+        )
+        assert r.status_code == 200
+        assert len(r.json()["data"][0]["embedding"]) == 384
+        assert httpx.get(f"{agent.url}/readyz").status_code == 200
+    finally:
+        agent.stop()
