@@ -53,16 +53,26 @@ def _on_hangup(
 async def reconcile(state: AgentState, desired: list[ModelSpec]) -> None:
     """Serve exactly ``desired``: load new models, hot-swap changed ones, unload the rest.
 
-    A model that fails to resolve or load is reported by /readyz; the others still load.
+    A new model that fails to resolve or load is reported by /readyz; a served model
+    whose replacement fails keeps serving. Reconciles run one at a time.
     """
+    async with state.reconciling:
+        await _reconcile(state, desired)
+
+
+async def _reconcile(state: AgentState, desired: list[ModelSpec]) -> None:
     store = ModelStore(state.settings.store_dir)
-    resolved: dict[str, tuple[ModelSpec, ModelManifest, Path]] = {}
+    resolved: dict[str, tuple[ModelSpec, ModelManifest, Path | None]] = {}
     for spec in desired:
         try:
             manifest, path = await run_in_threadpool(resolve, spec, store)
         except AgentError as exc:
             log.error("model %s cannot be resolved: %s", spec.name, exc.message)
-            state.registry.fail(spec.name, exc.message)
+            current = state.loaded.get(spec.name)
+            if current is None:
+                state.registry.fail(spec.name, exc.message)
+            else:  # keep what is served: the planner sees no change
+                resolved[spec.name] = (*current, None)
             continue
         resolved[spec.name] = (spec, manifest, path)
     steps = plan_models(state.loaded, [(spec, manifest) for spec, manifest, _ in resolved.values()])
@@ -72,11 +82,12 @@ async def reconcile(state: AgentState, desired: list[ModelSpec]) -> None:
             state.registry.remove(step.name)
             state.loaded.pop(step.name, None)
             continue
-        spec, manifest, path = resolved[step.spec.name]
+        spec, manifest, file = resolved[step.spec.name]
+        assert file is not None  # only unchanged models lack a file, and they get no step
         started = time.monotonic()
         try:
             model = await run_in_threadpool(
-                load_model, manifest, path, state.settings, state.registry
+                load_model, manifest, file, state.settings, state.registry
             )
         except AgentError as exc:
             log.error("model %s failed to load: %s", spec.name, exc.message)

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import hmac
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Annotated
 
 from fastapi import Depends, Request
@@ -32,6 +33,7 @@ class AgentState:
     cache: ResponseCache
     started_at: int  # unix seconds, the "created" of /v1/models
     loaded: dict[str, tuple[ModelSpec, ModelManifest]]  # what each served model was loaded from
+    reconciling: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
 def get_state(request: Request) -> AgentState:

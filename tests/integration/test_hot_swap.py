@@ -140,3 +140,30 @@ def test_a_swap_to_a_broken_file_keeps_serving_the_previous_model(
         assert httpx.get(f"{agent.url}/readyz").status_code == 200
     finally:
         agent.stop()
+
+
+def test_sighup_naming_a_missing_file_keeps_the_model_served(
+    tmp_path: Path, model_store: Path
+) -> None:
+    agent = start_agent(tmp_path, model_store, models=[{"name": "minilm"}])
+    try:
+        port = int(agent.url.rsplit(":", 1)[1])
+        write_config(
+            agent.config,
+            {"port": port, "store_dir": model_store},
+            [{"name": "minilm", "path": str(tmp_path / "gone.onnx")}],
+        )
+        agent.proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 30
+        while "minilm cannot be resolved" not in agent.output():
+            assert time.monotonic() < deadline, agent.output()
+            time.sleep(0.05)  # polling another process's log
+        r = httpx.post(
+            f"{agent.url}/v1/embeddings",
+            json={"model": "minilm", "input": "still here"},
+            timeout=30,
+        )
+        assert r.status_code == 200
+        assert httpx.get(f"{agent.url}/readyz").status_code == 200
+    finally:
+        agent.stop()
