@@ -285,7 +285,8 @@ async def _generate(
         gen_request = _plan(sched, prompt, body, state.settings.request_timeout_s)
         key = cache_key(sched.manifest.name, sched.manifest.version, gen_request)
         cached = state.cache.get(key)
-        state.metrics.cache.labels(body.model, "hit" if cached else "miss").inc()
+        if key is not None:  # only deterministic requests are cacheable
+            state.metrics.cache.labels(body.model, "hit" if cached else "miss").inc()
         gen = None if cached else sched.submit(gen_request)
     except AgentError as exc:
         stack.close()
