@@ -84,6 +84,34 @@ class AgentProcess:
     def output(self) -> str:
         return self.log.read_text(errors="replace")
 
+    @property
+    def port(self) -> int:
+        return int(self.url.rsplit(":", 1)[1])
+
+    def wait_for_output(self, text: str, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while text not in self.output():
+            assert time.monotonic() < deadline, f"{text!r} never appeared:\n{self.output()[-3000:]}"
+            time.sleep(0.05)  # polling another process's log
+
+    def readiness(self, status: str, timeout: float = 60.0) -> dict[str, Any]:
+        """Poll /readyz until its status is ``status``; returns the body."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                body: dict[str, Any] = httpx.get(f"{self.url}/readyz", timeout=2).json()
+                if body.get("status") == status:
+                    return body
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)  # polling another process
+        raise AssertionError(f"/readyz never said {status!r}:\n{self.output()[-3000:]}")
+
+    def reconfigure(self, store: Path, models: list[dict[str, Any]]) -> None:
+        """Rewrite the config with other models and tell the agent (SIGHUP)."""
+        write_config(self.config, {"port": self.port, "store_dir": store}, models)
+        self.proc.send_signal(signal.SIGHUP)
+
 
 def wait_ready(agent: AgentProcess, timeout: float = 180.0) -> None:
     deadline = time.monotonic() + timeout

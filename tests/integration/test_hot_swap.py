@@ -10,7 +10,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import start_agent, write_config
+from tests.conftest import start_agent
 
 pytestmark = pytest.mark.integration
 
@@ -57,13 +57,9 @@ def test_sighup_swaps_a_model_while_a_stream_finishes_on_the_old_one(
         reader = threading.Thread(target=stream)
         reader.start()
         assert started.wait(60)
-        port = int(agent.url.rsplit(":", 1)[1])
-        write_config(
-            agent.config,
-            {"port": port, "store_dir": model_store},
-            [{"name": LLM, "runtime": {**runtime, "context_length": 512}}],
+        agent.reconfigure(
+            model_store, [{"name": LLM, "runtime": {**runtime, "context_length": 512}}]
         )
-        agent.proc.send_signal(signal.SIGHUP)
         deadline = time.monotonic() + 60
         while context_per_slot(agent.url) != 512:
             assert time.monotonic() < deadline, "the new model never went live"
@@ -86,17 +82,8 @@ def test_sighup_with_a_broken_config_keeps_serving(tmp_path: Path, model_store: 
     try:
         agent.config.write_text("this is = not [valid toml")
         agent.proc.send_signal(signal.SIGHUP)
-        deadline = time.monotonic() + 30
-        while "keeping the current models" not in agent.output():
-            assert time.monotonic() < deadline, agent.output()
-            time.sleep(0.05)  # polling another process's log
-        r = httpx.post(
-            f"{agent.url}/v1/embeddings",
-            json={"model": "minilm", "input": "still here"},
-            timeout=30,
-        )
-        assert r.status_code == 200
-        assert agent.proc.poll() is None
+        agent.wait_for_output("keeping the current models")
+        assert_still_embedding(agent.url, "minilm")
     finally:
         agent.stop()
 
@@ -104,40 +91,17 @@ def test_sighup_with_a_broken_config_keeps_serving(tmp_path: Path, model_store: 
 def test_a_swap_to_a_broken_file_keeps_serving_the_previous_model(
     tmp_path: Path, model_store: Path
 ) -> None:
-    good = model_store / "minilm"
+    runtime = {"tokenizer": "tokenizer.json", "embedding_dim": 384}
+    good = model_store / "minilm" / "model.onnx"
     agent = start_agent(
-        tmp_path,
-        model_store,
-        models=[
-            {
-                "name": "emb",
-                "path": str(good / "model.onnx"),
-                "runtime": {"tokenizer": "tokenizer.json", "embedding_dim": 384},
-            }
-        ],
+        tmp_path, model_store, models=[{"name": "emb", "path": str(good), "runtime": runtime}]
     )
     try:
         broken = tmp_path / "broken.onnx"
         broken.write_bytes(b"\x00not an onnx graph" * 64)
-        port = int(agent.url.rsplit(":", 1)[1])
-        write_config(
-            agent.config,
-            {"port": port, "store_dir": model_store},
-            [{"name": "emb", "path": str(broken)}],
-        )
-        agent.proc.send_signal(signal.SIGHUP)
-        deadline = time.monotonic() + 30
-        while "emb failed to load" not in agent.output():
-            assert time.monotonic() < deadline, agent.output()
-            time.sleep(0.05)  # polling another process's log
-        r = httpx.post(
-            f"{agent.url}/v1/embeddings",
-            json={"model": "emb", "input": "still the old one"},
-            timeout=30,
-        )
-        assert r.status_code == 200
-        assert len(r.json()["data"][0]["embedding"]) == 384
-        assert httpx.get(f"{agent.url}/readyz").status_code == 200
+        agent.reconfigure(model_store, [{"name": "emb", "path": str(broken), "runtime": runtime}])
+        agent.wait_for_output("emb failed to load")
+        assert_still_embedding(agent.url, "emb")
     finally:
         agent.stop()
 
@@ -147,23 +111,15 @@ def test_sighup_naming_a_missing_file_keeps_the_model_served(
 ) -> None:
     agent = start_agent(tmp_path, model_store, models=[{"name": "minilm"}])
     try:
-        port = int(agent.url.rsplit(":", 1)[1])
-        write_config(
-            agent.config,
-            {"port": port, "store_dir": model_store},
-            [{"name": "minilm", "path": str(tmp_path / "gone.onnx")}],
-        )
-        agent.proc.send_signal(signal.SIGHUP)
-        deadline = time.monotonic() + 30
-        while "minilm cannot be resolved" not in agent.output():
-            assert time.monotonic() < deadline, agent.output()
-            time.sleep(0.05)  # polling another process's log
-        r = httpx.post(
-            f"{agent.url}/v1/embeddings",
-            json={"model": "minilm", "input": "still here"},
-            timeout=30,
-        )
-        assert r.status_code == 200
-        assert httpx.get(f"{agent.url}/readyz").status_code == 200
+        agent.reconfigure(model_store, [{"name": "minilm", "path": str(tmp_path / "gone.onnx")}])
+        agent.wait_for_output("minilm cannot be resolved")
+        assert_still_embedding(agent.url, "minilm")
     finally:
         agent.stop()
+
+
+def assert_still_embedding(url: str, model: str) -> None:
+    r = httpx.post(f"{url}/v1/embeddings", json={"model": model, "input": "still here"}, timeout=30)
+    assert r.status_code == 200
+    assert len(r.json()["data"][0]["embedding"]) == 384
+    assert httpx.get(f"{url}/readyz").status_code == 200
