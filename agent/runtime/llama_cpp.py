@@ -30,6 +30,7 @@ from typing import Any
 
 import llama_cpp
 import numpy as np
+import psutil
 
 from agent.errors import ContextOverflow, InvalidRequest, ModelLoadError, Transient
 from agent.runtime.base import RuntimeInfo, SamplingParams
@@ -51,12 +52,7 @@ class BatchEntry:
 
 
 def _physical_cores() -> int:
-    try:
-        import psutil
-
-        return psutil.cpu_count(logical=False) or os.cpu_count() or 1
-    except ImportError:  # pragma: no cover - psutil is a dependency of the agent extra
-        return os.cpu_count() or 1
+    return psutil.cpu_count(logical=False) or os.cpu_count() or 1
 
 
 _LLAMA_LOG = logging.getLogger("llama.cpp")

