@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,14 +16,49 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.services import (
+    MosquittoBroker,
+    free_port,
+    mosquitto,
+    postgres_admin_url,
+    postgres_database,
+)
+
 REPO = Path(__file__).resolve().parent.parent
 AGENT_BIN = Path(sys.executable).parent / "edgefleet-agent"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+@pytest.fixture
+def broker(tmp_path: Path) -> Iterator[MosquittoBroker]:
+    """A real Mosquitto on a free port, for this test only (``stop()``/``start()`` to cut it)."""
+    with mosquitto(tmp_path / "mosquitto") as running:
+        yield running
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> str:
+    """The admin URL of the real PostgreSQL server (scripts/test makes sure one runs)."""
+    admin = postgres_admin_url()
+    if admin is None:
+        if os.environ.get("EDGEFLEET_REQUIRE_POSTGRES"):
+            pytest.fail("EDGEFLEET_TEST_POSTGRES_URL is not set, but PostgreSQL is required")
+        pytest.skip("no PostgreSQL: set EDGEFLEET_TEST_POSTGRES_URL (scripts/test does)")
+    return admin
+
+
+@pytest.fixture
+def postgres_url(postgres_server: str) -> Iterator[str]:
+    """A fresh database of this test's own on the real PostgreSQL server."""
+    with postgres_database(postgres_server) as url:
+        yield url
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """Each test using it runs twice: on SQLite in a file, and on the real PostgreSQL."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'fleet.db'}"
+    return str(request.getfixturevalue("postgres_url"))
 
 
 @pytest.fixture(scope="session")

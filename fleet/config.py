@@ -1,0 +1,83 @@
+"""Controller settings: flags and ``EDGEFLEET_FLEET_*`` environment variables.
+
+This is the process edge: the app, the link and the broker below it take this
+frozen object and never read the environment themselves.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+__all__ = ["DEFAULT_DATA_DIR", "FleetSettings"]
+
+DEFAULT_DATA_DIR = Path.home() / ".local" / "share" / "edgefleet" / "fleet"
+
+
+class FleetSettings(BaseSettings):
+    """Everything an operator can set on the controller; see docs/operators.md."""
+
+    model_config = SettingsConfigDict(env_prefix="EDGEFLEET_FLEET_", frozen=True, extra="forbid")
+
+    data_dir: Path = DEFAULT_DATA_DIR  # SQLite file, admin token, broker auth files
+    database_url: str | None = None  # None: sqlite:///<data_dir>/fleet.db
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=0, le=65535)
+    public_url: str | None = None  # how devices reach this API; None: http://host:port
+    admin_token: SecretStr | None = None  # None: generated once into <data_dir>/admin-token
+
+    # MQTT. broker_url None starts the embedded broker (amqtt, MQTT 3.1.1) in-process.
+    broker_url: str | None = None  # mqtt://host:port or mqtts://host:port
+    broker_public_url: str | None = None  # what devices are told; None: broker_url
+    embedded_broker_host: str = "127.0.0.1"
+    embedded_broker_port: int = Field(default=1883, ge=0, le=65535)
+    broker_auth_dir: Path | None = None  # Mosquitto password_file + acl_file; None: data_dir
+    broker_pid_file: Path | None = None  # SIGHUP this pid after rewriting the auth files
+    broker_ca_file: Path | None = None  # the broker's CA, handed to devices for mqtts://
+    broker_username: str = "edgefleet-controller"  # the controller's own broker account
+    broker_password: SecretStr | None = None  # None: generated into <data_dir>/broker-password
+    manage_broker_auth: bool = True  # write password_file + acl_file for the broker
+    client_id: str = "edgefleet-controller"
+    shared_subscription_group: str | None = None  # MQTT 5 only: spread ingest over replicas
+
+    # Telemetry.
+    telemetry_interval_s: float = Field(default=10.0, gt=0)  # told to devices at enrollment
+    heartbeat_interval_s: float = Field(default=30.0, gt=0)  # offline after 3 missed
+    retention_days: float = Field(default=30.0, gt=0)  # older samples and events are pruned
+    ingest_batch_rows: int = Field(default=500, ge=1)  # rows per database write
+    ingest_flush_ms: int = Field(default=200, ge=1)  # at most this long before a write
+
+    @field_validator("broker_url", "broker_public_url", "public_url")
+    @classmethod
+    def _check_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        parts = urlsplit(value)
+        if parts.scheme not in {"mqtt", "mqtts", "http", "https"} or not parts.hostname:
+            raise ValueError(f"{value!r} is not a URL like mqtt://host:1883 or http://host:8000")
+        return value.rstrip("/")
+
+    @property
+    def resolved_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.data_dir / 'fleet.db'}"
+
+    @property
+    def resolved_public_url(self) -> str:
+        return self.public_url or f"http://{self.host}:{self.port}"
+
+    @property
+    def resolved_broker_url(self) -> str:
+        return (
+            self.broker_url or f"mqtt://{self.embedded_broker_host}:{self.embedded_broker_port}"
+        )
+
+    @property
+    def resolved_broker_public_url(self) -> str:
+        return self.broker_public_url or self.resolved_broker_url
+
+    @property
+    def resolved_auth_dir(self) -> Path:
+        return self.broker_auth_dir or self.data_dir / "broker"

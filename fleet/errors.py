@@ -1,0 +1,92 @@
+"""Every error the fleet controller raises, in one tree.
+
+    FleetError
+    ├── Rejected                 the request or message can never succeed as sent
+    │   ├── InvalidInput         400/422, malformed or out of range
+    │   ├── EnrollmentRejected   403, token unknown, used, expired or revoked; bad proof
+    │   ├── Unauthorized         401, missing or wrong admin token
+    │   ├── NotFound             404, no such device, group or token
+    │   ├── Conflict             409, the name is taken or the state moved on
+    │   └── MessageRejected      an MQTT payload that fails validation (logged, dropped)
+    ├── Transient                may succeed later: retry with backoff
+    │   ├── BrokerUnavailable    the MQTT broker cannot be reached
+    │   └── DatabaseUnavailable  the database cannot be reached
+    └── ConfigError              the controller cannot start as configured
+
+Third-party exceptions (SQLAlchemy, paho, OS errors) are translated at the boundary.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "BrokerUnavailable",
+    "ConfigError",
+    "Conflict",
+    "DatabaseUnavailable",
+    "EnrollmentRejected",
+    "FleetError",
+    "InvalidInput",
+    "MessageRejected",
+    "NotFound",
+    "Rejected",
+    "Transient",
+    "Unauthorized",
+]
+
+
+class FleetError(Exception):
+    """Root of the controller's errors; ``status`` maps it onto HTTP."""
+
+    status: int = 500
+    code: str = "internal_error"
+
+
+class Rejected(FleetError):
+    status = 400
+    code = "rejected"
+
+
+class InvalidInput(Rejected):
+    status = 422
+    code = "invalid_input"
+
+
+class EnrollmentRejected(Rejected):
+    status = 403
+    code = "enrollment_rejected"
+
+
+class Unauthorized(Rejected):
+    status = 401
+    code = "unauthorized"
+
+
+class NotFound(Rejected):
+    status = 404
+    code = "not_found"
+
+
+class Conflict(Rejected):
+    status = 409
+    code = "conflict"
+
+
+class MessageRejected(Rejected):
+    code = "message_rejected"
+
+
+class Transient(FleetError):
+    status = 503
+    code = "unavailable"
+
+
+class BrokerUnavailable(Transient):
+    code = "broker_unavailable"
+
+
+class DatabaseUnavailable(Transient):
+    code = "database_unavailable"
+
+
+class ConfigError(FleetError):
+    code = "config_error"

@@ -1,0 +1,170 @@
+"""The controller's tables. Every change to them ships with an Alembic migration.
+
+All state lives here (plus the broker and the artifact store), so any number of
+controller replicas can share one PostgreSQL database. Timestamps are stored as
+timezone-aware UTC; SQLite hands them back naive, so :func:`as_utc` repairs them
+on the way out.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import JSON, BigInteger, Column, DateTime, Index, Integer, UniqueConstraint
+from sqlmodel import Field, SQLModel
+
+__all__ = [
+    "Device",
+    "DeviceTag",
+    "EnrollmentToken",
+    "EventRow",
+    "Group",
+    "TelemetryRow",
+    "as_utc",
+    "utc_now",
+]
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+def as_utc(value: datetime | None) -> datetime | None:
+    """A stored timestamp as aware UTC, whichever database it came from."""
+    if value is None or value.tzinfo is not None:
+        return value
+    return value.replace(tzinfo=UTC)
+
+
+# SQLite only auto-increments a column declared exactly INTEGER PRIMARY KEY.
+RowId = BigInteger().with_variant(Integer(), "sqlite")
+
+
+class Group(SQLModel, table=True):
+    """A named set of devices; the unit staged rollouts target."""
+
+    __tablename__ = "groups"
+
+    name: str = Field(primary_key=True, max_length=64)
+    description: str = Field(default="", max_length=500)
+    created_at: datetime = Field(
+        default_factory=utc_now, sa_column=Column(DateTime(timezone=True), nullable=False)
+    )
+
+
+class Device(SQLModel, table=True):
+    """One enrolled device: identity, credentials, last known state."""
+
+    __tablename__ = "devices"
+
+    id: str = Field(primary_key=True, max_length=63)
+    name: str = Field(max_length=128)
+    group: str | None = Field(default=None, foreign_key="groups.name", index=True, max_length=64)
+    public_key: str = Field(unique=True, max_length=64)  # base64 raw Ed25519 key
+    token_id: str | None = Field(default=None, max_length=32)  # the token it enrolled with
+    mqtt_password_hash: str = Field(max_length=256)  # Mosquitto's $7$ PBKDF2-SHA512 form
+    agent_version: str = Field(default="", max_length=64)
+    device_report: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON))
+    enrolled_at: datetime = Field(
+        default_factory=utc_now, sa_column=Column(DateTime(timezone=True), nullable=False)
+    )
+    revoked_at: datetime | None = Field(
+        default=None, sa_column=Column(DateTime(timezone=True), nullable=True)
+    )
+    online: bool = Field(default=False, index=True)
+    last_seen: datetime | None = Field(
+        default=None, sa_column=Column(DateTime(timezone=True), nullable=True)
+    )
+    desired_version: int = Field(default=0)  # 0: no desired state published yet
+    desired: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON))  # DesiredState
+    reported: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON))  # ReportedState
+    reported_at: datetime | None = Field(
+        default=None, sa_column=Column(DateTime(timezone=True), nullable=True)
+    )
+    telemetry_dropped: int = Field(default=0, sa_column=Column(BigInteger, nullable=False))
+
+
+class DeviceTag(SQLModel, table=True):
+    __tablename__ = "device_tags"
+
+    device_id: str = Field(foreign_key="devices.id", primary_key=True, max_length=63)
+    tag: str = Field(primary_key=True, index=True, max_length=64)
+
+
+class EnrollmentToken(SQLModel, table=True):
+    """A token a device presents once (or ``uses_total`` times) to enroll.
+
+    Only a SHA-256 of the secret is stored; the secret is printed once at creation.
+    """
+
+    __tablename__ = "enrollment_tokens"
+
+    id: str = Field(primary_key=True, max_length=32)  # public handle, shown in listings
+    secret_sha256: str = Field(unique=True, max_length=64)
+    group: str | None = Field(default=None, foreign_key="groups.name", max_length=64)
+    uses_total: int = Field(default=1, ge=1)
+    uses_left: int = Field(default=1, ge=0)
+    created_at: datetime = Field(
+        default_factory=utc_now, sa_column=Column(DateTime(timezone=True), nullable=False)
+    )
+    expires_at: datetime | None = Field(
+        default=None, sa_column=Column(DateTime(timezone=True), nullable=True)
+    )
+    revoked_at: datetime | None = Field(
+        default=None, sa_column=Column(DateTime(timezone=True), nullable=True)
+    )
+    note: str = Field(default="", max_length=200)
+
+
+class TelemetryRow(SQLModel, table=True):
+    """One telemetry sample; ``(device_id, sample_id)`` is unique so replays store once."""
+
+    __tablename__ = "telemetry"
+    __table_args__ = (
+        UniqueConstraint("device_id", "sample_id", name="uq_telemetry_device_sample"),
+        Index("ix_telemetry_device_ts", "device_id", "ts"),
+    )
+
+    id: int | None = Field(default=None, sa_column=Column(RowId, primary_key=True))
+    device_id: str = Field(max_length=63)
+    sample_id: str = Field(max_length=64)
+    seq: int = Field(sa_column=Column(BigInteger, nullable=False))
+    ts: datetime = Field(sa_column=Column(DateTime(timezone=True), nullable=False, index=True))
+    window_s: float
+    requests: int
+    errors: int
+    rejections: int
+    latency_p50_ms: float | None = None
+    latency_p95_ms: float | None = None
+    ttft_p50_ms: float | None = None
+    tokens_per_s: float | None = None
+    queue_depth: int = 0
+    model_memory_bytes: int = Field(default=0, sa_column=Column(BigInteger, nullable=False))
+    process_memory_bytes: int | None = Field(default=None, sa_column=Column(BigInteger))
+    gpu_utilization_percent: float | None = None
+    gpu_memory_used_bytes: int | None = Field(default=None, sa_column=Column(BigInteger))
+    gpu_temperature_c: float | None = None
+    gpu_power_w: float | None = None
+    sent_at: datetime = Field(sa_column=Column(DateTime(timezone=True), nullable=False))
+    stored_at: datetime = Field(sa_column=Column(DateTime(timezone=True), nullable=False))
+
+
+class EventRow(SQLModel, table=True):
+    """One device event; ``(device_id, event_id)`` is unique so replays store once."""
+
+    __tablename__ = "events"
+    __table_args__ = (
+        UniqueConstraint("device_id", "event_id", name="uq_events_device_event"),
+        Index("ix_events_device_ts", "device_id", "ts"),
+    )
+
+    id: int | None = Field(default=None, sa_column=Column(RowId, primary_key=True))
+    device_id: str = Field(max_length=63)
+    event_id: str = Field(max_length=64)
+    ts: datetime = Field(sa_column=Column(DateTime(timezone=True), nullable=False))
+    kind: str = Field(max_length=32)
+    severity: str = Field(max_length=16)
+    message: str = Field(default="", max_length=2000)
+    data: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON))
+    stored_at: datetime = Field(sa_column=Column(DateTime(timezone=True), nullable=False))

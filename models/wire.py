@@ -1,0 +1,293 @@
+"""Every message the agent and the controller exchange, as pydantic models.
+
+MQTT payloads are UTF-8 JSON of one of the ``*Message`` models below, each with a
+``schema_version``. Unknown fields are ignored so a newer peer can add optional
+fields without breaking an older one; a change that old peers cannot ignore bumps
+:data:`SCHEMA_VERSION`, and a receiver rejects versions it does not know. The
+enrollment request and response travel over HTTPS, not MQTT, but live here too
+because both sides build them.
+
+Payload sizes are bounded (:data:`MAX_PAYLOAD_BYTES`) and every list has a length
+cap, so a hostile or broken peer cannot make the other side allocate without end.
+"""
+
+from __future__ import annotations
+
+import base64
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Annotated, Any, Literal, TypeVar
+
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, JsonValue, ValidationError
+
+from models.device import DeviceReport
+from models.topics import Channel, DeviceId
+
+__all__ = [
+    "CHANNEL_MESSAGES",
+    "MAX_PAYLOAD_BYTES",
+    "MAX_SAMPLES_PER_BATCH",
+    "SCHEMA_VERSION",
+    "BrokerCredentials",
+    "Command",
+    "CommandKind",
+    "DesiredModel",
+    "DesiredState",
+    "EnrollmentRequest",
+    "EnrollmentResponse",
+    "Event",
+    "EventKind",
+    "MessageId",
+    "ModelState",
+    "ReportedModel",
+    "ReportedState",
+    "Severity",
+    "TelemetryBatch",
+    "TelemetrySample",
+    "WireError",
+    "WireModel",
+    "b64",
+    "decode",
+    "encode",
+    "enrollment_proof",
+    "utc_now",
+]
+
+SCHEMA_VERSION = 1
+MAX_PAYLOAD_BYTES = 256 * 1024  # bytes; larger MQTT payloads are rejected unread
+MAX_SAMPLES_PER_BATCH = 500
+
+MessageId = Annotated[str, Field(min_length=8, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")]
+"""A sender-chosen unique id (a UUID's hex); receivers store each id once."""
+
+ShortText = Annotated[str, Field(max_length=2000)]
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+class WireError(ValueError):
+    """A payload that is not a valid message of the expected kind; never retry it."""
+
+
+class WireModel(BaseModel):
+    """Base of every message: frozen, unknown fields ignored, a schema version inside."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+
+
+# --- desired and reported state -------------------------------------------------------
+
+
+class DesiredModel(WireModel):
+    """A model the device should serve; ``version`` None means whatever the store holds."""
+
+    name: Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._-]+$")]
+    version: Annotated[str, Field(max_length=64)] | None = None
+
+
+class DesiredState(WireModel):
+    """What the controller wants one device to run. Published retained on ``desired``.
+
+    ``version`` grows by one with every change, so an agent ignores a replayed or
+    reordered older state. ``config`` and ``fallback`` are filled in by later issues
+    (agent settings overrides, degraded-mode policy); agents ignore keys they do not know.
+    """
+
+    device_id: DeviceId
+    version: int = Field(ge=1)
+    issued_at: AwareDatetime = Field(default_factory=utc_now)
+    models: list[DesiredModel] = Field(default_factory=list, max_length=64)
+    config: dict[str, JsonValue] = Field(default_factory=dict)
+    fallback: dict[str, JsonValue] = Field(default_factory=dict)
+
+
+class ModelState(StrEnum):
+    LOADING = "loading"
+    READY = "ready"
+    FAILED = "failed"
+    MISSING = "missing"  # desired, but not in the device's model store
+
+
+class ReportedModel(WireModel):
+    name: str = Field(max_length=128)
+    version: str | None = Field(default=None, max_length=64)
+    state: ModelState
+    runtime: str | None = Field(default=None, max_length=64)  # "llama.cpp", "onnxruntime"
+    device: str | None = Field(default=None, max_length=64)  # "cpu", "cuda:0"
+    memory_bytes: int | None = Field(default=None, ge=0)
+    error: ShortText | None = None
+
+
+class ReportedState(WireModel):
+    """What the device actually runs. Published retained on ``reported`` after each change.
+
+    ``desired_version`` is the last desired state the agent acted on (None: it has
+    never received one, and runs its local configuration).
+    """
+
+    device_id: DeviceId
+    desired_version: int | None = Field(default=None, ge=1)
+    converged: bool  # every desired model is ready
+    models: list[ReportedModel] = Field(default_factory=list, max_length=64)
+    agent_version: str = Field(max_length=64)
+    device: DeviceReport | None = None
+    reported_at: AwareDatetime = Field(default_factory=utc_now)
+
+
+# --- telemetry and events ---------------------------------------------------------------
+
+
+class TelemetrySample(WireModel):
+    """One window of device metrics; ``None`` means not measured in this window."""
+
+    id: MessageId
+    seq: int = Field(ge=0)  # per device, increasing; gaps show samples dropped from the spool
+    ts: AwareDatetime  # end of the window
+    window_s: float = Field(gt=0, le=86_400)  # seconds
+    requests: int = Field(ge=0)
+    errors: int = Field(ge=0)  # 5xx and timeouts
+    rejections: int = Field(ge=0)  # 429s: queue full
+    latency_p50_ms: float | None = Field(default=None, ge=0)
+    latency_p95_ms: float | None = Field(default=None, ge=0)
+    ttft_p50_ms: float | None = Field(default=None, ge=0)  # time to first token
+    tokens_per_s: float | None = Field(default=None, ge=0)  # generated tokens over the window
+    queue_depth: int = Field(default=0, ge=0)  # at the end of the window
+    model_memory_bytes: int = Field(default=0, ge=0)
+    process_memory_bytes: int | None = Field(default=None, ge=0)
+    gpu_utilization_percent: float | None = Field(default=None, ge=0, le=100)
+    gpu_memory_used_bytes: int | None = Field(default=None, ge=0)
+    gpu_temperature_c: float | None = None
+    gpu_power_w: float | None = Field(default=None, ge=0)
+
+
+class TelemetryBatch(WireModel):
+    """Samples sent together on ``telemetry``; ``dropped`` counts samples the spool lost."""
+
+    device_id: DeviceId
+    id: MessageId
+    sent_at: AwareDatetime = Field(default_factory=utc_now)
+    samples: list[TelemetrySample] = Field(min_length=1, max_length=MAX_SAMPLES_PER_BATCH)
+    dropped: int = Field(default=0, ge=0)
+
+
+class EventKind(StrEnum):
+    ONLINE = "online"
+    OFFLINE = "offline"  # the MQTT last will, or a clean shutdown
+    MODEL_READY = "model_ready"
+    MODEL_FAILED = "model_failed"
+    RECONCILE_FAILED = "reconcile_failed"
+    SPOOL_DROPPED = "spool_dropped"
+
+
+class Severity(StrEnum):
+    INFO = "info"
+    WARNING = "warning"
+    ERROR = "error"
+
+
+class Event(WireModel):
+    """Something that happened on a device, sent on ``events`` and stored once by id."""
+
+    device_id: DeviceId
+    id: MessageId
+    ts: AwareDatetime = Field(default_factory=utc_now)
+    kind: EventKind
+    severity: Severity = Severity.INFO
+    message: ShortText = ""
+    data: dict[str, JsonValue] = Field(default_factory=dict)
+
+
+class CommandKind(StrEnum):
+    REPORT = "report"  # publish the reported state again
+    RECONCILE = "reconcile"  # re-apply the desired state now
+    FLUSH = "flush"  # send a telemetry sample now, without waiting for the interval
+
+
+class Command(WireModel):
+    """A one-off request on ``cmd``."""
+
+    device_id: DeviceId
+    id: MessageId
+    kind: CommandKind
+    issued_at: AwareDatetime = Field(default_factory=utc_now)
+
+
+# --- enrollment (HTTPS) -------------------------------------------------------------------
+
+
+class EnrollmentRequest(WireModel):
+    """First contact: an enrollment token, the device's public key and what it offers.
+
+    ``signature`` is the device key's Ed25519 signature over :func:`enrollment_proof`,
+    proving the caller holds the private key; ``timestamp`` bounds how long a captured
+    request could be replayed.
+    """
+
+    token: str = Field(min_length=1, max_length=256)
+    public_key: str = Field(min_length=40, max_length=64)  # base64 of the raw 32-byte key
+    timestamp: AwareDatetime
+    signature: str = Field(min_length=80, max_length=100)  # base64 of a 64-byte signature
+    name: str = Field(min_length=1, max_length=128)  # a human name; the hostname by default
+    agent_version: str = Field(max_length=64)
+    device: DeviceReport
+
+
+def enrollment_proof(token: str, public_key: str, timestamp: datetime) -> bytes:
+    """The bytes a device signs to enroll: domain-separated, so no other signature fits."""
+    stamp = timestamp.astimezone(UTC).isoformat()
+    return f"edgefleet-enroll-v1\n{token}\n{public_key}\n{stamp}".encode()
+
+
+class BrokerCredentials(WireModel):
+    """How a device reaches the broker; ``ca_pem`` is set when the broker speaks TLS."""
+
+    url: str  # mqtt://host:port or mqtts://host:port
+    username: str
+    password: str
+    client_id: str
+    ca_pem: str | None = None
+
+
+class EnrollmentResponse(WireModel):
+    device_id: DeviceId
+    broker: BrokerCredentials
+    telemetry_interval_s: float = Field(default=10.0, gt=0)  # seconds between samples
+    heartbeat_interval_s: float = Field(default=30.0, gt=0)  # offline after 3 missed
+
+
+# --- encoding ------------------------------------------------------------------------------
+
+M = TypeVar("M", bound=WireModel)
+
+CHANNEL_MESSAGES: dict[Channel, type[WireModel]] = {
+    Channel.DESIRED: DesiredState,
+    Channel.REPORTED: ReportedState,
+    Channel.TELEMETRY: TelemetryBatch,
+    Channel.EVENTS: Event,
+    Channel.CMD: Command,
+}
+
+
+def encode(message: WireModel) -> bytes:
+    """The MQTT payload for ``message``."""
+    return message.model_dump_json(exclude_none=True).encode()
+
+
+def decode(kind: type[M], payload: bytes) -> M:
+    """Parse and validate ``payload`` as ``kind``, or raise :class:`WireError` saying why."""
+    if len(payload) > MAX_PAYLOAD_BYTES:
+        raise WireError(f"payload of {len(payload)} bytes exceeds {MAX_PAYLOAD_BYTES}")
+    try:
+        return kind.model_validate_json(payload)
+    except ValidationError as exc:
+        first: Any = exc.errors(include_url=False)[0]
+        where = ".".join(str(p) for p in first.get("loc", ())) or "payload"
+        raise WireError(f"invalid {kind.__name__}: {where}: {first['msg']}") from None
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()

@@ -1,0 +1,134 @@
+"""Real servers for the tests: a Mosquitto broker per test on a free port, and PostgreSQL.
+
+Mosquitto comes from Debian's ``mosquitto`` package (scripts/test installs it). Each
+broker gets its own folder with the password and ACL files the controller writes, and
+a pid file the controller signals (SIGHUP) to reload them, exactly as in production.
+PostgreSQL is the server named by ``EDGEFLEET_TEST_POSTGRES_URL`` (scripts/test
+starts one when none is running); each test session gets a database of its own.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_port(port: int, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"nothing listening on 127.0.0.1:{port}") from None
+            time.sleep(0.05)
+
+
+class MosquittoBroker:
+    """One real Mosquitto, authenticated by files in ``auth_dir``; restartable on its port."""
+
+    def __init__(self, root: Path, port: int | None = None) -> None:
+        self.root = root
+        self.port = port or free_port()
+        self.auth_dir = root / "auth"
+        self.pid_file = root / "mosquitto.pid"
+        self.log_file = root / "mosquitto.log"
+        self.process: subprocess.Popen[bytes] | None = None
+        self.auth_dir.mkdir(parents=True, exist_ok=True)
+        (root / "data").mkdir(exist_ok=True)
+        for name in ("passwd", "acl"):
+            (self.auth_dir / name).touch(mode=0o600)
+        lines = [
+            f"listener {self.port} 127.0.0.1",
+            "allow_anonymous false",
+            f"password_file {self.auth_dir / 'passwd'}",
+            f"acl_file {self.auth_dir / 'acl'}",
+            "persistence true",
+            f"persistence_location {root / 'data'}/",
+            f"pid_file {self.pid_file}",
+            "max_queued_messages 100000",
+            "log_type error",
+            "log_type warning",
+            "log_type notice",
+            f"log_dest file {self.log_file}",
+        ]
+        if os.geteuid() == 0:
+            lines.append("user root")  # keep root, so it can read the 0600 files we own
+        self.config = root / "mosquitto.conf"
+        self.config.write_text("\n".join(lines) + "\n")
+
+    @property
+    def url(self) -> str:
+        return f"mqtt://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        assert self.process is None, "already running"
+        self.process = subprocess.Popen([MOSQUITTO, "-c", str(self.config)])
+        wait_port(self.port)
+
+    def stop(self) -> None:
+        """A clean shutdown (SIGTERM): Mosquitto saves its persistent sessions first."""
+        if self.process is None:
+            return
+        self.process.send_signal(signal.SIGTERM)
+        self.process.wait(timeout=10)
+        self.process = None
+
+    def kill(self) -> None:
+        if self.process is None:
+            return
+        self.process.kill()
+        self.process.wait(timeout=10)
+        self.process = None
+
+    def log(self) -> str:
+        return self.log_file.read_text(errors="replace") if self.log_file.exists() else ""
+
+
+@contextmanager
+def mosquitto(root: Path) -> Iterator[MosquittoBroker]:
+    broker = MosquittoBroker(root)
+    broker.start()
+    try:
+        yield broker
+    finally:
+        broker.kill()
+
+
+def postgres_admin_url() -> str | None:
+    """The server the suite may create databases on, or None when there is none."""
+    return os.environ.get("EDGEFLEET_TEST_POSTGRES_URL")
+
+
+@contextmanager
+def postgres_database(admin_url: str) -> Iterator[str]:
+    """A fresh, uniquely named database on ``admin_url``'s server, dropped afterwards."""
+    import sqlalchemy as sa
+
+    name = f"edgefleet_test_{uuid.uuid4().hex[:12]}"
+    admin = sa.create_engine(admin_url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
+    try:
+        yield sa.make_url(admin_url).set(database=name).render_as_string(hide_password=False)
+    finally:
+        with admin.connect() as conn:
+            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
