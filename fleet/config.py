@@ -70,9 +70,7 @@ class FleetSettings(BaseSettings):
 
     @property
     def resolved_broker_url(self) -> str:
-        return (
-            self.broker_url or f"mqtt://{self.embedded_broker_host}:{self.embedded_broker_port}"
-        )
+        return self.broker_url or f"mqtt://{self.embedded_broker_host}:{self.embedded_broker_port}"
 
     @property
     def resolved_broker_public_url(self) -> str:

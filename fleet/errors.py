@@ -42,51 +42,73 @@ class FleetError(Exception):
 
 
 class Rejected(FleetError):
+    """The request or message can never succeed as sent: do not retry."""
+
     status = 400
     code = "rejected"
 
 
 class InvalidInput(Rejected):
+    """Malformed or out of range."""
+
     status = 422
     code = "invalid_input"
 
 
 class EnrollmentRejected(Rejected):
+    """The token or the proof of key possession is not acceptable."""
+
     status = 403
     code = "enrollment_rejected"
 
 
 class Unauthorized(Rejected):
+    """Missing or wrong admin token."""
+
     status = 401
     code = "unauthorized"
 
 
 class NotFound(Rejected):
+    """No such device, group or token."""
+
     status = 404
     code = "not_found"
 
 
 class Conflict(Rejected):
+    """The name is taken, or the state moved on."""
+
     status = 409
     code = "conflict"
 
 
 class MessageRejected(Rejected):
+    """An MQTT payload that fails validation; it is logged and dropped."""
+
     code = "message_rejected"
 
 
 class Transient(FleetError):
+    """May succeed later: retry with backoff."""
+
     status = 503
     code = "unavailable"
 
 
 class BrokerUnavailable(Transient):
+    """The MQTT broker cannot be reached."""
+
     code = "broker_unavailable"
 
 
 class DatabaseUnavailable(Transient):
+    """The database cannot be reached."""
+
     code = "database_unavailable"
 
 
 class ConfigError(FleetError):
+    """The controller cannot start as configured."""
+
     code = "config_error"

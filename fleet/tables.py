@@ -86,6 +86,8 @@ class Device(SQLModel, table=True):
 
 
 class DeviceTag(SQLModel, table=True):
+    """A free-form label on a device, for filtering and rollout targeting."""
+
     __tablename__ = "device_tags"
 
     device_id: str = Field(foreign_key="devices.id", primary_key=True, max_length=63)

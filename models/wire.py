@@ -76,7 +76,7 @@ class WireModel(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="ignore")
 
-    schema_version: Literal[1] = SCHEMA_VERSION
+    schema_version: Literal[1] = 1  # SCHEMA_VERSION
 
 
 # --- desired and reported state -------------------------------------------------------
@@ -106,6 +106,8 @@ class DesiredState(WireModel):
 
 
 class ModelState(StrEnum):
+    """Where one model stands on the device."""
+
     LOADING = "loading"
     READY = "ready"
     FAILED = "failed"
@@ -113,6 +115,8 @@ class ModelState(StrEnum):
 
 
 class ReportedModel(WireModel):
+    """One model as the device actually serves it (or failed to)."""
+
     name: str = Field(max_length=128)
     version: str | None = Field(default=None, max_length=64)
     state: ModelState
@@ -175,6 +179,8 @@ class TelemetryBatch(WireModel):
 
 
 class EventKind(StrEnum):
+    """What an event reports."""
+
     ONLINE = "online"
     OFFLINE = "offline"  # the MQTT last will, or a clean shutdown
     MODEL_READY = "model_ready"
@@ -184,6 +190,8 @@ class EventKind(StrEnum):
 
 
 class Severity(StrEnum):
+    """How much an operator should care."""
+
     INFO = "info"
     WARNING = "warning"
     ERROR = "error"
@@ -202,6 +210,8 @@ class Event(WireModel):
 
 
 class CommandKind(StrEnum):
+    """What a command asks the agent to do."""
+
     REPORT = "report"  # publish the reported state again
     RECONCILE = "reconcile"  # re-apply the desired state now
     FLUSH = "flush"  # send a telemetry sample now, without waiting for the interval
@@ -253,6 +263,8 @@ class BrokerCredentials(WireModel):
 
 
 class EnrollmentResponse(WireModel):
+    """The controller's answer to a successful enrollment; the password is shown once."""
+
     device_id: DeviceId
     broker: BrokerCredentials
     telemetry_interval_s: float = Field(default=10.0, gt=0)  # seconds between samples

@@ -14,6 +14,8 @@ __all__ = ["LinkPort", "LinkStatus"]
 
 
 class LinkStatus(Protocol):
+    """Counters and state the status API and /readyz show."""
+
     connected: bool  # the controller's own MQTT session is up
     broker_url: str
     embedded_broker: bool
@@ -24,6 +26,8 @@ class LinkStatus(Protocol):
 
 
 class LinkPort(Protocol):
+    """The calls the API makes on the MQTT side."""
+
     async def sync_auth(self) -> None:
         """Rewrite the broker's credentials and ACL from the database and make it reload.
 
