@@ -1,10 +1,621 @@
-"""``edgefleet``: the fleet controller's command line."""
+"""``edgefleet``: run the fleet controller and manage devices, groups and enrollment tokens."""
 
 from __future__ import annotations
 
+import json
+import logging
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any, NoReturn
+
 import typer
+from rich.console import Console
+from rich.table import Table
+
+from fleet.client import DEFAULT_URL, ClientError, FleetClient, read_admin_token
+from fleet.config import DEFAULT_DATA_DIR, FleetSettings
+
+__all__ = ["app", "main"]
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
+tokens_app = typer.Typer(no_args_is_help=True, help="Enrollment tokens: create, list, revoke.")
+devices_app = typer.Typer(no_args_is_help=True, help="Enrolled devices.")
+groups_app = typer.Typer(no_args_is_help=True, help="Groups of devices.")
+app.add_typer(tokens_app, name="tokens")
+app.add_typer(devices_app, name="devices")
+app.add_typer(groups_app, name="groups")
+
+UrlOpt = Annotated[
+    str,
+    typer.Option("--url", envvar="EDGEFLEET_URL", help="the controller's API"),
+]
+AdminTokenOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--admin-token",
+        envvar=["EDGEFLEET_ADMIN_TOKEN", "EDGEFLEET_FLEET_ADMIN_TOKEN"],
+        help="admin token (default: read <data-dir>/admin-token)",
+        show_default=False,
+    ),
+]
+DataDirOpt = Annotated[
+    Path,
+    typer.Option(
+        "--data-dir",
+        envvar="EDGEFLEET_FLEET_DATA_DIR",
+        help="the controller's data folder (holds the admin token)",
+    ),
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="print the API's JSON")]
+
+
+def _fail(message: str, code: int = 1) -> NoReturn:
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(code)
+
+
+def _console() -> Console:
+    # Wide when piped, so ids and URLs are never cut; the terminal's width otherwise.
+    return Console(width=None if sys.stdout.isatty() else 200, highlight=False)
+
+
+def _print_json(data: Any) -> None:
+    typer.echo(json.dumps(data, indent=2, sort_keys=False))
+
+
+@contextmanager
+def _client(
+    ctx: typer.Context, url: str, admin_token: str | None, data_dir: Path
+) -> Iterator[FleetClient]:
+    """A client for ``url``; an API failure becomes one red line and exit status 1.
+
+    Tests put a ready ``httpx.Client`` in ``ctx.obj["http"]`` (an in-process app).
+    """
+    token = admin_token or read_admin_token(data_dir)
+    http = ctx.obj.get("http") if isinstance(ctx.obj, dict) else None
+    try:
+        with FleetClient(url, token, http=http) as client:
+            yield client
+    except ClientError as exc:
+        _fail(str(exc))
+
+
+# --- serve ----------------------------------------------------------------------------------
+
+
+def _settings(overrides: dict[str, Any]) -> FleetSettings:
+    from pydantic import ValidationError
+
+    try:
+        return FleetSettings(**{k: v for k, v in overrides.items() if v is not None})
+    except ValidationError as exc:
+        first = exc.errors(include_url=False)[0]
+        where = ".".join(str(p) for p in first["loc"]) or "settings"
+        _fail(f"invalid setting {where}: {first['msg']}", code=2)
+
+
+@app.command()
+def serve(
+    data_dir: Annotated[
+        Path | None, typer.Option(help="SQLite file, admin token, broker auth files")
+    ] = None,
+    db: Annotated[
+        str | None,
+        typer.Option("--db", help="database URL (default sqlite:///<data-dir>/fleet.db)"),
+    ] = None,
+    host: Annotated[str | None, typer.Option(help="address to bind (default 127.0.0.1)")] = None,
+    port: Annotated[int | None, typer.Option(help="API port (default 8000)")] = None,
+    public_url: Annotated[
+        str | None, typer.Option(help="how devices reach this API (default http://host:port)")
+    ] = None,
+    broker: Annotated[
+        str | None,
+        typer.Option(help="external MQTT broker, mqtt://host:port (default: embedded broker)"),
+    ] = None,
+    broker_public_url: Annotated[
+        str | None, typer.Option(help="the broker URL devices are told (default: --broker)")
+    ] = None,
+    broker_host: Annotated[
+        str | None, typer.Option(help="embedded broker's address (default 127.0.0.1)")
+    ] = None,
+    broker_port: Annotated[
+        int | None, typer.Option(help="embedded broker's port (default 1883)")
+    ] = None,
+    broker_auth_dir: Annotated[
+        Path | None, typer.Option(help="where to write the broker's password and ACL files")
+    ] = None,
+    broker_pid_file: Annotated[
+        Path | None, typer.Option(help="pid file of the broker to SIGHUP after auth changes")
+    ] = None,
+    broker_ca_file: Annotated[
+        Path | None, typer.Option(help="the broker's CA certificate, handed to devices")
+    ] = None,
+    manage_broker_auth: Annotated[
+        bool | None,
+        typer.Option(
+            "--manage-broker-auth/--no-manage-broker-auth",
+            help="write the broker's password and ACL files (default on)",
+            show_default=False,
+        ),
+    ] = None,
+    telemetry_interval: Annotated[
+        float | None, typer.Option(help="seconds between telemetry samples (told to devices)")
+    ] = None,
+    heartbeat_interval: Annotated[
+        float | None, typer.Option(help="seconds between heartbeats (told to devices)")
+    ] = None,
+    retention_days: Annotated[
+        float | None, typer.Option(help="days of telemetry and events to keep")
+    ] = None,
+    log_level: Annotated[str, typer.Option(help="debug, info, warning, error")] = "info",
+) -> None:
+    """Run the fleet controller: REST API, enrollment, MQTT link (and embedded broker)."""
+    import uvicorn
+    from sqlalchemy import make_url
+
+    from fleet.app import admin_token_path, create_app, preflight
+    from fleet.errors import ConfigError, FleetError
+
+    if log_level.lower() not in {"debug", "info", "warning", "error", "critical"}:
+        raise typer.BadParameter(f"unknown level {log_level!r}", param_hint="--log-level")
+    settings = _settings(
+        {
+            "data_dir": data_dir,
+            "database_url": db,
+            "host": host,
+            "port": port,
+            "public_url": public_url,
+            "broker_url": broker,
+            "broker_public_url": broker_public_url,
+            "embedded_broker_host": broker_host,
+            "embedded_broker_port": broker_port,
+            "broker_auth_dir": broker_auth_dir,
+            "broker_pid_file": broker_pid_file,
+            "broker_ca_file": broker_ca_file,
+            "manage_broker_auth": manage_broker_auth,
+            "telemetry_interval_s": telemetry_interval,
+            "heartbeat_interval_s": heartbeat_interval,
+            "retention_days": retention_days,
+        }
+    )
+    logging.basicConfig(
+        level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        preflight(settings)  # folders, database and migrations, admin token: fail plainly here
+    except ConfigError as exc:
+        _fail(str(exc), code=2)
+    except FleetError as exc:  # the database is down: worth a retry, not a settings change
+        _fail(str(exc), code=1)
+    database = make_url(settings.resolved_database_url).render_as_string(hide_password=True)
+    token_source = (
+        "EDGEFLEET_FLEET_ADMIN_TOKEN"
+        if settings.admin_token is not None
+        else str(admin_token_path(settings.data_dir))
+    )
+    broker_kind = "external" if settings.broker_url else "embedded"
+    typer.echo(f"edgefleet controller: API on http://{settings.host}:{settings.port}")
+    typer.echo(f"  devices enroll at {settings.resolved_public_url}/api/v1/enroll")
+    typer.echo(f"  MQTT broker ({broker_kind}): {settings.resolved_broker_url}")
+    typer.echo(f"  database: {database}")
+    typer.echo(f"  admin token: {token_source}")
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_level=log_level.lower(),
+        timeout_graceful_shutdown=10,
+    )
+
+
+# --- tokens ---------------------------------------------------------------------------------
+
+
+def _expires_in_s(text: str) -> float | None:
+    from fleet.tokens import parse_duration
+
+    try:
+        duration = parse_duration(text)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--expires") from None
+    return None if duration is None else duration.total_seconds()
+
+
+def _when(value: str | None) -> str:
+    return "-" if value is None else value.replace("T", " ")[:19]
+
+
+@tokens_app.command("create")
+def tokens_create(
+    ctx: typer.Context,
+    group: Annotated[str | None, typer.Option(help="put enrolled devices in this group")] = None,
+    uses: Annotated[int, typer.Option(min=1, help="how many devices may enroll with it")] = 1,
+    expires: Annotated[str, typer.Option(help="30m, 24h, 7d ... or never")] = "24h",
+    note: Annotated[str, typer.Option(help="a reminder of what it is for")] = "",
+    url: UrlOpt = DEFAULT_URL,
+    admin_token: AdminTokenOpt = None,
+    data_dir: DataDirOpt = DEFAULT_DATA_DIR,
+    as_json: JsonOpt = False,
+) -> None:
+    """Create an enrollment token; its secret is printed once, with the agent command."""
+    body = {"group": group, "uses": uses, "expires_in_s": _expires_in_s(expires), "note": note}
+    with _client(ctx, url, admin_token, data_dir) as client:
+        token = client.post("/api/v1/tokens", body)
+    if as_json:
+        _print_json(token)
+        return
+    uses_text = f"{token['uses_total']} use" + ("s" if token["uses_total"] != 1 else "")
+    expiry = _when(token["expires_at"]) if token["expires_at"] else "never"
+    typer.echo(
+        f"created {token['id']} (group {token['group'] or '-'}, {uses_text}, expires {expiry})"
+    )
+    typer.echo(f"secret (shown only now): {token['secret']}")
+    typer.echo("enroll a device with:")
+    typer.echo(f"  edgefleet-agent serve --fleet {token['fleet_url']} --token {token['secret']}")
+
+
+@tokens_app.command("list")
+def tokens_list(
+    ctx: typer.Context,
+    url: UrlOpt = DEFAULT_URL,
+    admin_token: AdminTokenOpt = None,
+    data_dir: DataDirOpt = DEFAULT_DATA_DIR,
+    as_json: JsonOpt = False,
+) -> None:
+    """Every enrollment token, newest first (secrets are never shown again)."""
+    with _client(ctx, url, admin_token, data_dir) as client:
+        tokens = client.get("/api/v1/tokens")
+    if as_json:
+        _print_json(tokens)
+        return
+    table = Table("id", "state", "group", "uses left", "expires", "note", box=None)
+    for t in tokens:
+        table.add_row(
+            t["id"],
+            t["state"],
+            t["group"] or "-",
+            f"{t['uses_left']}/{t['uses_total']}",
+            _when(t["expires_at"]) if t["expires_at"] else "never",
+            t["note"],
+        )
+    _console().print(table)
+
+
+@tokens_app.command("revoke")
+def tokens_revoke(
+    ctx: typer.Context,
+    token_id: Annotated[str, typer.Argument(help="the token's id (tok-...)")],
+    url: UrlOpt = DEFAULT_URL,
+    admin_token: AdminTokenOpt = None,
+    data_dir: DataDirOpt = DEFAULT_DATA_DIR,
+) -> None:
+    """Revoke a token: no further device can enroll with it."""
+    with _client(ctx, url, admin_token, data_dir) as client:
+        client.delete(f"/api/v1/tokens/{token_id}")
+    typer.echo(f"revoked {token_id}")
+
+
+# --- devices --------------------------------------------------------------------------------
+
+
+@devices_app.command("list")
+def devices_list(
+    ctx: typer.Context,
+    group: Annotated[str | None, typer.Option(help="only this group")] = None,
+    tag: Annotated[str | None, typer.Option(help="only devices with this tag")] = None,
+    status: Annotated[str | None, typer.Option(help="online, offline or revoked")] = None,
+    search: Annotated[str | None, typer.Option(help="part of a name or id")] = None,
+    limit: Annotated[int, typer.Option(min=1, max=1000)] = 100,
+    offset: Annotated[int, typer.Option(min=0)] = 0,
+    url: UrlOpt = DEFAULT_URL,
+    admin_token: AdminTokenOpt = None,
+    data_dir: DataDirOpt = DEFAULT_DATA_DIR,
+    as_json: JsonOpt = False,
+) -> None:
+    """Enrolled devices, filtered."""
+    if status is not None and status not in {"online", "offline", "revoked"}:
+        raise typer.BadParameter("use online, offline or revoked", param_hint="--status")
+    with _client(ctx, url, admin_token, data_dir) as client:
+        page = client.get(
+            "/api/v1/devices",
+            group=group,
+            tag=tag,
+            status=status,
+            q=search,
+            limit=limit,
+            offset=offset,
+        )
+    if as_json:
+        _print_json(page)
+        return
+    table = Table(
+        "id", "name", "group", "status", "last seen", "agent", "in sync", "tags", box=None
+    )
+    for d in page["items"]:
+        table.add_row(
+            d["id"],
+            d["name"],
+            d["group"] or "-",
+            d["status"],
+            _when(d["last_seen"]),
+            d["agent_version"] or "-",
+            "yes" if d["in_sync"] else "no",
+            ",".join(d["tags"]),
+        )
+    console = _console()
+    console.print(table)
+    shown = len(page["items"])
+    if shown < page["total"]:
+        console.print(f"{shown} of {page['total']} shown (use --offset {offset + shown} for more)")
+
+
+@devices_app.command("show")
+def devices_show(
+    ctx: typer.Context,
+    device_id: Annotated[str, typer.Argument(help="the device's id (dev-...)")],
+    url: UrlOpt = DEFAULT_URL,
+    admin_token: AdminTokenOpt = None,
+    data_dir: DataDirOpt = DEFAULT_DATA_DIR,
+    as_json: JsonOpt = False,
+) -> None:
+    """One device: identity, state, what it should run, what it runs, and the drift."""
+    with _client(ctx, url, admin_token, data_dir) as client:
+        d = client.get(f"/api/v1/devices/{device_id}")
+    if as_json:
+        _print_json(d)
+        return
+    report = d["device_report"] or {}
+    hardware = ", ".join(
+        str(x)
+        for x in (report.get("arch"), report.get("jetson_model"), report.get("os"))
+        if x is not None
+    )
+    rows = [
+        ("id", d["id"]),
+        ("name", d["name"]),
+        ("group", d["group"] or "-"),
+        ("tags", ", ".join(d["tags"]) or "-"),
+        ("status", d["status"]),
+        ("last seen", _when(d["last_seen"])),
+        ("enrolled", _when(d["enrolled_at"])),
+        ("revoked", _when(d["revoked_at"])),
+        ("agent", d["agent_version"] or "-"),
+        ("hardware", hardware or "-"),
+        ("desired version", str(d["desired_version"] or "-")),
+        ("applied version", str(d["applied_version"] or "-")),
+        ("telemetry dropped", str(d["telemetry_dropped"])),
+    ]
+    table = Table(box=None, show_header=False)
+    for key, value in rows:
+        table.add_row(key, value)
+    console = _console()
+    console.print(table)
+    desired = (d["desired"] or {}).get("models", [])
+    wanted = ", ".join(
+        m["name"] + (f"@{m['version']}" if m.get("version") else "") for m in desired
+    )
+    running = ", ".join(
+        f"{m['name']}@{m.get('version') or '?'} ({m['state']})"
+        for m in (d["reported"] or {}).get("models", [])
+    )
+    console.print(f"desired models: {wanted or '-'}")
+    console.print(f"running models: {running or '-'}")
+    drift = d["drift"]
+    if not drift["managed"]:
+        console.print("drift: none (no desired state set)")
+    elif drift["in_sync"]:
+        console.print("drift: in sync")
+    else:
+        console.print("drift:")
+        for item in drift["items"]:
+            console.print(f"  - {item['kind']}: {item['message']}")
+
+
+@devices_app.command("revoke")
+def devices_revoke(
+    ctx: typer.Context,
+    device_id: Annotated[str, typer.Argument(help="the device's id (dev-...)")],
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="do not ask")] = False,
+    url: UrlOpt = DEFAULT_URL,
+    admin_token: AdminTokenOpt = None,
+    data_dir: DataDirOpt = DEFAULT_DATA_DIR,
+) -> None:
+    """Revoke a device for good: it is cut off the broker at once and cannot re-enroll its key."""
+    if not yes:
+        typer.confirm(f"revoke {device_id}? this cannot be undone", abort=True)
+    with _client(ctx, url, admin_token, data_dir) as client:
+        client.post(f"/api/v1/devices/{device_id}/revoke")
+    typer.echo(f"revoked {device_id}")
+
+
+def _desired_body(model: list[str] | None, clear: bool) -> dict[str, Any]:
+    if not model and not clear:
+        raise typer.BadParameter("give at least one --model NAME[@VERSION], or --clear")
+    if model and clear:
+        raise typer.BadParameter("--clear runs no models: drop the --model options")
+    models = []
+    for spec in model or []:
+        name, _, version = spec.partition("@")
+        if not name:
+            raise typer.BadParameter(f"{spec!r} is not NAME[@VERSION]", param_hint="--model")
+        models.append({"name": name, "version": version or None})
+    return {"models": models}
+
+
+def _published(result: dict[str, Any]) -> str:
+    state = "published" if result["published"] else "stored; publishes when the broker is back"
+    return f"{result['device_id']}: desired version {result['version']} {state}"
+
+
+ModelOpt = Annotated[
+    list[str] | None,
+    typer.Option("--model", "-m", help="NAME or NAME@VERSION to run (repeatable)"),
+]
+ClearOpt = Annotated[bool, typer.Option("--clear", help="run no models at all")]
+
+
+@devices_app.command("desired")
+def devices_desired(
+    ctx: typer.Context,
+    device_id: Annotated[str, typer.Argument(help="the device's id (dev-...)")],
+    model: ModelOpt = None,
+    clear: ClearOpt = False,
+    url: UrlOpt = DEFAULT_URL,
+    admin_token: AdminTokenOpt = None,
+    data_dir: DataDirOpt = DEFAULT_DATA_DIR,
+    as_json: JsonOpt = False,
+) -> None:
+    """Set which models a device runs (its desired state); it reconciles on receipt."""
+    body = _desired_body(model, clear)
+    with _client(ctx, url, admin_token, data_dir) as client:
+        result = client.put(f"/api/v1/devices/{device_id}/desired", body)
+    if as_json:
+        _print_json(result)
+        return
+    typer.echo(_published(result))
+
+
+@devices_app.command("tag")
+def devices_tag(
+    ctx: typer.Context,
+    device_id: Annotated[str, typer.Argument(help="the device's id (dev-...)")],
+    tags: Annotated[list[str], typer.Argument(help="tags to add (or remove, with --remove)")],
+    remove: Annotated[bool, typer.Option("--remove", help="remove these tags instead")] = False,
+    url: UrlOpt = DEFAULT_URL,
+    admin_token: AdminTokenOpt = None,
+    data_dir: DataDirOpt = DEFAULT_DATA_DIR,
+) -> None:
+    """Add tags to a device (or remove them with --remove)."""
+    with _client(ctx, url, admin_token, data_dir) as client:
+        current = set(client.get(f"/api/v1/devices/{device_id}")["tags"])
+        wanted = current - set(tags) if remove else current | set(tags)
+        updated = client.patch(f"/api/v1/devices/{device_id}", {"tags": sorted(wanted)})
+    typer.echo(f"{device_id}: tags {', '.join(updated['tags']) or '(none)'}")
+
+
+@devices_app.command("move")
+def devices_move(
+    ctx: typer.Context,
+    device_id: Annotated[str, typer.Argument(help="the device's id (dev-...)")],
+    group: Annotated[str | None, typer.Argument(help="the group; leave out for none")] = None,
+    url: UrlOpt = DEFAULT_URL,
+    admin_token: AdminTokenOpt = None,
+    data_dir: DataDirOpt = DEFAULT_DATA_DIR,
+) -> None:
+    """Move a device into a group (or out of any group)."""
+    with _client(ctx, url, admin_token, data_dir) as client:
+        client.patch(f"/api/v1/devices/{device_id}", {"group": group})
+    typer.echo(f"{device_id}: group {group or '(none)'}")
+
+
+# --- groups ---------------------------------------------------------------------------------
+
+
+@groups_app.command("list")
+def groups_list(
+    ctx: typer.Context,
+    url: UrlOpt = DEFAULT_URL,
+    admin_token: AdminTokenOpt = None,
+    data_dir: DataDirOpt = DEFAULT_DATA_DIR,
+    as_json: JsonOpt = False,
+) -> None:
+    """Every group, with its device count."""
+    with _client(ctx, url, admin_token, data_dir) as client:
+        groups = client.get("/api/v1/groups")
+    if as_json:
+        _print_json(groups)
+        return
+    table = Table("name", "devices", "description", box=None)
+    for g in groups:
+        table.add_row(g["name"], str(g["devices"]), g["description"])
+    _console().print(table)
+
+
+@groups_app.command("create")
+def groups_create(
+    ctx: typer.Context,
+    name: Annotated[str, typer.Argument(help="letters, digits, '.', '_' and '-'")],
+    description: Annotated[str, typer.Option(help="what the group is")] = "",
+    url: UrlOpt = DEFAULT_URL,
+    admin_token: AdminTokenOpt = None,
+    data_dir: DataDirOpt = DEFAULT_DATA_DIR,
+) -> None:
+    """Create a group."""
+    with _client(ctx, url, admin_token, data_dir) as client:
+        client.post("/api/v1/groups", {"name": name, "description": description})
+    typer.echo(f"created group {name}")
+
+
+@groups_app.command("delete")
+def groups_delete(
+    ctx: typer.Context,
+    name: Annotated[str, typer.Argument(help="the group")],
+    url: UrlOpt = DEFAULT_URL,
+    admin_token: AdminTokenOpt = None,
+    data_dir: DataDirOpt = DEFAULT_DATA_DIR,
+) -> None:
+    """Delete an empty group."""
+    with _client(ctx, url, admin_token, data_dir) as client:
+        client.delete(f"/api/v1/groups/{name}")
+    typer.echo(f"deleted group {name}")
+
+
+@groups_app.command("desired")
+def groups_desired(
+    ctx: typer.Context,
+    name: Annotated[str, typer.Argument(help="the group")],
+    model: ModelOpt = None,
+    clear: ClearOpt = False,
+    url: UrlOpt = DEFAULT_URL,
+    admin_token: AdminTokenOpt = None,
+    data_dir: DataDirOpt = DEFAULT_DATA_DIR,
+    as_json: JsonOpt = False,
+) -> None:
+    """Set which models every device in a group runs."""
+    body = _desired_body(model, clear)
+    with _client(ctx, url, admin_token, data_dir) as client:
+        result = client.put(f"/api/v1/groups/{name}/desired", body)
+    if as_json:
+        _print_json(result)
+        return
+    for device in result["devices"]:
+        typer.echo(_published(device))
+    typer.echo(f"{len(result['devices'])} device(s) in {name} updated")
+
+
+# --- status, version, simulate ----------------------------------------------------------------
+
+
+@app.command()
+def status(
+    ctx: typer.Context,
+    url: UrlOpt = DEFAULT_URL,
+    admin_token: AdminTokenOpt = None,
+    data_dir: DataDirOpt = DEFAULT_DATA_DIR,
+    as_json: JsonOpt = False,
+) -> None:
+    """The controller's versions, database, MQTT link and device counts."""
+    with _client(ctx, url, admin_token, data_dir) as client:
+        s = client.get("/api/v1/status")
+    if as_json:
+        _print_json(s)
+        return
+    link, devices, database = s["link"], s["devices"], s["database"]
+    broker = "embedded" if link["embedded_broker"] else "external"
+    state = "connected" if link["connected"] else "DISCONNECTED"
+    typer.echo(f"edgefleet {s['version']} (wire schema {s['wire_schema_version']})")
+    typer.echo(f"broker: {link['broker_url']} ({broker}, {state})")
+    typer.echo(
+        f"messages: {link['received']} received, {link['stored']} stored, "
+        f"{link['duplicates']} duplicates, {link['rejected']} rejected"
+    )
+    typer.echo(f"database: {database['dialect']} at revision {database['revision']}")
+    typer.echo(
+        f"devices: {devices['total']} ({devices['online']} online, "
+        f"{devices['offline']} offline, {devices['revoked']} revoked)"
+    )
 
 
 @app.command()
@@ -15,11 +626,24 @@ def version() -> None:
     typer.echo(dist_version("edgefleet"))
 
 
-@app.command()
-def serve() -> None:
-    """Run the fleet controller (not built yet: see the fleet-link issue)."""
-    typer.secho("the fleet controller is not implemented yet", fg=typer.colors.YELLOW, err=True)
-    raise typer.Exit(1)
+@app.command(
+    "simulate",
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+    add_help_option=False,
+)
+def simulate(ctx: typer.Context) -> None:
+    """Simulate a fleet of devices against a controller (see `edgefleet simulate --help`)."""
+    try:
+        from fleet.simulate.cli import simulate as command
+    except ImportError as exc:
+        _fail(f"the fleet simulator is not available in this installation: {exc}", code=2)
+    sub = typer.Typer(add_completion=False)
+    sub.command()(command)
+    result = typer.main.get_command(sub).main(
+        args=list(ctx.args), prog_name="edgefleet simulate", standalone_mode=False
+    )
+    if isinstance(result, int) and result:
+        raise typer.Exit(result)
 
 
 def main() -> None:

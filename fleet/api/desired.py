@@ -1,0 +1,126 @@
+"""Desired state: what a device (or every device in a group) should run.
+
+Setting it is two steps, in this order: store it (the version grows by one, in the
+database, atomically), then publish it retained. The database is the truth; if the
+broker is down the answer is still 202 with ``"published": false`` and the link
+republishes every stored desired state when it reconnects. Store-and-publish runs
+under one lock per controller so two quick changes to one device cannot reach the
+broker out of order and leave the older one retained.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from fastapi import APIRouter
+from sqlalchemy import Engine, update
+from sqlmodel import Session, col, select
+from starlette.concurrency import run_in_threadpool
+
+from fleet.api.deps import Admin, LinkDep, SessionDep, StateDep
+from fleet.api.present import desired_of, device_or_404
+from fleet.api.schemas import DesiredBody, DesiredPublished, GroupDesiredPublished
+from fleet.errors import BrokerUnavailable, Conflict, NotFound
+from fleet.link.port import LinkPort
+from fleet.tables import Device, Group
+from models.wire import DesiredState
+
+__all__ = ["router"]
+
+router = APIRouter(prefix="/api/v1", tags=["desired state"], dependencies=[Admin])
+
+
+def _store(session: Session, device_id: str, body: DesiredBody, now: datetime) -> DesiredState:
+    """Bump the version and store the new state, in the caller's transaction."""
+    bumped = session.exec(
+        update(Device)
+        .where(col(Device.id) == device_id, col(Device.revoked_at).is_(None))
+        .values(desired_version=col(Device.desired_version) + 1)
+        .execution_options(synchronize_session=False)
+    )
+    if bumped.rowcount != 1:
+        device_or_404(session, device_id)
+        raise Conflict(f"device {device_id} is revoked")
+    version = session.exec(select(Device.desired_version).where(col(Device.id) == device_id)).one()
+    state = DesiredState(
+        device_id=device_id,
+        version=version,
+        issued_at=now,
+        models=body.models,
+        config=body.config,
+        fallback=body.fallback,
+    )
+    session.exec(
+        update(Device)
+        .where(col(Device.id) == device_id)
+        .values(desired=state.model_dump(mode="json"))
+        .execution_options(synchronize_session=False)
+    )
+    return state
+
+
+def _store_one(engine: Engine, device_id: str, body: DesiredBody, now: datetime) -> DesiredState:
+    with Session(engine) as session:
+        state = _store(session, device_id, body, now)
+        session.commit()
+        return state
+
+
+def _store_group(
+    engine: Engine, group: str, body: DesiredBody, now: datetime
+) -> list[DesiredState]:
+    with Session(engine) as session:
+        if session.get(Group, group) is None:
+            raise NotFound(f"no group {group!r}")
+        ids = session.exec(
+            select(Device.id)
+            .where(col(Device.group) == group, col(Device.revoked_at).is_(None))
+            .order_by(col(Device.id))
+        ).all()
+        states = [_store(session, device_id, body, now) for device_id in ids]
+        session.commit()
+        return states
+
+
+async def _publish(link: LinkPort, state: DesiredState) -> DesiredPublished:
+    try:
+        await link.publish_desired(state)
+        published = True
+    except BrokerUnavailable:
+        published = False  # stored; the link republishes it on reconnect
+    return DesiredPublished(
+        device_id=state.device_id,
+        version=state.version,
+        published=published,
+        desired=state.model_dump(mode="json"),
+    )
+
+
+@router.get("/devices/{device_id}/desired")
+def get_desired(device_id: str, session: SessionDep) -> DesiredState:
+    """The latest desired state set for the device; 404 when none was ever set."""
+    desired = desired_of(device_or_404(session, device_id))
+    if desired is None:
+        raise NotFound(f"no desired state set for device {device_id!r}")
+    return desired
+
+
+@router.put("/devices/{device_id}/desired", status_code=202)
+async def put_desired(
+    device_id: str, body: DesiredBody, state: StateDep, link: LinkDep
+) -> DesiredPublished:
+    """Replace the device's desired state; the device reconciles when it receives it."""
+    async with state.publish_lock:
+        stored = await run_in_threadpool(_store_one, state.engine, device_id, body, state.clock())
+        return await _publish(link, stored)
+
+
+@router.put("/groups/{name}/desired", status_code=202)
+async def put_group_desired(
+    name: str, body: DesiredBody, state: StateDep, link: LinkDep
+) -> GroupDesiredPublished:
+    """Replace the desired state of every non-revoked device in the group, each versioned alone."""
+    async with state.publish_lock:
+        stored = await run_in_threadpool(_store_group, state.engine, name, body, state.clock())
+        results = [await _publish(link, s) for s in stored]
+    return GroupDesiredPublished(group=name, devices=results)

@@ -1,0 +1,249 @@
+"""Request and response bodies of the REST API (tables stay private to the server).
+
+Shapes follow the Base/Create/Update/Public families: ``*Create`` and ``*Update`` are
+what a client may send (unknown fields rejected, so a typo is an error rather than
+a silent no-op), ``*Public`` is what it gets back. Secrets appear in exactly one
+response: :class:`TokenCreated`.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, JsonValue, field_validator
+
+from fleet.tokens import TokenState
+from models.wire import DesiredModel
+
+__all__ = [
+    "GROUP_PATTERN",
+    "TAG_PATTERN",
+    "CommandAccepted",
+    "CommandCreate",
+    "DesiredBody",
+    "DesiredPublished",
+    "DeviceCounts",
+    "DeviceDetail",
+    "DeviceList",
+    "DevicePublic",
+    "DeviceStatus",
+    "DeviceUpdate",
+    "DriftItemPublic",
+    "DriftPublic",
+    "GroupCreate",
+    "GroupDesiredPublished",
+    "GroupName",
+    "GroupPublic",
+    "Tag",
+    "TagCount",
+    "TokenCreate",
+    "TokenCreated",
+    "TokenPublic",
+]
+
+GROUP_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+TAG_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:=/-]{0,63}$"
+
+GroupName = Annotated[str, Field(pattern=GROUP_PATTERN)]
+"""Letters, digits, ``_``, ``.`` and ``-``; up to 64; it appears in URLs, so no ``/``."""
+
+Tag = Annotated[str, Field(pattern=TAG_PATTERN)]
+
+DeviceStatus = Literal["online", "offline", "revoked"]
+
+
+class _Input(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+# --- groups and tags ------------------------------------------------------------------------
+
+
+class GroupCreate(_Input):
+    """A new group."""
+
+    name: GroupName
+    description: str = Field(default="", max_length=500)
+
+
+class GroupPublic(BaseModel):
+    """A group as clients see it, with its device count."""
+
+    name: str
+    description: str
+    created_at: datetime
+    devices: int  # enrolled, not revoked
+
+
+class TagCount(BaseModel):
+    """A tag in use and how many devices carry it."""
+
+    tag: str
+    devices: int
+
+
+# --- tokens ---------------------------------------------------------------------------------
+
+
+class TokenCreate(_Input):
+    """A new enrollment token; ``expires_in_s`` None means it never expires."""
+
+    group: GroupName | None = None  # must exist: create it first
+    uses: int = Field(default=1, ge=1, le=100_000)
+    expires_in_s: float | None = Field(default=86_400.0, gt=0, le=10 * 365 * 86_400)  # None: never
+    note: str = Field(default="", max_length=200)
+
+
+class TokenPublic(BaseModel):
+    """A token as listings show it: never its secret."""
+
+    id: str
+    group: str | None
+    uses_total: int
+    uses_left: int
+    created_at: datetime
+    expires_at: datetime | None
+    revoked_at: datetime | None
+    note: str
+    state: TokenState
+
+
+class TokenCreated(TokenPublic):
+    """The one response that carries a token's secret."""
+
+    secret: str  # shown once; only its SHA-256 is stored
+    fleet_url: str  # what a device passes as --fleet
+
+
+# --- devices --------------------------------------------------------------------------------
+
+
+class DriftItemPublic(BaseModel):
+    """One difference between desired and reported state."""
+
+    kind: str
+    message: str
+    model: str | None = None
+    desired: str | None = None
+    actual: str | None = None
+
+
+class DriftPublic(BaseModel):
+    """How far a device is from its desired state."""
+
+    managed: bool  # False: no desired state was ever set
+    in_sync: bool
+    items: list[DriftItemPublic]
+
+
+class DevicePublic(BaseModel):
+    """A device as listings show it."""
+
+    id: str
+    name: str
+    group: str | None
+    tags: list[str]
+    status: DeviceStatus
+    online: bool
+    last_seen: datetime | None
+    enrolled_at: datetime
+    revoked_at: datetime | None
+    agent_version: str
+    desired_version: int  # 0: never set
+    applied_version: int | None  # the desired version the device last acted on
+    in_sync: bool
+
+
+class DeviceDetail(DevicePublic):
+    """A device with everything the controller knows about it."""
+
+    public_key: str
+    token_id: str | None
+    device_report: dict[str, Any]
+    desired: dict[str, Any] | None
+    reported: dict[str, Any] | None
+    reported_at: datetime | None
+    drift: DriftPublic
+    telemetry_dropped: int
+
+
+class DeviceCounts(BaseModel):
+    """Devices by status."""
+
+    total: int
+    online: int
+    offline: int  # neither online nor revoked
+    revoked: int
+
+
+class DeviceList(BaseModel):
+    """One page of devices."""
+
+    total: int  # matching devices, before limit and offset
+    limit: int
+    offset: int
+    items: list[DevicePublic]
+
+
+class DeviceUpdate(_Input):
+    """Fields left out stay as they are; ``group: null`` takes the device out of its group."""
+
+    name: str | None = Field(default=None, min_length=1, max_length=128)
+    group: GroupName | None = None
+    tags: list[Tag] | None = Field(default=None, max_length=64)  # replaces the tag set
+
+    @field_validator("tags")
+    @classmethod
+    def _unique(cls, tags: list[str] | None) -> list[str] | None:
+        return None if tags is None else sorted(set(tags))
+
+
+class CommandCreate(_Input):
+    """A one-off command for a device."""
+
+    kind: Literal["report", "reconcile", "flush"]
+
+
+class CommandAccepted(BaseModel):
+    """A command handed to the broker."""
+
+    id: str
+    device_id: str
+    kind: str
+
+
+# --- desired state --------------------------------------------------------------------------
+
+
+class DesiredBody(_Input):
+    """What an admin sets; the controller adds device id, version and issue time."""
+
+    models: list[DesiredModel] = Field(default_factory=list, max_length=64)
+    config: dict[str, JsonValue] = Field(default_factory=dict)
+    fallback: dict[str, JsonValue] = Field(default_factory=dict)
+
+    @field_validator("models")
+    @classmethod
+    def _distinct(cls, models: list[DesiredModel]) -> list[DesiredModel]:
+        names = [m.name for m in models]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"model listed more than once: {', '.join(duplicates)}")
+        return models
+
+
+class DesiredPublished(BaseModel):
+    """A stored desired state, and whether the broker has it yet."""
+
+    device_id: str
+    version: int
+    published: bool  # False: stored, and published when the broker is back
+    desired: dict[str, Any]
+
+
+class GroupDesiredPublished(BaseModel):
+    """The desired states set for a group's devices."""
+
+    group: str
+    devices: list[DesiredPublished]

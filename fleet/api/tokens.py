@@ -1,0 +1,87 @@
+"""Enrollment tokens: create (the secret is shown once), list, revoke.
+
+A token names an existing group or none: a typo in ``--group`` should fail loudly
+rather than quietly start a new group. Revoking keeps the row, so devices still
+show which token enrolled them.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from fastapi import APIRouter
+from sqlmodel import col, select
+
+from fleet.api.deps import Admin, SessionDep, StateDep
+from fleet.api.present import token_public
+from fleet.api.schemas import TokenCreate, TokenCreated, TokenPublic
+from fleet.errors import InvalidInput, NotFound
+from fleet.tables import EnrollmentToken, Group
+from fleet.tokens import hash_secret, new_secret, new_token_id
+
+__all__ = ["router"]
+
+router = APIRouter(prefix="/api/v1/tokens", tags=["tokens"], dependencies=[Admin])
+
+
+@router.post("", status_code=201)
+def create_token(body: TokenCreate, session: SessionDep, state: StateDep) -> TokenCreated:
+    """A new token; the response is the only place its secret ever appears."""
+    if body.group is not None and session.get(Group, body.group) is None:
+        raise InvalidInput(
+            f"no group {body.group!r}: create it first (edgefleet groups create {body.group})"
+        )
+    now = state.clock()
+    secret = new_secret()
+    token = EnrollmentToken(
+        id=new_token_id(),
+        secret_sha256=hash_secret(secret),
+        group=body.group,
+        uses_total=body.uses,
+        uses_left=body.uses,
+        created_at=now,
+        expires_at=None
+        if body.expires_in_s is None
+        else now + timedelta(seconds=body.expires_in_s),
+        note=body.note,
+    )
+    session.add(token)
+    session.commit()
+    public = token_public(token, now)
+    return TokenCreated(
+        **public.model_dump(), secret=secret, fleet_url=state.settings.resolved_public_url
+    )
+
+
+@router.get("")
+def list_tokens(session: SessionDep, state: StateDep) -> list[TokenPublic]:
+    """Every token, newest first, without secrets."""
+    now = state.clock()
+    tokens = session.exec(
+        select(EnrollmentToken).order_by(col(EnrollmentToken.created_at).desc())
+    ).all()
+    return [token_public(t, now) for t in tokens]
+
+
+def _token(session: SessionDep, token_id: str) -> EnrollmentToken:
+    token = session.get(EnrollmentToken, token_id)
+    if token is None:
+        raise NotFound(f"no enrollment token {token_id!r}")
+    return token
+
+
+@router.get("/{token_id}")
+def get_token(token_id: str, session: SessionDep, state: StateDep) -> TokenPublic:
+    return token_public(_token(session, token_id), state.clock())
+
+
+@router.delete("/{token_id}")
+def revoke_token(token_id: str, session: SessionDep, state: StateDep) -> TokenPublic:
+    """Revoke a token so no further device can enroll with it; idempotent."""
+    token = _token(session, token_id)
+    now = state.clock()
+    if token.revoked_at is None:
+        token.revoked_at = now
+        session.add(token)
+        session.commit()
+    return token_public(token, now)

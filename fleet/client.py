@@ -1,0 +1,123 @@
+"""A small client of the controller's REST API, as the ``edgefleet`` CLI uses it.
+
+It turns every failure into :class:`ClientError` with one line a person can act on
+("is `edgefleet serve` running?", "pass --admin-token"), so the CLI never prints a
+traceback for an operator's mistake.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+__all__ = ["ADMIN_TOKEN_FILE", "DEFAULT_URL", "ClientError", "FleetClient", "read_admin_token"]
+
+DEFAULT_URL = "http://127.0.0.1:8000"
+ADMIN_TOKEN_FILE = "admin-token"  # noqa: S105  (a file name in the data folder)
+
+
+class ClientError(Exception):
+    """A request the controller refused or never answered; ``str()`` says what to do."""
+
+    def __init__(self, message: str, *, status: int | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+
+
+def read_admin_token(data_dir: Path) -> str | None:
+    """The token the controller generated into ``data_dir``, or None when it is not there."""
+    try:
+        token = (data_dir / ADMIN_TOKEN_FILE).read_text().strip()
+    except OSError:
+        return None
+    return token or None
+
+
+class FleetClient:
+    """JSON in, JSON out; one ``httpx.Client`` (pass ``http`` to reuse one, as tests do)."""
+
+    def __init__(
+        self,
+        url: str,
+        admin_token: str | None,
+        *,
+        http: httpx.Client | None = None,
+        timeout: float = 30.0,
+    ) -> None:
+        self.url = url.rstrip("/")
+        self._token = admin_token
+        self._own = http is None
+        self._http = http or httpx.Client(base_url=self.url, timeout=timeout)
+
+    def __enter__(self) -> FleetClient:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._own:
+            self._http.close()
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        json: Any = None,
+        params: dict[str, Any] | None = None,
+    ) -> Any:
+        headers = {"Authorization": f"Bearer {self._token}"} if self._token else {}
+        query = {k: v for k, v in (params or {}).items() if v is not None}
+        try:
+            response = self._http.request(method, path, json=json, params=query, headers=headers)
+        except httpx.ConnectError:
+            raise ClientError(
+                f"cannot reach the controller at {self.url}: is `edgefleet serve` running?"
+            ) from None
+        except httpx.TimeoutException:
+            raise ClientError(f"the controller at {self.url} did not answer in time") from None
+        except httpx.TransportError as exc:
+            raise ClientError(f"cannot talk to the controller at {self.url}: {exc}") from None
+        if response.status_code == 204:
+            return None
+        if response.is_success:
+            return response.json()
+        raise self._error(response)
+
+    def _error(self, response: httpx.Response) -> ClientError:
+        status = response.status_code
+        try:
+            error = response.json()["error"]
+            code, message = str(error["code"]), str(error["message"])
+        except (ValueError, KeyError, TypeError):
+            code, message = "http_error", response.text[:200] or response.reason_phrase
+        if status == 401:
+            how = (
+                "the controller rejected the admin token"
+                if self._token
+                else "no admin token was found"
+            )
+            message = (
+                f"{how}: pass --admin-token, set EDGEFLEET_ADMIN_TOKEN, or point --data-dir at "
+                "the controller's data folder (it holds the admin-token file)"
+            )
+        return ClientError(f"{message} (HTTP {status})", status=status, code=code)
+
+    def get(self, path: str, **params: Any) -> Any:
+        return self.request("GET", path, params=params)
+
+    def post(self, path: str, body: Any = None) -> Any:
+        return self.request("POST", path, json=body)
+
+    def put(self, path: str, body: Any) -> Any:
+        return self.request("PUT", path, json=body)
+
+    def patch(self, path: str, body: Any) -> Any:
+        return self.request("PATCH", path, json=body)
+
+    def delete(self, path: str) -> Any:
+        return self.request("DELETE", path)

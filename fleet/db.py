@@ -1,0 +1,143 @@
+"""The database engine and its schema migrations; SQLite by default, PostgreSQL at scale.
+
+One code path for both: :func:`make_engine` picks the driver and the settings each
+needs (SQLite: WAL so readers never block the writer, a busy timeout so writers wait
+instead of failing, foreign keys on; PostgreSQL: psycopg 3 and pre-ping so a
+restarted server costs no failed request). :func:`migrate` brings any database to
+the latest Alembic revision at start-up; with PostgreSQL an advisory lock makes
+replicas that start together migrate one at a time.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from alembic.util import CommandError
+from sqlalchemy.engine import URL, Engine
+from sqlalchemy.exc import ArgumentError, NoSuchModuleError, OperationalError
+from sqlalchemy.pool import StaticPool
+
+from fleet.errors import ConfigError, DatabaseUnavailable
+
+__all__ = [
+    "SQLITE_BUSY_TIMEOUT_MS",
+    "alembic_config",
+    "current_revision",
+    "head_revision",
+    "make_engine",
+    "migrate",
+    "ping",
+]
+
+log = logging.getLogger(__name__)
+
+SQLITE_BUSY_TIMEOUT_MS = 10_000  # how long a writer waits for the lock before failing
+MIGRATIONS = Path(__file__).resolve().parent / "migrations"
+_MIGRATION_LOCK = 0x45_46_4C_54  # "EFLT": pg_advisory_lock key serialising migrations
+
+
+def _url(url: str) -> URL:
+    try:
+        parsed = sa.make_url(url)
+    except ArgumentError:
+        raise ConfigError(
+            f"{url!r} is not a database URL like sqlite:///path/fleet.db "
+            "or postgresql://user@host/db"
+        ) from None
+    backend = parsed.get_backend_name()
+    if backend == "postgres":  # the Heroku-style spelling
+        parsed = parsed.set(drivername="postgresql")
+        backend = "postgresql"
+    if backend == "postgresql" and "+" not in parsed.drivername:
+        parsed = parsed.set(drivername="postgresql+psycopg")  # the driver edgefleet ships
+    if backend not in {"sqlite", "postgresql"}:
+        raise ConfigError(f"unsupported database {backend!r}: use sqlite or postgresql")
+    return parsed
+
+
+def _on_sqlite_connect(dbapi_connection: Any, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    try:
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.execute("PRAGMA synchronous=NORMAL")  # safe with WAL, far fewer fsyncs
+    finally:
+        cursor.close()
+
+
+def make_engine(url: str) -> Engine:
+    """An engine for ``url``; raises :class:`ConfigError` for URLs edgefleet cannot use."""
+    parsed = _url(url)
+    try:
+        if parsed.get_backend_name() == "sqlite":
+            memory = parsed.database in {None, "", ":memory:"}
+            if not memory and parsed.database is not None:
+                Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+            engine = sa.create_engine(
+                parsed,
+                connect_args={"check_same_thread": False},
+                poolclass=StaticPool if memory else None,
+            )
+            sa.event.listen(engine, "connect", _on_sqlite_connect)
+            return engine
+        return sa.create_engine(parsed, pool_pre_ping=True)
+    except (NoSuchModuleError, ImportError) as exc:
+        raise ConfigError(f"no driver for {parsed.drivername}: {exc}") from None
+
+
+def ping(engine: Engine) -> None:
+    """Raise :class:`DatabaseUnavailable` unless the database answers a trivial query."""
+    try:
+        with engine.connect() as conn:
+            conn.execute(sa.text("SELECT 1"))
+    except OperationalError as exc:
+        raise DatabaseUnavailable(f"the database does not answer: {exc.orig}") from None
+
+
+def alembic_config(connection: sa.Connection | None = None) -> Config:
+    """Alembic's configuration, built in code: no alembic.ini to find or to drift."""
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    config.attributes["connection"] = connection
+    return config
+
+
+def head_revision() -> str:
+    head = ScriptDirectory.from_config(alembic_config()).get_current_head()
+    assert head is not None, "fleet/migrations holds no revisions"
+    return head
+
+
+def current_revision(engine: Engine) -> str | None:
+    """The revision the database is at; None when it was never migrated."""
+    with engine.connect() as conn:
+        return MigrationContext.configure(conn).get_current_revision()
+
+
+def migrate(engine: Engine) -> None:
+    """Upgrade the database to the latest revision; a no-op when it is already there."""
+    try:
+        with engine.begin() as conn:
+            if conn.dialect.name == "postgresql":
+                conn.execute(
+                    sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": _MIGRATION_LOCK}
+                )
+            before = MigrationContext.configure(conn).get_current_revision()
+            command.upgrade(alembic_config(conn), "head")
+            after = MigrationContext.configure(conn).get_current_revision()
+    except CommandError as exc:
+        raise ConfigError(
+            f"cannot migrate the database: {exc} (was it created by a newer edgefleet?)"
+        ) from None
+    except OperationalError as exc:
+        raise DatabaseUnavailable(f"the database does not answer: {exc.orig}") from None
+    if before != after:
+        log.info("database migrated from %s to %s", before or "empty", after)

@@ -1,0 +1,304 @@
+"""The ``edgefleet`` CLI against an in-process controller (SQLite, fake link).
+
+The CLI's HTTP client is handed the app's TestClient through ``obj={"http": ...}``,
+so every command runs its real code path down to the routes and the database.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import types
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Annotated, Any
+
+import pytest
+import typer
+from fastapi.testclient import TestClient
+from pydantic import SecretStr
+from typer.testing import CliRunner, Result
+
+from fleet.app import create_app
+from fleet.cli import app
+from fleet.config import FleetSettings
+from tests.fakes.fleet_link import FakeLink
+from tests.fleet.helpers import ADMIN_TOKEN, Clock, DeviceKey
+from tests.services import free_port
+
+runner = CliRunner()
+
+
+@pytest.fixture
+def http(tmp_path: Path, link: FakeLink, clock: Clock) -> Iterator[TestClient]:
+    """An app's client that sends no credentials of its own: the CLI must add them."""
+    settings = FleetSettings(
+        data_dir=tmp_path / "data",
+        database_url=f"sqlite:///{tmp_path / 'fleet.db'}",
+        admin_token=SecretStr(ADMIN_TOKEN),
+        public_url="https://fleet.example.com",
+    )
+    with TestClient(create_app(settings, link.factory(), clock=clock)) as client:
+        yield client
+
+
+def cli(http: TestClient | None, *args: str, token: str | None = ADMIN_TOKEN) -> Result:
+    extra = ["--admin-token", token] if token else []
+    return runner.invoke(
+        app, [*args, *extra], obj={"http": http} if http else None, catch_exceptions=False
+    )
+
+
+def ok(http: TestClient, *args: str) -> str:
+    result = cli(http, *args)
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+def enroll(http: TestClient, clock: Clock, secret: str) -> str:
+    response = http.post("/api/v1/enroll", json=DeviceKey().request(secret, clock.now))
+    assert response.status_code == 200, response.text
+    return str(response.json()["device_id"])
+
+
+def test_tokens_create_prints_the_secret_and_the_agent_command(http: TestClient) -> None:
+    ok(http, "groups", "create", "lab", "--description", "bench")
+    out = ok(http, "tokens", "create", "--group", "lab", "--uses", "3", "--expires", "7d")
+    secret = next(w for w in out.split() if w.startswith("eft_"))
+    assert "group lab, 3 uses, expires 2031-05-13 07:08:09" in out
+    assert f"edgefleet-agent serve --fleet https://fleet.example.com --token {secret}" in out
+    listed = ok(http, "tokens", "list")
+    assert "active" in listed
+    assert "0/3" not in listed
+    assert "3/3" in listed
+    assert secret not in listed
+
+
+def test_tokens_json_list_and_revoke(http: TestClient) -> None:
+    token = json.loads(ok(http, "tokens", "create", "--expires", "never", "--json"))
+    assert token["expires_at"] is None
+    assert f"revoked {token['id']}" in ok(http, "tokens", "revoke", token["id"])
+    (listed,) = json.loads(ok(http, "tokens", "list", "--json"))
+    assert listed["state"] == "revoked"
+
+
+def test_bad_expires_is_a_usage_error(http: TestClient) -> None:
+    result = cli(http, "tokens", "create", "--expires", "soon")
+    assert result.exit_code == 2
+    assert "--expires" in result.output
+    assert "duration" in result.output
+
+
+def test_devices_list_show_tag_move_desired_revoke(
+    http: TestClient, clock: Clock, link: FakeLink
+) -> None:
+    ok(http, "groups", "create", "lab")
+    secret = json.loads(ok(http, "tokens", "create", "--uses", "2", "--json"))["secret"]
+    first, second = enroll(http, clock, secret), enroll(http, clock, secret)
+
+    assert first in ok(http, "devices", "list")
+    assert second in ok(http, "devices", "list")
+    assert f"{first}: tags gpu, rack-1" in ok(http, "devices", "tag", first, "gpu", "rack-1")
+    assert f"{first}: tags rack-1" in ok(http, "devices", "tag", first, "gpu", "--remove")
+    assert f"{second}: group lab" in ok(http, "devices", "move", second, "lab")
+    only_lab = json.loads(ok(http, "devices", "list", "--group", "lab", "--json"))
+    assert [d["id"] for d in only_lab["items"]] == [second]
+    tagged = json.loads(ok(http, "devices", "list", "--tag", "rack-1", "--json"))
+    assert [d["id"] for d in tagged["items"]] == [first]
+
+    out = ok(http, "devices", "desired", first, "--model", "gemma3-270m@1.0.0", "-m", "minilm")
+    assert f"{first}: desired version 1 published" in out
+    (state,) = link.published
+    assert [(m.name, m.version) for m in state.models] == [
+        ("gemma3-270m", "1.0.0"),
+        ("minilm", None),
+    ]
+
+    shown = ok(http, "devices", "show", first)
+    assert "desired models: gemma3-270m@1.0.0, minilm" in shown
+    assert "no_report" in shown
+    assert "aarch64" in shown
+
+    link.broker_down = True
+    out = ok(http, "groups", "desired", "lab", "--clear")
+    assert f"{second}: desired version 1 stored; publishes when the broker is back" in out
+    link.broker_down = False
+
+    assert f"revoked {first}" in ok(http, "devices", "revoke", first, "--yes")
+    assert link.cleared == [first]
+    revoked = json.loads(ok(http, "devices", "list", "--status", "revoked", "--json"))
+    assert [d["id"] for d in revoked["items"]] == [first]
+
+
+def test_devices_revoke_asks_first(http: TestClient, clock: Clock, link: FakeLink) -> None:
+    secret = json.loads(ok(http, "tokens", "create", "--json"))["secret"]
+    device_id = enroll(http, clock, secret)
+    result = runner.invoke(
+        app,
+        ["devices", "revoke", device_id, "--admin-token", ADMIN_TOKEN],
+        obj={"http": http},
+        input="n\n",
+    )
+    assert result.exit_code == 1
+    assert "Aborted" in result.output
+    assert link.cleared == []
+
+
+def test_desired_needs_a_model_or_clear(http: TestClient) -> None:
+    result = cli(http, "devices", "desired", "dev-0000000000000000")
+    assert result.exit_code == 2
+    assert "--model" in result.output
+
+
+def test_groups_list_and_delete(http: TestClient) -> None:
+    ok(http, "groups", "create", "lab")
+    assert "lab" in ok(http, "groups", "list")
+    assert "deleted group lab" in ok(http, "groups", "delete", "lab")
+    assert json.loads(ok(http, "groups", "list", "--json")) == []
+
+
+def test_api_errors_are_one_line_with_status_1(http: TestClient) -> None:
+    result = cli(http, "devices", "show", "dev-0000000000000000")
+    assert result.exit_code == 1
+    assert result.output.strip() == "error: no device 'dev-0000000000000000' (HTTP 404)"
+    conflict = cli(http, "groups", "create", "lab"), cli(http, "groups", "create", "lab")
+    assert conflict[1].exit_code == 1
+    assert "already exists" in conflict[1].output
+
+
+def test_wrong_or_missing_admin_token_says_how_to_pass_it(http: TestClient, tmp_path: Path) -> None:
+    wrong = cli(http, "devices", "list", token="not-the-token")
+    assert wrong.exit_code == 1
+    assert "rejected the admin token" in wrong.output
+    assert "--admin-token" in wrong.output
+    missing = runner.invoke(
+        app,
+        ["devices", "list", "--data-dir", str(tmp_path / "nowhere")],
+        obj={"http": http},
+        env={"EDGEFLEET_ADMIN_TOKEN": "", "EDGEFLEET_FLEET_ADMIN_TOKEN": ""},
+    )
+    assert missing.exit_code == 1
+    assert "no admin token was found" in missing.output
+
+
+def test_admin_token_is_read_from_the_data_dir(http: TestClient, tmp_path: Path) -> None:
+    data = tmp_path / "controller"
+    data.mkdir()
+    (data / "admin-token").write_text(ADMIN_TOKEN + "\n")
+    result = runner.invoke(
+        app,
+        ["groups", "list", "--data-dir", str(data)],
+        obj={"http": http},
+        env={"EDGEFLEET_ADMIN_TOKEN": "", "EDGEFLEET_FLEET_ADMIN_TOKEN": ""},
+    )
+    assert result.exit_code == 0, result.output
+
+
+def test_admin_token_from_the_environment(http: TestClient) -> None:
+    result = runner.invoke(
+        app, ["groups", "list"], obj={"http": http}, env={"EDGEFLEET_ADMIN_TOKEN": ADMIN_TOKEN}
+    )
+    assert result.exit_code == 0, result.output
+
+
+def test_unreachable_controller(tmp_path: Path) -> None:
+    url = f"http://127.0.0.1:{free_port()}"
+    result = runner.invoke(app, ["devices", "list", "--url", url, "--admin-token", "x"])
+    assert result.exit_code == 1
+    assert result.output.strip() == (
+        f"error: cannot reach the controller at {url}: is `edgefleet serve` running?"
+    )
+    via_env = runner.invoke(app, ["groups", "list"], env={"EDGEFLEET_URL": url})
+    assert via_env.exit_code == 1
+    assert url in via_env.output
+
+
+def test_status(http: TestClient) -> None:
+    out = ok(http, "status")
+    assert "broker: mqtt://fake-broker:1883 (external, connected)" in out
+    assert "devices: 0 (0 online, 0 offline, 0 revoked)" in out
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--port", "70000"], "invalid setting port"),
+        (["--public-url", "ftp://x"], "invalid setting public_url"),
+        (["--broker", "nonsense"], "invalid setting broker_url"),
+        (["--db", "mysql://u@h/db"], "unsupported database 'mysql'"),
+        (["--telemetry-interval", "0"], "invalid setting telemetry_interval_s"),
+        (["--log-level", "chatty"], "--log-level"),
+    ],
+)
+def test_serve_refuses_bad_settings_with_status_2(
+    tmp_path: Path, args: list[str], message: str
+) -> None:
+    result = runner.invoke(app, ["serve", "--data-dir", str(tmp_path), *args])
+    assert result.exit_code == 2, result.output
+    assert message in result.output
+
+
+def test_serve_reports_startup_failures_in_one_line(tmp_path: Path) -> None:
+    down = runner.invoke(
+        app,
+        ["serve", "--data-dir", str(tmp_path), "--db", "postgresql://x@127.0.0.1:1/none"],
+    )
+    assert down.exit_code == 1
+    assert down.output.startswith("error: the database does not answer")
+    no_ca = runner.invoke(
+        app, ["serve", "--data-dir", str(tmp_path), "--broker-ca-file", str(tmp_path / "ca.pem")]
+    )
+    assert no_ca.exit_code == 2
+    assert "broker_ca_file" in no_ca.output
+    assert "does not exist" in no_ca.output
+
+
+def test_serve_help_lists_the_important_settings() -> None:
+    out = runner.invoke(app, ["serve", "--help"], env={"COLUMNS": "200"}).output
+    for flag in [
+        "--data-dir",
+        "--db",
+        "--host",
+        "--port",
+        "--public-url",
+        "--broker",
+        "--broker-port",
+        "--broker-public-url",
+        "--broker-ca-file",
+    ]:
+        assert flag in out, flag
+
+
+def test_simulate_is_loaded_lazily_and_gets_its_arguments(monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: dict[str, Any] = {}
+
+    def simulate(
+        devices: Annotated[int, typer.Option(help="how many")] = 1,
+        fleet: Annotated[str, typer.Option()] = "",
+    ) -> None:
+        seen.update(devices=devices, fleet=fleet)
+        typer.echo("simulating")
+
+    package = types.ModuleType("fleet.simulate")
+    module = types.ModuleType("fleet.simulate.cli")
+    module.simulate = simulate  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "fleet.simulate", package)
+    monkeypatch.setitem(sys.modules, "fleet.simulate.cli", module)
+
+    result = runner.invoke(app, ["simulate", "--devices", "5", "--fleet", "http://x:1"])
+    assert result.exit_code == 0, result.output
+    assert seen == {"devices": 5, "fleet": "http://x:1"}
+    assert "simulating" in result.output
+    helped = runner.invoke(app, ["simulate", "--help"])
+    assert helped.exit_code == 0
+    assert "--devices" in helped.output
+    wrong = runner.invoke(app, ["simulate", "--devices", "many"])
+    assert wrong.exit_code == 2
+    assert "--devices" in wrong.output
+
+
+def test_simulate_missing_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "fleet.simulate.cli", None)
+    result = runner.invoke(app, ["simulate", "--devices", "5"])
+    assert result.exit_code == 2
+    assert "the fleet simulator is not available" in result.output

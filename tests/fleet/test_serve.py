@@ -1,0 +1,202 @@
+"""``edgefleet serve`` as a real process, on a real Mosquitto, driven by the real CLI.
+
+The whole admin path end to end: the controller starts, migrates, writes its admin
+token; the CLI creates a token; a device enrolls over HTTP and logs in to the broker
+with what it got; a desired state set through the CLI reaches the device retained.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+import paho.mqtt.client as mqtt
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion
+
+from models.topics import Channel, DeviceTopic
+from models.wire import DesiredState, decode
+from tests.fleet.helpers import DeviceKey
+from tests.services import MosquittoBroker, free_port
+
+pytestmark = pytest.mark.integration
+
+EDGEFLEET = Path(sys.executable).parent / "edgefleet"
+DEADLINE_S = 30.0
+
+
+@dataclass
+class Controller:
+    proc: subprocess.Popen[bytes]
+    url: str
+    data_dir: Path
+    log: Path
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def cli(self, *args: str) -> str:
+        result = subprocess.run(
+            [str(EDGEFLEET), *args, "--url", self.url, "--data-dir", str(self.data_dir)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={k: v for k, v in os.environ.items() if "ADMIN_TOKEN" not in k},
+        )
+        assert result.returncode == 0, result.stdout + result.stderr
+        return result.stdout
+
+
+def _wait_ready(controller: Controller) -> None:
+    deadline = time.monotonic() + DEADLINE_S
+    while time.monotonic() < deadline:
+        if controller.proc.poll() is not None:
+            raise AssertionError(f"edgefleet serve exited:\n{controller.output()[-4000:]}")
+        try:
+            if httpx.get(f"{controller.url}/readyz", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.1)  # polling another process
+    raise AssertionError(f"/readyz never said ready:\n{controller.output()[-4000:]}")
+
+
+@contextmanager
+def running_controller(tmp_path: Path, database_url: str, *args: str) -> Iterator[Controller]:
+    port = free_port()
+    data_dir = tmp_path / "controller"
+    log = tmp_path / "controller.log"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EDGEFLEET_FLEET_")}
+    command = [
+        str(EDGEFLEET), "serve", "--data-dir", str(data_dir), "--db", database_url,
+        "--port", str(port), "--log-level", "warning", *args,
+    ]  # fmt: skip
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            command, stdout=out, stderr=subprocess.STDOUT, env=dict(env, PYTHONUNBUFFERED="1")
+        )
+    running = Controller(proc, f"http://127.0.0.1:{port}", data_dir, log)
+    try:
+        _wait_ready(running)
+        yield running
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+@pytest.fixture
+def controller(tmp_path: Path, broker: MosquittoBroker, database_url: str) -> Iterator[Controller]:
+    with running_controller(
+        tmp_path,
+        database_url,
+        "--broker", broker.url,
+        "--broker-auth-dir", str(broker.auth_dir),
+        "--broker-pid-file", str(broker.pid_file),
+    ) as running:  # fmt: skip
+        yield running
+
+
+def _enroll(controller: Controller) -> dict[str, Any]:
+    token = json.loads(controller.cli("tokens", "create", "--note", "e2e", "--json"))
+    assert token["fleet_url"] == controller.url
+    enrolled = httpx.post(
+        f"{controller.url}/api/v1/enroll",
+        json=DeviceKey().request(token["secret"], datetime.now(UTC), name="e2e-board"),
+        timeout=10,
+    )
+    assert enrolled.status_code == 200, enrolled.text
+    body: dict[str, Any] = enrolled.json()
+    return body
+
+
+def _login_and_read_desired(port: int, creds: dict[str, Any], device_id: str) -> DesiredState:
+    """Log in as the device (retrying while the broker reloads its files); read desired."""
+    got: list[bytes] = []
+    deadline = time.monotonic() + DEADLINE_S
+    while True:
+        client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=creds["client_id"])
+        client.username_pw_set(creds["username"], creds["password"])
+        client.on_message = lambda _c, _u, message: got.append(bytes(message.payload))
+        try:
+            client.connect("127.0.0.1", port)
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)  # polling the broker's reload
+            continue
+        client.loop_start()
+        try:
+            connected = time.monotonic() + 5
+            while not client.is_connected() and time.monotonic() < connected:
+                time.sleep(0.02)  # waiting for CONNACK on paho's thread
+            if client.is_connected():
+                client.subscribe(str(DeviceTopic(device_id, Channel.DESIRED)), qos=1)
+                received = time.monotonic() + 10
+                while not got and time.monotonic() < received:
+                    time.sleep(0.02)  # waiting for the retained message
+                if got:
+                    return decode(DesiredState, got[0])
+        finally:
+            client.loop_stop()
+            client.disconnect()
+        if time.monotonic() > deadline:
+            raise AssertionError("the device never logged in and got its desired state")
+        time.sleep(0.1)  # the broker may not have reloaded its password file yet
+
+
+def test_serve_end_to_end(controller: Controller, broker: MosquittoBroker) -> None:
+    started = controller.output()
+    assert f"API on {controller.url}" in started
+    assert f"admin token: {controller.data_dir / 'admin-token'}" in started
+    assert broker.url in started
+    assert (controller.data_dir / "admin-token").is_file()
+
+    body = _enroll(controller)
+    device_id = body["device_id"]
+    assert body["broker"]["url"] == broker.url
+
+    out = controller.cli("devices", "desired", device_id, "--model", "minilm@1")
+    assert f"{device_id}: desired version 1 published" in out
+
+    state = _login_and_read_desired(broker.port, body["broker"], device_id)
+    assert state.version == 1
+    assert [(m.name, m.version) for m in state.models] == [("minilm", "1")]
+
+    listed = json.loads(controller.cli("devices", "list", "--json"))
+    assert [d["id"] for d in listed["items"]] == [device_id]
+    assert "(external, connected)" in controller.cli("status")
+
+    controller.proc.send_signal(signal.SIGTERM)
+    # uvicorn shuts down gracefully, then re-raises the signal it caught
+    assert controller.proc.wait(timeout=20) in {0, -signal.SIGTERM}
+    assert "Traceback" not in controller.output()
+
+
+def test_serve_with_the_embedded_broker(tmp_path: Path) -> None:
+    """The one-command default: no external broker, SQLite in the data folder."""
+    port = free_port()
+    database_url = f"sqlite:///{tmp_path / 'controller' / 'fleet.db'}"
+    with running_controller(tmp_path, database_url, "--broker-port", str(port)) as controller:
+        assert f"MQTT broker (embedded): mqtt://127.0.0.1:{port}" in controller.output()
+        body = _enroll(controller)
+        assert body["broker"]["url"] == f"mqtt://127.0.0.1:{port}"
+        controller.cli("devices", "desired", body["device_id"], "--model", "gemma3-270m")
+        state = _login_and_read_desired(port, body["broker"], body["device_id"])
+        assert [m.name for m in state.models] == ["gemma3-270m"]
+        assert "(embedded, connected)" in controller.cli("status")
