@@ -50,8 +50,22 @@ def serve(
         list[str] | None, typer.Option(help="accepted Bearer key (repeatable)")
     ] = None,
     log_level: Annotated[str, typer.Option(help="debug, info, warning, error")] = "info",
+    fleet: Annotated[
+        str | None, typer.Option(help="fleet controller URL to enroll with (https://host:port)")
+    ] = None,
+    token: Annotated[
+        str | None,
+        typer.Option(
+            help="enrollment token, needed on the first start only "
+            "(or EDGEFLEET_AGENT_FLEET__TOKEN)"
+        ),
+    ] = None,
+    state_dir: Annotated[
+        Path | None,
+        typer.Option(help="device key, identity, spool (default ~/.local/share/edgefleet/agent)"),
+    ] = None,
 ) -> None:
-    """Serve the configured models behind the OpenAI-compatible API."""
+    """Serve the configured models behind the OpenAI-compatible API (and join a fleet)."""
     import uvicorn
 
     from agent.api.app import create_app
@@ -62,7 +76,11 @@ def serve(
     overrides: dict[str, object] = {"host": host, "port": port}
     if api_key:
         overrides["api_keys"] = api_key
+    link = {"url": fleet, "token": token, "state_dir": state_dir}
+    if any(v is not None for v in link.values()):
+        overrides["fleet"] = {k: v for k, v in link.items() if v is not None}
     settings = _settings(config, **overrides)
+    _join_fleet(settings)
     extra_models: list[ModelSpec] = []
     names = list(name or [])
     for i, path in enumerate(model or []):
@@ -84,6 +102,31 @@ def serve(
         log_level=log_level.lower(),
         timeout_graceful_shutdown=10,
     )
+
+
+def _join_fleet(settings: AgentSettings) -> None:
+    """Enroll now if this is the first start in a fleet; exit with the reason if refused.
+
+    An unreachable controller is not fatal: the agent serves locally and the link
+    keeps trying in the background.
+    """
+    import asyncio
+
+    from agent.link.fleet import link_enabled, prepare_identity
+    from agent.probe import probe_device
+
+    if not link_enabled(settings.fleet):
+        return
+    try:
+        identity = asyncio.run(prepare_identity(settings.fleet, probe_device))
+    except ConfigError as exc:
+        _fail(exc.message)
+        return
+    except OSError as exc:
+        _fail(f"cannot use the state folder {settings.fleet.state_dir}: {exc}")
+        return
+    if identity is not None:
+        typer.echo(f"fleet: device {identity.device_id} of {identity.fleet_url}", err=True)
 
 
 @models_app.command("list")

@@ -8,6 +8,7 @@ from __future__ import annotations
 import ipaddress
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 from pydantic_settings import (
@@ -20,9 +21,17 @@ from pydantic_settings import (
 from agent.errors import ConfigError
 from models.manifest import ModelName, RuntimeParams
 
-__all__ = ["AgentSettings", "LogSettings", "ModelSpec", "load_settings"]
+__all__ = [
+    "DEFAULT_STATE_DIR",
+    "AgentSettings",
+    "LinkSettings",
+    "LogSettings",
+    "ModelSpec",
+    "load_settings",
+]
 
 DEFAULT_STORE = Path.home() / ".local" / "share" / "edgefleet" / "models"
+DEFAULT_STATE_DIR = Path.home() / ".local" / "share" / "edgefleet" / "agent"
 
 
 class ModelSpec(BaseModel):
@@ -46,6 +55,41 @@ class LogSettings(BaseModel):
     include_bodies: bool = False
 
 
+class LinkSettings(BaseModel):
+    """The link to a fleet controller; see docs/agent-fleet.md.
+
+    The link runs when ``url`` is set or ``state_dir`` already holds an identity
+    from an earlier enrollment. The token is needed only for the first start.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    url: str | None = None  # the controller's HTTP(S) API, e.g. https://fleet.example:8000
+    token: SecretStr | None = None  # enrollment token, used once; then identity.json is enough
+    state_dir: Path = DEFAULT_STATE_DIR  # device key, identity, last desired state, spool
+    spool_max_bytes: int = Field(default=64 * 2**20, ge=64 * 1024)  # payload bytes kept offline
+    telemetry_interval_s: float | None = Field(default=None, gt=0)  # None: the controller's
+    enroll_timeout_s: float = Field(default=15.0, gt=0)  # one enrollment HTTP request
+    publish_timeout_s: float = Field(default=15.0, gt=0)  # wait this long for a broker ack
+    backoff_initial_s: float = Field(default=1.0, gt=0)  # first reconnect delay (jittered)
+    backoff_max_s: float = Field(default=60.0, gt=0)  # reconnect delay cap
+    auth_backoff_s: float = Field(default=600.0, gt=0)  # after the broker refuses our login
+    healthy_after_s: float = Field(default=30.0, ge=0)  # connected this long: backoff resets
+
+    @model_validator(mode="after")
+    def _check(self) -> LinkSettings:
+        if self.url is not None:
+            parts = urlsplit(self.url)
+            if parts.scheme not in {"http", "https"} or not parts.hostname:
+                raise ValueError(
+                    f"fleet url {self.url!r} is not like https://fleet.example.com:8000"
+                )
+            self.url = self.url.rstrip("/")
+        if self.backoff_max_s < self.backoff_initial_s:
+            raise ValueError("fleet.backoff_max_s must be at least fleet.backoff_initial_s")
+        return self
+
+
 class AgentSettings(BaseSettings):
     """Everything an operator can set; see docs/operators.md."""
 
@@ -64,6 +108,7 @@ class AgentSettings(BaseSettings):
     max_body_bytes: int = Field(default=4 * 2**20, ge=1024)
     cache_entries: int = Field(default=256, ge=0)  # response cache; 0 disables it
     log: LogSettings = Field(default_factory=LogSettings)
+    fleet: LinkSettings = Field(default_factory=LinkSettings)
 
     @model_validator(mode="after")
     def _refuse_open_binding(self) -> AgentSettings:

@@ -3,12 +3,20 @@
 Counters and histograms are updated on the request path; gauges that describe
 current state (queue depth, slots in use, model and device memory) are read
 when Prometheus scrapes, so they can never go stale.
+
+Beside them, :class:`RequestWindow` keeps what fleet telemetry needs and Prometheus
+cannot give: exact counts and true percentiles over one telemetry window (histograms
+only give bucket estimates), in bounded memory.
 """
 
 from __future__ import annotations
 
 import os
+import random
+import threading
+import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import psutil
@@ -25,7 +33,7 @@ from prometheus_client.registry import Collector
 
 from agent.runtime.base import ServedModel
 
-__all__ = ["AgentMetrics"]
+__all__ = ["AgentMetrics", "RequestWindow", "WindowStats"]
 
 _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 _TPS_BUCKETS = (1, 2, 5, 10, 20, 35, 50, 75, 100, 150, 200, 300, 500, 1000)
@@ -84,6 +92,97 @@ class _StateCollector(Collector):
         yield util
 
 
+@dataclass(frozen=True)
+class WindowStats:
+    """What one window of requests looked like; latencies are a uniform sample."""
+
+    seconds: float  # the window's length
+    requests: int
+    errors: int  # 5xx, timeouts included
+    rejections: int  # 429: queue full
+    completion_tokens: int  # generated tokens
+    latencies_s: tuple[float, ...]  # at most RequestWindow.max_samples, uniformly sampled
+    ttfts_s: tuple[float, ...]  # likewise, for requests that generated a first token
+
+
+class _Reservoir:
+    """A uniform random sample of at most ``size`` values from a stream (Algorithm R)."""
+
+    def __init__(self, size: int, rand: Callable[[], float]) -> None:
+        self.size = size
+        self.rand = rand
+        self.seen = 0
+        self.values: list[float] = []
+
+    def add(self, value: float) -> None:
+        self.seen += 1
+        if len(self.values) < self.size:
+            self.values.append(value)
+            return
+        slot = int(self.rand() * self.seen)
+        if slot < self.size:
+            self.values[slot] = value
+
+
+class RequestWindow:
+    """Counts and latency samples since the last :meth:`take`; thread-safe, bounded memory."""
+
+    def __init__(
+        self,
+        max_samples: int = 4096,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        rand: Callable[[], float] = random.random,
+    ) -> None:
+        self.max_samples = max_samples
+        self._clock = clock
+        self._rand = rand
+        self._lock = threading.Lock()
+        self._reset(clock())
+
+    def _reset(self, now: float) -> None:
+        self._started = now
+        self._requests = self._errors = self._rejections = self._tokens = 0
+        self._latency = _Reservoir(self.max_samples, self._rand)
+        self._ttft = _Reservoir(self.max_samples, self._rand)
+
+    def observe(
+        self,
+        status: int,
+        latency_s: float,
+        *,
+        ttft_s: float | None = None,
+        completion_tokens: int = 0,
+    ) -> None:
+        """One finished request: its HTTP status, latency and (generation) first-token time."""
+        with self._lock:
+            self._requests += 1
+            if status >= 500:
+                self._errors += 1
+            elif status == 429:
+                self._rejections += 1
+            self._tokens += max(completion_tokens, 0)
+            self._latency.add(latency_s)
+            if ttft_s is not None:
+                self._ttft.add(ttft_s)
+
+    def take(self) -> WindowStats:
+        """The window so far; a new one starts now."""
+        now = self._clock()
+        with self._lock:
+            stats = WindowStats(
+                seconds=max(now - self._started, 1e-9),
+                requests=self._requests,
+                errors=self._errors,
+                rejections=self._rejections,
+                completion_tokens=self._tokens,
+                latencies_s=tuple(self._latency.values),
+                ttfts_s=tuple(self._ttft.values),
+            )
+            self._reset(now)
+        return stats
+
+
 class AgentMetrics:
     """Everything /metrics exposes; one instance per app."""
 
@@ -130,6 +229,7 @@ class AgentMetrics:
             "edgefleet_model_load_seconds", "Time the last load took", ["model"], registry=r
         )
         r.register(_StateCollector(models, gpus))
+        self.window = RequestWindow()
 
     def render(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST

@@ -7,8 +7,8 @@ import logging
 import signal
 import time
 from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
-from pathlib import Path
+from contextlib import AsyncExitStack, asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
@@ -17,86 +17,61 @@ from agent.api import kserve, openai, ops
 from agent.api.deps import AgentState
 from agent.api.errors import install_error_handlers
 from agent.api.limits import BodyLimit
-from agent.config import AgentSettings, ModelSpec
+from agent.config import AgentSettings
 from agent.errors import AgentError
 from agent.interaction_log import InteractionLog
+from agent.link.fleet import FleetLink, link_enabled
+from agent.link.identity import StateDir
+from agent.link.telemetry import TelemetrySource
 from agent.metrics import AgentMetrics
 from agent.probe import GpuSampler, probe_device
 from agent.serving.cache import ResponseCache
-from agent.serving.loader import load_model, resolve
 from agent.serving.registry import ModelRegistry
-from agent.state.plan import Unload, plan_models
-from agent.store import ModelStore
-from models.manifest import ModelManifest
+from agent.state.apply import ModelController
+from models.wire import DesiredState
 
-__all__ = ["create_app", "reconcile"]
+__all__ = ["create_app"]
 
 log = logging.getLogger(__name__)
 
 
 def _on_hangup(
-    state: AgentState, reload: Callable[[], AgentSettings], tasks: set[asyncio.Task[None]]
+    controller: ModelController,
+    reload: Callable[[], AgentSettings],
+    tasks: set[asyncio.Task[Any]],
 ) -> None:
     try:
-        desired = list(reload().models)
+        configured = list(reload().models)
     except AgentError as exc:
         log.error(
             "SIGHUP: keeping the current models, the new configuration is invalid: %s", exc.message
         )
         return
-    log.info("SIGHUP: reconciling %d configured models", len(desired))
-    task = asyncio.create_task(reconcile(state, desired))
+    log.info("SIGHUP: reconciling %d configured models", len(configured))
+    task = asyncio.create_task(controller.reload_config(configured))
     tasks.add(task)
     task.add_done_callback(tasks.discard)
 
 
-async def reconcile(state: AgentState, desired: list[ModelSpec]) -> None:
-    """Serve exactly ``desired``: load new models, hot-swap changed ones, unload the rest.
-
-    A new model that fails to resolve or load is reported by /readyz; a served model
-    whose replacement fails keeps serving. Reconciles run one at a time.
-    """
-    async with state.reconciling:
-        await _reconcile(state, desired)
-
-
-async def _reconcile(state: AgentState, desired: list[ModelSpec]) -> None:
-    store = ModelStore(state.settings.store_dir)
-    resolved: dict[str, tuple[ModelSpec, ModelManifest, Path | None]] = {}
-    for spec in desired:
-        try:
-            manifest, path = await run_in_threadpool(resolve, spec, store)
-        except AgentError as exc:
-            log.error("model %s cannot be resolved: %s", spec.name, exc.message)
-            current = state.loaded.get(spec.name)
-            if current is None:
-                state.registry.fail(spec.name, exc.message)
-            else:  # keep what is served: the planner sees no change
-                resolved[spec.name] = (*current, None)
-            continue
-        resolved[spec.name] = (spec, manifest, path)
-    steps = plan_models(state.loaded, [(spec, manifest) for spec, manifest, _ in resolved.values()])
-    for step in steps:
-        if isinstance(step, Unload):
-            log.info("unloading %s", step.name)
-            state.registry.remove(step.name)
-            state.loaded.pop(step.name, None)
-            continue
-        spec, manifest, file = resolved[step.spec.name]
-        assert file is not None  # only unchanged models lack a file, and they get no step
-        started = time.monotonic()
-        try:
-            model = await run_in_threadpool(
-                load_model, manifest, file, state.settings, state.registry
-            )
-        except AgentError as exc:
-            log.error("model %s failed to load: %s", spec.name, exc.message)
-            if not step.replaces:
-                state.registry.fail(spec.name, exc.message)
-            continue  # a failed swap keeps serving the previous model
-        state.metrics.load_seconds.labels(spec.name).set(time.monotonic() - started)
-        state.registry.publish(spec.name, model)
-        state.loaded[spec.name] = (spec, model.manifest)
+def _saved_desired(state_dir: StateDir) -> DesiredState | None:
+    """The desired state saved by an earlier run, if it belongs to this device's identity."""
+    desired = state_dir.load_desired()
+    if desired is None:
+        return None
+    try:
+        identity = state_dir.load_identity()
+    except AgentError:
+        identity = None
+    if identity is None or identity.device_id != desired.device_id:
+        log.warning(
+            "ignoring %s: it was sent to device %s, and this agent is %s",
+            state_dir.desired_path,
+            desired.device_id,
+            identity.device_id if identity else "not enrolled",
+        )
+        return None
+    log.info("serving desired state %d from %s", desired.version, state_dir.desired_path)
+    return desired
 
 
 def create_app(
@@ -105,15 +80,15 @@ def create_app(
     """An app serving ``settings.models``; ready (``/readyz``) once they are loaded.
 
     With ``reload``, SIGHUP re-reads the settings and reconciles the served models
-    (hot swap); other settings take effect at the next start.
+    (hot swap); other settings take effect at the next start. When the device is in a
+    fleet (``settings.fleet``), the link runs in the background and a desired state
+    from the controller, once received, decides the models instead of the config.
     """
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         budget = settings.memory_budget_mb * 2**20 if settings.memory_budget_mb else None
         registry = ModelRegistry(memory_budget_bytes=budget)
-        for spec in settings.models:
-            registry.expect(spec.name)
         gpus = GpuSampler()
         state = AgentState(
             settings=settings,
@@ -126,17 +101,36 @@ def create_app(
             loaded={},
         )
         app.state.agent = state
-        tasks = {asyncio.create_task(reconcile(state, list(settings.models)))}
+        state_dir = StateDir(settings.fleet.state_dir) if link_enabled(settings.fleet) else None
+        controller = ModelController(
+            state,
+            settings.models,
+            state_dir=state_dir,
+            desired=await run_in_threadpool(_saved_desired, state_dir) if state_dir else None,
+        )
+        for name in controller.expected():
+            registry.expect(name)
+        tasks: set[asyncio.Task[Any]] = set()
         loop = asyncio.get_running_loop()
-        if reload is not None:
-            loop.add_signal_handler(signal.SIGHUP, _on_hangup, state, reload, tasks)
         try:
-            yield
+            async with AsyncExitStack() as stack:
+                if state_dir is not None:
+                    telemetry = TelemetrySource(state.metrics.window, registry.models, gpus.sample)
+                    link = FleetLink(settings.fleet, controller, telemetry, state.device)
+                    controller.on_change = link.report_changed
+                    controller.on_outcomes = link.model_outcomes
+                    state.fleet = await stack.enter_async_context(link)
+                tasks.add(asyncio.create_task(controller.reconcile()))
+                if reload is not None:
+                    loop.add_signal_handler(signal.SIGHUP, _on_hangup, controller, reload, tasks)
+                try:
+                    yield
+                finally:
+                    if reload is not None:
+                        loop.remove_signal_handler(signal.SIGHUP)
+                    for task in tasks:
+                        task.cancel()
         finally:
-            if reload is not None:
-                loop.remove_signal_handler(signal.SIGHUP)
-            for task in tasks:
-                task.cancel()
             await run_in_threadpool(registry.close)
             state.interactions.close()
             gpus.close()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 from dataclasses import dataclass, field
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 from fastapi import Depends, Request
 
@@ -17,6 +17,9 @@ from agent.serving.cache import ResponseCache
 from agent.serving.registry import ModelRegistry
 from models.device import DeviceReport
 from models.manifest import ModelManifest
+
+if TYPE_CHECKING:
+    from agent.link.fleet import FleetLink
 
 __all__ = ["AgentState", "Authorized", "StateDep", "get_state", "require_api_key"]
 
@@ -34,6 +37,7 @@ class AgentState:
     started_at: int  # unix seconds, the "created" of /v1/models
     loaded: dict[str, tuple[ModelSpec, ModelManifest]]  # what each served model was loaded from
     reconciling: asyncio.Lock = field(default_factory=asyncio.Lock)
+    fleet: FleetLink | None = None  # the link to the fleet controller, when enrolled
 
 
 def get_state(request: Request) -> AgentState:

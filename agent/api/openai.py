@@ -126,6 +126,7 @@ async def embeddings(body: EmbeddingRequest, state: StateDep) -> dict[str, Any]:
         elapsed = time.monotonic() - started
         state.metrics.requests.labels(body.model, "embeddings", str(status)).inc()
         state.metrics.latency.labels(body.model, "embeddings").observe(elapsed)
+        state.metrics.window.observe(status, elapsed)
         bodies = state.settings.log.include_bodies
         state.interactions.record(
             Interaction(
@@ -241,6 +242,12 @@ class _Call:
         elapsed = time.monotonic() - self.started
         m.requests.labels(model, self.endpoint, str(status)).inc()
         m.latency.labels(model, self.endpoint).observe(elapsed)
+        m.window.observe(
+            status,
+            elapsed,
+            ttft_s=result.ttft_s if result else None,
+            completion_tokens=result.completion_tokens if result else 0,
+        )
         if result is not None:
             m.ttft.labels(model).observe(result.ttft_s)
             m.tokens.labels(model, "prompt").inc(result.prompt_tokens)

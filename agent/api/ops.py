@@ -1,4 +1,4 @@
-"""Liveness, readiness, metrics and what the device probe found."""
+"""Liveness, readiness, metrics, what the device probe found and the fleet link's status."""
 
 from __future__ import annotations
 
@@ -60,3 +60,11 @@ def device(state: StateDep) -> dict[str, Any]:
         for m in state.registry.models()
     ]
     return {"device": state.device.model_dump(mode="json"), "models": models}
+
+
+@router.get("/v1/fleet", dependencies=[Authorized])
+def fleet(state: StateDep) -> dict[str, Any]:
+    """The fleet link: enrolled, connected, the spool's backlog, the desired state acted on."""
+    if state.fleet is None:
+        return {"enabled": False, "state": "disabled", "enrolled": False, "connected": False}
+    return state.fleet.status()

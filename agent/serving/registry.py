@@ -96,6 +96,7 @@ class ModelRegistry:
         with self._lock:
             old = self._entries.pop(name, None)
             self._loading.discard(name)
+            self._failed.pop(name, None)
             close_now = old is not None and self._retire(old)
         if close_now and old is not None:
             old.model.close()

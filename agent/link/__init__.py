@@ -1,0 +1,14 @@
+"""The agent's side of the fleet link: enrollment, MQTT session, spool, telemetry.
+
+- :mod:`agent.link.fleet`: :class:`~agent.link.fleet.FleetLink`, the async context
+  manager the app's lifespan enters; everything runs in the background.
+- :mod:`agent.link.enroll`: the signed enrollment request and its refusals.
+- :mod:`agent.link.identity`: the state folder (device key, identity, last desired state).
+- :mod:`agent.link.session`: the MQTT connection, receive, send, report, reconnect.
+- :mod:`agent.link.spool`: store-and-forward on disk (SQLite).
+- :mod:`agent.link.telemetry`: one window of statistics as a wire sample.
+- :mod:`agent.link.backoff`: exponential backoff with full jitter.
+
+Nothing is imported here, so reading an identity does not load the MQTT client.
+The operator's guide is docs/agent-fleet.md.
+"""

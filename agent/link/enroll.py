@@ -1,0 +1,164 @@
+"""Enrollment: prove possession of the device key, present a token, get an identity.
+
+The pure half (:func:`build_request`, :func:`explain_rejection`) builds the request
+and turns the controller's refusal into a message saying what to do; the I/O half
+(:func:`enroll`) posts it with httpx and persists the result. A refusal is
+:class:`~agent.link.errors.EnrollmentRejected` (never retried as is); no answer is
+:class:`~agent.link.errors.LinkUnavailable` (the link retries with backoff).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from datetime import datetime
+
+import httpx
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from pydantic import ValidationError
+
+from agent.link.errors import EnrollmentRejected, LinkUnavailable
+from agent.link.identity import Identity, StateDir
+from models.device import DeviceReport
+from models.wire import EnrollmentRequest, EnrollmentResponse, b64, enrollment_proof, utc_now
+
+__all__ = ["ENROLL_PATH", "build_request", "device_name", "enroll", "explain_rejection"]
+
+log = logging.getLogger(__name__)
+
+ENROLL_PATH = "/api/v1/enroll"
+_NEW_TOKEN = "create a new one with `edgefleet tokens create` and start again with --token"  # noqa: S105 - advice, not a secret
+
+
+def device_name(device: DeviceReport) -> str:
+    """The human name a device enrolls under: its hostname, cut to what the wire allows."""
+    return (device.hostname.strip() or "edgefleet-device")[:128]
+
+
+def build_request(
+    key: Ed25519PrivateKey,
+    token: str,
+    *,
+    name: str,
+    agent_version: str,
+    device: DeviceReport,
+    now: datetime,
+) -> EnrollmentRequest:
+    """The signed enrollment request; pure apart from the signature's arithmetic."""
+    raw = key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    public_key = b64(raw)
+    signature = key.sign(enrollment_proof(token, public_key, now))
+    return EnrollmentRequest(
+        token=token,
+        public_key=public_key,
+        timestamp=now,
+        signature=b64(signature),
+        name=name,
+        agent_version=agent_version[:64],
+        device=device,
+    )
+
+
+def _reason(body: bytes) -> str:
+    """The controller's reason from a FastAPI-style error body, or its first bytes."""
+    try:
+        data = json.loads(body)
+    except ValueError:
+        return body[:300].decode("utf-8", "replace").strip()
+    if isinstance(data, dict):
+        for key in ("detail", "message", "reason", "error"):
+            value = data.get(key)
+            if isinstance(value, str):
+                return value
+            if isinstance(value, dict) and isinstance(value.get("message"), str):
+                return str(value["message"])
+            if isinstance(value, list) and value:  # FastAPI's 422: a list of problems
+                parts = []
+                for item in value[:3]:
+                    if isinstance(item, dict):
+                        where = ".".join(str(p) for p in item.get("loc", ()) if p != "body")
+                        parts.append(f"{where}: {item.get('msg', '')}" if where else item["msg"])
+                    else:
+                        parts.append(str(item))
+                return "; ".join(parts)
+    return body[:300].decode("utf-8", "replace").strip()
+
+
+def explain_rejection(status: int, body: bytes, fleet_url: str) -> str:
+    """A message for the operator: what the controller said, and what to do about it."""
+    reason = _reason(body) or f"HTTP {status}"
+    lowered = reason.lower()
+    if status == 404:
+        hint = f"check --fleet: {fleet_url} has no {ENROLL_PATH} endpoint"
+    elif status == 422:
+        hint = (
+            "the controller could not read this agent's request: check that the agent and "
+            "controller versions match"
+        )
+    elif any(word in lowered for word in ("clock", "timestamp", "skew")):
+        hint = "set this device's clock (enable NTP), then start again"
+    elif "used" in lowered:
+        hint = f"each token enrolls a limited number of devices: {_NEW_TOKEN}"
+    elif any(word in lowered for word in ("expired", "revoked", "unknown", "invalid", "token")):
+        hint = _NEW_TOKEN
+    else:
+        hint = f"ask the fleet admin, or {_NEW_TOKEN}"
+    return f"enrollment refused by {fleet_url} (HTTP {status}): {reason}; {hint}"
+
+
+async def request_enrollment(
+    client: httpx.AsyncClient, fleet_url: str, request: EnrollmentRequest
+) -> EnrollmentResponse:
+    """POST the request; the response, or a typed error saying whether to retry."""
+    url = fleet_url + ENROLL_PATH
+    try:
+        response = await client.post(url, json=request.model_dump(mode="json"))
+    except httpx.HTTPError as exc:
+        raise LinkUnavailable(f"controller {fleet_url} unreachable: {exc!r}") from None
+    status = response.status_code
+    if status in (408, 429) or status >= 500:
+        raise LinkUnavailable(f"controller {fleet_url} answered HTTP {status}; will retry")
+    if 300 <= status < 400:
+        raise EnrollmentRejected(
+            f"{url} redirects (HTTP {status}) to {response.headers.get('location', '?')}: "
+            "pass the final URL with --fleet",
+            status=status,
+        )
+    if status >= 400:
+        message = explain_rejection(status, response.content, fleet_url)
+        raise EnrollmentRejected(message, status=status)
+    try:
+        return EnrollmentResponse.model_validate_json(response.content)
+    except ValidationError as exc:
+        raise LinkUnavailable(
+            f"controller {fleet_url} sent an unreadable enrollment response "
+            f"({exc.error_count()} errors); will retry"
+        ) from None
+
+
+async def enroll(
+    state: StateDir,
+    fleet_url: str,
+    token: str,
+    device: DeviceReport,
+    *,
+    agent_version: str,
+    timeout_s: float = 15.0,
+    transport: httpx.AsyncBaseTransport | None = None,
+) -> Identity:
+    """Enroll this device once and save its identity; raises on refusal or no answer."""
+    key = await asyncio.to_thread(state.device_key)
+    now = utc_now()
+    request = build_request(
+        key, token, name=device_name(device), agent_version=agent_version, device=device, now=now
+    )
+    async with httpx.AsyncClient(
+        timeout=timeout_s, transport=transport, follow_redirects=False
+    ) as client:
+        response = await request_enrollment(client, fleet_url, request)
+    identity = Identity.from_response(fleet_url, response, now)
+    await asyncio.to_thread(state.save_identity, identity)
+    log.info("enrolled with %s as device %s", fleet_url, identity.device_id)
+    return identity

@@ -1,0 +1,462 @@
+"""The agent's side of the fleet link, as one async context manager the app's lifespan enters.
+
+Entering never waits on the network: it reads the identity, opens the spool and
+starts background tasks, then returns, so the agent serves locally whatever the
+controller and broker are doing. The tasks:
+
+- *enroll* (only before the first successful enrollment): retry with backoff while
+  the controller is unreachable; stop (logged, shown in /v1/fleet) if it refuses;
+- *telemetry*: every interval, take the request window and device gauges, and append
+  a numbered sample to the spool (a FLUSH command takes one at once);
+- *apply*: act on the newest accepted desired state (or a RECONCILE command) through
+  the host's executor, one at a time, newest wins;
+- *session*: the MQTT connection (:mod:`agent.link.session`).
+
+Leaving sends an OFFLINE event (best effort, bounded), disconnects and closes the
+spool. Nothing here raises into serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import logging
+import os
+import random
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from types import TracebackType
+from typing import Any, Protocol, Self
+
+import httpx
+
+from agent.config import LinkSettings
+from agent.errors import AgentError, ConfigError
+from agent.link.backoff import Backoff, Retry
+from agent.link.enroll import enroll
+from agent.link.errors import EnrollmentRejected, IdentityError, LinkUnavailable
+from agent.link.identity import Identity, StateDir
+from agent.link.session import Host, MqttSession, SessionStatus, new_event
+from agent.link.spool import EntryKind, Spool
+from agent.link.telemetry import Gauges, build_sample
+from agent.metrics import WindowStats
+from agent.state.report import agent_version
+from models.device import DeviceReport
+from models.wire import Command, CommandKind, DesiredState, EventKind, Severity, encode, utc_now
+
+__all__ = ["FleetLink", "LinkHost", "TelemetryReader", "link_enabled", "prepare_identity"]
+
+log = logging.getLogger(__name__)
+
+_STOP_TIMEOUT_S = 5.0  # leaving waits this long for the OFFLINE event and disconnect
+
+
+class LinkHost(Host, Protocol):
+    """The executor side: the app's :class:`agent.state.apply.ModelController`."""
+
+    async def apply_desired(self, desired: DesiredState) -> Any: ...
+
+    async def reconcile(self) -> Any: ...
+
+
+class TelemetryReader(Protocol):
+    """Where samples come from: :class:`agent.link.telemetry.TelemetrySource` in the app."""
+
+    def read(self) -> tuple[WindowStats, Gauges]: ...
+
+
+class ReconcileOutcome(Protocol):
+    """One step of a reconcile, as :class:`agent.state.apply.Outcome` describes it."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def action(self) -> str: ...  # "load", "swap", "unload"
+
+    @property
+    def error(self) -> str | None: ...
+
+
+def link_enabled(settings: LinkSettings) -> bool:
+    """The link runs when a controller URL is configured or the device is already enrolled."""
+    return settings.url is not None or StateDir(settings.state_dir).identity_path.exists()
+
+
+async def prepare_identity(
+    settings: LinkSettings,
+    device: Callable[[], DeviceReport],
+    *,
+    transport: httpx.AsyncBaseTransport | None = None,
+) -> Identity | None:
+    """At startup: the saved identity, or one enrollment attempt with the token.
+
+    ``device`` probes the device, only when an enrollment needs the report.
+
+    Raises :class:`ConfigError` (with what to do) when the device cannot be enrolled as
+    configured or the controller refuses; returns None when the controller is
+    unreachable (the link keeps trying in the background).
+    """
+    state = StateDir(settings.state_dir)
+    identity = state.load_identity()
+    if identity is not None:
+        if settings.url is not None and settings.url != identity.fleet_url:
+            raise IdentityError(
+                f"this device is enrolled with {identity.fleet_url} (as {identity.device_id}), "
+                f"not {settings.url}: to move it, remove {state.identity_path} and enroll "
+                "with a token from the new controller"
+            )
+        if settings.token is not None:
+            log.info("already enrolled as %s; the token is not used", identity.device_id)
+        return identity
+    if settings.url is None:
+        return None
+    if settings.token is None:
+        raise ConfigError(
+            f"this device is not enrolled with {settings.url} yet: pass --token TOKEN "
+            "(an admin creates one with `edgefleet tokens create`)"
+        )
+    try:
+        return await enroll(
+            state,
+            settings.url,
+            settings.token.get_secret_value(),
+            await asyncio.to_thread(device),
+            agent_version=agent_version(),
+            timeout_s=settings.enroll_timeout_s,
+            transport=transport,
+        )
+    except LinkUnavailable as exc:
+        log.warning("%s; serving locally and retrying enrollment in the background", exc.message)
+        return None
+
+
+class FleetLink:
+    """Enrollment, telemetry, desired state and the MQTT session, in the background."""
+
+    def __init__(
+        self,
+        settings: LinkSettings,
+        host: LinkHost,
+        telemetry: TelemetryReader,
+        device: DeviceReport,
+        *,
+        transport: httpx.AsyncBaseTransport | None = None,
+        rand: Callable[[], float] = random.random,
+    ) -> None:
+        self.settings = settings
+        self.host = host
+        self.telemetry = telemetry
+        self.device = device
+        self.state_dir = StateDir(settings.state_dir)
+        self._transport = transport
+        self._rand = rand
+        self._backoff = Backoff(settings.backoff_initial_s, settings.backoff_max_s)
+        self.identity: Identity | None = None
+        self.spool: Spool | None = None
+        self.session: MqttSession | None = None
+        self.state = "starting"  # enrolling, running, rejected, disabled, stopped
+        self.error: str | None = None
+        self._lock_fd: int | None = None
+        self._main: asyncio.Task[None] | None = None
+        self._pending: DesiredState | None = None
+        self._newest = host.desired_version  # highest desired version applied or queued
+        self._apply_due = asyncio.Event()
+        self._reconcile_due = False
+        self._flush = asyncio.Event()
+        self._stopping = asyncio.Event()
+        self._background: set[asyncio.Task[Any]] = set()
+
+    # -- lifecycle ------------------------------------------------------------------
+
+    async def __aenter__(self) -> Self:
+        try:
+            await asyncio.to_thread(self._open)
+        except (AgentError, OSError) as exc:
+            message = exc.message if isinstance(exc, AgentError) else str(exc)
+            self.state, self.error = "disabled", message
+            log.error("fleet link disabled: %s; serving locally", message)
+            return self
+        self._main = asyncio.create_task(self._run(), name="fleet-link")
+        return self
+
+    def _open(self) -> None:
+        self.state_dir.ensure()
+        fd = os.open(self.state_dir.lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise ConfigError(
+                f"another agent uses the state folder {self.state_dir.root}: give each agent "
+                "its own --state-dir"
+            ) from None
+        self._lock_fd = fd
+        self.identity = self.state_dir.load_identity()
+        self.spool = Spool(self.state_dir.spool_path, self.settings.spool_max_bytes)
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        self._stopping.set()
+        if self.session is not None:
+            self.session.stop()
+        if self._main is not None:
+            await asyncio.wait({self._main}, timeout=_STOP_TIMEOUT_S)
+            self._main.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._main
+        for task in list(self._background):
+            task.cancel()
+        if self.spool is not None:
+            await asyncio.to_thread(self.spool.close)
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+        if self.state != "disabled":
+            self.state = "stopped"
+
+    async def _run(self) -> None:
+        identity = self.identity or await self._enroll()
+        if identity is None:
+            return
+        self.identity = identity
+        assert self.spool is not None
+        self.session = MqttSession(
+            identity,
+            self.spool,
+            self.host,
+            on_desired=self._queue_desired,
+            on_command=self._on_command,
+            newest_desired=lambda: self._newest,
+            backoff=self._backoff,
+            auth_backoff_s=self.settings.auth_backoff_s,
+            healthy_after_s=self.settings.healthy_after_s,
+            publish_timeout_s=self.settings.publish_timeout_s,
+            rand=self._rand,
+        )
+        self.state = "running"
+        helpers = [
+            asyncio.create_task(self._telemetry_loop(identity), name="fleet-telemetry"),
+            asyncio.create_task(self._apply_loop(), name="fleet-apply"),
+        ]
+        try:
+            await self.session.run()  # returns after stop()
+        finally:
+            for task in helpers:
+                task.cancel()
+            await asyncio.gather(*helpers, return_exceptions=True)
+
+    async def _enroll(self) -> Identity | None:
+        settings = self.settings
+        if settings.url is None or settings.token is None:
+            self.state, self.error = "disabled", "not enrolled, and no fleet url and token given"
+            log.error("fleet link disabled: %s", self.error)
+            return None
+        self.state = "enrolling"
+        retry = Retry(self._backoff, self._rand)
+        while True:
+            try:
+                return await enroll(
+                    self.state_dir,
+                    settings.url,
+                    settings.token.get_secret_value(),
+                    self.device,
+                    agent_version=agent_version(),
+                    timeout_s=settings.enroll_timeout_s,
+                    transport=self._transport,
+                )
+            except EnrollmentRejected as exc:
+                self.state, self.error = "rejected", exc.message
+                log.error("%s; the agent keeps serving locally", exc.message)
+                return None
+            except (LinkUnavailable, IdentityError, OSError) as exc:
+                self.error = exc.message if isinstance(exc, AgentError) else str(exc)
+                delay = retry.next_delay()
+                log.warning("enrollment failed (%s); retrying in %.1f s", self.error, delay)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stopping.wait(), timeout=delay)
+                if self._stopping.is_set():
+                    return None
+
+    # -- desired state and commands ---------------------------------------------------
+
+    def _queue_desired(self, desired: DesiredState) -> None:
+        self._pending = desired
+        self._newest = desired.version
+        self._apply_due.set()
+
+    def _on_command(self, command: Command) -> None:
+        if command.kind is CommandKind.REPORT:
+            if self.session is not None:
+                self.session.report_changed(force=True)
+        elif command.kind is CommandKind.RECONCILE:
+            self._reconcile_due = True
+            self._apply_due.set()
+        elif command.kind is CommandKind.FLUSH:
+            self._flush.set()
+
+    async def _apply_loop(self) -> None:
+        while True:
+            await self._apply_due.wait()
+            self._apply_due.clear()
+            desired, self._pending = self._pending, None
+            reconcile, self._reconcile_due = self._reconcile_due, False
+            try:
+                if desired is not None:
+                    await self.host.apply_desired(desired)
+                elif reconcile:
+                    await self.host.reconcile()
+            except Exception as exc:  # the executor reports per model; this is a bug
+                log.exception("reconcile failed")
+                self.emit(
+                    EventKind.RECONCILE_FAILED,
+                    f"reconcile failed: {exc!r}",
+                    severity=Severity.ERROR,
+                )
+            if self.session is not None:
+                self.session.report_changed()
+
+    def report_changed(self) -> None:
+        """The host calls this when what it would report may have changed."""
+        if self.session is not None:
+            self.session.report_changed()
+
+    # -- telemetry and events ---------------------------------------------------------
+
+    @property
+    def telemetry_interval_s(self) -> float | None:
+        if self.settings.telemetry_interval_s is not None:
+            return self.settings.telemetry_interval_s
+        return self.identity.telemetry_interval_s if self.identity is not None else None
+
+    async def _telemetry_loop(self, identity: Identity) -> None:
+        interval = self.telemetry_interval_s or identity.telemetry_interval_s
+        if interval > identity.heartbeat_interval_s:
+            log.warning(
+                "telemetry every %.0f s is rarer than the controller's heartbeat (%.0f s): "
+                "it may show this device offline between samples",
+                interval,
+                identity.heartbeat_interval_s,
+            )
+        next_at = time.monotonic() + interval
+        while True:
+            wait = max(next_at - time.monotonic(), 0.0)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._flush.wait(), timeout=wait)
+            self._flush.clear()
+            next_at = max(next_at + interval, time.monotonic() + interval / 2)
+            try:
+                await self.sample_now()
+            except Exception:  # never let telemetry end the link
+                log.exception("telemetry sample failed")
+
+    async def sample_now(self) -> int | None:
+        """Take one telemetry sample now and spool it; its seq, or None if dropped."""
+        spool = self.spool
+        if spool is None:
+            return None
+        stats, gauges = await asyncio.to_thread(self.telemetry.read)
+        sample_id, ts = uuid.uuid4().hex, utc_now()
+
+        def render(seq: int) -> bytes:
+            return encode(build_sample(stats, gauges, sample_id=sample_id, seq=seq, ts=ts))
+
+        seq = await asyncio.to_thread(spool.append_sample, sample_id, render)
+        if self.session is not None:
+            self.session.wake_sender()
+        return seq
+
+    def emit(
+        self,
+        kind: EventKind,
+        message: str = "",
+        *,
+        severity: Severity = Severity.INFO,
+        data: dict[str, Any] | None = None,
+    ) -> None:
+        """Spool an event (in the background); dropped, with a debug log, before enrollment."""
+        if self.identity is None or self.spool is None:
+            log.debug("not enrolled: event %s not sent", kind.value)
+            return
+        event = new_event(self.identity.device_id, kind, message, severity=severity, data=data)
+        spool = self.spool
+
+        async def put() -> None:
+            await asyncio.to_thread(spool.append, EntryKind.EVENT, event.id, encode(event))
+            if self.session is not None:
+                self.session.wake_sender()
+
+        task = asyncio.create_task(put())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    def model_outcomes(self, outcomes: Sequence[ReconcileOutcome]) -> None:
+        """Turn a reconcile's results into MODEL_READY / MODEL_FAILED events."""
+        for outcome in outcomes:
+            if outcome.action == "unload":
+                continue
+            if outcome.error is None:
+                self.emit(
+                    EventKind.MODEL_READY,
+                    f"{outcome.name} ready ({outcome.action})",
+                    data={"model": outcome.name, "action": outcome.action},
+                )
+            else:
+                self.emit(
+                    EventKind.MODEL_FAILED,
+                    f"{outcome.name}: {outcome.error}",
+                    severity=Severity.ERROR,
+                    data={"model": outcome.name, "action": outcome.action},
+                )
+
+    # -- status -----------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        """What GET /v1/fleet shows."""
+        identity = self.identity
+        session: SessionStatus = (
+            self.session.status if self.session is not None else SessionStatus(state=self.state)
+        )
+        spool = self.spool.stats() if self.spool is not None else None
+        return {
+            "enabled": True,
+            "state": self.state if self.state != "running" else session.state,
+            "enrolled": identity is not None,
+            "device_id": identity.device_id if identity else None,
+            "fleet_url": identity.fleet_url if identity else self.settings.url,
+            "broker_url": identity.broker.url if identity else None,
+            "connected": session.connected,
+            "last_error": session.last_error or self.error,
+            "last_connected_at": _iso(session.last_connected_at),
+            "next_attempt_in_s": session.next_attempt_in_s,
+            "last_desired_version": self._newest,
+            "applied_desired_version": self.host.desired_version,
+            "last_report_at": _iso(session.last_report_at),
+            "telemetry_interval_s": self.telemetry_interval_s,
+            "spool": None
+            if spool is None
+            else {
+                "entries": spool.entries,
+                "bytes": spool.bytes,
+                "max_bytes": spool.max_bytes,
+                "durable": spool.durable,
+                "path": spool.path,
+            },
+            "dropped": None
+            if spool is None
+            else {"samples": spool.dropped.samples, "events": spool.dropped.events},
+            "state_dir": str(self.state_dir.root),
+        }
+
+
+def _iso(value: Any) -> str | None:
+    return value.isoformat() if value is not None else None

@@ -1,0 +1,297 @@
+"""The executor, and the choice of which models to serve: configured or desired.
+
+The agent has two sources for its model list: the config file's ``[[models]]`` and
+the fleet's desired state. Once a desired state has been acted on it wins, and it is
+saved (``<state_dir>/desired.json``) so a restart without the broker serves the same
+models; SIGHUP then re-applies the desired state instead of the file's list.
+
+:func:`specs_for_desired` maps a desired state onto model specs (pure);
+:func:`reconcile` makes the served models match a list of specs, using the pure
+planner (:mod:`agent.state.plan`) and doing the loads in worker threads;
+:class:`ModelController` ties the two to the app's state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Collection, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from starlette.concurrency import run_in_threadpool
+
+from agent.api.deps import AgentState
+from agent.config import AgentSettings, ModelSpec
+from agent.errors import AgentError
+from agent.link.identity import StateDir
+from agent.runtime.base import ServedModel
+from agent.serving.loader import load_model, resolve
+from agent.serving.registry import ModelRegistry
+from agent.state.plan import Unload, plan_models
+from agent.state.report import agent_version, build_report
+from agent.store import ModelStore
+from models.manifest import ModelManifest
+from models.wire import DesiredState, ReportedState, utc_now
+
+__all__ = [
+    "DesiredSpecs",
+    "Loader",
+    "ModelController",
+    "Outcome",
+    "reconcile",
+    "specs_for_desired",
+]
+
+log = logging.getLogger(__name__)
+
+Loader = Callable[[ModelManifest, Path, AgentSettings, ModelRegistry], ServedModel]
+
+
+@dataclass(frozen=True)
+class DesiredSpecs:
+    """What a desired state asks of this device's store."""
+
+    specs: list[ModelSpec]  # serve these
+    missing: dict[str, str] = field(default_factory=dict)  # name -> why it cannot be served
+
+
+def specs_for_desired(
+    desired: DesiredState,
+    installed: Mapping[str, ModelManifest | str],
+    configured: Sequence[ModelSpec] = (),
+) -> DesiredSpecs:
+    """Map desired models onto specs served from the store; pure.
+
+    ``installed`` holds, for each desired name, the store's manifest or why there is
+    none. A model absent from the store, or present at another version than the one
+    asked for, is *missing* (reported, never fatal). A configured spec of the same
+    name lends its runtime overrides; desired models always come from the store.
+    """
+    tuned = {spec.name: spec.runtime for spec in configured if spec.runtime is not None}
+    specs: list[ModelSpec] = []
+    missing: dict[str, str] = {}
+    seen: set[str] = set()
+    for wanted in desired.models:
+        if wanted.name in seen:
+            continue
+        seen.add(wanted.name)
+        found = installed.get(wanted.name)
+        if not isinstance(found, ModelManifest):
+            missing[wanted.name] = found or f"model {wanted.name!r} is not in the model store"
+        elif wanted.version is not None and found.version != wanted.version:
+            missing[wanted.name] = (
+                f"version {wanted.version} of {wanted.name!r} is not in the model store "
+                f"(it holds {found.version})"
+            )
+        else:
+            specs.append(ModelSpec(name=wanted.name, runtime=tuned.get(wanted.name)))
+    return DesiredSpecs(specs, missing)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What one step of a reconcile did."""
+
+    name: str
+    action: str  # "load", "swap", "unload"
+    error: str | None = None  # None: it worked
+
+
+async def reconcile(
+    state: AgentState,
+    desired: Sequence[ModelSpec],
+    *,
+    keep: Collection[str] = (),
+    load: Loader = load_model,
+) -> list[Outcome]:
+    """Serve exactly ``desired`` (plus ``keep``, as it is now): load, hot-swap, unload.
+
+    A new model that fails to resolve or load is reported by /readyz; a served model
+    whose replacement fails keeps serving, and so does a served model named in
+    ``keep`` (wanted, but its wanted version is not available). A model that was
+    loading or failed and is no longer wanted is forgotten. Reconciles run one at a
+    time.
+    """
+    async with state.reconciling:
+        return await _reconcile(state, desired, keep, load)
+
+
+async def _reconcile(
+    state: AgentState, desired: Sequence[ModelSpec], keep: Collection[str], load: Loader
+) -> list[Outcome]:
+    store = ModelStore(state.settings.store_dir)
+    resolved: dict[str, tuple[ModelSpec, ModelManifest, Path | None]] = {}
+    outcomes: list[Outcome] = []
+    wanted = {spec.name for spec in desired} | set(keep)
+    loading, failed = state.registry.waiting()
+    for name in (set(loading) | set(failed)) - wanted - set(state.loaded):
+        state.registry.remove(name)  # no longer wanted: forget that it was loading or failed
+    for name in keep:
+        current = state.loaded.get(name)
+        if current is not None:
+            resolved[name] = (*current, None)
+    for spec in desired:
+        if spec.name in resolved:
+            continue
+        try:
+            manifest, path = await run_in_threadpool(resolve, spec, store)
+        except AgentError as exc:
+            log.error("model %s cannot be resolved: %s", spec.name, exc.message)
+            current = state.loaded.get(spec.name)
+            if current is None:
+                state.registry.fail(spec.name, exc.message)
+                outcomes.append(Outcome(spec.name, "load", exc.message))
+            else:  # keep what is served: the planner sees no change
+                resolved[spec.name] = (*current, None)
+            continue
+        resolved[spec.name] = (spec, manifest, path)
+    steps = plan_models(state.loaded, [(spec, manifest) for spec, manifest, _ in resolved.values()])
+    for step in steps:
+        if not isinstance(step, Unload) and step.spec.name not in state.loaded:
+            state.registry.expect(step.spec.name)  # 503 "loading", not 404, until it is up
+    for step in steps:
+        if isinstance(step, Unload):
+            log.info("unloading %s", step.name)
+            state.registry.remove(step.name)
+            state.loaded.pop(step.name, None)
+            outcomes.append(Outcome(step.name, "unload"))
+            continue
+        spec, manifest, file = resolved[step.spec.name]
+        assert file is not None  # only unchanged models lack a file, and they get no step
+        action = "swap" if step.replaces else "load"
+        started = time.monotonic()
+        try:
+            model = await run_in_threadpool(load, manifest, file, state.settings, state.registry)
+        except AgentError as exc:
+            log.error("model %s failed to load: %s", spec.name, exc.message)
+            if not step.replaces:
+                state.registry.fail(spec.name, exc.message)
+            outcomes.append(Outcome(spec.name, action, exc.message))
+            continue  # a failed swap keeps serving the previous model
+        state.metrics.load_seconds.labels(spec.name).set(time.monotonic() - started)
+        state.registry.publish(spec.name, model)
+        state.loaded[spec.name] = (spec, model.manifest)
+        outcomes.append(Outcome(spec.name, action))
+    return outcomes
+
+
+def _read_installed(store: ModelStore, names: Sequence[str]) -> dict[str, ModelManifest | str]:
+    found: dict[str, ModelManifest | str] = {}
+    for name in names:
+        try:
+            found[name] = store.manifest(name)
+        except AgentError as exc:
+            found[name] = exc.message
+    return found
+
+
+class ModelController:
+    """Decides which models to serve (configured or desired) and serves them.
+
+    ``on_change`` is called whenever what :meth:`report` would say may have changed
+    (a reconcile began or ended); ``on_outcomes`` gets each reconcile's results. The
+    link sets both; without a fleet they stay None.
+    """
+
+    def __init__(
+        self,
+        state: AgentState,
+        configured: Sequence[ModelSpec],
+        *,
+        state_dir: StateDir | None = None,
+        desired: DesiredState | None = None,
+        load: Loader = load_model,
+    ) -> None:
+        self.state = state
+        self.configured = list(configured)
+        self.state_dir = state_dir
+        self.desired = desired
+        self.missing: dict[str, str] = {}
+        self.on_change: Callable[[], None] | None = None
+        self.on_outcomes: Callable[[Sequence[Outcome]], None] | None = None
+        self._load = load
+
+    @property
+    def desired_version(self) -> int | None:
+        return self.desired.version if self.desired is not None else None
+
+    def expected(self) -> list[str]:
+        """Names to mark as loading before the first reconcile (requests get 503, not 404)."""
+        if self.desired is not None:
+            return [model.name for model in self.desired.models]
+        return [spec.name for spec in self.configured]
+
+    async def reconcile(self) -> list[Outcome]:
+        """Serve what the current source (desired state, else the config) asks for."""
+        async with self.state.reconciling:
+            self._changed()
+            try:
+                outcomes = await self._apply()
+            finally:
+                self._changed()
+        if self.on_outcomes is not None and outcomes:
+            self.on_outcomes(outcomes)
+        return outcomes
+
+    async def _apply(self) -> list[Outcome]:
+        desired = self.desired
+        if desired is None:
+            self._set_missing({})
+            return await _reconcile(self.state, self.configured, (), self._load)
+        store = ModelStore(self.state.settings.store_dir)
+        names = [m.name for m in desired.models]
+        installed = await run_in_threadpool(_read_installed, store, names)
+        mapped = specs_for_desired(desired, installed, self.configured)
+        for why in mapped.missing.values():
+            log.warning("desired state %d: %s", desired.version, why)
+        self._set_missing(mapped.missing)
+        return await _reconcile(self.state, mapped.specs, list(mapped.missing), self._load)
+
+    def _set_missing(self, missing: dict[str, str]) -> None:
+        for name, why in missing.items():
+            if name not in self.state.loaded:
+                self.state.registry.fail(name, why)  # /readyz and requests say why
+        self.missing = missing
+
+    async def apply_desired(self, desired: DesiredState) -> list[Outcome]:
+        """Act on a new desired state: save it (it wins from now on), then reconcile."""
+        if self.state_dir is not None:
+            state_dir = self.state_dir
+            try:
+                await asyncio.to_thread(state_dir.save_desired, desired)
+            except OSError as exc:
+                log.error("cannot save the desired state in %s: %s", state_dir.root, exc)
+        self.desired = desired
+        log.info("applying desired state %d: %s", desired.version, [m.name for m in desired.models])
+        return await self.reconcile()
+
+    async def reload_config(self, configured: Sequence[ModelSpec]) -> list[Outcome]:
+        """SIGHUP: take the file's new model list; it is served only without a desired state."""
+        self.configured = list(configured)
+        if self.desired is not None:
+            log.info(
+                "SIGHUP: desired state %d from the fleet takes precedence over the "
+                "configured models; re-applying it",
+                self.desired.version,
+            )
+        return await self.reconcile()
+
+    def _changed(self) -> None:
+        if self.on_change is not None:
+            self.on_change()
+
+    def report(self, device_id: str) -> ReportedState:
+        loading, failed = self.state.registry.waiting()
+        return build_report(
+            device_id=device_id,
+            desired=self.desired,
+            served=self.state.registry.models(),
+            loading=loading,
+            failed=failed,
+            missing=self.missing,
+            agent_version=agent_version(),
+            device=self.state.device,
+            now=utc_now(),
+        )

@@ -1,0 +1,271 @@
+"""Helpers for the link's tests: broker accounts, identities, a controller-side watcher.
+
+Fleet-independent on purpose: the broker's password file is written here in
+Mosquitto's own ``$7$`` form (PBKDF2-SHA512), and the ACL gives each device its own
+topics only, as the controller's does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import json
+import os
+import secrets
+import signal
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import aiomqtt
+from pydantic import ValidationError
+
+from agent.link.identity import Identity, StateDir
+from models.trust import TrustError, verify_enrollment
+from models.wire import BrokerCredentials, EnrollmentRequest, EnrollmentResponse
+from tests.services import MosquittoBroker
+
+CONTROLLER = "test-controller"
+CONTROLLER_PASSWORD = "controller-secret"
+
+ACL = """\
+user {controller}
+topic readwrite edgefleet/#
+
+pattern read edgefleet/v1/devices/%u/desired
+pattern read edgefleet/v1/devices/%u/cmd
+pattern write edgefleet/v1/devices/%u/reported
+pattern write edgefleet/v1/devices/%u/telemetry
+pattern write edgefleet/v1/devices/%u/events
+"""
+
+
+def mosquitto_hash(password: str, iterations: int = 101) -> str:
+    salt = secrets.token_bytes(12)
+    digest = hashlib.pbkdf2_hmac("sha512", password.encode(), salt, iterations)
+    return f"$7${iterations}${base64.b64encode(salt).decode()}${base64.b64encode(digest).decode()}"
+
+
+def authorize(broker: MosquittoBroker, devices: dict[str, str]) -> None:
+    """Accounts for the controller and ``devices`` (id -> password), then reload the broker."""
+    accounts = {CONTROLLER: CONTROLLER_PASSWORD, **devices}
+    lines = [f"{user}:{mosquitto_hash(pw)}" for user, pw in accounts.items()]
+    (broker.auth_dir / "passwd").write_text("\n".join(lines) + "\n")
+    (broker.auth_dir / "acl").write_text(ACL.format(controller=CONTROLLER))
+    os.kill(int(broker.pid_file.read_text()), signal.SIGHUP)
+    asyncio.run(_wait_for_login(broker))
+
+
+async def _wait_for_login(broker: MosquittoBroker, within_s: float = 10.0) -> None:
+    deadline = time.monotonic() + within_s
+    while True:
+        try:
+            async with controller_client(broker, "probe-login"):
+                return
+        except aiomqtt.MqttError:
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.05)  # polling the broker's reload
+
+
+def controller_client(
+    broker: MosquittoBroker, client_id: str, *, clean: bool = True
+) -> aiomqtt.Client:
+    return aiomqtt.Client(
+        "127.0.0.1",
+        broker.port,
+        username=CONTROLLER,
+        password=CONTROLLER_PASSWORD,
+        identifier=client_id,
+        clean_session=clean,
+        protocol=aiomqtt.ProtocolVersion.V311,
+    )
+
+
+def write_identity(
+    state_dir: Path,
+    broker: MosquittoBroker,
+    device_id: str,
+    password: str,
+    *,
+    telemetry_interval_s: float = 3600.0,
+    fleet_url: str = "http://127.0.0.1:9",
+) -> Identity:
+    identity = Identity(
+        device_id=device_id,
+        fleet_url=fleet_url,
+        broker=BrokerCredentials(
+            url=broker.url, username=device_id, password=password, client_id=device_id
+        ),
+        telemetry_interval_s=telemetry_interval_s,
+        heartbeat_interval_s=30.0,
+        enrolled_at=datetime.now(UTC),
+    )
+    StateDir(state_dir).save_identity(identity)
+    return identity
+
+
+@dataclass
+class Received:
+    topic: str
+    payload: bytes
+    retain: bool
+
+    @property
+    def channel(self) -> str:
+        return self.topic.rsplit("/", 1)[1]
+
+    def json(self) -> Any:
+        return json.loads(self.payload)
+
+
+@dataclass
+class Watcher:
+    """The controller's view: every message on the devices' topics, in arrival order."""
+
+    broker: MosquittoBroker
+    client_id: str = "watcher"
+    persistent: bool = False  # keep the subscription (and queue messages) across restarts
+    messages: list[Received] = field(default_factory=list)
+    _task: asyncio.Task[None] | None = None
+    _stop: bool = False
+
+    async def start(self) -> None:
+        ready = asyncio.Event()
+        self._task = asyncio.create_task(self._run(ready))
+        await asyncio.wait_for(ready.wait(), 10)
+
+    async def _run(self, ready: asyncio.Event) -> None:
+        while not self._stop:
+            try:
+                async with controller_client(
+                    self.broker, self.client_id, clean=not self.persistent
+                ) as client:
+                    await client.subscribe("edgefleet/v1/devices/#", qos=1)
+                    ready.set()
+                    async for message in client.messages:
+                        payload = message.payload
+                        assert isinstance(payload, bytes | bytearray)
+                        self.messages.append(
+                            Received(str(message.topic), bytes(payload), message.retain)
+                        )
+            except aiomqtt.MqttError:
+                await asyncio.sleep(0.05)  # the broker is down: poll until it is back
+
+    async def stop(self) -> None:
+        self._stop = True
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    def on(self, channel: str) -> list[Received]:
+        return [m for m in self.messages if m.channel == channel]
+
+    async def wait_for(
+        self, what: Callable[[Watcher], Any], within_s: float = 20.0, message: str = ""
+    ) -> Any:
+        deadline = time.monotonic() + within_s
+        while True:
+            result = what(self)
+            if result:
+                return result
+            if time.monotonic() > deadline:
+                seen = [(m.channel, m.payload[:120]) for m in self.messages[-10:]]
+                raise AssertionError(f"timed out waiting for {message or what}; last: {seen}")
+            await asyncio.sleep(0.02)  # polling messages another task collects
+
+
+async def poll(what: Callable[[], Any], within_s: float = 20.0, message: str = "") -> Any:
+    deadline = time.monotonic() + within_s
+    while True:
+        result = what()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {message or what}")
+        await asyncio.sleep(0.02)  # polling state that background tasks change
+
+
+Responder = Callable[[EnrollmentRequest], tuple[int, dict[str, Any]]]
+
+
+class FakeController:
+    """A tiny real HTTP enrollment endpoint: checks the proof as the controller does.
+
+    ``respond`` decides the answer for each verified request; a request whose proof
+    does not verify gets 403 with the reason, like the real one.
+    """
+
+    def __init__(self, respond: Responder, port: int = 0) -> None:
+        self.respond = respond
+        self.requests: list[EnrollmentRequest] = []
+        controller = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("content-length", 0)))
+                if self.path != "/api/v1/enroll":
+                    self._answer(404, {"detail": "Not Found"})
+                    return
+                try:
+                    request = EnrollmentRequest.model_validate_json(body)
+                    verify_enrollment(request, datetime.now(UTC))
+                except ValidationError as exc:
+                    self._answer(
+                        422, {"detail": exc.errors(include_url=False, include_context=False)}
+                    )
+                    return
+                except TrustError as exc:
+                    self._answer(403, {"detail": str(exc)})
+                    return
+                controller.requests.append(request)
+                self._answer(*controller.respond(request))
+
+            def _answer(self, status: int, body: dict[str, Any]) -> None:
+                data = json.dumps(body, default=str).encode()
+                self.send_response(status)
+                self.send_header("content-type", "application/json")
+                self.send_header("content-length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def __enter__(self) -> FakeController:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(5)
+
+
+def accept_as(
+    device_id: str, broker_url: str, password: str, *, telemetry_interval_s: float = 10.0
+) -> Responder:
+    def respond(request: EnrollmentRequest) -> tuple[int, dict[str, Any]]:
+        response = EnrollmentResponse(
+            device_id=device_id,
+            broker=BrokerCredentials(
+                url=broker_url, username=device_id, password=password, client_id=device_id
+            ),
+            telemetry_interval_s=telemetry_interval_s,
+        )
+        return 200, response.model_dump(mode="json")
+
+    return respond

@@ -1,0 +1,270 @@
+"""The link against a real Mosquitto: delivery through outages, desired state, commands, auth.
+
+A fake host stands in for the model executor (its tests are in test_apply.py), so
+these tests exercise exactly the MQTT side: the broker, the ACL and aiomqtt are real.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from agent.config import LinkSettings
+from agent.link.fleet import FleetLink
+from agent.link.telemetry import Gauges
+from agent.metrics import WindowStats
+from models.device import DeviceReport
+from models.wire import (
+    Command,
+    CommandKind,
+    DesiredState,
+    EventKind,
+    ReportedState,
+    encode,
+)
+from tests.agent.link_support import Watcher, authorize, controller_client, poll, write_identity
+from tests.services import MosquittoBroker
+
+DEVICE = "dev-link-1"
+PASSWORD = "device-secret-1"
+DEVICE_REPORT = DeviceReport(
+    hostname="edge-1",
+    os="linux",
+    kernel="6",
+    arch="aarch64",
+    cpu_physical_cores=4,
+    cpu_logical_cores=4,
+    ram_total_bytes=8 * 2**30,
+    ram_available_bytes=4 * 2**30,
+)
+
+
+class FakeHost:
+    """Records what the link asks of the executor; reports what it was told."""
+
+    def __init__(self) -> None:
+        self.desired: DesiredState | None = None
+        self.applied: list[int] = []
+        self.reconciles = 0
+
+    @property
+    def desired_version(self) -> int | None:
+        return self.desired.version if self.desired else None
+
+    async def apply_desired(self, desired: DesiredState) -> None:
+        self.applied.append(desired.version)
+        self.desired = desired
+
+    async def reconcile(self) -> None:
+        self.reconciles += 1
+
+    def report(self, device_id: str) -> ReportedState:
+        return ReportedState(
+            device_id=device_id,
+            desired_version=self.desired_version,
+            converged=True,
+            agent_version="test",
+        )
+
+
+class FakeTelemetry:
+    """Each window reports one more request than the last, so samples are tellable apart."""
+
+    def __init__(self) -> None:
+        self.windows = 0
+
+    def read(self) -> tuple[WindowStats, Gauges]:
+        self.windows += 1
+        return WindowStats(1.0, self.windows, 0, 0, 0, (0.01,), ()), Gauges(queue_depth=1)
+
+
+def settings(state_dir: Path, **overrides: object) -> LinkSettings:
+    values: dict[str, object] = {
+        "state_dir": state_dir,
+        "backoff_initial_s": 0.05,
+        "backoff_max_s": 0.3,
+        "healthy_after_s": 0.0,
+        "publish_timeout_s": 5.0,
+    }
+    values.update(overrides)
+    return LinkSettings.model_validate(values)
+
+
+@pytest.fixture
+def device(broker: MosquittoBroker, tmp_path: Path) -> Iterator[Path]:
+    """A state folder holding an identity the broker accepts."""
+    authorize(broker, {DEVICE: PASSWORD})
+    state_dir = tmp_path / "state"
+    write_identity(state_dir, broker, DEVICE, PASSWORD)
+    return state_dir
+
+
+def samples(watcher: Watcher) -> list[dict[str, object]]:
+    return [s for m in watcher.on("telemetry") for s in m.json()["samples"]]
+
+
+def test_spooled_telemetry_arrives_in_order_after_the_broker_comes_back(
+    broker: MosquittoBroker, device: Path
+) -> None:
+    async def scenario() -> None:
+        watcher = Watcher(broker, client_id="watch-order", persistent=True)
+        await watcher.start()
+        link = FleetLink(
+            settings(device, telemetry_interval_s=0.05), FakeHost(), FakeTelemetry(), DEVICE_REPORT
+        )
+        async with link:
+            await watcher.wait_for(lambda w: samples(w), message="the first sample")
+            assert link.status()["connected"]
+            await asyncio.to_thread(broker.stop)
+            assert link.spool is not None
+            spool = link.spool
+            await poll(lambda: spool.stats().entries >= 20, message="a backlog in the spool")
+            status = link.status()
+            assert not status["connected"]
+            assert status["state"] in {"backoff", "connecting"}
+            target = await link.sample_now()
+            assert target is not None
+            await asyncio.to_thread(broker.start)
+            await watcher.wait_for(
+                lambda w: any(s["seq"] == target for s in samples(w)),
+                message=f"sample {target} after the outage",
+            )
+        await watcher.stop()
+        first_seen: dict[str, int] = {}
+        order = []
+        for sample in samples(watcher):
+            if sample["id"] not in first_seen:  # at-least-once: a resend may repeat one
+                first_seen[str(sample["id"])] = int(str(sample["seq"]))
+                order.append(int(str(sample["seq"])))
+        assert order == sorted(order), "samples arrived out of order"
+        assert order == list(range(order[0], order[-1] + 1)), "a sample went missing"
+        assert order[0] == 0
+        assert order[-1] >= target
+        batches = [m.json() for m in watcher.on("telemetry")]
+        assert all(b["device_id"] == DEVICE and b["dropped"] == 0 for b in batches)
+        assert max(len(b["samples"]) for b in batches) > 1  # the backlog went out batched
+
+    asyncio.run(scenario())
+
+
+def test_desired_state_commands_and_the_retained_report(
+    broker: MosquittoBroker, device: Path
+) -> None:
+    host = FakeHost()
+    desired_topic = f"edgefleet/v1/devices/{DEVICE}/desired"
+    cmd_topic = f"edgefleet/v1/devices/{DEVICE}/cmd"
+
+    def desired(version: int, device_id: str = DEVICE) -> bytes:
+        return encode(DesiredState(device_id=device_id, version=version))
+
+    def command(kind: CommandKind) -> bytes:
+        return encode(Command(device_id=DEVICE, id=f"cmd-{kind.value}-0001", kind=kind))
+
+    async def scenario() -> None:
+        watcher = Watcher(broker)
+        await watcher.start()
+        async with controller_client(broker, "test-publisher") as ctl:
+            await ctl.publish(desired_topic, desired(2), qos=1, retain=True)
+            link = FleetLink(settings(device), host, FakeTelemetry(), DEVICE_REPORT)
+            async with link:
+                online = await watcher.wait_for(lambda w: w.on("events"), message="ONLINE")
+                assert online[0].json()["kind"] == EventKind.ONLINE
+                await poll(lambda: host.applied == [2], message="desired 2 applied")
+                await watcher.wait_for(
+                    lambda w: any(r.json().get("desired_version") == 2 for r in w.on("reported")),
+                    message="a report of desired 2",
+                )
+                # Replays, strangers and garbage are ignored; the link stays up.
+                for payload in (desired(2), desired(1), desired(9, "dev-other-1"), b"{nope"):
+                    await ctl.publish(desired_topic, payload, qos=1)
+                await ctl.publish(cmd_topic, b"not json", qos=1)
+                await ctl.publish(desired_topic, desired(3), qos=1, retain=True)
+                await poll(lambda: host.applied == [2, 3], message="desired 3 applied")
+                assert link.status()["last_desired_version"] == 3
+                await watcher.wait_for(
+                    lambda w: any(r.json().get("desired_version") == 3 for r in w.on("reported")),
+                    message="a report of desired 3",
+                )
+                # REPORT publishes again even though nothing changed.
+                reports = len(watcher.on("reported"))
+                await ctl.publish(cmd_topic, command(CommandKind.REPORT), qos=1)
+                await watcher.wait_for(lambda w: len(w.on("reported")) > reports)
+                # FLUSH sends a sample now (the interval here is an hour).
+                assert samples(watcher) == []
+                await ctl.publish(cmd_topic, command(CommandKind.FLUSH), qos=1)
+                await watcher.wait_for(lambda w: samples(w), message="a flushed sample")
+                await ctl.publish(cmd_topic, command(CommandKind.RECONCILE), qos=1)
+                await poll(lambda: host.reconciles == 1, message="a reconcile")
+                assert link.status()["connected"]
+            offline = await watcher.wait_for(
+                lambda w: [m for m in w.on("events") if m.json()["kind"] == EventKind.OFFLINE]
+            )
+            assert offline[-1].json()["message"] == "agent shutting down"
+        await watcher.stop()
+        # The report is retained: a controller that starts now learns the state at once.
+        late = Watcher(broker, client_id="late-watcher")
+        await late.start()
+        retained = await late.wait_for(lambda w: [r for r in w.on("reported") if r.retain])
+        assert retained[-1].json()["desired_version"] == 3
+        await late.stop()
+
+    asyncio.run(scenario())
+
+
+def test_revoked_credentials_back_off_long_and_never_break_serving(
+    broker: MosquittoBroker, tmp_path: Path
+) -> None:
+    authorize(broker, {DEVICE: PASSWORD})
+    state_dir = tmp_path / "state"
+    write_identity(state_dir, broker, DEVICE, "not-the-password")
+
+    async def scenario() -> None:
+        link = FleetLink(
+            settings(state_dir, auth_backoff_s=3600), FakeHost(), FakeTelemetry(), DEVICE_REPORT
+        )
+        async with link:
+            await poll(
+                lambda: (link.status()["next_attempt_in_s"] or 0) >= 1800,
+                message="the long backoff after three refusals",
+            )
+            status = link.status()
+            assert status["state"] == "auth_failed"
+            assert not status["connected"]
+            assert "authori" in status["last_error"].lower()
+            assert await link.sample_now() is not None  # telemetry still spools meanwhile
+
+    asyncio.run(scenario())
+
+
+def test_a_full_spool_reports_what_it_dropped(broker: MosquittoBroker, device: Path) -> None:
+    async def scenario() -> None:
+        watcher = Watcher(broker, client_id="drop-watcher", persistent=True)
+        await watcher.start()  # its session queues what arrives before it reconnects
+        await asyncio.to_thread(broker.stop)
+        link = FleetLink(
+            settings(device, spool_max_bytes=64 * 1024), FakeHost(), FakeTelemetry(), DEVICE_REPORT
+        )
+        async with link:
+            assert link.spool is not None
+            spool = link.spool
+            while spool.drops().samples < 50:  # offline: the spool fills, then evicts
+                await link.sample_now()
+            dropped = spool.drops().samples
+            assert spool.stats().bytes <= 64 * 1024
+            assert link.status()["dropped"] == {"samples": dropped, "events": 0}
+            await asyncio.to_thread(broker.start)
+            notice = await watcher.wait_for(
+                lambda w: [m for m in w.on("events") if m.json()["kind"] == "spool_dropped"],
+                message="the SPOOL_DROPPED event",
+            )
+            assert notice[0].json()["data"]["samples"] >= dropped
+            batches = [m.json() for m in watcher.on("telemetry")]
+            assert batches[0]["dropped"] >= dropped  # the first batch after the outage says so
+            assert batches[0]["samples"][0]["seq"] >= dropped  # the oldest went first
+            await poll(lambda: spool.drops().samples == 0, message="the drops settled")
+            await watcher.stop()
+
+    asyncio.run(scenario())
