@@ -9,7 +9,9 @@ beside it. ggml picks different matmul kernels by row count (weight repacking:
 gemm for 4+ rows, gemv below; the tiled K-quant kernel from 8 rows; llamafile's
 sgemm from 2 rows), and their rounding differs. The agent loads weights without
 repacking, turns the tiled path off (``GGML_CPU_TILED_MM=0``, read once per
-process) and is built without llamafile, so every row takes the same kernel.
+process), is built without llamafile and, on the CPU, runs attention without the
+flash-attention kernel (which tiles long query batches differently from short ones),
+so every row takes the same kernel.
 Measured cost on a 2-core x86 box: about 6% of batched decode, none single-stream.
 
 Threading: everything that touches the context (``decode``, ``sample``, ``forget``,
@@ -123,6 +125,11 @@ class LlamaModel:
         cparams.kv_unified = False  # each sequence attends over its own KV stream only
         cparams.swa_full = True  # lets partial seq_rm keep a reusable prompt prefix
         cparams.no_perf = True
+        if not offload or params.gpu_layers == 0:
+            # The CPU flash-attention kernel tiles long query batches differently from
+            # short ones, so a prompt prefilled in one go and the same prompt resumed
+            # from a cached prefix diverge (seen on AVX-512 machines).
+            cparams.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
         ctx = llama_cpp.llama_init_from_model(model, cparams)
         if not ctx:
             llama_cpp.llama_model_free(model)
