@@ -8,14 +8,9 @@ with what it got; a desired state set through the CLI reaches the device retaine
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -28,76 +23,11 @@ from paho.mqtt.enums import CallbackAPIVersion
 from models.topics import Channel, DeviceTopic
 from models.wire import DesiredState, decode
 from tests.fleet.helpers import DeviceKey
-from tests.services import MosquittoBroker, free_port
+from tests.services import Controller, MosquittoBroker, free_port, running_controller
 
 pytestmark = pytest.mark.integration
 
-EDGEFLEET = Path(sys.executable).parent / "edgefleet"
 DEADLINE_S = 30.0
-
-
-@dataclass
-class Controller:
-    proc: subprocess.Popen[bytes]
-    url: str
-    data_dir: Path
-    log: Path
-
-    def output(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    def cli(self, *args: str) -> str:
-        result = subprocess.run(
-            [str(EDGEFLEET), *args, "--url", self.url, "--data-dir", str(self.data_dir)],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            env={k: v for k, v in os.environ.items() if "ADMIN_TOKEN" not in k},
-        )
-        assert result.returncode == 0, result.stdout + result.stderr
-        return result.stdout
-
-
-def _wait_ready(controller: Controller) -> None:
-    deadline = time.monotonic() + DEADLINE_S
-    while time.monotonic() < deadline:
-        if controller.proc.poll() is not None:
-            raise AssertionError(f"edgefleet serve exited:\n{controller.output()[-4000:]}")
-        try:
-            if httpx.get(f"{controller.url}/readyz", timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.1)  # polling another process
-    raise AssertionError(f"/readyz never said ready:\n{controller.output()[-4000:]}")
-
-
-@contextmanager
-def running_controller(tmp_path: Path, database_url: str, *args: str) -> Iterator[Controller]:
-    port = free_port()
-    data_dir = tmp_path / "controller"
-    log = tmp_path / "controller.log"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("EDGEFLEET_FLEET_")}
-    command = [
-        str(EDGEFLEET), "serve", "--data-dir", str(data_dir), "--db", database_url,
-        "--port", str(port), "--log-level", "warning", *args,
-    ]  # fmt: skip
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            command, stdout=out, stderr=subprocess.STDOUT, env=dict(env, PYTHONUNBUFFERED="1")
-        )
-    running = Controller(proc, f"http://127.0.0.1:{port}", data_dir, log)
-    try:
-        _wait_ready(running)
-        yield running
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
 
 
 @pytest.fixture
