@@ -1,0 +1,344 @@
+"""The simulator against a real controller (``edgefleet serve``) and a real Mosquitto.
+
+A few simulated devices enroll over HTTP, connect with the credentials they were
+given, report telemetry that the controller stores, answer a desired state and a
+command, and say offline when stopped; a second run reuses their identities.
+Waits poll with a deadline; nothing sleeps a fixed time hoping something happened.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import sqlalchemy as sa
+
+from fleet.simulate import Simulation, SimulationConfig
+from fleet.simulate.identity import load_identity
+from tests.services import MosquittoBroker, free_port
+
+pytestmark = pytest.mark.integration
+
+EDGEFLEET = Path(sys.executable).parent / "edgefleet"
+ADMIN_TOKEN = "simulate-admin-token-0123456789abcdef"
+DEADLINE_S = 30.0
+
+
+@dataclass
+class Controller:
+    url: str
+    database_url: str
+    process: subprocess.Popen[bytes]
+    log: Path
+
+    def api(self) -> httpx.AsyncClient:
+        return httpx.AsyncClient(
+            base_url=self.url, headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}, timeout=10
+        )
+
+
+@pytest.fixture
+def controller(tmp_path: Path, broker: MosquittoBroker) -> Iterator[Controller]:
+    """``edgefleet serve`` on SQLite, against the test's Mosquitto, as an operator runs it."""
+    port = free_port()
+    database_url = f"sqlite:///{tmp_path / 'fleet.db'}"
+    log = tmp_path / "controller.log"
+    env = dict(os.environ, EDGEFLEET_FLEET_ADMIN_TOKEN=ADMIN_TOKEN, PYTHONUNBUFFERED="1")
+    command = [
+        str(EDGEFLEET),
+        "serve",
+        "--data-dir",
+        str(tmp_path / "data"),
+        "--db",
+        database_url,
+        "--port",
+        str(port),
+        "--broker",
+        broker.url,
+        "--broker-auth-dir",
+        str(broker.auth_dir),
+        "--broker-pid-file",
+        str(broker.pid_file),
+        "--log-level",
+        "warning",
+    ]
+    with log.open("wb") as out:
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
+    running = Controller(f"http://127.0.0.1:{port}", database_url, process, log)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert process.poll() is None, log.read_text(errors="replace")
+            try:
+                if httpx.get(f"{running.url}/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, log.read_text(errors="replace")
+            time.sleep(0.1)  # polling another process
+        yield running
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+async def eventually(check: Callable[[], Any], what: str, within: float = DEADLINE_S) -> Any:
+    """Await ``check()`` (sync or async) until it is truthy."""
+    deadline = time.monotonic() + within
+    while True:
+        value = check()
+        if asyncio.iscoroutine(value):
+            value = await value
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"never happened: {what}")
+        await asyncio.sleep(0.05)
+
+
+def query(database_url: str, sql: str, **params: Any) -> list[Any]:
+    engine = sa.create_engine(database_url)
+    try:
+        with engine.connect() as conn:
+            return list(conn.execute(sa.text(sql), params).all())
+    finally:
+        engine.dispose()
+
+
+def test_simulated_devices_speak_the_protocol_to_a_real_controller(
+    controller: Controller, tmp_path: Path
+) -> None:
+    state_dir = tmp_path / "identities"
+    devices = 3
+
+    async def first_run() -> None:
+        async with controller.api() as api:
+            created = await api.post("/api/v1/tokens", json={"uses": devices})
+            assert created.status_code in {200, 201}, created.text
+            token = created.json()["secret"]
+            simulation = Simulation(
+                SimulationConfig(
+                    devices=devices,
+                    fleet_url=controller.url,
+                    token=token,
+                    interval_s=0.5,
+                    state_dir=state_dir,
+                    gpu_share=0.5,
+                )
+            )
+            run = asyncio.create_task(simulation.run())
+            try:
+                await eventually(lambda: simulation.stats.phase == "running", "all connected")
+                assert simulation.stats.enrolled == devices
+
+                async def online() -> bool:
+                    status = (await api.get("/api/v1/status")).json()
+                    return bool(status["devices"]["online"] == devices)
+
+                await eventually(online, "the controller sees every device online")
+                ids = [d.identity.device_id for d in simulation.devices]
+                await eventually(
+                    lambda: (
+                        all(
+                            n >= 3
+                            for (n,) in query(
+                                controller.database_url,
+                                "SELECT count(*) FROM telemetry GROUP BY device_id",
+                            )
+                        )
+                        and len(
+                            query(
+                                controller.database_url, "SELECT DISTINCT device_id FROM telemetry"
+                            )
+                        )
+                        == devices
+                    ),
+                    "three samples stored from every device",
+                )
+
+                # A desired state comes back as a converged report with every model ready.
+                target = ids[0]
+                put = await api.put(
+                    f"/api/v1/devices/{target}/desired",
+                    json={"models": [{"name": "gemma3-270m", "version": "1.0.0"}]},
+                )
+                assert put.status_code == 202, put.text
+                version = put.json()["version"]
+
+                async def converged() -> dict[str, Any] | None:
+                    reported = (await api.get(f"/api/v1/devices/{target}")).json()["reported"]
+                    if reported and reported.get("desired_version") == version:
+                        return dict(reported)
+                    return None
+
+                reported = await eventually(converged, "the device reports the desired state")
+                assert reported["converged"] is True
+                assert [(m["name"], m["state"]) for m in reported["models"]] == [
+                    ("gemma3-270m", "ready")
+                ]
+
+                # The report command makes the device publish its state again.
+                reports = simulation.stats.counters.reports
+                sent = await api.post(f"/api/v1/devices/{ids[1]}/commands", json={"kind": "report"})
+                assert sent.status_code == 202, sent.text
+                await eventually(
+                    lambda: simulation.stats.counters.reports > reports, "a report on command"
+                )
+                assert simulation.stats.counters.commands == 1
+            finally:
+                simulation.stop()
+                stats = await run
+            assert stats.counters.ever_connected == devices
+            assert stats.counters.disconnects == 0
+            assert stats.counters.publish_failed == 0
+
+            async def offline() -> bool:
+                status = (await api.get("/api/v1/status")).json()
+                return bool(status["devices"]["online"] == 0)
+
+            await eventually(offline, "every device offline after a clean stop")
+
+    asyncio.run(first_run())
+    kinds = dict(query(controller.database_url, "SELECT kind, count(*) FROM events GROUP BY kind"))
+    assert kinds["online"] == devices
+    assert kinds["offline"] == devices  # said on the way out, not left to the last will
+    last_seq = {
+        device_id: seq
+        for device_id, seq in query(
+            controller.database_url, "SELECT device_id, max(seq) FROM telemetry GROUP BY device_id"
+        )
+    }
+    for index in range(devices):
+        saved = load_identity(state_dir, index, controller.url)
+        assert saved is not None
+        assert saved.next_seq == last_seq[saved.device_id] + 1
+
+    # A second run reuses the identities: no token, no enrollment, sequence numbers go on.
+    async def second_run() -> None:
+        simulation = Simulation(
+            SimulationConfig(
+                devices=devices, fleet_url=controller.url, interval_s=0.5, state_dir=state_dir
+            )
+        )
+        run = asyncio.create_task(simulation.run())
+        try:
+            await eventually(lambda: simulation.stats.phase == "running", "reconnected")
+            await eventually(
+                lambda: simulation.stats.counters.published >= devices * 2, "new samples"
+            )
+        finally:
+            simulation.stop()
+            stats = await run
+        assert stats.reused == devices
+        assert stats.enrolled == 0
+
+    asyncio.run(second_run())
+    rows = query(
+        controller.database_url,
+        "SELECT device_id, count(*), count(DISTINCT seq), min(seq) FROM telemetry "
+        "GROUP BY device_id",
+    )
+    for _device_id, count, distinct, first in rows:
+        assert count == distinct  # no sequence number reused across runs
+        assert first == 0
+    assert query(controller.database_url, "SELECT count(*) FROM devices") == [(devices,)]
+
+
+def test_the_cli_enrolls_reports_and_stops_cleanly_on_ctrl_c(
+    controller: Controller, tmp_path: Path
+) -> None:
+    token = httpx.post(
+        f"{controller.url}/api/v1/tokens",
+        json={"uses": 2},
+        headers={"Authorization": f"Bearer {ADMIN_TOKEN}"},
+    ).json()["secret"]
+    stats_file = tmp_path / "stats.json"
+    command = [
+        str(EDGEFLEET),
+        "simulate",
+        "--devices",
+        "2",
+        "--token",
+        token,
+        "--fleet-url",
+        controller.url,
+        "--interval",
+        "0.5",
+        "--state-dir",
+        str(tmp_path / "identities"),
+        "--stats-file",
+        str(stats_file),
+    ]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + DEADLINE_S
+        while True:
+            assert process.poll() is None, process.communicate()[0].decode(errors="replace")
+            stats = json.loads(stats_file.read_text()) if stats_file.exists() else {}
+            if stats.get("published", 0) >= 4:
+                break
+            assert time.monotonic() < deadline, f"no telemetry published: {stats}"
+            time.sleep(0.1)  # polling another process
+        process.send_signal(signal.SIGINT)
+        output, _ = process.communicate(timeout=DEADLINE_S)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+    text = output.decode(errors="replace")
+    assert process.returncode == 0, text
+    assert "simulation summary" in text
+    final = json.loads(stats_file.read_text())
+    assert final["phase"] == "done"
+    assert final["enrolled"] == 2
+    assert final["connected"] == 0  # every session closed
+    assert final["ever_connected"] == 2
+
+
+def test_devices_reconnect_after_a_broker_restart(
+    controller: Controller, broker: MosquittoBroker, tmp_path: Path
+) -> None:
+    async def scenario() -> None:
+        async with controller.api() as api:
+            token = (await api.post("/api/v1/tokens", json={"uses": 2})).json()["secret"]
+        simulation = Simulation(
+            SimulationConfig(
+                devices=2,
+                fleet_url=controller.url,
+                token=token,
+                interval_s=0.5,
+                state_dir=tmp_path / "identities",
+            )
+        )
+        run = asyncio.create_task(simulation.run())
+        counters = simulation.stats.counters
+        try:
+            await eventually(lambda: simulation.stats.phase == "running", "all connected")
+            await asyncio.to_thread(broker.stop)
+            await eventually(lambda: counters.connected == 0, "sessions lost")
+            published = counters.published
+            await asyncio.to_thread(broker.start)
+            await eventually(lambda: counters.connected == 2, "reconnected")
+            await eventually(lambda: counters.published >= published + 2, "telemetry resumes")
+        finally:
+            simulation.stop()
+            stats = await run
+        assert stats.counters.disconnects == 2
+        assert stats.counters.ever_connected == 2
+
+    asyncio.run(scenario())
