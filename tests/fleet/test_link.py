@@ -1,0 +1,650 @@
+"""FleetLink end to end: a real Mosquitto (or the embedded broker), real clients, a real database.
+
+Every database test runs on SQLite and on PostgreSQL. Waits poll state with a
+deadline; nothing sleeps a fixed time hoping something happened.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import AsyncExitStack, contextmanager
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import aiomqtt
+import pytest
+import sqlalchemy as sa
+from sqlmodel import Session, SQLModel, func, select
+
+from fleet.config import FleetSettings
+from fleet.db import make_engine
+from fleet.errors import BrokerUnavailable
+from fleet.link import FleetLink, ReconnectPolicy
+from fleet.link.embedded import EmbeddedBroker
+from fleet.link.passwords import hash_password
+from fleet.tables import Device, EventRow, TelemetryRow
+from models.wire import (
+    MAX_PAYLOAD_BYTES,
+    Command,
+    CommandKind,
+    DesiredModel,
+    DesiredState,
+    Event,
+    EventKind,
+    ReportedState,
+    TelemetryBatch,
+    TelemetrySample,
+    encode,
+)
+from tests.services import MosquittoBroker, free_port
+
+A = "dev-aaa"
+B = "dev-bbb"
+DEADLINE_S = 15.0
+FAST = ReconnectPolicy(initial_s=0.05, max_s=0.5)
+
+
+def uid() -> str:
+    return uuid.uuid4().hex
+
+
+def topic(device: str, channel: str) -> str:
+    return f"edgefleet/v1/devices/{device}/{channel}"
+
+
+def telemetry(device: str = A, samples: int = 2) -> TelemetryBatch:
+    now = datetime.now(UTC)
+    return TelemetryBatch(
+        device_id=device,
+        id=uid(),
+        samples=[
+            TelemetrySample(id=uid(), seq=i, ts=now, window_s=5, requests=1, errors=0, rejections=0)
+            for i in range(samples)
+        ],
+    )
+
+
+def reported(device: str = A, version: str = "1.0") -> ReportedState:
+    return ReportedState(device_id=device, converged=True, agent_version=version)
+
+
+class Fleet:
+    """A database with devices in it, and settings pointing at the broker under test."""
+
+    def __init__(self, engine: sa.Engine, settings: FleetSettings) -> None:
+        self.engine = engine
+        self.settings = settings
+        self.passwords: dict[str, str] = {}
+
+    def enroll(self, *devices: str) -> None:
+        with Session(self.engine) as session:
+            for device in devices:
+                self.passwords[device] = uid()
+                session.add(
+                    Device(
+                        id=device,
+                        name=device,
+                        public_key=uid(),
+                        mqtt_password_hash=hash_password(self.passwords[device]),
+                    )
+                )
+            session.commit()
+
+    def update(self, device_id: str, **values: Any) -> None:
+        with Session(self.engine) as session:
+            device = session.get(Device, device_id)
+            assert device is not None
+            for key, value in values.items():
+                setattr(device, key, value)
+            session.add(device)
+            session.commit()
+
+    def device(self, device_id: str) -> Device:
+        with Session(self.engine) as session:
+            device = session.get(Device, device_id)
+            assert device is not None
+            return device
+
+    def count(self, table: type[SQLModel]) -> int:
+        with Session(self.engine) as session:
+            return int(session.exec(select(func.count()).select_from(table)).one())
+
+    def link(self, **changes: Any) -> FleetLink:
+        settings = self.settings.model_copy(update=changes) if changes else self.settings
+        return FleetLink(settings, self.engine, reconnect=FAST)
+
+    @property
+    def port(self) -> int:
+        url = self.settings.broker_url
+        assert url is not None
+        return int(url.rsplit(":", 1)[1])
+
+    def client(self, user: str, port: int | None = None, **options: Any) -> aiomqtt.Client:
+        password = self.passwords.get(user)
+        if password is None:  # the controller's own account, for forging messages
+            password = (self.settings.data_dir / "broker-password").read_text().strip()
+        # Devices connect with their id as client id, as enrollment tells them to.
+        options.setdefault("identifier", user if user in self.passwords else f"{user}-{uid()[:8]}")
+        return aiomqtt.Client(
+            "127.0.0.1", port or self.port, username=user, password=password, timeout=5, **options
+        )
+
+    async def connect(self, stack: AsyncExitStack, user: str, **options: Any) -> aiomqtt.Client:
+        """Log in as ``user``, retrying while the broker reloads its files."""
+        deadline = time.monotonic() + DEADLINE_S
+        while True:
+            candidate = self.client(user, **options)
+            try:
+                return await stack.enter_async_context(candidate)
+            except aiomqtt.MqttError:
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.05)
+
+
+async def eventually(check: Callable[[], Any], what: str, within: float = DEADLINE_S) -> Any:
+    """Poll ``check`` (in a thread: it may query the database) until it is truthy."""
+    deadline = time.monotonic() + within
+    while True:
+        value = await asyncio.to_thread(check)
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"never happened: {what}")
+        await asyncio.sleep(0.02)
+
+
+async def disconnected(client: aiomqtt.Client) -> None:
+    """Read until the broker drops ``client`` (messages already on their way may come first)."""
+
+    async def drain() -> None:
+        async with asyncio.timeout(DEADLINE_S):
+            async for _ in client.messages:
+                pass
+
+    with pytest.raises(aiomqtt.MqttError):
+        await drain()
+
+
+async def up(stack: AsyncExitStack, link: FleetLink) -> FleetLink:
+    await stack.enter_async_context(link)
+    async with asyncio.timeout(DEADLINE_S):
+        await link.wait_connected()
+    return link
+
+
+@contextmanager
+def make_fleet(database_url: str, tmp_path: Path, **settings: Any) -> Iterator[Fleet]:
+    engine = make_engine(database_url)
+    SQLModel.metadata.create_all(engine)
+    defaults: dict[str, Any] = {"data_dir": tmp_path / "data", "ingest_flush_ms": 20}
+    defaults.update(settings)
+    yield Fleet(engine, FleetSettings(**defaults))
+    engine.dispose()
+
+
+@pytest.fixture
+def fleet(database_url: str, tmp_path: Path, broker: MosquittoBroker) -> Iterator[Fleet]:
+    with make_fleet(
+        database_url,
+        tmp_path,
+        broker_url=broker.url,
+        broker_auth_dir=broker.auth_dir,
+        broker_pid_file=broker.pid_file,
+    ) as built:
+        yield built
+
+
+def test_ingest_stores_a_batch_once_even_when_replayed(fleet: Fleet) -> None:
+    fleet.enroll(A, B)
+    batch = telemetry(samples=3)
+    ev = Event(device_id=A, id=uid(), kind=EventKind.MODEL_READY, message="gemma ready")
+
+    async def scenario() -> None:
+        async with AsyncExitStack() as stack:
+            link = await up(stack, fleet.link())
+            a = await fleet.connect(stack, A)
+            await a.publish(topic(A, "telemetry"), encode(batch), qos=1)
+            await a.publish(topic(A, "events"), encode(ev), qos=1)
+            await a.publish(topic(A, "reported"), encode(reported()), qos=1, retain=True)
+            await eventually(lambda: link.status().stored == 4, "4 rows stored")
+            await eventually(lambda: fleet.device(A).reported is not None, "reported stored")
+            # The agent's spool replays after a reconnect: nothing is stored twice.
+            await a.publish(topic(A, "telemetry"), encode(batch), qos=1)
+            await a.publish(topic(A, "events"), encode(ev), qos=1)
+            await eventually(lambda: link.status().duplicates == 4, "4 duplicates")
+            status = link.status()
+            assert (status.stored, status.rejected) == (4, 0)
+            assert status.received == 5
+        assert fleet.count(TelemetryRow) == 3
+        assert fleet.count(EventRow) == 1
+        stored = fleet.device(A)
+        assert stored.online
+        assert stored.last_seen is not None
+        assert stored.agent_version == "1.0"
+
+    asyncio.run(scenario())
+
+
+def test_bad_input_is_rejected_counted_and_survived(fleet: Fleet) -> None:
+    fleet.enroll(A, B)
+    good = telemetry(samples=1)
+    truncated = encode(telemetry())[:-10]
+    wrong_types = b'{"device_id": "dev-aaa", "id": 7, "samples": {"a": 1}}'
+    oversized = b'{"device_id": "dev-aaa", "pad": "' + b"x" * MAX_PAYLOAD_BYTES + b'"}'
+
+    async def scenario() -> None:
+        async with AsyncExitStack() as stack:
+            link = await up(stack, fleet.link())
+            # The controller's account may write anywhere, so it can forge what a broken
+            # or hostile device would send if the ACL ever let it.
+            forger = await fleet.connect(stack, fleet.settings.broker_username)
+            for where, payload in [
+                (topic(A, "telemetry"), b"\x00\xff\xfe garbage"),
+                (topic(A, "telemetry"), truncated),
+                (topic(A, "telemetry"), wrong_types),
+                (topic(A, "events"), b"[]"),
+                (topic(A, "telemetry"), oversized),
+                (topic("dev-zzz", "telemetry"), encode(telemetry("dev-zzz"))),
+                (topic(B, "telemetry"), encode(telemetry(A))),  # A's batch on B's topic
+                (topic(A, "telemetry"), encode(good)),
+            ]:
+                await forger.publish(where, payload, qos=1)
+            await eventually(lambda: link.status().stored == 1, "the good batch stored")
+            await eventually(lambda: link.status().rejected == 7, "7 rejections")
+            assert link.status().rejected_by_reason == {
+                "invalid": 4,
+                "oversized": 1,
+                "unknown_device": 1,
+                "device_mismatch": 1,
+            }
+        assert fleet.count(TelemetryRow) == 1
+
+    asyncio.run(scenario())
+
+
+def test_desired_state_is_retained_for_a_device_that_connects_later(fleet: Fleet) -> None:
+    fleet.enroll(A, B)
+    state = DesiredState(device_id=A, version=3, models=[DesiredModel(name="gemma3-270m")])
+
+    async def scenario() -> None:
+        async with AsyncExitStack() as stack:
+            link = await up(stack, fleet.link())
+            await link.publish_desired(state)
+            a = await fleet.connect(stack, A)
+            await a.subscribe(topic(A, "desired"), qos=1)
+            await a.subscribe(topic(A, "cmd"), qos=1)
+            async with asyncio.timeout(DEADLINE_S):
+                message = await anext(a.messages)
+            assert message.retain
+            assert DesiredState.model_validate_json(message.payload) == state
+            command = Command(device_id=A, id=uid(), kind=CommandKind.REPORT)
+            await link.send_command(command)
+            async with asyncio.timeout(DEADLINE_S):
+                message = await anext(a.messages)
+            assert (message.topic.value, message.retain) == (topic(A, "cmd"), False)
+            assert Command.model_validate_json(message.payload) == command
+            # Cleared (revoked device): a later subscriber gets nothing retained.
+            await link.clear_desired(A)
+            await link.publish_desired(DesiredState(device_id=B, version=1))
+            b = await fleet.connect(stack, B)
+            await b.subscribe(topic(B, "desired"), qos=1)
+            async with asyncio.timeout(DEADLINE_S):
+                assert (await anext(b.messages)).topic.value == topic(B, "desired")
+            late = await fleet.connect(stack, A)
+            await late.subscribe(topic(A, "desired"), qos=1)
+            await late.subscribe(topic(A, "cmd"), qos=1)
+            await link.send_command(command)
+            async with asyncio.timeout(DEADLINE_S):
+                assert (await anext(late.messages)).topic.value == topic(A, "cmd")
+
+    asyncio.run(scenario())
+
+
+def test_stored_desired_states_are_republished_on_connect(fleet: Fleet) -> None:
+    fleet.enroll(A, B)
+    state = DesiredState(device_id=A, version=2)
+    fleet.update(A, desired=state.model_dump(mode="json"), desired_version=2)
+    fleet.update(
+        B,
+        desired=DesiredState(device_id=B, version=1).model_dump(mode="json"),
+        desired_version=1,
+        revoked_at=datetime.now(UTC),
+    )
+
+    async def scenario() -> None:
+        async with AsyncExitStack() as stack:
+            await up(stack, fleet.link())
+            watcher = await fleet.connect(stack, fleet.settings.broker_username)
+            await watcher.subscribe("edgefleet/v1/devices/+/desired", qos=1)
+            async with asyncio.timeout(DEADLINE_S):
+                message = await anext(watcher.messages)
+            assert message.topic.value == topic(A, "desired")  # never the revoked B's
+            assert DesiredState.model_validate_json(message.payload) == state
+
+    asyncio.run(scenario())
+
+
+def test_a_restarted_controller_keeps_its_state_and_gets_what_it_missed(fleet: Fleet) -> None:
+    fleet.enroll(A)
+
+    async def scenario() -> None:
+        async with AsyncExitStack() as stack:
+            async with fleet.link() as link:
+                async with asyncio.timeout(DEADLINE_S):
+                    await link.wait_connected()
+                a = await fleet.connect(stack, A)
+                await a.publish(
+                    topic(A, "reported"), encode(reported(version="2.0")), qos=1, retain=True
+                )
+                await a.publish(topic(A, "telemetry"), encode(telemetry()), qos=1)
+                await eventually(lambda: link.status().stored == 2, "first batch stored")
+            # The controller is away: the broker queues QoS 1 messages for its session.
+            await a.publish(topic(A, "telemetry"), encode(telemetry(samples=3)), qos=1)
+            fleet.update(A, reported=None, reported_at=None)  # forget, to see it re-read
+            async with fleet.link() as link:
+                await eventually(lambda: link.status().stored == 3, "the queued batch")
+                await eventually(
+                    lambda: (fleet.device(A).reported or {}).get("agent_version") == "2.0",
+                    "the retained reported state re-read",
+                )
+        assert fleet.count(TelemetryRow) == 5
+
+    asyncio.run(scenario())
+
+
+def test_the_link_rides_out_a_broker_restart(fleet: Fleet, broker: MosquittoBroker) -> None:
+    fleet.enroll(A)
+
+    async def scenario() -> None:
+        async with AsyncExitStack() as stack:
+            link = await up(stack, fleet.link())
+            await asyncio.to_thread(broker.stop)
+            await eventually(lambda: not link.status().connected, "the link notices")
+            with pytest.raises(BrokerUnavailable):
+                await link.publish_desired(DesiredState(device_id=A, version=1))
+            assert link.status().last_error
+            await asyncio.to_thread(broker.start)
+            await eventually(lambda: link.status().connected, "the link reconnects")
+            a = await fleet.connect(stack, A)
+            await a.publish(topic(A, "telemetry"), encode(telemetry()), qos=1)
+            await eventually(lambda: fleet.count(TelemetryRow) == 2, "ingest goes on")
+            await link.publish_desired(DesiredState(device_id=A, version=1))
+
+    asyncio.run(scenario())
+
+
+def test_a_broker_that_is_down_at_start_does_not_stop_the_controller(
+    database_url: str, tmp_path: Path
+) -> None:
+    dead = f"mqtt://127.0.0.1:{free_port()}"
+    with make_fleet(database_url, tmp_path, broker_url=dead, manage_broker_auth=False) as fleet:
+
+        async def scenario() -> None:
+            async with fleet.link() as link:
+                await eventually(lambda: link.status().last_error, "a connection error")
+                status = link.status()
+                assert not status.connected
+                assert status.broker_url == dead
+                with pytest.raises(BrokerUnavailable):
+                    await link.send_command(Command(device_id=A, id=uid(), kind=CommandKind.REPORT))
+
+        asyncio.run(scenario())
+
+
+def test_silent_devices_are_marked_offline(
+    database_url: str, tmp_path: Path, broker: MosquittoBroker
+) -> None:
+    with make_fleet(
+        database_url,
+        tmp_path,
+        broker_url=broker.url,
+        broker_auth_dir=broker.auth_dir,
+        broker_pid_file=broker.pid_file,
+        heartbeat_interval_s=0.2,
+    ) as fleet:
+
+        async def scenario() -> None:
+            fleet.enroll(A)
+            async with AsyncExitStack() as stack:
+                await up(stack, fleet.link())
+                a = await fleet.connect(stack, A)
+                await a.publish(topic(A, "telemetry"), encode(telemetry()), qos=1)
+                await eventually(lambda: fleet.device(A).online, "online")
+                await eventually(lambda: not fleet.device(A).online, "offline after 3 beats")
+                offline = Event(device_id=A, id=uid(), kind=EventKind.ONLINE)
+                await a.publish(topic(A, "events"), encode(offline), qos=1)
+                await eventually(lambda: fleet.device(A).online, "online again")
+
+        asyncio.run(scenario())
+
+
+def test_shared_subscriptions_on_mosquitto(fleet: Fleet) -> None:
+    fleet.enroll(A)
+
+    async def scenario() -> None:
+        async with AsyncExitStack() as stack:
+            link = await up(stack, fleet.link(shared_subscription_group="fleet"))
+            status = link.status()
+            assert (status.protocol, status.shared_subscription) == ("5", True)
+            a = await fleet.connect(stack, A)
+            await a.publish(topic(A, "telemetry"), encode(telemetry()), qos=1)
+            await eventually(lambda: link.status().stored == 2, "stored through $share")
+
+    asyncio.run(scenario())
+
+
+def test_revoking_a_device_cuts_it_off(fleet: Fleet) -> None:
+    fleet.enroll(A, B)
+
+    async def scenario() -> None:
+        async with AsyncExitStack() as stack:
+            link = await up(stack, fleet.link())
+            a = await fleet.connect(stack, A)
+            await a.subscribe(topic(A, "desired"), qos=1)
+            await a.publish(topic(A, "reported"), encode(reported()), qos=1, retain=True)
+            await eventually(lambda: fleet.device(A).reported, "reported stored")
+            # What the API does on revocation: mark it, sync the broker, clear its retained.
+            fleet.update(A, revoked_at=datetime.now(UTC))
+            await link.sync_auth()
+            await link.clear_desired(A)
+            await disconnected(a)
+            with pytest.raises(aiomqtt.MqttError):
+                async with fleet.client(A):
+                    pass
+            watcher = await fleet.connect(stack, fleet.settings.broker_username)
+            await watcher.subscribe(topic(A, "reported"), qos=1)
+            await watcher.subscribe(topic(A, "desired"), qos=1)
+            b = await fleet.connect(stack, B)
+            await b.publish(topic(B, "reported"), encode(reported(B)), qos=1, retain=True)
+            await watcher.subscribe(topic(B, "reported"), qos=1)
+            async with asyncio.timeout(DEADLINE_S):
+                first = await anext(watcher.messages)
+            assert first.topic.value == topic(B, "reported")  # nothing of A's is retained
+            assert link.status().rejected == 0
+
+    asyncio.run(scenario())
+
+
+def test_a_device_enrolled_by_another_replica_is_found_on_its_first_message(
+    fleet: Fleet,
+) -> None:
+    fleet.enroll(A)
+
+    async def scenario() -> None:
+        async with AsyncExitStack() as stack:
+            link = await up(stack, fleet.link())
+            fleet.enroll(B)  # no sync_auth here: the link's device cache does not know B
+            forger = await fleet.connect(stack, fleet.settings.broker_username)
+            await forger.publish(topic(B, "telemetry"), encode(telemetry(B)), qos=1)
+            await eventually(lambda: link.status().stored == 2, "stored after a re-read")
+            assert link.status().rejected == 0
+
+    asyncio.run(scenario())
+
+
+def test_old_telemetry_is_pruned_at_start(fleet: Fleet) -> None:
+    fleet.enroll(A)
+    old = datetime.now(UTC) - timedelta(days=fleet.settings.retention_days + 1)
+    with Session(fleet.engine) as session:
+        for ts in (old, datetime.now(UTC)):
+            session.add(
+                TelemetryRow(
+                    device_id=A,
+                    sample_id=uid(),
+                    seq=0,
+                    ts=ts,
+                    window_s=5,
+                    requests=0,
+                    errors=0,
+                    rejections=0,
+                    sent_at=ts,
+                    stored_at=ts,
+                )
+            )
+        session.commit()
+
+    async def scenario() -> None:
+        async with fleet.link():
+            await eventually(lambda: fleet.count(TelemetryRow) == 1, "the old sample pruned")
+
+    asyncio.run(scenario())
+
+
+# --- the embedded broker ----------------------------------------------------------------
+
+
+@pytest.fixture
+def embedded_fleet(database_url: str, tmp_path: Path) -> Iterator[Fleet]:
+    with make_fleet(database_url, tmp_path, embedded_broker_port=free_port()) as built:
+        yield built
+
+
+def test_the_embedded_broker_end_to_end(embedded_fleet: Fleet) -> None:
+    fleet = embedded_fleet
+    fleet.enroll(A, B)
+    port = fleet.settings.embedded_broker_port
+
+    async def scenario() -> None:
+        async with AsyncExitStack() as stack:
+            link = await up(stack, fleet.link(shared_subscription_group="fleet"))
+            status = link.status()
+            assert status.embedded_broker
+            assert (status.protocol, status.shared_subscription) == ("3.1.1", False)
+            assert status.broker_url == f"mqtt://127.0.0.1:{port}"
+            await link.publish_desired(DesiredState(device_id=A, version=1))
+            a = await fleet.connect(stack, A, port=port)
+            await a.subscribe(topic(A, "desired"), qos=1)
+            async with asyncio.timeout(DEADLINE_S):
+                assert (await anext(a.messages)).retain
+            await a.publish(topic(A, "telemetry"), encode(telemetry()), qos=1)
+            await a.publish(topic(B, "telemetry"), encode(telemetry(B)), qos=1)  # refused
+            await eventually(lambda: link.status().stored == 2, "stored")
+            fleet.update(A, revoked_at=datetime.now(UTC))
+            await link.sync_auth()
+            await link.clear_desired(A)
+            await disconnected(a)
+            with pytest.raises(aiomqtt.MqttError):
+                async with fleet.client(A, port=port):
+                    pass
+        assert fleet.count(TelemetryRow) == 2
+
+    asyncio.run(scenario())
+
+
+def test_an_mqtt_311_only_broker_gets_plain_subscriptions(
+    database_url: str, tmp_path: Path
+) -> None:
+    port = free_port()
+    auth = tmp_path / "auth"
+    with make_fleet(
+        database_url,
+        tmp_path,
+        broker_url=f"mqtt://127.0.0.1:{port}",
+        broker_auth_dir=auth,
+        shared_subscription_group="fleet",
+    ) as fleet:
+
+        async def scenario() -> None:
+            fleet.enroll(A)
+            async with AsyncExitStack() as stack:
+                link = await stack.enter_async_context(fleet.link())  # writes the files
+                await stack.enter_async_context(
+                    EmbeddedBroker(
+                        host="127.0.0.1",
+                        port=port,
+                        password_file=auth / "passwd",
+                        controller_username=fleet.settings.broker_username,
+                    )
+                )
+                async with asyncio.timeout(DEADLINE_S):
+                    await link.wait_connected()
+                status = link.status()
+                assert (status.protocol, status.shared_subscription) == ("3.1.1", False)
+                a = await fleet.connect(stack, A)
+                await a.publish(topic(A, "telemetry"), encode(telemetry()), qos=1)
+                await eventually(lambda: link.status().stored == 2, "stored")
+
+        asyncio.run(scenario())
+
+
+# --- the database going away ------------------------------------------------------------
+
+
+def test_a_locked_database_delays_ingest_but_loses_nothing(
+    tmp_path: Path, broker: MosquittoBroker
+) -> None:
+    path = tmp_path / "fleet.db"
+    engine = sa.create_engine(f"sqlite:///{path}", connect_args={"timeout": 0.05})
+    SQLModel.metadata.create_all(engine)
+    settings = FleetSettings(
+        data_dir=tmp_path / "data",
+        broker_url=broker.url,
+        broker_auth_dir=broker.auth_dir,
+        broker_pid_file=broker.pid_file,
+        ingest_flush_ms=20,
+    )
+    fleet = Fleet(engine, settings)
+    fleet.enroll(A)
+
+    async def scenario() -> None:
+        async with AsyncExitStack() as stack:
+            link = await up(stack, fleet.link())
+            a = await fleet.connect(stack, A)
+            blocker = sqlite3.connect(path, isolation_level=None)
+            try:
+                blocker.execute("BEGIN EXCLUSIVE")
+                await a.publish(topic(A, "telemetry"), encode(telemetry(samples=4)), qos=1)
+                await eventually(lambda: link.status().db_retries >= 2, "retries")
+                assert link.status().stored == 0
+                assert link.status().backlog == 1
+            finally:
+                blocker.execute("ROLLBACK")
+                blocker.close()
+            await eventually(lambda: link.status().stored == 4, "stored after the lock")
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        engine.dispose()
+
+
+def test_the_public_api_is_what_we_meant() -> None:
+    import fleet.link
+
+    assert fleet.link.__all__ == [
+        "Access",
+        "FleetLink",
+        "LinkPort",
+        "LinkStats",
+        "LinkStatus",
+        "ReconnectPolicy",
+        "acl_allows",
+    ]
+    for name in fleet.link.__all__:
+        assert getattr(fleet.link, name) is not None
