@@ -12,11 +12,19 @@ import binascii
 from datetime import datetime, timedelta
 
 from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-from models.wire import EnrollmentRequest, enrollment_proof
+from models.device import DeviceReport
+from models.wire import EnrollmentRequest, b64, enrollment_proof
 
-__all__ = ["ENROLLMENT_MAX_SKEW", "TrustError", "verify_enrollment"]
+__all__ = [
+    "ENROLLMENT_MAX_SKEW",
+    "TrustError",
+    "public_key_b64",
+    "sign_enrollment",
+    "verify_enrollment",
+]
 
 ENROLLMENT_MAX_SKEW = timedelta(minutes=5)
 
@@ -53,3 +61,30 @@ def verify_enrollment(
     except InvalidSignature:
         raise TrustError("signature does not match public_key") from None
     return key
+
+
+def public_key_b64(key: Ed25519PrivateKey) -> str:
+    """The public half of ``key`` as the wire carries it: base64 of the raw 32 bytes."""
+    return b64(key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw))
+
+
+def sign_enrollment(
+    key: Ed25519PrivateKey,
+    token: str,
+    *,
+    name: str,
+    agent_version: str,
+    device: DeviceReport,
+    now: datetime,
+) -> EnrollmentRequest:
+    """The enrollment request a device holding ``key`` sends at ``now``, signed."""
+    public_key = public_key_b64(key)
+    return EnrollmentRequest(
+        token=token,
+        public_key=public_key,
+        timestamp=now,
+        signature=b64(key.sign(enrollment_proof(token, public_key, now))),
+        name=name,
+        agent_version=agent_version[:64],
+        device=device,
+    )

@@ -25,6 +25,7 @@ from models.topics import Channel, DeviceId
 
 __all__ = [
     "CHANNEL_MESSAGES",
+    "ENROLL_PATH",
     "MAX_PAYLOAD_BYTES",
     "MAX_SAMPLES_PER_BATCH",
     "SCHEMA_VERSION",
@@ -56,6 +57,7 @@ __all__ = [
 SCHEMA_VERSION = 1
 MAX_PAYLOAD_BYTES = 256 * 1024  # bytes; larger MQTT payloads are rejected unread
 MAX_SAMPLES_PER_BATCH = 500
+ENROLL_PATH = "/api/v1/enroll"  # on the controller's HTTP API
 
 MessageId = Annotated[str, Field(min_length=8, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")]
 """A sender-chosen unique id (a UUID's hex); receivers store each id once."""

@@ -1,7 +1,7 @@
 """Enrollment: prove possession of the device key, present a token, get an identity.
 
-The pure half (:func:`build_request`, :func:`explain_rejection`) builds the request
-and turns the controller's refusal into a message saying what to do; the I/O half
+The pure half (:func:`models.trust.sign_enrollment`, :func:`explain_rejection`) builds
+the request and turns the controller's refusal into a message saying what to do; the I/O half
 (:func:`enroll`) posts it with httpx and persists the result. A refusal is
 :class:`~agent.link.errors.EnrollmentRejected` (never retried as is); no answer is
 :class:`~agent.link.errors.LinkUnavailable` (the link retries with backoff).
@@ -12,53 +12,26 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from datetime import datetime
 
 import httpx
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from pydantic import ValidationError
 
 from agent.link.errors import EnrollmentRejected, LinkUnavailable
 from agent.link.identity import Identity, StateDir
 from models.device import DeviceReport
-from models.wire import EnrollmentRequest, EnrollmentResponse, b64, enrollment_proof, utc_now
+from models.trust import sign_enrollment
+from models.wire import ENROLL_PATH, EnrollmentRequest, EnrollmentResponse, utc_now
 
-__all__ = ["ENROLL_PATH", "build_request", "device_name", "enroll", "explain_rejection"]
+__all__ = ["device_name", "enroll", "explain_rejection"]
 
 log = logging.getLogger(__name__)
 
-ENROLL_PATH = "/api/v1/enroll"
 _NEW_TOKEN = "create a new one with `edgefleet tokens create` and start again with --token"  # noqa: S105 - advice, not a secret
 
 
 def device_name(device: DeviceReport) -> str:
     """The human name a device enrolls under: its hostname, cut to what the wire allows."""
     return (device.hostname.strip() or "edgefleet-device")[:128]
-
-
-def build_request(
-    key: Ed25519PrivateKey,
-    token: str,
-    *,
-    name: str,
-    agent_version: str,
-    device: DeviceReport,
-    now: datetime,
-) -> EnrollmentRequest:
-    """The signed enrollment request; pure apart from the signature's arithmetic."""
-    raw = key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-    public_key = b64(raw)
-    signature = key.sign(enrollment_proof(token, public_key, now))
-    return EnrollmentRequest(
-        token=token,
-        public_key=public_key,
-        timestamp=now,
-        signature=b64(signature),
-        name=name,
-        agent_version=agent_version[:64],
-        device=device,
-    )
 
 
 def _reason(body: bytes) -> str:
@@ -151,7 +124,7 @@ async def enroll(
     """Enroll this device once and save its identity; raises on refusal or no answer."""
     key = await asyncio.to_thread(state.device_key)
     now = utc_now()
-    request = build_request(
+    request = sign_enrollment(
         key, token, name=device_name(device), agent_version=agent_version, device=device, now=now
     )
     async with httpx.AsyncClient(

@@ -20,10 +20,11 @@ from pathlib import Path
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
+from models import trust
 from models.device import DeviceReport
-from models.wire import BrokerCredentials, EnrollmentRequest, b64, enrollment_proof
+from models.trust import sign_enrollment
+from models.wire import BrokerCredentials, EnrollmentRequest, b64
 
 __all__ = [
     "Identity",
@@ -50,8 +51,7 @@ def new_private_key() -> bytes:
 
 
 def public_key_b64(private_key: bytes) -> str:
-    key = Ed25519PrivateKey.from_private_bytes(private_key).public_key()
-    return b64(key.public_bytes(Encoding.Raw, PublicFormat.Raw))
+    return trust.public_key_b64(Ed25519PrivateKey.from_private_bytes(private_key))
 
 
 def enrollment_request(
@@ -64,18 +64,9 @@ def enrollment_request(
     now: datetime,
 ) -> EnrollmentRequest:
     """The signed request a device with ``private_key`` sends to enroll at ``now``."""
-    public = public_key_b64(private_key)
-    signature = Ed25519PrivateKey.from_private_bytes(private_key).sign(
-        enrollment_proof(token, public, now)
-    )
-    return EnrollmentRequest(
-        token=token,
-        public_key=public,
-        timestamp=now,
-        signature=b64(signature),
-        name=name,
-        agent_version=agent_version,
-        device=device,
+    key = Ed25519PrivateKey.from_private_bytes(private_key)
+    return sign_enrollment(
+        key, token, name=name, agent_version=agent_version, device=device, now=now
     )
 
 

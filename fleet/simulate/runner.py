@@ -42,7 +42,7 @@ from fleet.simulate.identity import (
 )
 from fleet.simulate.schedule import aligned_base, shard_indices, start_offset
 from fleet.simulate.telemetry import device_report, profile_for
-from models.wire import EnrollmentResponse
+from models.wire import ENROLL_PATH, EnrollmentResponse
 
 __all__ = [
     "DEFAULT_AGENT_VERSION",
@@ -58,7 +58,6 @@ __all__ = [
 _log = logging.getLogger(__name__)
 
 DEFAULT_AGENT_VERSION = "0.1.0-sim"
-ENROLL_PATH = "/api/v1/enroll"
 
 
 class SimulationError(Exception):

@@ -18,12 +18,12 @@ from typer.testing import CliRunner
 from agent.cli import app as cli
 from agent.config import LinkSettings
 from agent.errors import ConfigError
-from agent.link.enroll import build_request, enroll, explain_rejection, request_enrollment
+from agent.link.enroll import enroll, explain_rejection, request_enrollment
 from agent.link.errors import EnrollmentRejected, IdentityError, LinkUnavailable
 from agent.link.fleet import FleetLink, prepare_identity
 from agent.link.identity import StateDir
 from models.device import DeviceReport
-from models.trust import verify_enrollment
+from models.trust import sign_enrollment, verify_enrollment
 from models.wire import EnrollmentRequest
 from tests.agent.link_support import (
     FakeController,
@@ -54,7 +54,7 @@ def open_umask() -> Iterator[None]:
 def test_the_request_proves_possession_of_the_key() -> None:
     key = Ed25519PrivateKey.generate()
     now = datetime.now(UTC)
-    request = build_request(
+    request = sign_enrollment(
         key, "tok-1", name="edge-1", agent_version="0.1.0", device=DEVICE_REPORT, now=now
     )
     raw = key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
@@ -117,7 +117,7 @@ def test_refusals_say_what_to_do(status: int, body: bytes, expect: str) -> None:
 
 def request() -> EnrollmentRequest:
     key = Ed25519PrivateKey.generate()
-    return build_request(
+    return sign_enrollment(
         key, "t", name="n", agent_version="1", device=DEVICE_REPORT, now=datetime.now(UTC)
     )
 
