@@ -84,7 +84,10 @@ class MosquittoBroker:
 
     def start(self) -> None:
         assert self.process is None, "already running"
-        self.process = subprocess.Popen([MOSQUITTO, "-c", str(self.config)])
+        with self.log_file.open("ab") as out:  # its start-up warnings, e.g. about root
+            self.process = subprocess.Popen(
+                [MOSQUITTO, "-c", str(self.config)], stdout=out, stderr=subprocess.STDOUT
+            )
         wait_port(self.port)
 
     def stop(self) -> None:
