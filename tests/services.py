@@ -59,8 +59,13 @@ class MosquittoBroker:
         (root / "data").mkdir(exist_ok=True)
         for name in ("passwd", "acl"):
             (self.auth_dir / name).touch(mode=0o600)
+        # A second listener as production should expose to devices: there the client id
+        # is the username, so no device can take over another's session (docs/broker.md).
+        self.device_port = free_port()
         lines = [
             f"listener {self.port} 127.0.0.1",
+            f"listener {self.device_port} 127.0.0.1",
+            "use_username_as_clientid true",
             "allow_anonymous false",
             f"password_file {self.auth_dir / 'passwd'}",
             f"acl_file {self.auth_dir / 'acl'}",

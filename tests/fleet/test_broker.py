@@ -373,9 +373,32 @@ def test_qos1_messages_arrive_even_when_the_sender_leaves_at_once(mqtt: BrokerUn
     asyncio.run(scenario())
 
 
+def test_on_mosquittos_device_listener_no_device_can_take_anothers_client_id(
+    broker: MosquittoBroker, tmp_path: Path
+) -> None:
+    # The device-facing listener sets use_username_as_clientid: A's forged client id is
+    # replaced by A's username, so B's session survives (docs/broker.md).
+    settings = FleetSettings(
+        data_dir=tmp_path / "data",
+        broker_url=broker.url,
+        broker_auth_dir=broker.auth_dir,
+        broker_pid_file=broker.pid_file,
+    )
+    target = BrokerUnderTest("mosquitto", settings, broker.port, mosquitto=broker)
+
+    async def scenario() -> None:
+        async with target.running(), client(broker.device_port, B) as b:
+            await b.subscribe(topic(B, "desired"), qos=1)
+            async with client(broker.device_port, A, identifier=B) as a:
+                await a.publish(topic(A, "telemetry"), b"from-a", qos=1)
+            async with client(broker.port, CTL) as ctl:
+                await ctl.publish(topic(B, "desired"), b"still-b", qos=1)
+            assert (await next_message(b.messages)).payload == b"still-b"
+
+    asyncio.run(scenario())
+
+
 def test_the_embedded_broker_holds_devices_to_their_own_client_id(tmp_path: Path) -> None:
-    # Mosquitto cannot (use_username_as_clientid would bind the controller too): there a
-    # device could knock another off by taking its client id. docs/broker.md says so.
     target = BrokerUnderTest("embedded", FleetSettings(data_dir=tmp_path), free_port())
 
     async def scenario() -> None:
