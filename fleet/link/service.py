@@ -14,11 +14,10 @@
   connect it subscribes (QoS 1, MQTT 5 shared subscriptions when a group is set) and
   republishes every non-revoked device's stored desired state, retained.
 - **ingest**: each message is parsed once (:func:`fleet.link.ingest.parse`), checked
-  against a cache of device ids, buffered, and acknowledged; a flusher writes the
-  buffer in batches (``ingest_batch_rows`` rows, at most ``ingest_flush_ms`` old) in a
-  worker thread, retrying with backoff while the database is unavailable. Messages
-  are acknowledged to the broker once buffered (not when paho reads them), so a clean
-  shutdown loses nothing: what was not yet taken is redelivered on the next session.
+  against a cache of device ids, handed to the batch writer (:mod:`fleet.link.writer`)
+  and acknowledged. Messages are acknowledged to the broker once buffered (not when
+  paho reads them), so a clean shutdown loses nothing: what was not yet taken is
+  redelivered on the next session.
 - **presence and retention**: devices silent for three heartbeats are marked offline;
   telemetry and events older than ``retention_days`` are deleted, at start and hourly.
 """
@@ -32,9 +31,8 @@ import random
 import ssl
 import sys
 import time
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Callable, Coroutine
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -66,6 +64,7 @@ from fleet.link.ingest import (
     parse,
 )
 from fleet.link.passwords import hash_password
+from fleet.link.writer import BatchWriter
 from models.topics import Channel, DeviceTopic, shared_subscription, subscription
 from models.wire import Command, DesiredState, encode
 
@@ -178,28 +177,14 @@ class FleetLink:
         self._directory = DeviceDirectory()
         self._parked: list[Accepted] = []
         self._refresh_now = asyncio.Event()
-        # Ingest buffer: (monotonic arrival, message), and the rows it holds.
-        self._buffer: deque[tuple[float, Accepted]] = deque()
-        self._buffered_rows = 0
-        self._writing = 0  # messages in the batch being written (or retried)
-        self._wake_flusher = asyncio.Event()
         self._closing = False
-        self._give_up_at = 0.0  # monotonic; set on exit: stop retrying the database then
-        self._batch_rows = settings.ingest_batch_rows
-        self._flush_s = settings.ingest_flush_ms / 1000
-        self._max_backlog_rows = max(10_000, 100 * settings.ingest_batch_rows)
-        # Counters.
         self._received = 0
-        self._stored = 0
-        self._duplicates = 0
         self._rejected: Counter[str] = Counter()
-        self._db_retries = 0
-        self._overflowed = 0
         self._reject_log = _RateLimitedLog(log, REJECT_LOG_EVERY_S)
         self._warn_log = _RateLimitedLog(log, REJECT_LOG_EVERY_S)
+        self._writer: BatchWriter | None = None
         # Desired versions published in the current session (see _republish_desired).
         self._published: dict[str, int] = {}
-        self._db_executor: ThreadPoolExecutor | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._session_task: asyncio.Task[None] | None = None
         self._flusher_task: asyncio.Task[None] | None = None
@@ -211,7 +196,14 @@ class FleetLink:
         settings = self._settings
         self._password = await asyncio.to_thread(controller_password, settings)
         self._controller_hash = await asyncio.to_thread(hash_password, self._password)
-        self._db_executor = ThreadPoolExecutor(1, thread_name_prefix="edgefleet-ingest")
+        self._writer = BatchWriter(
+            self._engine,
+            batch_rows=settings.ingest_batch_rows,
+            flush_s=settings.ingest_flush_ms / 1000,
+            retry_delay=self._reconnect.delay,
+            reject=self._reject,
+            warn=self._warn_log.warning,
+        )
         try:
             await self.sync_auth()
             if settings.broker_url is None:
@@ -236,9 +228,9 @@ class FleetLink:
                     self._protocol = aiomqtt.ProtocolVersion.V5
         except BaseException:
             await self._stop_embedded()
-            self._db_executor.shutdown(wait=False)
+            self._writer.shutdown()
             raise
-        self._flusher_task = self._spawn(self._flush_loop(), "flusher")
+        self._flusher_task = self._spawn(self._writer.run(), "flusher")
         self._session_task = self._spawn(self._session_loop(), "session")
         self._tasks += [
             self._spawn(self._directory_loop(), "directory"),
@@ -251,10 +243,10 @@ class FleetLink:
         # Stop taking messages first (what is not acknowledged is redelivered next
         # session), then store what was taken, then stop the rest.
         self._closing = True
-        self._give_up_at = time.monotonic() + SHUTDOWN_FLUSH_S
         if self._session_task is not None:
             await self._cancel(self._session_task)
-        self._wake_flusher.set()
+        if self._writer is not None:
+            self._writer.close(SHUTDOWN_FLUSH_S)
         if self._flusher_task is not None:
             try:
                 await asyncio.wait_for(asyncio.shield(self._flusher_task), SHUTDOWN_FLUSH_S + 5)
@@ -264,10 +256,8 @@ class FleetLink:
             await self._cancel(task)
         self._tasks.clear()
         await self._stop_embedded()
-        if self._db_executor is not None:
-            self._db_executor.shutdown(wait=True)
-        if self._buffer:
-            log.error("shut down with %d messages not stored", len(self._buffer))
+        if self._writer is not None:
+            self._writer.shutdown()
 
     def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
         return asyncio.get_running_loop().create_task(coro, name=f"edgefleet-link-{name}")
@@ -333,20 +323,21 @@ class FleetLink:
         await self._publish(topic, encode(command), retain=False)
 
     def status(self) -> LinkStats:
+        writer = self._writer
         return LinkStats(
             connected=self._connected.is_set(),
             broker_url=self._broker_url,
             embedded_broker=self._settings.broker_url is None,
             received=self._received,
-            stored=self._stored,
-            duplicates=self._duplicates,
+            stored=writer.stored if writer else 0,
+            duplicates=writer.duplicates if writer else 0,
             rejected=sum(self._rejected.values()),
             rejected_by_reason=dict(self._rejected),
             protocol="5" if self._protocol is aiomqtt.ProtocolVersion.V5 else "3.1.1",
             shared_subscription=self._shared,
-            backlog=len(self._buffer) + self._writing,
-            db_retries=self._db_retries,
-            overflowed=self._overflowed,
+            backlog=writer.backlog if writer else 0,
+            db_retries=writer.db_retries if writer else 0,
+            overflowed=writer.overflowed if writer else 0,
             last_error=None if self._connected.is_set() else self._last_error,
         )
 
@@ -593,87 +584,8 @@ class FleetLink:
         )
 
     def _enqueue(self, item: Accepted) -> None:
-        if self._buffered_rows >= self._max_backlog_rows:
-            self._overflowed += 1
-            self._warn_log.warning(
-                "overflow",
-                "ingest backlog full (%d rows waiting for the database): dropping messages",
-                self._buffered_rows,
-            )
-            return
-        was_empty = not self._buffer
-        self._buffer.append((time.monotonic(), item))
-        self._buffered_rows += item.rows
-        if was_empty or self._buffered_rows >= self._batch_rows:
-            self._wake_flusher.set()
-
-    def _take_chunk(self) -> list[Accepted]:
-        chunk: list[Accepted] = []
-        rows = 0
-        while self._buffer and (not chunk or rows + self._buffer[0][1].rows <= self._batch_rows):
-            _, item = self._buffer.popleft()
-            chunk.append(item)
-            rows += item.rows
-        self._buffered_rows -= rows
-        return chunk
-
-    async def _flush_loop(self) -> None:
-        while True:
-            if not self._buffer:
-                if self._closing:
-                    return
-                self._wake_flusher.clear()
-                await self._wake_flusher.wait()
-                continue
-            if not self._closing and self._buffered_rows < self._batch_rows:
-                remaining = self._buffer[0][0] + self._flush_s - time.monotonic()
-                if remaining > 0:
-                    self._wake_flusher.clear()
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self._wake_flusher.wait(), remaining)
-                    continue
-            chunk = self._take_chunk()
-            self._writing = len(chunk)
-            try:
-                await self._store(chunk)
-            finally:
-                self._writing = 0
-
-    async def _store(self, items: list[Accepted]) -> None:
-        loop = asyncio.get_running_loop()
-        attempt = 0
-        while True:
-            try:
-                result = await loop.run_in_executor(
-                    self._db_executor, store.write_batch, self._engine, items
-                )
-                break
-            except DatabaseUnavailable as exc:
-                self._db_retries += 1
-                if self._closing and time.monotonic() > self._give_up_at:
-                    log.error(
-                        "database still unavailable at shutdown: %d messages lost", len(items)
-                    )
-                    return
-                self._warn_log.warning(
-                    "db", "database unavailable, retrying %d messages: %s", len(items), exc
-                )
-                await asyncio.sleep(min(self._reconnect.delay(attempt), 5.0))
-                attempt += 1
-            except Exception:  # a bug, not bad input: log it and keep the loop alive
-                log.exception("storing %d messages failed; they are dropped", len(items))
-                self._rejected[Reason.STORE_FAILED.value] += len(items)
-                return
-        self._stored += result.stored
-        self._duplicates += result.duplicates
-        for item, detail in result.failed:
-            self._reject(
-                Rejection(
-                    Reason.STORE_FAILED,
-                    detail,
-                    str(DeviceTopic(item.device_id, item.channel)),
-                )
-            )
+        assert self._writer is not None, "the link is not entered"
+        self._writer.add(item)
 
     # --- device directory ----------------------------------------------------------------
 

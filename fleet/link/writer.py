@@ -1,0 +1,161 @@
+"""The ingest buffer and its flusher: accepted messages in, batched database writes out.
+
+Messages wait at most ``ingest_flush_ms`` (or until ``ingest_batch_rows`` rows are
+waiting) and are then written in one transaction, in a worker thread so the event loop
+never blocks on the database. While the database is unavailable the batch is retried
+with backoff; nothing is dropped, except past a backlog bound that keeps memory finite.
+On close the writer stores what it holds, trying for a bounded time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+
+import sqlalchemy as sa
+
+from fleet.errors import DatabaseUnavailable
+from fleet.link import store
+from fleet.link.ingest import Accepted, Reason, Rejection
+from models.topics import DeviceTopic
+
+__all__ = ["BatchWriter"]
+
+log = logging.getLogger(__name__)
+
+Reject = Callable[[Rejection], None]
+Warn = Callable[..., None]  # (key, message, *args): a rate-limited warning
+
+
+class BatchWriter:
+    """Buffers accepted messages and writes them in batches; counts what happened."""
+
+    def __init__(
+        self,
+        engine: sa.Engine,
+        *,
+        batch_rows: int,
+        flush_s: float,
+        retry_delay: Callable[[int], float],
+        reject: Reject,
+        warn: Warn,
+    ) -> None:
+        self._engine = engine
+        self._batch_rows = batch_rows
+        self._flush_s = flush_s
+        self._max_backlog_rows = max(10_000, 100 * batch_rows)
+        self._retry_delay = retry_delay
+        self._reject = reject
+        self._warn = warn
+        self._buffer: deque[tuple[float, Accepted]] = deque()  # (monotonic arrival, message)
+        self._buffered_rows = 0
+        self._writing = 0  # messages in the batch being written (or retried)
+        self._wake = asyncio.Event()
+        self._closing = False
+        self._give_up_at = 0.0  # monotonic; set by close(): stop retrying the database then
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="edgefleet-ingest")
+        self.stored = 0
+        self.duplicates = 0
+        self.db_retries = 0
+        self.overflowed = 0
+
+    @property
+    def backlog(self) -> int:
+        """Messages taken but not yet stored."""
+        return len(self._buffer) + self._writing
+
+    def add(self, item: Accepted) -> None:
+        if self._buffered_rows >= self._max_backlog_rows:
+            self.overflowed += 1
+            self._warn(
+                "overflow",
+                "ingest backlog full (%d rows waiting for the database): dropping messages",
+                self._buffered_rows,
+            )
+            return
+        was_empty = not self._buffer
+        self._buffer.append((time.monotonic(), item))
+        self._buffered_rows += item.rows
+        if was_empty or self._buffered_rows >= self._batch_rows:
+            self._wake.set()
+
+    async def run(self) -> None:
+        """Flush until :meth:`close` was called and the buffer is empty."""
+        while True:
+            if not self._buffer:
+                if self._closing:
+                    return
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            if not self._closing and self._buffered_rows < self._batch_rows:
+                remaining = self._buffer[0][0] + self._flush_s - time.monotonic()
+                if remaining > 0:
+                    self._wake.clear()
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._wake.wait(), remaining)
+                    continue
+            chunk = self._take_chunk()
+            self._writing = len(chunk)
+            try:
+                await self._store(chunk)
+            finally:
+                self._writing = 0
+
+    def close(self, give_up_after_s: float) -> None:
+        """Write what is buffered now, retrying the database for at most ``give_up_after_s``."""
+        self._closing = True
+        self._give_up_at = time.monotonic() + give_up_after_s
+        self._wake.set()
+
+    def shutdown(self) -> None:
+        """Release the worker thread (after :meth:`run` has ended)."""
+        self._executor.shutdown(wait=True)
+        if self._buffer:
+            log.error("shut down with %d messages not stored", len(self._buffer))
+
+    def _take_chunk(self) -> list[Accepted]:
+        chunk: list[Accepted] = []
+        rows = 0
+        while self._buffer and (not chunk or rows + self._buffer[0][1].rows <= self._batch_rows):
+            _, item = self._buffer.popleft()
+            chunk.append(item)
+            rows += item.rows
+        self._buffered_rows -= rows
+        return chunk
+
+    async def _store(self, items: list[Accepted]) -> None:
+        loop = asyncio.get_running_loop()
+        attempt = 0
+        while True:
+            try:
+                result = await loop.run_in_executor(
+                    self._executor, store.write_batch, self._engine, items
+                )
+                break
+            except DatabaseUnavailable as exc:
+                self.db_retries += 1
+                if self._closing and time.monotonic() > self._give_up_at:
+                    log.error(
+                        "database still unavailable at shutdown: %d messages lost", len(items)
+                    )
+                    return
+                self._warn("db", "database unavailable, retrying %d messages: %s", len(items), exc)
+                await asyncio.sleep(min(self._retry_delay(attempt), 5.0))
+                attempt += 1
+            except Exception:  # a bug, not bad input: log it and keep the loop alive
+                log.exception("storing %d messages failed; they are dropped", len(items))
+                for item in items:
+                    topic = str(DeviceTopic(item.device_id, item.channel))
+                    self._reject(Rejection(Reason.STORE_FAILED, "storing failed", topic))
+                return
+        self.stored += result.stored
+        self.duplicates += result.duplicates
+        for item, detail in result.failed:
+            topic = str(DeviceTopic(item.device_id, item.channel))
+            self._reject(Rejection(Reason.STORE_FAILED, detail, topic))
