@@ -31,7 +31,6 @@ import contextlib
 import datetime as dt
 import importlib.metadata
 import json
-import math
 import os
 import platform
 import shutil
@@ -51,6 +50,18 @@ import httpx
 import psutil
 
 REPO = Path(__file__).resolve().parent.parent
+
+from benchlib import (  # noqa: E402 - scripts/ is on sys.path when a script runs
+    fmt,
+    git_commit,
+    make_log,
+    percentile,
+    read_text,
+    render_table,
+    tail,
+)
+
+log = make_log("bench")
 ALL_SYSTEMS = (
     "inprocess",
     "agent",
@@ -88,23 +99,7 @@ def prompt_for(index: int) -> str:
     return WARMUP_PROMPT if index == WARMUP else PROMPTS[index % len(PROMPTS)]
 
 
-def log(message: str) -> None:
-    stamp = dt.datetime.now(dt.UTC).strftime("%H:%M:%S")
-    print(f"[bench {stamp}] {message}", file=sys.stderr, flush=True)
-
-
 # --------------------------------------------------------------------------- statistics
-
-
-def percentile(values: Sequence[float], q: float) -> float | None:
-    """Linear-interpolation percentile (numpy's default), ``q`` in [0, 100]."""
-    if not values:
-        return None
-    ordered = sorted(values)
-    k = (len(ordered) - 1) * q / 100.0
-    lo = math.floor(k)
-    hi = min(lo + 1, len(ordered) - 1)
-    return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
 
 
 def median_or_none(values: Sequence[float | int | None]) -> float | None:
@@ -366,14 +361,6 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
-
-
-def tail(path: Path, lines: int = 30) -> str:
-    try:
-        text = path.read_text(errors="replace")
-    except OSError:
-        return ""
-    return "\n".join(text.splitlines()[-lines:])
 
 
 def tree_rss(pid: int) -> int | None:
@@ -708,13 +695,6 @@ def contention(before: CpuSnapshot, after: CpuSnapshot) -> dict[str, float]:
 # --------------------------------------------------------------------------- machine
 
 
-def read_text(path: str) -> str:
-    try:
-        return Path(path).read_text(errors="replace")
-    except OSError:
-        return ""
-
-
 def machine_description(args: argparse.Namespace) -> dict[str, Any]:
     cpuinfo = read_text("/proc/cpuinfo")
     model_name = next(
@@ -763,25 +743,7 @@ def machine_description(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def git_commit() -> str | None:
-    try:
-        out = subprocess.run(
-            ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=False,
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() or None
-
-
 # --------------------------------------------------------------------------- report
-
-
-def fmt(value: float | None, digits: int = 2) -> str:
-    return "-" if value is None else f"{value:.{digits}f}"
 
 
 def pct(value: float | None) -> str:
@@ -844,16 +806,6 @@ def compute_ratios(systems: dict[str, dict[str, Any]], clients: int) -> list[dic
         }
         for metric, value, goal in rows
     ]
-
-
-def render_table(rows: list[list[str]]) -> str:
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    lines = []
-    for n, row in enumerate(rows):
-        lines.append("  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row)).rstrip())
-        if n == 0:
-            lines.append("  ".join("-" * w for w in widths))
-    return "\n".join(lines)
 
 
 def report(doc: dict[str, Any]) -> str:

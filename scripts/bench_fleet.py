@@ -36,7 +36,6 @@ import argparse
 import contextlib
 import datetime as dt
 import json
-import math
 import multiprocessing
 import multiprocessing.connection
 import os
@@ -57,6 +56,18 @@ import httpx
 import psutil
 
 REPO = Path(__file__).resolve().parent.parent
+
+from benchlib import (  # noqa: E402 - scripts/ is on sys.path when a script runs
+    fmt,
+    git_commit,
+    make_log,
+    percentile,
+    read_text,
+    render_table,
+    tail,
+)
+
+log = make_log("bench-fleet")
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
@@ -67,22 +78,6 @@ TELEMETRY_FILTER = "edgefleet/v1/devices/+/telemetry"
 CONTROLLER_USER = "edgefleet-controller"  # FleetSettings.broker_username's default
 MiB = 1024 * 1024
 DEFAULT_STEPS = "500,1000,2000,3000"
-
-
-def log(message: str) -> None:
-    stamp = dt.datetime.now(dt.UTC).strftime("%H:%M:%S")
-    print(f"[bench-fleet {stamp}] {message}", file=sys.stderr, flush=True)
-
-
-def percentile(values: Sequence[float], q: float) -> float | None:
-    """Linear-interpolation percentile (numpy's default), ``q`` in [0, 100]."""
-    if not values:
-        return None
-    ordered = sorted(values)
-    k = (len(ordered) - 1) * q / 100.0
-    lo = math.floor(k)
-    hi = min(lo + 1, len(ordered) - 1)
-    return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
 
 
 def lag_summary(lags: Sequence[float]) -> dict[str, float | None]:
@@ -196,13 +191,6 @@ class Reference:
 
 
 # --------------------------------------------------------------------------- processes
-
-
-def tail(path: Path, lines: int = 40) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return ""
 
 
 def tree(pid: int) -> list[psutil.Process]:
@@ -779,10 +767,6 @@ def run_database(args: argparse.Namespace, kind: str, steps: list[int]) -> dict[
 # --------------------------------------------------------------------------- report
 
 
-def fmt(value: float | None, digits: int = 2) -> str:
-    return "-" if value is None else f"{value:.{digits}f}"
-
-
 def ratio(a: float | None, b: float | None) -> float | None:
     if a is None or b is None or b == 0:
         return None
@@ -799,16 +783,6 @@ def summary_line(step: dict[str, Any]) -> str:
         f"(reference {fmt(ref.get('lag', {}).get('p99_s'), 3)} s), missing {step.get('missing')}: "
         f"{state}"
     )
-
-
-def render_table(rows: list[list[str]]) -> str:
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    lines = []
-    for n, row in enumerate(rows):
-        lines.append("  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row)).rstrip())
-        if n == 0:
-            lines.append("  ".join("-" * w for w in widths))
-    return "\n".join(lines)
 
 
 def report(doc: dict[str, Any]) -> str:
@@ -893,27 +867,6 @@ def report(doc: dict[str, Any]) -> str:
 
 
 # --------------------------------------------------------------------------- main
-
-
-def read_text(path: str) -> str:
-    try:
-        return Path(path).read_text()
-    except OSError:
-        return ""
-
-
-def git_commit() -> str | None:
-    try:
-        out = subprocess.run(
-            ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=False,
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() or None
 
 
 def version_of(command: list[str]) -> str | None:
