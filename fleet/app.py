@@ -88,7 +88,7 @@ def _default_link(settings: FleetSettings, engine: Engine) -> AbstractAsyncConte
 def _prepare(settings: FleetSettings, engine: Engine) -> str:
     """Blocking start-up work: folders, schema, admin token, files settings name."""
     try:
-        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        settings.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)  # tokens, keys, hashes
     except OSError as exc:
         raise ConfigError(f"cannot create the data folder {settings.data_dir}: {exc}") from None
     if settings.broker_ca_file is not None and not settings.broker_ca_file.is_file():

@@ -80,7 +80,7 @@ def make_engine(url: str) -> Engine:
         if parsed.get_backend_name() == "sqlite":
             memory = parsed.database in {None, "", ":memory:"}
             if not memory and parsed.database is not None:
-                Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+                Path(parsed.database).parent.mkdir(mode=0o700, parents=True, exist_ok=True)
             engine = sa.create_engine(
                 parsed,
                 connect_args={"check_same_thread": False},

@@ -124,6 +124,9 @@ def test_serve_with_the_embedded_broker(tmp_path: Path) -> None:
     database_url = f"sqlite:///{tmp_path / 'controller' / 'fleet.db'}"
     with running_controller(tmp_path, database_url, "--broker-port", str(port)) as controller:
         assert f"MQTT broker (embedded): mqtt://127.0.0.1:{port}" in controller.output()
+        # the data folder holds the admin token and every credential hash: owner only
+        assert controller.data_dir.stat().st_mode & 0o777 == 0o700
+        assert (controller.data_dir / "admin-token").stat().st_mode & 0o777 == 0o600
         body = _enroll(controller)
         assert body["broker"]["url"] == f"mqtt://127.0.0.1:{port}"
         controller.cli("devices", "desired", body["device_id"], "--model", "gemma3-270m")
