@@ -21,6 +21,7 @@ from fleet.api import ROUTERS
 from fleet.api.deps import FleetState
 from fleet.api.errors import install_error_handlers
 from fleet.api.limits import BodyLimit
+from fleet.api.models import is_upload
 from fleet.client import ADMIN_TOKEN_FILE
 from fleet.config import FleetSettings
 from fleet.db import make_engine, migrate
@@ -140,7 +141,7 @@ def create_app(
         summary="Enroll devices, set what they run, read their telemetry",
         lifespan=lifespan,
     )
-    app.add_middleware(BodyLimit)
+    app.add_middleware(BodyLimit, unlimited=is_upload)
     install_error_handlers(app)
     for router in ROUTERS:
         app.include_router(router)

@@ -23,9 +23,11 @@ app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
 tokens_app = typer.Typer(no_args_is_help=True, help="Enrollment tokens: create, list, revoke.")
 devices_app = typer.Typer(no_args_is_help=True, help="Enrolled devices.")
 groups_app = typer.Typer(no_args_is_help=True, help="Groups of devices.")
+models_app = typer.Typer(no_args_is_help=True, help="The model registry: push, list, show, yank.")
 app.add_typer(tokens_app, name="tokens")
 app.add_typer(devices_app, name="devices")
 app.add_typer(groups_app, name="groups")
+app.add_typer(models_app, name="models")
 
 UrlOpt = Annotated[
     str,
@@ -586,6 +588,186 @@ def groups_desired(
 
 
 # --- status, version, simulate ----------------------------------------------------------------
+
+
+# --- models ---------------------------------------------------------------------------------
+
+
+def _size(n: int) -> str:
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{n} B"  # not reached
+
+
+@models_app.command("push")
+def models_push(
+    ctx: typer.Context,
+    file: Annotated[
+        Path, typer.Argument(exists=True, dir_okay=False, readable=True, help="GGUF or ONNX file")
+    ],
+    name: Annotated[str, typer.Option(help="model name: lower-case letters, digits, ._-")],
+    version: Annotated[str, typer.Option(help="version, e.g. 1.0.0")],
+    variant: Annotated[
+        str | None, typer.Option(help="variant, e.g. Q4_K_M (default: 'default')")
+    ] = None,
+    model_format: Annotated[
+        str | None,
+        typer.Option("--format", help="gguf or onnx (default: from the file's first bytes)"),
+    ] = None,
+    card: Annotated[
+        Path | None,
+        typer.Option(exists=True, dir_okay=False, readable=True, help="model card (Markdown)"),
+    ] = None,
+    context_length: Annotated[
+        int | None, typer.Option(min=1, help="the longest context it supports")
+    ] = None,
+    licence: Annotated[str | None, typer.Option(help="licence, e.g. an SPDX id")] = None,
+    quantization: Annotated[
+        str | None, typer.Option(help="quantization (default: the variant)")
+    ] = None,
+    url: UrlOpt = DEFAULT_URL,
+    admin_token: AdminTokenOpt = None,
+    data_dir: DataDirOpt = DEFAULT_DATA_DIR,
+    as_json: JsonOpt = False,
+) -> None:
+    """Upload a model file to the registry, streaming it with a progress bar."""
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TimeRemainingColumn,
+        TransferSpeedColumn,
+    )
+
+    card_text = None
+    if card is not None:
+        try:
+            card_text = card.read_text()
+        except (OSError, UnicodeDecodeError) as exc:
+            _fail(f"cannot read the model card {card}: {exc}")
+    metadata = {
+        "quantization": quantization or variant,
+        "context_length": context_length,
+        "licence": licence,
+    }
+    params = {"variant": variant, "format": model_format, "filename": file.name}
+    path = f"/api/v1/models/{name}/versions/{version}"
+    progress = Progress(
+        "[progress.description]{task.description}",
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
+        console=Console(stderr=True),
+        transient=True,
+    )
+    with _client(ctx, url, admin_token, data_dir) as client:
+        with progress:
+            task = progress.add_task(f"pushing {file.name}", total=file.stat().st_size)
+            created, artifact = client.upload(
+                path,
+                file,
+                params=params,
+                metadata={k: v for k, v in metadata.items() if v is not None},
+                progress=lambda n: progress.advance(task, n),
+            )
+        if card_text is not None:
+            client.request(
+                "PUT",
+                f"{path}/card",
+                params={"variant": artifact["variant"]},
+                content=card_text.encode(),
+                headers={"Content-Type": "text/markdown; charset=utf-8"},
+            )
+    if as_json:
+        _print_json(artifact)
+        return
+    what = "pushed" if created else "already registered (identical content)"
+    typer.echo(
+        f"{what}: {artifact['name']} {artifact['version']} ({artifact['variant']}, "
+        f"{artifact['format']}, {_size(artifact['size_bytes'])}) sha256 {artifact['sha256']}"
+    )
+
+
+@models_app.command("list")
+def models_list(
+    ctx: typer.Context,
+    url: UrlOpt = DEFAULT_URL,
+    admin_token: AdminTokenOpt = None,
+    data_dir: DataDirOpt = DEFAULT_DATA_DIR,
+    as_json: JsonOpt = False,
+) -> None:
+    """Every model, with its latest version that is not yanked."""
+    with _client(ctx, url, admin_token, data_dir) as client:
+        models = client.get("/api/v1/models")
+    if as_json:
+        _print_json(models)
+        return
+    table = Table("name", "latest", "variants", "versions", "updated", box=None)
+    for m in models:
+        table.add_row(
+            m["name"],
+            m["latest_version"] or "- (all yanked)",
+            ", ".join(m["latest_variants"]) or "-",
+            str(m["versions"]),
+            _when(m["updated_at"]),
+        )
+    _console().print(table)
+
+
+@models_app.command("show")
+def models_show(
+    ctx: typer.Context,
+    name: Annotated[str, typer.Argument(help="the model")],
+    url: UrlOpt = DEFAULT_URL,
+    admin_token: AdminTokenOpt = None,
+    data_dir: DataDirOpt = DEFAULT_DATA_DIR,
+    as_json: JsonOpt = False,
+) -> None:
+    """A model's versions and variants, newest first."""
+    with _client(ctx, url, admin_token, data_dir) as client:
+        versions = client.get(f"/api/v1/models/{name}")
+    if as_json:
+        _print_json(versions)
+        return
+    table = Table("version", "variant", "format", "size", "sha256", "uploaded", "yanked", box=None)
+    for v in versions:
+        for a in v["artifacts"]:
+            yanked = f"yes: {a['yank_reason']}" if a["yanked"] else "no"
+            table.add_row(
+                a["version"],
+                a["variant"],
+                a["format"],
+                _size(a["size_bytes"]),
+                a["sha256"][:16],
+                _when(a["created_at"]),
+                yanked,
+            )
+    _console().print(table)
+
+
+@models_app.command("yank")
+def models_yank(
+    ctx: typer.Context,
+    name: Annotated[str, typer.Argument(help="the model")],
+    version: Annotated[str, typer.Argument(help="the version to withdraw")],
+    reason: Annotated[str, typer.Option(help="why, shown to admins")],
+    variant: Annotated[
+        str | None, typer.Option(help="only this variant (default: all of them)")
+    ] = None,
+    url: UrlOpt = DEFAULT_URL,
+    admin_token: AdminTokenOpt = None,
+    data_dir: DataDirOpt = DEFAULT_DATA_DIR,
+) -> None:
+    """Withdraw a version: never offered as latest again, still downloadable for rollbacks."""
+    body = {"reason": reason, "variant": variant}
+    with _client(ctx, url, admin_token, data_dir) as client:
+        result = client.post(f"/api/v1/models/{name}/versions/{version}/yank", body)
+    variants = ", ".join(a["variant"] for a in result["artifacts"] if a["yanked"])
+    typer.echo(f"yanked {name} {version} ({variants})")
 
 
 @app.command()

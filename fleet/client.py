@@ -7,15 +7,26 @@ traceback for an operator's mistake.
 
 from __future__ import annotations
 
+import json as jsonlib
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 
-__all__ = ["ADMIN_TOKEN_FILE", "DEFAULT_URL", "ClientError", "FleetClient", "read_admin_token"]
+__all__ = [
+    "ADMIN_TOKEN_FILE",
+    "DEFAULT_URL",
+    "UPLOAD_CHUNK_BYTES",
+    "ClientError",
+    "FleetClient",
+    "read_admin_token",
+]
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 ADMIN_TOKEN_FILE = "admin-token"  # noqa: S105  (a file name in the data folder)
+UPLOAD_CHUNK_BYTES = 1024 * 1024  # bytes read from disk per chunk of a model upload
+UPLOAD_WAIT_S = 600.0  # after the last byte the controller fsyncs the file: allow for it
 
 
 class ClientError(Exception):
@@ -69,11 +80,31 @@ class FleetClient:
         *,
         json: Any = None,
         params: dict[str, Any] | None = None,
+        content: bytes | Iterable[bytes] | None = None,
+        headers: dict[str, str] | None = None,
+        timeout: httpx.Timeout | None = None,
     ) -> Any:
-        headers = {"Authorization": f"Bearer {self._token}"} if self._token else {}
+        return self._send(method, path, json, params, content, headers, timeout)[1]
+
+    def _send(
+        self,
+        method: str,
+        path: str,
+        json: Any = None,
+        params: dict[str, Any] | None = None,
+        content: bytes | Iterable[bytes] | None = None,
+        headers: dict[str, str] | None = None,
+        timeout: httpx.Timeout | None = None,
+    ) -> tuple[int, Any]:
+        sent = {"Authorization": f"Bearer {self._token}"} if self._token else {}
+        sent.update(headers or {})
         query = {k: v for k, v in (params or {}).items() if v is not None}
+        # A client handed in (a test's TestClient) keeps its own timeouts.
+        extra: dict[str, Any] = {"timeout": timeout} if timeout and self._own else {}
         try:
-            response = self._http.request(method, path, json=json, params=query, headers=headers)
+            response = self._http.request(
+                method, path, json=json, params=query, headers=sent, content=content, **extra
+            )
         except httpx.ConnectError:
             raise ClientError(
                 f"cannot reach the controller at {self.url}: is `edgefleet serve` running?"
@@ -83,10 +114,44 @@ class FleetClient:
         except httpx.TransportError as exc:
             raise ClientError(f"cannot talk to the controller at {self.url}: {exc}") from None
         if response.status_code == 204:
-            return None
+            return 204, None
         if response.is_success:
-            return response.json()
+            return response.status_code, response.json()
         raise self._error(response)
+
+    def upload(
+        self,
+        path: str,
+        file: Path,
+        *,
+        params: dict[str, Any] | None = None,
+        metadata: dict[str, Any] | None = None,
+        progress: Callable[[int], None] | None = None,
+    ) -> tuple[bool, Any]:
+        """Stream ``file`` as the raw body; ``(created, response)``, ``progress`` gets bytes sent.
+
+        The file is read in chunks as it is sent, so its size never matters here.
+        """
+        try:
+            size = file.stat().st_size
+        except OSError as exc:
+            raise ClientError(f"cannot read {file}: {exc}") from None
+
+        def chunks() -> Iterator[bytes]:
+            with file.open("rb") as source:
+                while chunk := source.read(UPLOAD_CHUNK_BYTES):
+                    yield chunk
+                    if progress is not None:
+                        progress(len(chunk))
+
+        headers = {
+            "Content-Type": "application/octet-stream",
+            "Content-Length": str(size),
+            "X-Edgefleet-Metadata": jsonlib.dumps(metadata or {}),  # ASCII: header-safe
+        }
+        timeout = httpx.Timeout(30.0, read=UPLOAD_WAIT_S)
+        status, body = self._send("POST", path, None, params, chunks(), headers, timeout)
+        return status == 201, body
 
     def _error(self, response: httpx.Response) -> ClientError:
         status = response.status_code

@@ -29,6 +29,10 @@ class FleetSettings(BaseSettings):
     public_url: str | None = None  # how devices reach this API; None: http://host:port
     admin_token: SecretStr | None = None  # None: generated once into <data_dir>/admin-token
 
+    # Model registry.
+    artifact_dir: Path | None = None  # content-addressed model files; None: <data_dir>/artifacts
+    artifact_max_bytes: int = Field(default=64 * 2**30, ge=1)  # the largest upload accepted
+
     # MQTT. broker_url None starts the embedded broker (amqtt, MQTT 3.1.1) in-process.
     broker_url: str | None = None  # mqtt://host:port or mqtts://host:port
     broker_public_url: str | None = None  # what devices are told; None: broker_url
@@ -75,6 +79,10 @@ class FleetSettings(BaseSettings):
     @property
     def resolved_broker_public_url(self) -> str:
         return self.broker_public_url or self.resolved_broker_url
+
+    @property
+    def resolved_artifact_dir(self) -> Path:
+        return self.artifact_dir or self.data_dir / "artifacts"
 
     @property
     def resolved_auth_dir(self) -> Path:

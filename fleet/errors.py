@@ -4,13 +4,16 @@
     ├── Rejected                 the request or message can never succeed as sent
     │   ├── InvalidInput         400/422, malformed or out of range
     │   ├── EnrollmentRejected   403, token unknown, used, expired or revoked; bad proof
-    │   ├── Unauthorized         401, missing or wrong admin token
+    │   ├── Unauthorized         401, missing or wrong admin token (or device credentials)
+    │   ├── Forbidden            403, known but not allowed (a revoked device)
     │   ├── NotFound             404, no such device, group or token
     │   ├── Conflict             409, the name is taken or the state moved on
+    │   ├── TooLarge             413, an upload over the configured limit
     │   └── MessageRejected      an MQTT payload that fails validation (logged, dropped)
     ├── Transient                may succeed later: retry with backoff
     │   ├── BrokerUnavailable    the MQTT broker cannot be reached
-    │   └── DatabaseUnavailable  the database cannot be reached
+    │   ├── DatabaseUnavailable  the database cannot be reached
+    │   └── StorageUnavailable   the artifact store cannot be written (disk full, I/O error)
     └── ConfigError              the controller cannot start as configured
 
 Third-party exceptions (SQLAlchemy, paho, OS errors) are translated at the boundary.
@@ -25,10 +28,13 @@ __all__ = [
     "DatabaseUnavailable",
     "EnrollmentRejected",
     "FleetError",
+    "Forbidden",
     "InvalidInput",
     "MessageRejected",
     "NotFound",
     "Rejected",
+    "StorageUnavailable",
+    "TooLarge",
     "Transient",
     "Unauthorized",
 ]
@@ -63,10 +69,21 @@ class EnrollmentRejected(Rejected):
 
 
 class Unauthorized(Rejected):
-    """Missing or wrong admin token."""
+    """Missing or wrong admin token (or device credentials)."""
 
     status = 401
     code = "unauthorized"
+
+    def __init__(self, message: str = "", *, challenge: str = "Bearer") -> None:
+        super().__init__(message)
+        self.challenge = challenge  # the WWW-Authenticate value sent with the 401
+
+
+class Forbidden(Rejected):
+    """The caller is known but not allowed: a revoked device."""
+
+    status = 403
+    code = "forbidden"
 
 
 class NotFound(Rejected):
@@ -81,6 +98,13 @@ class Conflict(Rejected):
 
     status = 409
     code = "conflict"
+
+
+class TooLarge(Rejected):
+    """An upload over the configured limit."""
+
+    status = 413
+    code = "too_large"
 
 
 class MessageRejected(Rejected):
@@ -112,3 +136,9 @@ class ConfigError(FleetError):
     """The controller cannot start as configured."""
 
     code = "config_error"
+
+
+class StorageUnavailable(Transient):
+    """The artifact store cannot be written: disk full, permissions, I/O error."""
+
+    code = "storage_unavailable"

@@ -11,7 +11,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, Column, DateTime, Index, Integer, UniqueConstraint
+from sqlalchemy import JSON, BigInteger, Column, DateTime, Index, Integer, String, UniqueConstraint
 from sqlmodel import Field, SQLModel
 
 __all__ = [
@@ -20,6 +20,7 @@ __all__ = [
     "EnrollmentToken",
     "EventRow",
     "Group",
+    "ModelArtifact",
     "TelemetryRow",
     "as_utc",
     "utc_now",
@@ -170,3 +171,38 @@ class EventRow(SQLModel, table=True):
     message: str = Field(default="", max_length=2000)
     data: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON))
     stored_at: datetime = Field(sa_column=Column(DateTime(timezone=True), nullable=False))
+
+
+class ModelArtifact(SQLModel, table=True):
+    """One uploaded model file: a (name, version, variant) naming one content-addressed blob.
+
+    The bytes live in the artifact store under their SHA-256; several rows may share
+    one blob. A yanked artifact stays downloadable (a rollback may need it) but is no
+    longer offered as the latest version.
+    """
+
+    __tablename__ = "model_artifacts"
+    __table_args__ = (
+        UniqueConstraint(
+            "name", "version", "variant", name="uq_model_artifacts_name_version_variant"
+        ),
+    )
+
+    id: int | None = Field(default=None, sa_column=Column(RowId, primary_key=True))
+    name: str = Field(max_length=64)
+    version: str = Field(max_length=64)
+    variant: str = Field(max_length=64)  # "Q4_K_M", "int8"; "default" when there is one
+    format: str = Field(max_length=8)  # models.manifest.ModelFormat
+    sha256: str = Field(index=True, max_length=64)
+    size_bytes: int = Field(sa_column=Column(BigInteger, nullable=False))
+    # "metadata" is reserved on declarative classes, hence the attribute name.
+    meta: dict[str, Any] = Field(
+        default_factory=dict, sa_column=Column("metadata", JSON, nullable=False)
+    )  # fleet.api.schemas.ModelMetadata
+    created_at: datetime = Field(
+        default_factory=utc_now, sa_column=Column(DateTime(timezone=True), nullable=False)
+    )
+    yanked_at: datetime | None = Field(
+        default=None, sa_column=Column(DateTime(timezone=True), nullable=True)
+    )
+    yank_reason: str = Field(default="", sa_column=Column(String(500), nullable=False))

@@ -4,7 +4,17 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from fleet.api import desired, devices, enroll, groups, status, telemetry, tokens
+from fleet.api import (
+    artifacts,
+    desired,
+    devices,
+    enroll,
+    groups,
+    models,
+    status,
+    telemetry,
+    tokens,
+)
 
 __all__ = ["ROUTERS"]
 
@@ -16,4 +26,6 @@ ROUTERS: tuple[APIRouter, ...] = (
     desired.router,
     groups.router,
     telemetry.router,
+    models.router,
+    artifacts.router,
 )

@@ -54,7 +54,9 @@ def validation_message(errors: list[Any]) -> str:
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(FleetError)
     async def fleet_error(_request: Request, exc: FleetError) -> JSONResponse:
-        headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+        headers = None
+        if exc.status == 401:
+            headers = {"WWW-Authenticate": getattr(exc, "challenge", "Bearer")}
         return error_response(exc.status, exc.code, str(exc) or exc.code, headers)
 
     @app.exception_handler(RequestValidationError)

@@ -1,12 +1,15 @@
 """Refuse request bodies over a size limit before they are read into memory.
 
 Enrollment is the one write anyone can reach without the admin token, so no body
-(an admin's included) may make the controller buffer more than ``max_bytes``.
+(an admin's included) may make the controller buffer more than ``max_bytes``. The
+one exception is a route that streams its body to disk (a model upload): ``unlimited``
+names it, and that route enforces its own, larger limit.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -19,15 +22,21 @@ MAX_BODY_BYTES = 1024 * 1024  # the largest body is a group desired state: far b
 class BodyLimit:
     """Pure ASGI middleware: checks Content-Length up front and counts chunked bodies."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int = MAX_BODY_BYTES) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        max_bytes: int = MAX_BODY_BYTES,
+        unlimited: Callable[[Scope], bool] | None = None,
+    ) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.unlimited = unlimited  # requests that stream their body instead of buffering it
 
     def _message(self) -> str:
         return f"request body is larger than {self.max_bytes} bytes"
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        if scope["type"] != "http" or (self.unlimited is not None and self.unlimited(scope)):
             await self.app(scope, receive, send)
             return
         declared = dict(scope["headers"]).get(b"content-length")

@@ -14,11 +14,16 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, JsonValue, field_validator
 
 from fleet.tokens import TokenState
+from models.manifest import ModelFormat, RuntimeParams
 from models.wire import DesiredModel
 
 __all__ = [
     "GROUP_PATTERN",
+    "MODEL_NAME_PATTERN",
     "TAG_PATTERN",
+    "VARIANT_PATTERN",
+    "VERSION_PATTERN",
+    "ArtifactPublic",
     "CommandAccepted",
     "CommandCreate",
     "DesiredBody",
@@ -31,15 +36,20 @@ __all__ = [
     "DeviceUpdate",
     "DriftItemPublic",
     "DriftPublic",
+    "GoldenPrompt",
     "GroupCreate",
     "GroupDesiredPublished",
     "GroupName",
     "GroupPublic",
+    "ModelMetadata",
+    "ModelSummary",
+    "ModelVersionPublic",
     "Tag",
     "TagCount",
     "TokenCreate",
     "TokenCreated",
     "TokenPublic",
+    "YankBody",
 ]
 
 GROUP_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
@@ -247,3 +257,74 @@ class GroupDesiredPublished(BaseModel):
 
     group: str
     devices: list[DesiredPublished]
+
+
+# --- model registry -------------------------------------------------------------------------
+
+MODEL_NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,63}$"  # models.manifest.ModelName
+VERSION_PATTERN = r"^[0-9A-Za-z][0-9A-Za-z.+_-]{0,63}$"  # what ModelManifest accepts
+VARIANT_PATTERN = r"^[0-9A-Za-z][0-9A-Za-z._-]{0,63}$"  # "Q4_K_M", "int8", "default"
+
+
+class GoldenPrompt(_Input):
+    """A prompt with a known good answer, for health gates after an update."""
+
+    prompt: str = Field(min_length=1, max_length=4000)
+    expect: str | None = Field(default=None, max_length=4000)  # a substring of a good answer
+    max_tokens: int = Field(default=32, ge=1, le=4096)
+
+
+class ModelMetadata(_Input):
+    """What an uploader says about a model file; sent as the X-Edgefleet-Metadata header."""
+
+    quantization: str | None = Field(default=None, max_length=64)  # "Q4_K_M", "int8"
+    ram_bytes: int | None = Field(default=None, ge=0)  # memory it needs to run on a CPU
+    vram_bytes: int | None = Field(default=None, ge=0)  # GPU memory with every layer offloaded
+    context_length: int | None = Field(default=None, ge=1)  # the longest context it supports
+    runtime: RuntimeParams | None = None  # how the agent should run it
+    golden_prompts: list[GoldenPrompt] = Field(default_factory=list, max_length=64)
+    licence: str | None = Field(default=None, max_length=200)  # an SPDX id or a name
+    card: str = Field(default="", max_length=256 * 1024)  # the model card, Markdown
+
+
+class ArtifactPublic(BaseModel):
+    """One registered model file (a variant of a version)."""
+
+    name: str
+    version: str
+    variant: str
+    format: ModelFormat
+    sha256: str
+    size_bytes: int
+    metadata: ModelMetadata
+    created_at: datetime
+    yanked: bool  # still downloadable, never offered as the latest
+    yanked_at: datetime | None
+    yank_reason: str
+    download_url: str  # GET with the device's broker credentials (HTTP Basic)
+
+
+class ModelVersionPublic(BaseModel):
+    """One version of a model with every variant uploaded for it."""
+
+    name: str
+    version: str
+    yanked: bool  # every variant is yanked
+    artifacts: list[ArtifactPublic]
+
+
+class ModelSummary(BaseModel):
+    """A model in the registry listing."""
+
+    name: str
+    latest_version: str | None  # newest upload not yanked; None when all are yanked
+    latest_variants: list[str]
+    versions: int
+    updated_at: datetime  # newest upload
+
+
+class YankBody(_Input):
+    """Why a version is withdrawn; ``variant`` None yanks every variant of it."""
+
+    reason: str = Field(min_length=1, max_length=500)
+    variant: str | None = Field(default=None, pattern=VARIANT_PATTERN)

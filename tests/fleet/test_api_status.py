@@ -19,6 +19,7 @@ from tests.fakes.fleet_link import FakeLink
 from tests.fleet.helpers import ADMIN, ADMIN_TOKEN, Clock, enroll, error
 
 PUBLIC = {("POST", "/api/v1/enroll"), ("GET", "/healthz"), ("GET", "/readyz")}
+DEVICE = {("GET", "/api/v1/artifacts/{sha256}"), ("HEAD", "/api/v1/artifacts/{sha256}")}
 
 
 def test_healthz_and_readyz(api: TestClient, link: FakeLink) -> None:
@@ -72,7 +73,14 @@ def test_status(api: TestClient, clock: Clock, link: FakeLink, database_url: str
 def test_every_admin_route_needs_the_admin_token(api: TestClient) -> None:
     paths = api.get("/openapi.json").json()["paths"]
     routes = [(method.upper(), path) for path, ops in paths.items() for method in ops]
-    admin_routes = [r for r in routes if r not in PUBLIC]
+    admin_routes = [r for r in routes if r not in PUBLIC | DEVICE]
+    assert set(routes) >= DEVICE
+    for method, path in DEVICE:  # a device's Basic credentials, or the admin token
+        response = api.request(
+            method, path.replace("{sha256}", "0" * 64), headers={"Authorization": ""}
+        )
+        assert response.status_code == 401, (method, path)
+        assert response.headers["www-authenticate"].startswith("Basic")
     assert len(admin_routes) >= 20
     for method, path in admin_routes:
         url = path.replace("{device_id}", "dev-0000000000000000").replace("{name}", "g")

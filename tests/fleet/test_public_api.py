@@ -20,6 +20,8 @@ MODULES = [
     "fleet.api.limits",
     "fleet.api.present",
     "fleet.api.schemas",
+    "fleet.registry.store",
+    "fleet.registry.targets",
 ]
 
 
@@ -39,6 +41,16 @@ def test_all_lists_every_public_definition(name: str) -> None:
 
 
 def test_every_router_module_exports_just_its_router() -> None:
-    for name in ["desired", "devices", "enroll", "groups", "status", "telemetry", "tokens"]:
+    for name in [
+        "artifacts",
+        "desired",
+        "devices",
+        "enroll",
+        "groups",
+        "models",
+        "status",
+        "telemetry",
+        "tokens",
+    ]:
         module = importlib.import_module(f"fleet.api.{name}")
         assert "router" in module.__all__, name
