@@ -7,7 +7,6 @@
 - :mod:`agent.link.session`: the MQTT connection, receive, send, report, reconnect.
 - :mod:`agent.link.spool`: store-and-forward on disk (SQLite).
 - :mod:`agent.link.telemetry`: one window of statistics as a wire sample.
-- :mod:`agent.link.backoff`: exponential backoff with full jitter.
 
 Nothing is imported here, so reading an identity does not load the MQTT client.
 The operator's guide is docs/agent-fleet.md.

@@ -32,9 +32,9 @@ from typing import Any, Protocol, Self
 
 import httpx
 
+from agent.backoff import Backoff, Retry
 from agent.config import LinkSettings
 from agent.errors import AgentError, ConfigError
-from agent.link.backoff import Backoff, Retry
 from agent.link.enroll import enroll
 from agent.link.errors import EnrollmentRejected, IdentityError, LinkUnavailable
 from agent.link.identity import Identity, StateDir

@@ -23,8 +23,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError
 
+from agent.files import atomic_write, ensure_private_dir
 from agent.link.errors import IdentityError
-from agent.link.files import atomic_write, ensure_private_dir
 from models.topics import DeviceId
 from models.wire import BrokerCredentials, DesiredState, EnrollmentResponse
 

@@ -44,8 +44,8 @@ from urllib.parse import urlsplit
 import aiomqtt
 from pydantic import ValidationError
 
+from agent.backoff import Backoff, Retry
 from agent.errors import ConfigError
-from agent.link.backoff import Backoff, Retry
 from agent.link.identity import Identity
 from agent.link.spool import Drops, Entry, EntryKind, Spool
 from agent.state.report import agent_version, report_key

@@ -34,7 +34,8 @@ from typing import BinaryIO, Final, Literal
 
 import httpx
 
-from agent.link.backoff import Backoff, Retry
+from agent.backoff import Backoff, Retry
+from agent.files import fsync_dir
 
 __all__ = [
     "COMPLETE",
@@ -337,11 +338,7 @@ class _PartFile:
                 os.fsync(self._file.fileno())
                 self._file.close()
                 self.path.replace(dest)  # atomic: same folder, same filesystem
-                folder = os.open(dest.parent, os.O_RDONLY)
-                try:
-                    os.fsync(folder)  # the rename itself must survive a power cut
-                finally:
-                    os.close(folder)
+                fsync_dir(dest.parent)  # the rename itself must survive a power cut
             except OSError as exc:
                 raise DownloadRejected(f"cannot move {self.path} to {dest}: {exc}") from exc
 

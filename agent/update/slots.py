@@ -60,6 +60,7 @@ from typing import Final, Literal
 from pydantic import TypeAdapter, ValidationError
 
 from agent.errors import ConfigError
+from agent.files import fsync_dir
 from agent.store import format_of, sha256_file
 from models.manifest import ModelManifest, RuntimeParams
 
@@ -646,7 +647,7 @@ class ABSlots:
             self._save(name, state)
             _mkdir_durable(slot)
             (slot / MANIFEST).unlink(missing_ok=True)  # no stale manifest beside the new file
-            _fsync_dir(slot)
+            fsync_dir(slot)
             _move_durable(verified_file, slot / manifest.file)
             for target, source in extras.items():
                 with _atomic(slot / target) as tmp:
@@ -750,14 +751,6 @@ def _os_errors(doing: str) -> Iterator[None]:
         raise SlotUnavailable(f"cannot {doing}: {exc}") from exc
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _fsync_file(path: Path) -> None:
     with path.open("rb") as f:
         os.fsync(f.fileno())
@@ -770,7 +763,7 @@ def _mkdir_durable(path: Path) -> None:
     if not path.parent.is_dir():
         _mkdir_durable(path.parent)
     path.mkdir(exist_ok=True)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 @contextmanager
@@ -782,7 +775,7 @@ def _atomic(target: Path) -> Iterator[Path]:
         yield tmp
         _fsync_file(tmp)
         tmp.replace(target)
-        _fsync_dir(target.parent)
+        fsync_dir(target.parent)
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -791,7 +784,7 @@ def _move_durable(source: Path, dest: Path) -> None:
     """Move ``source`` to ``dest`` (a rename, or a copy across file systems), durably."""
     if source.resolve() == dest.resolve():
         _fsync_file(dest)
-        _fsync_dir(dest.parent)
+        fsync_dir(dest.parent)
         return
     try:
         source.replace(dest)
@@ -803,7 +796,7 @@ def _move_durable(source: Path, dest: Path) -> None:
         source.unlink()
         return
     _fsync_file(dest)
-    _fsync_dir(dest.parent)
+    fsync_dir(dest.parent)
 
 
 def _clear(folder: Path, slot: Slot) -> None:
@@ -812,7 +805,7 @@ def _clear(folder: Path, slot: Slot) -> None:
     if path.exists():
         trash = folder / f"{_TRASH}{slot}-{secrets.token_hex(6)}"
         path.replace(trash)
-        _fsync_dir(folder)
+        fsync_dir(folder)
         shutil.rmtree(trash)
     _mkdir_durable(path)
 

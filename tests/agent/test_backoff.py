@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from agent.link.backoff import Backoff, Retry
+from agent.backoff import Backoff, Retry
 
 
 def test_ceiling_doubles_up_to_the_cap() -> None:

@@ -22,7 +22,7 @@ import httpx
 import pytest
 
 import agent.update.download
-from agent.link.backoff import Backoff
+from agent.backoff import Backoff
 from agent.update.download import (
     COMPLETE,
     ArtifactMismatch,

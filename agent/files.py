@@ -1,4 +1,4 @@
-"""Private files in the agent's state folder: created 0600, replaced atomically.
+"""Durable, private files: created 0600, replaced atomically, renames fsync-ed.
 
 Secrets (the device key, broker credentials) are never world-readable, not even
 for an instant: files are created with ``os.open(..., 0o600)`` rather than
