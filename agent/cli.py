@@ -64,6 +64,13 @@ def serve(
         Path | None,
         typer.Option(help="device key, identity, spool (default ~/.local/share/edgefleet/agent)"),
     ] = None,
+    trust_root: Annotated[
+        Path | None,
+        typer.Option(
+            help="the fleet's TUF root.json to trust (default: the one the controller "
+            "sends at enrollment)"
+        ),
+    ] = None,
 ) -> None:
     """Serve the configured models behind the OpenAI-compatible API (and join a fleet)."""
     import uvicorn
@@ -76,7 +83,7 @@ def serve(
     overrides: dict[str, object] = {"host": host, "port": port}
     if api_key:
         overrides["api_keys"] = api_key
-    link = {"url": fleet, "token": token, "state_dir": state_dir}
+    link = {"url": fleet, "token": token, "state_dir": state_dir, "trust_root": trust_root}
     if any(v is not None for v in link.values()):
         overrides["fleet"] = {k: v for k, v in link.items() if v is not None}
     settings = _settings(config, **overrides)
@@ -152,7 +159,7 @@ def install_bundled(
             _fail(f"unknown bundled model {name!r}; choose from {', '.join(BUNDLED)}")
         typer.echo(f"installing {name} ({BUNDLED[name].description}) ...", err=True)
         manifest = store.install_bundled(BUNDLED[name])
-        typer.echo(f"{manifest.name} {manifest.version} -> {store.folder(manifest.name)}")
+        typer.echo(f"{manifest.name} {manifest.version} -> {store.slots.folder(manifest.name)}")
 
 
 @app.command()

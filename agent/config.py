@@ -67,6 +67,8 @@ class LinkSettings(BaseModel):
     url: str | None = None  # the controller's HTTP(S) API, e.g. https://fleet.example:8000
     token: SecretStr | None = None  # enrollment token, used once; then identity.json is enough
     state_dir: Path = DEFAULT_STATE_DIR  # device key, identity, last desired state, spool
+    trust_root: Path | None = None  # the fleet's TUF root.json, provisioned with the image;
+    # None: trusted on first use from the enrollment response
     spool_max_bytes: int = Field(default=64 * 2**20, ge=64 * 1024)  # payload bytes kept offline
     telemetry_interval_s: float | None = Field(default=None, gt=0)  # None: the controller's
     enroll_timeout_s: float = Field(default=15.0, gt=0)  # one enrollment HTTP request

@@ -8,15 +8,39 @@ written and then chmod-ed, in a folder that is itself 0700.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import secrets
 import stat
 from pathlib import Path
 
-__all__ = ["atomic_write", "ensure_private_dir", "fsync_dir"]
+from agent.errors import ConfigError
+from models.manifest import ModelFormat
+
+__all__ = ["atomic_write", "ensure_private_dir", "format_of", "fsync_dir", "sha256_file"]
 
 PRIVATE_FILE = 0o600
 PRIVATE_DIR = 0o700
+_CHUNK = 1 << 20
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(_CHUNK):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def format_of(path: Path) -> ModelFormat:
+    """The model format a file name says (``.gguf`` or ``.onnx``)."""
+    suffix = path.suffix.lower().lstrip(".")
+    try:
+        return ModelFormat(suffix)
+    except ValueError:
+        raise ConfigError(
+            f"{path}: unknown model format {path.suffix!r}; expected .gguf or .onnx"
+        ) from None
 
 
 def ensure_private_dir(path: Path) -> Path:

@@ -1,51 +1,31 @@
-"""The on-device model store: one folder per model, its file beside ``manifest.json``.
+"""The on-device model store: every model in A/B slots (:mod:`agent.update.slots`).
 
-Installs are atomic: the file is written under a temporary name on the same
-filesystem, fsynced, hashed and renamed, then the manifest is renamed into
-place last; a half-written model is never visible. (The signed-update issue
-grows this into A/B slots.)
+A model named ``gemma3-270m`` lives in ``<root>/gemma3-270m/``: ``state.json`` says
+which slot (``a/`` or ``b/``) is served and which one holds the previous version, kept
+for rollback. Installing a local file (a bundled model, ``models install``) goes
+through the same steps as a signed update (begin, install with the hash checked,
+activate, confirm), so both are equally crash-safe and a later update can roll back
+to what was installed by hand. :meth:`ModelStore.recover` settles whatever a crash
+left, before anything is served.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
+import logging
 import re
 import shutil
 import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
-from pydantic import ValidationError
-
 from agent.errors import ConfigError
+from agent.files import format_of, sha256_file
+from agent.update.slots import STATE, ABSlots, NoActiveModel, SlotError
 from models.catalog import BundledModel
 from models.manifest import ModelFormat, ModelManifest, RuntimeParams
 
 __all__ = ["ModelStore", "format_of", "manifest_for_file", "name_for_file", "sha256_file"]
 
-MANIFEST = "manifest.json"
-_CHUNK = 1 << 20
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while block := f.read(_CHUNK):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def format_of(path: Path) -> ModelFormat:
-    suffix = path.suffix.lower().lstrip(".")
-    try:
-        return ModelFormat(suffix)
-    except ValueError:
-        raise ConfigError(
-            f"{path}: unknown model format {path.suffix!r}; expected .gguf or .onnx"
-        ) from None
+log = logging.getLogger(__name__)
 
 
 def name_for_file(path: Path) -> str:
@@ -72,43 +52,50 @@ def manifest_for_file(
 
 
 class ModelStore:
-    """Reads and atomically writes model folders under ``root``."""
+    """The models installed under ``root``, each served from its active slot."""
 
     def __init__(self, root: Path) -> None:
         self.root = root
-
-    def folder(self, name: str) -> Path:
-        folder = (self.root / name).resolve()
-        if folder.parent != self.root.resolve():
-            raise ConfigError(f"model name {name!r} escapes the store")
-        return folder
+        self.slots = ABSlots(root)
 
     def manifest(self, name: str) -> ModelManifest:
-        path = self.folder(name) / MANIFEST
+        return self.resolve(name)[0]
+
+    def resolve(self, name: str) -> tuple[ModelManifest, Path]:
+        """The active slot's manifest and artifact; :class:`ConfigError` says why there is none."""
         try:
-            return ModelManifest.model_validate_json(path.read_bytes())
-        except FileNotFoundError:
+            return self.slots.active_manifest(name), self.slots.active_path(name)
+        except NoActiveModel:
             raise ConfigError(
                 f"model {name!r} is not installed in {self.root}; install it first "
                 "(edgefleet-agent models install-bundled, or serve --model PATH)"
             ) from None
-        except (OSError, ValidationError) as exc:
-            raise ConfigError(f"manifest of model {name!r} is unreadable: {exc}") from exc
+        except SlotError as exc:
+            raise ConfigError(f"model {name!r} cannot be read from {self.root}: {exc}") from exc
 
-    def file(self, manifest: ModelManifest) -> Path:
-        return self.folder(manifest.name) / manifest.file
-
-    def installed(self) -> list[ModelManifest]:
+    def names(self) -> list[str]:
+        """Every model folder with a slot state, installed or not."""
         if not self.root.is_dir():
             return []
+        return sorted(p.parent.name for p in self.root.glob(f"*/{STATE}"))
+
+    def installed(self) -> list[ModelManifest]:
         found = []
-        for folder in sorted(self.root.iterdir()):
-            if (folder / MANIFEST).is_file():
-                try:
-                    found.append(self.manifest(folder.name))
-                except ConfigError:
-                    continue
+        for name in self.names():
+            try:
+                found.append(self.manifest(name))
+            except ConfigError:
+                continue
         return found
+
+    def recover(self) -> None:
+        """Settle every model's slots after a crash (start-up; see ``ABSlots.recover``)."""
+        for name in self.names():
+            try:
+                for action in self.slots.recover(name):
+                    log.warning("model %s: recovered after a restart: %s", name, action)
+            except SlotError as exc:
+                log.error("model %s: cannot recover its slots: %s", name, exc)
 
     def install(
         self,
@@ -119,26 +106,18 @@ class ModelStore:
         runtime: RuntimeParams,
         extra_files: dict[str, Path] | None = None,
     ) -> ModelManifest:
-        """Copy ``source`` (and side files such as a tokenizer) into the store, atomically."""
-        folder = self.folder(name)
-        folder.mkdir(parents=True, exist_ok=True)
-        for target, path in (extra_files or {}).items():
-            with _atomic(folder / target) as tmp:
-                shutil.copyfile(path, tmp)
-        with _atomic(folder / source.name) as tmp:
-            shutil.copyfile(source, tmp)
-            digest = sha256_file(tmp)
-        manifest = ModelManifest(
-            name=name,
-            version=version,
-            format=format_of(source),
-            file=source.name,
-            sha256=digest,
-            size_bytes=(folder / source.name).stat().st_size,
-            runtime=runtime,
-        )
-        with _atomic(folder / MANIFEST) as tmp:
-            tmp.write_text(json.dumps(manifest.model_dump(mode="json"), indent=2))
+        """Install a local file (and side files such as a tokenizer) as the served version."""
+        format_of(source)
+        digest = sha256_file(source)
+        try:
+            slot = self.slots.begin(name, version, digest)
+            staged = slot / source.name
+            shutil.copyfile(source, staged)
+            manifest = self.slots.install(name, staged, runtime=runtime, extra_files=extra_files)
+            self.slots.activate(name)
+            self.slots.mark_healthy(name)
+        except (SlotError, OSError) as exc:
+            raise ConfigError(f"cannot install {source} as {name} {version}: {exc}") from exc
         return manifest
 
     def install_bundled(self, model: BundledModel) -> ModelManifest:
@@ -168,23 +147,3 @@ class ModelStore:
             runtime=model.runtime,
             extra_files={model.runtime.tokenizer or "tokenizer.json": tokenizer},
         )
-
-
-@contextmanager
-def _atomic(target: Path) -> Iterator[Path]:
-    """Write to a temporary sibling, fsync, then rename over ``target``."""
-    fd, name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    os.close(fd)
-    tmp = Path(name)
-    try:
-        yield tmp
-        with tmp.open("rb+") as f:
-            os.fsync(f.fileno())
-        tmp.replace(target)
-        dir_fd = os.open(target.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    finally:
-        tmp.unlink(missing_ok=True)

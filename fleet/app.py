@@ -1,41 +1,54 @@
-"""The controller's FastAPI app: settings in; engine, link and admin token built in the lifespan.
+"""The controller's FastAPI app: settings in; engine, link, admin token, TUF in the lifespan.
 
 Nothing stateful exists at import time, so tests build as many apps as they like,
-each with its own database and a fake link, and the CLI builds exactly one.
+each with its own database and a fake link, and the CLI builds exactly one. On first
+start the TUF repository is created with every key online (root included, with a
+warning to move it offline); every start adds registered artifacts that are not TUF
+targets yet, and a background task renews metadata before it expires.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import os
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 
 from fastapi import FastAPI
 from sqlalchemy.engine import Engine
+from sqlmodel import Session, select
 from starlette.concurrency import run_in_threadpool
 
 from fleet.api import ROUTERS
+from fleet.api import tuf as tuf_api
 from fleet.api.deps import FleetState
 from fleet.api.errors import install_error_handlers
 from fleet.api.limits import BodyLimit
-from fleet.api.models import is_upload
+from fleet.api.models import artifact_target, is_upload
 from fleet.client import ADMIN_TOKEN_FILE
 from fleet.config import FleetSettings
 from fleet.db import make_engine, migrate
-from fleet.errors import ConfigError
+from fleet.errors import ConfigError, Conflict, FleetError
 from fleet.link.port import LinkPort
-from fleet.tables import utc_now
+from fleet.registry.keys import KeyStore
+from fleet.registry.repository import Expiries, TufRepository
+from fleet.tables import ModelArtifact, utc_now
 from fleet.tokens import new_admin_token
+from models.director import sign_desired
+from models.wire import DesiredState
 
 __all__ = [
     "ADMIN_TOKEN_FILE",
     "LinkFactory",
     "admin_token_path",
     "create_app",
+    "desired_signer",
     "load_admin_token",
+    "open_repository",
     "preflight",
 ]
 
@@ -80,14 +93,63 @@ def load_admin_token(settings: FleetSettings) -> str:
     return token
 
 
-def _default_link(settings: FleetSettings, engine: Engine) -> AbstractAsyncContextManager[LinkPort]:
-    from fleet.link import FleetLink  # the MQTT stack loads only when the app starts
+def desired_signer(repo: TufRepository) -> Callable[[DesiredState], bytes]:
+    """Signs a desired state with the director keys the current TUF root names."""
 
-    return FleetLink(settings, engine)
+    def sign(state: DesiredState) -> bytes:
+        return sign_desired(state, repo.director_signers())
+
+    return sign
 
 
-def _prepare(settings: FleetSettings, engine: Engine) -> str:
-    """Blocking start-up work: folders, schema, admin token, files settings name."""
+def _default_link(repo: TufRepository) -> LinkFactory:
+    def make(settings: FleetSettings, engine: Engine) -> AbstractAsyncContextManager[LinkPort]:
+        from fleet.link import FleetLink  # the MQTT stack loads only when the app starts
+
+        return FleetLink(settings, engine, sign_desired=desired_signer(repo))
+
+    return make
+
+
+def open_repository(settings: FleetSettings) -> TufRepository:
+    """The TUF repository the settings name (it may not be initialised yet)."""
+    days = 86400.0  # seconds
+    expiries = Expiries(
+        root=timedelta(seconds=settings.tuf_root_expiry_days * days),
+        targets=timedelta(seconds=settings.tuf_targets_expiry_days * days),
+        snapshot=timedelta(seconds=settings.tuf_snapshot_expiry_days * days),
+        timestamp=timedelta(seconds=settings.tuf_timestamp_expiry_days * days),
+    )
+    return TufRepository(settings.resolved_tuf_dir, KeyStore(settings.resolved_key_dir), expiries)
+
+
+def _prepare_tuf(settings: FleetSettings, engine: Engine, now: datetime) -> TufRepository:
+    """Create the TUF repository on first start; sign registered artifacts not yet targets."""
+    repo = open_repository(settings)
+    if not repo.exists():
+        try:
+            repo.init(now)
+        except Conflict:
+            pass  # another replica initialised it first
+        else:
+            log.warning(
+                "created the TUF repository in %s with every key online, root included: "
+                "move the root key offline (`edgefleet keys rotate root --offline-dir DIR`)",
+                repo.path,
+            )
+    with Session(engine) as session:
+        rows = session.exec(select(ModelArtifact)).all()
+    missing = [t for t in map(artifact_target, rows) if not repo.has_target(t.path)]
+    if missing:
+        change = repo.add_targets(missing, now)
+        how = "signed" if change.published else "staged for offline signing"
+        log.info("%d registered artifact(s) added as TUF targets, %s", len(change.added), how)
+    repo.refresh(now)
+    return repo
+
+
+def _prepare(settings: FleetSettings, engine: Engine, now: datetime) -> tuple[str, TufRepository]:
+    """Blocking start-up work: folders, schema, admin token, TUF, files settings name."""
     try:
         settings.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)  # tokens, keys, hashes
     except OSError as exc:
@@ -95,7 +157,8 @@ def _prepare(settings: FleetSettings, engine: Engine) -> str:
     if settings.broker_ca_file is not None and not settings.broker_ca_file.is_file():
         raise ConfigError(f"broker_ca_file {settings.broker_ca_file} does not exist")
     migrate(engine)
-    return load_admin_token(settings)
+    token = load_admin_token(settings)
+    return token, _prepare_tuf(settings, engine, now)
 
 
 def preflight(settings: FleetSettings) -> None:
@@ -105,9 +168,25 @@ def preflight(settings: FleetSettings) -> None:
     """
     engine = make_engine(settings.resolved_database_url)
     try:
-        _prepare(settings, engine)
+        _prepare(settings, engine, utc_now())
     finally:
         engine.dispose()
+
+
+async def _renew(repo: TufRepository, interval_s: float, clock: Callable[[], datetime]) -> None:
+    """Re-sign TUF metadata close to expiry, every ``interval_s``, until cancelled."""
+    while True:
+        await asyncio.sleep(interval_s)
+        try:
+            renewed = await run_in_threadpool(repo.refresh, clock())
+        except FleetError as exc:
+            log.error("cannot renew TUF metadata: %s", exc)
+            continue
+        except Exception:  # keep renewing: an expired timestamp would stop every device
+            log.exception("cannot renew TUF metadata")
+            continue
+        if renewed:
+            log.info("renewed TUF metadata: %s", ", ".join(renewed))
 
 
 def create_app(
@@ -117,13 +196,13 @@ def create_app(
     clock: Callable[[], datetime] = utc_now,
 ) -> FastAPI:
     """The controller's app; ``link_factory`` defaults to the real MQTT link."""
-    factory = link_factory or _default_link
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         engine = make_engine(settings.resolved_database_url)
         try:
-            admin_token = await run_in_threadpool(_prepare, settings, engine)
+            admin_token, repo = await run_in_threadpool(_prepare, settings, engine, clock())
+            factory = link_factory or _default_link(repo)
             async with factory(settings, engine) as link:
                 app.state.fleet = FleetState(
                     settings=settings,
@@ -131,8 +210,17 @@ def create_app(
                     link=link,
                     admin_token=admin_token,
                     clock=clock,
+                    tuf=repo,
                 )
-                yield
+                renew = asyncio.create_task(
+                    _renew(repo, settings.tuf_refresh_interval_s, clock), name="tuf-renew"
+                )
+                try:
+                    yield
+                finally:
+                    renew.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await renew
         finally:
             engine.dispose()
 
@@ -141,8 +229,10 @@ def create_app(
         summary="Enroll devices, set what they run, read their telemetry",
         lifespan=lifespan,
     )
-    app.add_middleware(BodyLimit, unlimited=is_upload)
+    app.add_middleware(
+        BodyLimit, unlimited=lambda scope: is_upload(scope) or tuf_api.is_metadata_import(scope)
+    )
     install_error_handlers(app)
-    for router in ROUTERS:
+    for router in (*ROUTERS, tuf_api.router):
         app.include_router(router)
     return app

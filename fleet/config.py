@@ -33,6 +33,15 @@ class FleetSettings(BaseSettings):
     artifact_dir: Path | None = None  # content-addressed model files; None: <data_dir>/artifacts
     artifact_max_bytes: int = Field(default=64 * 2**30, ge=1)  # the largest upload accepted
 
+    # TUF (docs/updates.md, "Trust"). Replicas must share these folders, like artifact_dir.
+    tuf_dir: Path | None = None  # TUF metadata and staged files; None: <data_dir>/tuf
+    key_dir: Path | None = None  # online private keys; None: <data_dir>/keys
+    tuf_refresh_interval_s: float = Field(default=3600.0, gt=0)  # seconds between renewals
+    tuf_root_expiry_days: float = Field(default=365.0, gt=0)  # days each root version lasts
+    tuf_targets_expiry_days: float = Field(default=90.0, gt=0)
+    tuf_snapshot_expiry_days: float = Field(default=7.0, gt=0)
+    tuf_timestamp_expiry_days: float = Field(default=1.0, gt=0)  # keep >> refresh interval
+
     # MQTT. broker_url None starts the embedded broker (amqtt, MQTT 3.1.1) in-process.
     broker_url: str | None = None  # mqtt://host:port or mqtts://host:port
     broker_public_url: str | None = None  # what devices are told; None: broker_url
@@ -83,6 +92,14 @@ class FleetSettings(BaseSettings):
     @property
     def resolved_artifact_dir(self) -> Path:
         return self.artifact_dir or self.data_dir / "artifacts"
+
+    @property
+    def resolved_tuf_dir(self) -> Path:
+        return self.tuf_dir or self.data_dir / "tuf"
+
+    @property
+    def resolved_key_dir(self) -> Path:
+        return self.key_dir or self.data_dir / "keys"
 
     @property
     def resolved_auth_dir(self) -> Path:

@@ -14,6 +14,7 @@ from models.device import DeviceReport
 from models.topics import CHANNEL_POLICIES, TOPIC_PREFIX
 from models.wire import (
     CHANNEL_MESSAGES,
+    DESIRED_LIFETIME,
     MAX_PAYLOAD_BYTES,
     MAX_SAMPLES_PER_BATCH,
     SCHEMA_VERSION,
@@ -29,6 +30,7 @@ from models.wire import (
     ModelState,
     ReportedModel,
     ReportedState,
+    TargetRef,
     TelemetryBatch,
     TelemetrySample,
     WireModel,
@@ -81,7 +83,8 @@ _FLOWS = """
    off the controller's clock) bounds how long a captured request could be replayed.
 3. The controller answers with an `EnrollmentResponse`: the device id and the broker
    credentials (username = device id, a random password of which it keeps only a
-   hash). Replaying the request returns the same device with a new password; used,
+   hash), and the fleet's TUF `root.json`, which a device not provisioned with one
+   trusts from then on. Replaying the request returns the same device with a new password; used,
    expired, revoked or unknown tokens get 403 with the reason.
 
 ### Connecting
@@ -95,9 +98,16 @@ for three heartbeat intervals.
 ### Desired and reported state
 
 The controller publishes a device's `DesiredState` retained, so the device receives
-the latest one whenever it connects. `version` grows by one with every change; the
-agent ignores a state whose version is not newer than the one it applied, or whose
-`device_id` is not its own. The agent plans the steps from what it runs to what is
+the latest one whenever it connects. It travels as the payload of a DSSE envelope
+(`{"payload": base64, "payloadType": "application/vnd.edgefleet.desired-state+json",
+"signatures": [{"keyid", "sig"}]}`) signed by the controller's director key, which
+the fleet's TUF root names (docs/updates.md). `version` grows by one with every
+change; the agent refuses a state that is not signed by a threshold of director
+keys, whose `device_id` is not its own, whose version is not newer than the last one
+it accepted (kept across restarts), or whose `expires` has passed, and reports the
+refusal as a `desired_rejected` event. A model with a `target` is a signed TUF
+target: the agent installs it only if freshly verified TUF targets metadata lists the
+same path, length and sha256. The agent plans the steps from what it runs to what is
 desired, applies them, and publishes a retained `ReportedState` whenever it changes.
 The controller shows the drift between the two.
 
@@ -155,7 +165,17 @@ def _examples() -> dict[type[WireModel], WireModel]:
             device_id=_DEVICE,
             version=7,
             issued_at=_AT,
-            models=[DesiredModel(name="gemma3-270m", version="1.0.0"), DesiredModel(name="minilm")],
+            expires=_AT + DESIRED_LIFETIME,
+            models=[
+                DesiredModel(
+                    name="gemma3-270m",
+                    version="1.1.0",
+                    target=TargetRef(
+                        path="gemma3-270m/1.1.0/Q4_K_M.gguf", length=253_115_392, sha256="3f" * 32
+                    ),
+                ),
+                DesiredModel(name="minilm"),
+            ],
         ),
         ReportedState: ReportedState(
             device_id=_DEVICE,

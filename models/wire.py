@@ -14,7 +14,7 @@ cap, so a hostile or broken peer cannot make the other side allocate without end
 from __future__ import annotations
 
 import base64
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import Annotated, Any, Literal, TypeVar
 
@@ -25,6 +25,7 @@ from models.topics import Channel, DeviceId
 
 __all__ = [
     "CHANNEL_MESSAGES",
+    "DESIRED_LIFETIME",
     "ENROLL_PATH",
     "MAX_PAYLOAD_BYTES",
     "MAX_SAMPLES_PER_BATCH",
@@ -43,6 +44,7 @@ __all__ = [
     "ReportedModel",
     "ReportedState",
     "Severity",
+    "TargetRef",
     "TelemetryBatch",
     "TelemetrySample",
     "WireError",
@@ -84,24 +86,56 @@ class WireModel(BaseModel):
 # --- desired and reported state -------------------------------------------------------
 
 
+Sha256Hex = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+
+
+class TargetRef(WireModel):
+    """A TUF target the device must install: path in the targets metadata, length and hash.
+
+    The agent downloads it only if freshly verified TUF targets metadata lists the same
+    path with the same length and sha256 (:func:`models.director.check_targets`).
+    """
+
+    path: str = Field(min_length=1, max_length=512)  # e.g. "gemma3-270m/1.1/Q4_K_M.gguf"
+    length: int = Field(ge=1)  # bytes
+    sha256: Sha256Hex
+
+
 class DesiredModel(WireModel):
-    """A model the device should serve; ``version`` None means whatever the store holds."""
+    """A model the device should serve.
+
+    With a ``target`` the device installs that signed artifact (an update, or a rollback
+    to an older one) and serves it; without one it serves what its store holds, at
+    ``version`` if given.
+    """
 
     name: Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._-]+$")]
     version: Annotated[str, Field(max_length=64)] | None = None
+    target: TargetRef | None = None
+
+
+DESIRED_LIFETIME = timedelta(days=30)  # a desired state expires this long after it is issued
+
+
+def _desired_expiry() -> datetime:
+    return utc_now() + DESIRED_LIFETIME
 
 
 class DesiredState(WireModel):
     """What the controller wants one device to run. Published retained on ``desired``.
 
-    ``version`` grows by one with every change, so an agent ignores a replayed or
-    reordered older state. ``config`` and ``fallback`` are filled in by later issues
-    (agent settings overrides, degraded-mode policy); agents ignore keys they do not know.
+    On the wire it is the payload of a DSSE envelope signed by the controller's director
+    key (:mod:`models.director`). ``version`` grows by one with every change and the agent
+    keeps the last one it accepted, so a replayed or reordered older state is refused;
+    ``expires`` stops a captured state being held back and delivered much later.
+    ``config`` and ``fallback`` are filled in by later issues (agent settings overrides,
+    degraded-mode policy); agents ignore keys they do not know.
     """
 
     device_id: DeviceId
     version: int = Field(ge=1)
     issued_at: AwareDatetime = Field(default_factory=utc_now)
+    expires: AwareDatetime = Field(default_factory=_desired_expiry)
     models: list[DesiredModel] = Field(default_factory=list, max_length=64)
     config: dict[str, JsonValue] = Field(default_factory=dict)
     fallback: dict[str, JsonValue] = Field(default_factory=dict)
@@ -189,6 +223,13 @@ class EventKind(StrEnum):
     MODEL_FAILED = "model_failed"
     RECONCILE_FAILED = "reconcile_failed"
     SPOOL_DROPPED = "spool_dropped"
+    DESIRED_REJECTED = "desired_rejected"  # a desired state failed a trust check
+    UPDATE_PROGRESS = "update_progress"  # data: model, version, bytes, total
+    UPDATE_VERIFIED = "update_verified"  # downloaded, length and sha256 match TUF
+    UPDATE_INSTALLED = "update_installed"  # in its A/B slot and activated
+    UPDATE_HEALTHY = "update_healthy"  # health check passed: the new version serves
+    UPDATE_FAILED = "update_failed"  # data: phase, reason; nothing changed
+    UPDATE_ROLLED_BACK = "update_rolled_back"  # health check failed: previous version serves
 
 
 class Severity(StrEnum):
@@ -271,6 +312,8 @@ class EnrollmentResponse(WireModel):
     broker: BrokerCredentials
     telemetry_interval_s: float = Field(default=10.0, gt=0)  # seconds between samples
     heartbeat_interval_s: float = Field(default=30.0, gt=0)  # offline after 3 missed
+    tuf_root: str | None = Field(default=None, max_length=MAX_PAYLOAD_BYTES)
+    """The fleet's TUF root.json, trusted on first use by a device not provisioned with one."""
 
 
 # --- encoding ------------------------------------------------------------------------------

@@ -28,6 +28,7 @@ from agent.probe import GpuSampler, probe_device
 from agent.serving.cache import ResponseCache
 from agent.serving.registry import ModelRegistry
 from agent.state.apply import ModelController
+from agent.store import ModelStore
 from models.wire import DesiredState
 
 __all__ = ["create_app"]
@@ -101,6 +102,8 @@ def create_app(
             loaded={},
         )
         app.state.agent = state
+        # A crash may have left an update half done: settle it before anything is served.
+        await run_in_threadpool(ModelStore(settings.store_dir).recover)
         state_dir = StateDir(settings.fleet.state_dir) if link_enabled(settings.fleet) else None
         controller = ModelController(
             state,

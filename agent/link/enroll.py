@@ -16,6 +16,7 @@ import logging
 import httpx
 from pydantic import ValidationError
 
+from agent.files import atomic_write
 from agent.link.errors import EnrollmentRejected, LinkUnavailable
 from agent.link.identity import Identity, StateDir
 from models.device import DeviceReport
@@ -132,6 +133,9 @@ async def enroll(
     ) as client:
         response = await request_enrollment(client, fleet_url, request)
     identity = Identity.from_response(fleet_url, response, now)
+    if response.tuf_root is not None:
+        root = response.tuf_root.encode()
+        await asyncio.to_thread(atomic_write, state.enrollment_root_path, root)
     await asyncio.to_thread(state.save_identity, identity)
     log.info("enrolled with %s as device %s", fleet_url, identity.device_id)
     return identity

@@ -8,8 +8,11 @@ controller and broker are doing. The tasks:
   the controller is unreachable; stop (logged, shown in /v1/fleet) if it refuses;
 - *telemetry*: every interval, take the request window and device gauges, and append
   a numbered sample to the spool (a FLUSH command takes one at once);
-- *apply*: act on the newest accepted desired state (or a RECONCILE command) through
-  the host's executor, one at a time, newest wins;
+- *apply*: verify each desired state received (signed by the director key named in
+  the trusted TUF root, for this device, newer than the last one accepted, unexpired:
+  :func:`models.director.verify_desired`), then act on the newest through the host's
+  executor, which installs signed model updates with the :class:`Updater` the link
+  attaches; a transient update failure is retried with backoff;
 - *session*: the MQTT connection (:mod:`agent.link.session`).
 
 Leaving sends an OFFLINE event (best effort, bounded), disconnects and closes the
@@ -22,6 +25,7 @@ import asyncio
 import contextlib
 import fcntl
 import logging
+import math
 import os
 import random
 import time
@@ -43,7 +47,11 @@ from agent.link.spool import EntryKind, Spool
 from agent.link.telemetry import Gauges, build_sample
 from agent.metrics import WindowStats
 from agent.state.report import agent_version
+from agent.update.source import TUF_PATH, FleetSource
+from agent.update.tuf_client import TufClient, TufError
+from agent.update.updater import Emit, UpdateSource
 from models.device import DeviceReport
+from models.director import ReplayedState, SignatureRejected, TrustError, verify_desired
 from models.wire import Command, CommandKind, DesiredState, EventKind, Severity, encode, utc_now
 
 __all__ = ["FleetLink", "LinkHost", "TelemetryReader", "link_enabled", "prepare_identity"]
@@ -51,14 +59,19 @@ __all__ = ["FleetLink", "LinkHost", "TelemetryReader", "link_enabled", "prepare_
 log = logging.getLogger(__name__)
 
 _STOP_TIMEOUT_S = 5.0  # leaving waits this long for the OFFLINE event and disconnect
+_INBOX_MAX = 16  # desired states kept while the previous one is being applied
+_KEY_REFRESH_MIN_S = 60.0  # a bad signature refreshes TUF at most this often (seconds)
 
 
 class LinkHost(Host, Protocol):
     """The executor side: the app's :class:`agent.state.apply.ModelController`."""
 
-    async def apply_desired(self, desired: DesiredState) -> Any: ...
+    async def apply_desired(self, desired: DesiredState) -> Sequence[ReconcileOutcome]: ...
 
-    async def reconcile(self) -> Any: ...
+    async def reconcile(self) -> Sequence[ReconcileOutcome]: ...
+
+    def attach_updates(self, source: UpdateSource, emit: Emit) -> None:
+        """Install signed targets from ``source`` from now on, reporting through ``emit``."""
 
 
 class TelemetryReader(Protocol):
@@ -78,6 +91,9 @@ class ReconcileOutcome(Protocol):
 
     @property
     def error(self) -> str | None: ...
+
+    @property
+    def retry(self) -> bool: ...
 
 
 def link_enabled(settings: LinkSettings) -> bool:
@@ -161,8 +177,13 @@ class FleetLink:
         self.error: str | None = None
         self._lock_fd: int | None = None
         self._main: asyncio.Task[None] | None = None
-        self._pending: DesiredState | None = None
-        self._newest = host.desired_version  # highest desired version applied or queued
+        self._inbox: list[bytes] = []  # signed desired states received, not yet verified
+        self._newest = host.desired_version  # highest desired version accepted
+        self.tuf: TufClient | None = None
+        self.source: FleetSource | None = None
+        self._retry = Retry(Backoff(settings.backoff_initial_s * 5, 600.0), rand)
+        self._retry_timer: asyncio.TimerHandle | None = None
+        self._last_key_refresh = -math.inf
         self._apply_due = asyncio.Event()
         self._reconcile_due = False
         self._flush = asyncio.Event()
@@ -243,6 +264,17 @@ class FleetLink:
             publish_timeout_s=self.settings.publish_timeout_s,
             rand=self._rand,
         )
+        self.tuf = TufClient(
+            self.state_dir.tuf_dir,
+            identity.fleet_url.rstrip("/") + TUF_PATH,
+            auth=(identity.device_id, identity.broker.password),
+            timeout_s=self.settings.enroll_timeout_s,
+        )
+        await asyncio.to_thread(self._bootstrap_trust, self.tuf)
+        self.source = FleetSource(self.tuf, identity, timeout_s=self.settings.enroll_timeout_s)
+        self.host.attach_updates(self.source, self.emit)
+        self._reconcile_due = True  # resume an update a restart interrupted
+        self._apply_due.set()
         self.state = "running"
         helpers = [
             asyncio.create_task(self._telemetry_loop(identity), name="fleet-telemetry"),
@@ -254,6 +286,31 @@ class FleetLink:
             for task in helpers:
                 task.cancel()
             await asyncio.gather(*helpers, return_exceptions=True)
+            if self._retry_timer is not None:
+                self._retry_timer.cancel()
+            await self.source.aclose()
+            self.tuf.close()
+
+    def _bootstrap_trust(self, tuf: TufClient) -> None:
+        """Trust a first TUF root: the provisioned one, else the one enrollment sent.
+
+        Once a root is trusted only properly signed new roots replace it (TUF's chain);
+        without any, every desired state and update is refused (fail closed).
+        """
+        if tuf.has_root():
+            return
+        provisioned = self.settings.trust_root
+        source = provisioned or self.state_dir.enrollment_root_path
+        try:
+            tuf.install_root(source.read_bytes())
+        except FileNotFoundError:
+            log.error(
+                "no TUF trust root (%s is missing): desired states and updates are refused "
+                "until one is provisioned with --trust-root",
+                source,
+            )
+        except (OSError, TufError) as exc:
+            log.error("the TUF trust root %s is refused: %s", source, exc)
 
     async def _enroll(self) -> Identity | None:
         settings = self.settings
@@ -289,9 +346,9 @@ class FleetLink:
 
     # -- desired state and commands ---------------------------------------------------
 
-    def _queue_desired(self, desired: DesiredState) -> None:
-        self._pending = desired
-        self._newest = desired.version
+    def _queue_desired(self, payload: bytes) -> None:
+        self._inbox.append(payload)
+        del self._inbox[:-_INBOX_MAX]  # a flood keeps only the latest few
         self._apply_due.set()
 
     def _on_command(self, command: Command) -> None:
@@ -308,13 +365,18 @@ class FleetLink:
         while True:
             await self._apply_due.wait()
             self._apply_due.clear()
-            desired, self._pending = self._pending, None
+            received, self._inbox = self._inbox, []
             reconcile, self._reconcile_due = self._reconcile_due, False
+            outcomes: Sequence[ReconcileOutcome] = ()
             try:
+                desired = await self._newest_verified(received)
                 if desired is not None:
-                    await self.host.apply_desired(desired)
+                    self._newest = desired.version
+                    if self.session is not None:
+                        self.session.status.received_desired_version = desired.version
+                    outcomes = await self.host.apply_desired(desired)
                 elif reconcile:
-                    await self.host.reconcile()
+                    outcomes = await self.host.reconcile()
             except Exception as exc:  # the executor reports per model; this is a bug
                 log.exception("reconcile failed")
                 self.emit(
@@ -322,8 +384,89 @@ class FleetLink:
                     f"reconcile failed: {exc!r}",
                     severity=Severity.ERROR,
                 )
+            self._schedule_retry(any(o.retry for o in outcomes))
             if self.session is not None:
                 self.session.report_changed()
+
+    def _schedule_retry(self, needed: bool) -> None:
+        """Reconcile again after a backoff when an update failed for a passing reason."""
+        if self._retry_timer is not None:
+            self._retry_timer.cancel()
+            self._retry_timer = None
+        if not needed:
+            self._retry.reset()
+            return
+        delay = self._retry.next_delay()
+        log.info("an update failed for a passing reason; trying again in %.0f s", delay)
+
+        def due() -> None:
+            self._reconcile_due = True
+            self._apply_due.set()
+
+        self._retry_timer = asyncio.get_running_loop().call_later(delay, due)
+
+    async def _newest_verified(self, received: Sequence[bytes]) -> DesiredState | None:
+        """The newest of ``received`` that passes every trust check; the rest are reported."""
+        best: DesiredState | None = None
+        for payload in received:
+            if not payload:
+                log.info("the controller cleared this device's desired state; keeping the models")
+                continue
+            try:
+                desired = await asyncio.to_thread(self._verify, payload, self._newest)
+            except ReplayedState as exc:
+                if exc.again:  # the retained state, delivered again on a reconnect
+                    log.debug("ignoring a desired state: %s", exc)
+                else:
+                    self._refused(exc)
+            except (TrustError, TufError) as exc:
+                self._refused(exc)
+            else:
+                if best is None or desired.version > best.version:
+                    best = desired
+        return best
+
+    def _refused(self, exc: TrustError | TufError) -> None:
+        log.error("refusing a desired state: %s", exc)
+        self.emit(
+            EventKind.DESIRED_REJECTED,
+            f"desired state refused: {exc}",
+            severity=Severity.ERROR,
+            data={"reason": type(exc).__name__, "detail": str(exc)[:500]},
+        )
+
+    def _verify(self, payload: bytes, last_version: int | None) -> DesiredState:
+        """Blocking: verify with the trusted root's director keys.
+
+        A signature that does not verify triggers one TUF refresh (rate-limited): the
+        director key may have been rotated by a new root.
+        """
+        assert self.tuf is not None
+        assert self.identity is not None
+        device_id = self.identity.device_id
+
+        def attempt() -> DesiredState:
+            assert self.tuf is not None
+            keys = self.tuf.director_keys()
+            return verify_desired(
+                payload, keys, device_id=device_id, last_version=last_version, now=utc_now()
+            )
+
+        try:
+            return attempt()
+        except SignatureRejected:
+            now = time.monotonic()
+            if now - self._last_key_refresh < _KEY_REFRESH_MIN_S:
+                raise
+            self._last_key_refresh = now
+            try:
+                self.tuf.refresh()
+            except TufError as exc:
+                log.warning("cannot refresh TUF metadata to look for new director keys: %s", exc)
+                raise SignatureRejected(
+                    "desired state not signed by a trusted director key"
+                ) from exc
+            return attempt()
 
     def report_changed(self) -> None:
         """The host calls this when what it would report may have changed."""

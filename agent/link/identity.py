@@ -84,6 +84,16 @@ class StateDir:
     def lock_path(self) -> Path:
         return self.root / "link.lock"
 
+    @property
+    def enrollment_root_path(self) -> Path:
+        """The TUF root the controller sent at enrollment, trusted on first use."""
+        return self.root / "enrollment-root.json"
+
+    @property
+    def tuf_dir(self) -> Path:
+        """TUF metadata the agent has verified; ``root.json`` in it is the trust anchor."""
+        return self.root / "tuf"
+
     def ensure(self) -> Path:
         return ensure_private_dir(self.root)
 

@@ -6,8 +6,9 @@ Mosquitto and the controller's embedded amqtt broker speak) authenticated with t
 identity's credentials, with a last will (an OFFLINE event, QoS 1, not retained) on
 the device's ``events`` topic. While connected, three tasks run together:
 
-- the *receiver* parses ``desired`` and ``cmd`` messages and hands valid ones on; a
-  bad payload, a foreign device id or a stale version is logged and ignored;
+- the *receiver* hands ``desired`` payloads on unparsed (they are signed; the link
+  verifies them, :mod:`models.director`) and parses ``cmd`` messages; a bad command
+  or a foreign device's topic is logged and ignored;
 - the *sender* publishes the spool's head in order and deletes each entry only
   after the broker's PUBACK (aiomqtt's ``publish(qos=1)`` returns on the PUBACK);
 - the *reporter* publishes the reported state (retained) when it differs from the
@@ -54,7 +55,6 @@ from models.wire import (
     MAX_PAYLOAD_BYTES,
     MAX_SAMPLES_PER_BATCH,
     Command,
-    DesiredState,
     Event,
     EventKind,
     ReportedState,
@@ -72,7 +72,6 @@ __all__ = [
     "Host",
     "MqttSession",
     "SessionStatus",
-    "accept_desired",
     "is_auth_failure",
     "new_event",
     "parse_broker_url",
@@ -118,19 +117,6 @@ def parse_broker_url(url: str) -> BrokerAddress:
     except ValueError:
         raise ConfigError(f"broker url {url!r} has an invalid port") from None
     return BrokerAddress(parts.hostname, port, tls)
-
-
-def accept_desired(desired: DesiredState, device_id: str, newest: int | None) -> str | None:
-    """None if ``desired`` should be applied, else why it is ignored.
-
-    ``newest`` is the highest version already applied or queued: a replayed, reordered
-    or duplicate (retained, redelivered on reconnect) state is not applied twice.
-    """
-    if desired.device_id != device_id:
-        return f"desired state for device {desired.device_id!r}, not this one ({device_id!r})"
-    if newest is not None and desired.version <= newest:
-        return f"desired state version {desired.version} is not newer than {newest}"
-    return None
 
 
 def is_auth_failure(exc: BaseException) -> bool:
@@ -185,7 +171,7 @@ class MqttSession:
         spool: Spool,
         host: Host,
         *,
-        on_desired: Callable[[DesiredState], None],
+        on_desired: Callable[[bytes], None],
         on_command: Callable[[Command], None],
         newest_desired: Callable[[], int | None],
         backoff: Backoff,
@@ -392,17 +378,7 @@ class MqttSession:
             if not payload:
                 log.info("the controller cleared this device's desired state; keeping the models")
                 return
-            try:
-                desired = decode(DesiredState, payload)
-            except WireError as exc:
-                log.warning("ignoring a bad desired state: %s", exc)
-                return
-            why = accept_desired(desired, self.device_id, self._newest_desired())
-            if why is not None:
-                log.info("ignoring %s", why)
-                return
-            self.status.received_desired_version = desired.version
-            self._on_desired(desired)
+            self._on_desired(payload)  # signed: the link verifies it before acting on it
         elif parsed.channel is Channel.CMD:
             try:
                 command = decode(Command, payload)

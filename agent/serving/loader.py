@@ -27,12 +27,9 @@ def resolve(spec: ModelSpec, store: ModelStore) -> tuple[ModelManifest, Path]:
     if spec.path is not None:
         manifest = manifest_for_file(spec.path, spec.name, spec.runtime)
         return manifest, spec.path
-    manifest = store.manifest(spec.name)
+    manifest, path = store.resolve(spec.name)
     if spec.runtime is not None:
         manifest = manifest.model_copy(update={"runtime": spec.runtime})
-    path = store.file(manifest)
-    if not path.is_file():
-        raise ConfigError(f"model {spec.name!r}: file {path} is missing from the store")
     return manifest, path
 
 

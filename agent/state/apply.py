@@ -32,7 +32,8 @@ from agent.serving.registry import ModelRegistry
 from agent.state.plan import Unload, plan_models
 from agent.state.report import agent_version, build_report
 from agent.store import ModelStore
-from models.manifest import ModelManifest
+from agent.update.updater import Emit, Updater, UpdateSource
+from models.manifest import ModelManifest, RuntimeParams
 from models.wire import DesiredState, ReportedState, utc_now
 
 __all__ = [
@@ -61,13 +62,17 @@ def specs_for_desired(
     desired: DesiredState,
     installed: Mapping[str, ModelManifest | str],
     configured: Sequence[ModelSpec] = (),
+    why_not: Mapping[str, str] | None = None,
 ) -> DesiredSpecs:
     """Map desired models onto specs served from the store; pure.
 
     ``installed`` holds, for each desired name, the store's manifest or why there is
     none. A model absent from the store, or present at another version than the one
-    asked for, is *missing* (reported, never fatal). A configured spec of the same
-    name lends its runtime overrides; desired models always come from the store.
+    asked for, is *missing* (reported, never fatal; ``why_not`` says why an update did
+    not install it). A model with a signed target is served at whatever verified
+    version the store holds until the updater has installed the target. A configured
+    spec of the same name lends its runtime overrides; desired models always come from
+    the store.
     """
     tuned = {spec.name: spec.runtime for spec in configured if spec.runtime is not None}
     specs: list[ModelSpec] = []
@@ -78,9 +83,16 @@ def specs_for_desired(
             continue
         seen.add(wanted.name)
         found = installed.get(wanted.name)
+        target = wanted.target
         if not isinstance(found, ModelManifest):
-            missing[wanted.name] = found or f"model {wanted.name!r} is not in the model store"
-        elif wanted.version is not None and found.version != wanted.version:
+            why = (why_not or {}).get(wanted.name) or found
+            if target is not None:
+                why = f"target {target.path} is not installed yet: {why or 'updating'}"
+            missing[wanted.name] = why or f"model {wanted.name!r} is not in the model store"
+        elif target is not None:
+            # The installed version serves until the update is verified and healthy.
+            specs.append(ModelSpec(name=wanted.name, runtime=tuned.get(wanted.name)))
+        elif target is None and wanted.version is not None and found.version != wanted.version:
             missing[wanted.name] = (
                 f"version {wanted.version} of {wanted.name!r} is not in the model store "
                 f"(it holds {found.version})"
@@ -95,8 +107,9 @@ class Outcome:
     """What one step of a reconcile did."""
 
     name: str
-    action: str  # "load", "swap", "unload"
+    action: str  # "load", "swap", "unload", "update"
     error: str | None = None  # None: it worked
+    retry: bool = False  # a transient failure (network, disk): reconcile again later
 
 
 async def reconcile(
@@ -211,11 +224,16 @@ class ModelController:
         self.missing: dict[str, str] = {}
         self.on_change: Callable[[], None] | None = None
         self.on_outcomes: Callable[[Sequence[Outcome]], None] | None = None
+        self.updater: Updater | None = None  # set by the fleet link once enrolled
         self._load = load
 
     @property
     def desired_version(self) -> int | None:
         return self.desired.version if self.desired is not None else None
+
+    def attach_updates(self, source: UpdateSource, emit: Emit) -> None:
+        """From now on, install the signed targets desired states name (the fleet link)."""
+        self.updater = Updater(ModelStore(self.state.settings.store_dir), source, emit)
 
     def expected(self) -> list[str]:
         """Names to mark as loading before the first reconcile (requests get 503, not 404)."""
@@ -240,14 +258,50 @@ class ModelController:
         if desired is None:
             self._set_missing({})
             return await _reconcile(self.state, self.configured, (), self._load)
+        served = await self._serve(desired, {})  # what is installed serves at once...
+        updates = await self._update(desired)  # ...while signed targets are installed
+        if not updates:
+            return served
+        why_not = {o.name: o.error for o in updates if o.error is not None}
+        return served + updates + await self._serve(desired, why_not)
+
+    async def _serve(self, desired: DesiredState, why_not: Mapping[str, str]) -> list[Outcome]:
         store = ModelStore(self.state.settings.store_dir)
         names = [m.name for m in desired.models]
         installed = await run_in_threadpool(_read_installed, store, names)
-        mapped = specs_for_desired(desired, installed, self.configured)
+        mapped = specs_for_desired(desired, installed, self.configured, why_not)
         for why in mapped.missing.values():
             log.warning("desired state %d: %s", desired.version, why)
         self._set_missing(mapped.missing)
         return await _reconcile(self.state, mapped.specs, list(mapped.missing), self._load)
+
+    async def _update(self, desired: DesiredState) -> list[Outcome]:
+        """Install the signed targets the desired state names; publish each healthy one."""
+        outcomes: list[Outcome] = []
+        tuned = {spec.name: spec.runtime for spec in self.configured if spec.runtime is not None}
+        for wanted in desired.models:
+            if wanted.target is None:
+                continue
+            if self.updater is None:
+                continue  # reported missing until the fleet link attaches the updater
+            runtime = tuned.get(wanted.name)
+
+            def load(
+                manifest: ModelManifest, path: Path, runtime: RuntimeParams | None = runtime
+            ) -> ServedModel:
+                if runtime is not None:
+                    manifest = manifest.model_copy(update={"runtime": runtime})
+                return self._load(manifest, path, self.state.settings, self.state.registry)
+
+            result = await self.updater.ensure(desired.version, wanted, load)
+            if result.model is not None:
+                spec = ModelSpec(name=wanted.name, runtime=runtime)
+                self.state.registry.publish(wanted.name, result.model)
+                self.state.loaded[wanted.name] = (spec, result.model.manifest)
+                outcomes.append(Outcome(wanted.name, "update"))
+            elif result.error is not None:
+                outcomes.append(Outcome(wanted.name, "update", result.error, result.retry))
+        return outcomes
 
     def _set_missing(self, missing: dict[str, str]) -> None:
         for name, why in missing.items():

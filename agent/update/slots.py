@@ -60,8 +60,7 @@ from typing import Final, Literal
 from pydantic import TypeAdapter, ValidationError
 
 from agent.errors import ConfigError
-from agent.files import fsync_dir
-from agent.store import format_of, sha256_file
+from agent.files import format_of, fsync_dir, sha256_file
 from models.manifest import ModelManifest, RuntimeParams
 
 __all__ = [
@@ -679,16 +678,21 @@ class ABSlots:
         with _os_errors(f"fail the update of {name}"):
             self._save(name, next_state(self.state(name), Failed(reason)))
 
-    def rollback(self, name: str, reason: str) -> Path:
-        """Serve the previous slot again, recording ``reason``. Returns the new active path."""
+    def rollback(self, name: str, reason: str, *, allow_empty: bool = False) -> Path | None:
+        """Serve the previous slot again, recording ``reason``. Returns the new active path.
+
+        With ``allow_empty``, a model without a previous slot is left with nothing active
+        (None) rather than keep serving what just failed.
+        """
         with _os_errors(f"roll back {name}"):
             state = self.state(name)
             if state.previous is not None and not self.contents(name, state.previous).intact:
                 raise InvalidTransition(
                     f"cannot roll back {name!r}: previous slot {state.previous} is damaged"
                 )
-            self._save(name, next_state(state, RolledBack(reason)))
-            return self.active_path(name)
+            new = next_state(state, RolledBack(reason, allow_empty=allow_empty))
+            self._save(name, new)
+            return self.active_path(name) if new.active is not None else None
 
     def recover(self, name: str) -> list[RecoveryAction]:
         """Settle whatever a crash left, one crash-safe step at a time; returns the steps.

@@ -15,6 +15,7 @@ from sqlmodel import Session
 from fleet.config import FleetSettings
 from fleet.errors import Unauthorized
 from fleet.link.port import LinkPort
+from fleet.registry.repository import TufRepository
 from fleet.tokens import same_secret
 
 __all__ = [
@@ -23,9 +24,11 @@ __all__ = [
     "LinkDep",
     "SessionDep",
     "StateDep",
+    "TufDep",
     "get_link",
     "get_session",
     "get_state",
+    "get_tuf",
     "require_admin",
 ]
 
@@ -39,6 +42,7 @@ class FleetState:
     link: LinkPort
     admin_token: str
     clock: Callable[[], datetime]  # aware UTC; tests pass a fixed one
+    tuf: TufRepository  # signs model targets; its director keys sign desired states
     publish_lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # orders desired publishes
 
 
@@ -48,6 +52,13 @@ def get_state(request: Request) -> FleetState:
 
 
 StateDep = Annotated[FleetState, Depends(get_state)]
+
+
+def get_tuf(state: StateDep) -> TufRepository:
+    return state.tuf
+
+
+TufDep = Annotated[TufRepository, Depends(get_tuf)]
 
 
 def get_link(state: StateDep) -> LinkPort:

@@ -1,5 +1,10 @@
 """Desired state: what a device (or every device in a group) should run.
 
+Models registered in the model registry are resolved to signed TUF targets (path,
+length, sha256: :func:`fleet.registry.select.choose_artifact`); the link signs each
+device's state with the director key before publishing it (:mod:`models.director`),
+and it expires after :data:`models.wire.DESIRED_LIFETIME`.
+
 Setting it is two steps, in this order: store it (the version grows by one, in the
 database, atomically), then publish it retained. The database is the truth; if the
 broker is down the answer is still 202 with ``"published": false`` and the link
@@ -22,15 +27,41 @@ from fleet.api.present import desired_of, device_or_404
 from fleet.api.schemas import DesiredBody, DesiredPublished, GroupDesiredPublished
 from fleet.errors import BrokerUnavailable, Conflict, NotFound
 from fleet.link.port import LinkPort
-from fleet.tables import Device, Group
-from models.wire import DesiredState
+from fleet.registry.select import choose_artifact
+from fleet.registry.targets import target_path
+from fleet.tables import Device, Group, ModelArtifact
+from models.wire import DESIRED_LIFETIME, DesiredModel, DesiredState, TargetRef
 
 __all__ = ["router"]
 
 router = APIRouter(prefix="/api/v1", tags=["desired state"], dependencies=[Admin])
 
 
-def _store(session: Session, device_id: str, body: DesiredBody, now: datetime) -> DesiredState:
+def resolve_models(session: Session, body: DesiredBody) -> list[DesiredModel]:
+    """The wire models for ``body``: registered models get their signed target."""
+    resolved = []
+    for wanted in body.models:
+        rows = session.exec(
+            select(ModelArtifact).where(col(ModelArtifact.name) == wanted.name)
+        ).all()
+        if not rows:
+            if wanted.variant is not None:
+                raise NotFound(f"model {wanted.name!r} is not in the registry")
+            resolved.append(DesiredModel(name=wanted.name, version=wanted.version))
+            continue
+        row = choose_artifact(rows, wanted.version, wanted.variant)
+        target = TargetRef(
+            path=target_path(row.name, row.version, row.variant, row.format),
+            length=row.size_bytes,
+            sha256=row.sha256,
+        )
+        resolved.append(DesiredModel(name=row.name, version=row.version, target=target))
+    return resolved
+
+
+def _store(
+    session: Session, device_id: str, models: list[DesiredModel], body: DesiredBody, now: datetime
+) -> DesiredState:
     """Bump the version and store the new state, in the caller's transaction."""
     bumped = session.exec(
         update(Device)
@@ -46,7 +77,8 @@ def _store(session: Session, device_id: str, body: DesiredBody, now: datetime) -
         device_id=device_id,
         version=version,
         issued_at=now,
-        models=body.models,
+        expires=now + DESIRED_LIFETIME,
+        models=models,
         config=body.config,
         fallback=body.fallback,
     )
@@ -61,7 +93,7 @@ def _store(session: Session, device_id: str, body: DesiredBody, now: datetime) -
 
 def _store_one(engine: Engine, device_id: str, body: DesiredBody, now: datetime) -> DesiredState:
     with Session(engine) as session:
-        state = _store(session, device_id, body, now)
+        state = _store(session, device_id, resolve_models(session, body), body, now)
         session.commit()
         return state
 
@@ -77,7 +109,8 @@ def _store_group(
             .where(col(Device.group) == group, col(Device.revoked_at).is_(None))
             .order_by(col(Device.id))
         ).all()
-        states = [_store(session, device_id, body, now) for device_id in ids]
+        models = resolve_models(session, body)
+        states = [_store(session, device_id, models, body, now) for device_id in ids]
         session.commit()
         return states
 

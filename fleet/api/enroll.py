@@ -168,6 +168,7 @@ async def enroll(request: EnrollmentRequest, state: StateDep) -> EnrollmentRespo
         raise EnrollmentRejected(f"enrollment proof rejected: {exc}") from None
     enrolled = await run_in_threadpool(_enroll, state.engine, request, now)
     ca_pem = await run_in_threadpool(_ca_pem, state.settings)
+    tuf_root = await run_in_threadpool(state.tuf.root_json)
     await state.link.sync_auth()
     settings = state.settings
     return EnrollmentResponse(
@@ -181,4 +182,5 @@ async def enroll(request: EnrollmentRequest, state: StateDep) -> EnrollmentRespo
         ),
         telemetry_interval_s=settings.telemetry_interval_s,
         heartbeat_interval_s=settings.heartbeat_interval_s,
+        tuf_root=tuf_root.decode(),
     )

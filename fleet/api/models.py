@@ -6,7 +6,8 @@ never sits in memory; it is the one route exempt from the 1 MiB body limit
 (:func:`is_upload`). What the uploader says about the file travels as JSON in the
 ``X-Edgefleet-Metadata`` header; the model card, which can be long, has its own route.
 One row per (name, version, variant): the same bytes again are a no-op, other bytes
-a 409.
+a 409. A registered artifact becomes a TUF target (:func:`artifact_target`): signed at
+once when the targets keys are online, staged for offline signing otherwise.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from fleet.api.schemas import (
 from fleet.config import FleetSettings
 from fleet.errors import Conflict, InvalidInput, NotFound
 from fleet.registry.store import ArtifactStore, Ingested
+from fleet.registry.targets import TargetDescription, describe_target
 from fleet.tables import ModelArtifact, as_utc
 from models.manifest import ModelFormat
 
@@ -49,6 +51,7 @@ __all__ = [
     "METADATA_HEADER",
     "artifact_public",
     "artifact_store",
+    "artifact_target",
     "is_upload",
     "router",
 ]
@@ -73,6 +76,19 @@ def is_upload(scope: Scope) -> bool:
 
 def artifact_store(settings: FleetSettings) -> ArtifactStore:
     return ArtifactStore(settings.resolved_artifact_dir, max_bytes=settings.artifact_max_bytes)
+
+
+def artifact_target(row: ModelArtifact) -> TargetDescription:
+    """The TUF target a registered artifact is signed as."""
+    return describe_target(
+        name=row.name,
+        version=row.version,
+        variant=row.variant,
+        fmt=row.format,
+        sha256=row.sha256,
+        size_bytes=row.size_bytes,
+        metadata=row.meta,
+    )
 
 
 def artifact_public(row: ModelArtifact, public_url: str) -> ArtifactPublic:
@@ -233,6 +249,9 @@ async def upload_model(
     # A refused upload leaves its blob behind when it was new: a later sweep removes
     # blobs no row names (never here, where a racing upload may be about to name it).
     saved, created = await run_in_threadpool(_register, state.engine, row, stored)
+    # Idempotent: an identical re-upload makes sure the target exists (a controller that
+    # crashed between the row and the signature); start-up does the same for every row.
+    await run_in_threadpool(state.tuf.add_target, artifact_target(saved), state.clock())
     if not created:
         response.status_code = 200
     return artifact_public(saved, state.settings.resolved_public_url)

@@ -15,7 +15,6 @@ from pydantic import BaseModel, ConfigDict, Field, JsonValue, field_validator
 
 from fleet.tokens import TokenState
 from models.manifest import ModelFormat, RuntimeParams
-from models.wire import DesiredModel
 
 __all__ = [
     "GROUP_PATTERN",
@@ -27,6 +26,7 @@ __all__ = [
     "CommandAccepted",
     "CommandCreate",
     "DesiredBody",
+    "DesiredModelBody",
     "DesiredPublished",
     "DeviceCounts",
     "DeviceDetail",
@@ -226,16 +226,31 @@ class CommandAccepted(BaseModel):
 # --- desired state --------------------------------------------------------------------------
 
 
-class DesiredBody(_Input):
-    """What an admin sets; the controller adds device id, version and issue time."""
+class DesiredModelBody(_Input):
+    """A model a device should serve.
 
-    models: list[DesiredModel] = Field(default_factory=list, max_length=64)
+    A name registered in the model registry resolves to a signed TUF target: the
+    ``version`` asked for (or the latest one not yanked) and its ``variant`` (needed only
+    when a version has several and none is called "default"). A name the registry does
+    not know is served from the device's own store (bundled models), at ``version`` if
+    given.
+    """
+
+    name: str = Field(pattern=r"^[A-Za-z0-9._-]{1,128}$")
+    version: str | None = Field(default=None, pattern=r"^[0-9A-Za-z][0-9A-Za-z.+_-]{0,63}$")
+    variant: str | None = Field(default=None, pattern=r"^[0-9A-Za-z][0-9A-Za-z._-]{0,63}$")
+
+
+class DesiredBody(_Input):
+    """What an admin sets; the controller adds device id, version, expiry and targets."""
+
+    models: list[DesiredModelBody] = Field(default_factory=list, max_length=64)
     config: dict[str, JsonValue] = Field(default_factory=dict)
     fallback: dict[str, JsonValue] = Field(default_factory=dict)
 
     @field_validator("models")
     @classmethod
-    def _distinct(cls, models: list[DesiredModel]) -> list[DesiredModel]:
+    def _distinct(cls, models: list[DesiredModelBody]) -> list[DesiredModelBody]:
         names = [m.name for m in models]
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:

@@ -159,10 +159,12 @@ class FleetLink:
         settings: FleetSettings,
         engine: sa.Engine,
         *,
+        sign_desired: Callable[[DesiredState], bytes],
         reconnect: ReconnectPolicy | None = None,
     ) -> None:
         self._settings = settings
         self._engine = engine
+        self._sign_desired = sign_desired  # the director key's DSSE envelope
         self._reconnect = reconnect or ReconnectPolicy()
         self._embedded: EmbeddedBroker | None = None
         self._broker_url = settings.resolved_broker_url
@@ -306,7 +308,7 @@ class FleetLink:
         self._published[state.device_id] = max(
             self._published.get(state.device_id, 0), state.version
         )
-        await self._publish(topic, encode(state), retain=True)
+        await self._publish(topic, self._sign_desired(state), retain=True)
 
     async def clear_desired(self, device_id: str) -> None:
         """Clear a revoked device's retained desired state (and its reported state).
@@ -406,7 +408,7 @@ class FleetLink:
                     return
                 self._published[device_id] = state.version
                 topic = str(DeviceTopic(device_id, Channel.DESIRED))
-                await client.publish(topic, encode(state), qos=1, retain=True)
+                await client.publish(topic, self._sign_desired(state), qos=1, retain=True)
                 sent += 1
 
         results = await asyncio.gather(

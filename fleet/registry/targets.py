@@ -1,8 +1,15 @@
-"""What the registry will sign: one TUF target per registered artifact (pure, no I/O).
+"""What the registry signs: one TUF target per registered artifact (pure, no I/O).
 
-This is the seam for signed model updates. A TUF repository (a later change) takes
-:class:`TargetDescription` values from here and signs them into targets metadata;
-the agent then checks length and hash while downloading. Nothing here signs.
+This is the seam for signed model updates. The TUF repository
+(:mod:`fleet.registry.repository`) takes :class:`TargetDescription` values from here
+and signs them into targets metadata, adding a per-model ``release`` counter; the
+agent then checks length and hash while downloading. Nothing here signs.
+
+The custom fields carry what a device needs to decide and to run: name, version,
+variant, format, the hardware it needs (``ram_bytes``, ``vram_bytes``), context
+length, runtime parameters, golden prompts and licence; never the model card. TUF
+signs canonical JSON, which has no floating-point numbers: a float in the metadata
+(say, in ``runtime.extra``) is signed as its decimal string.
 """
 
 from __future__ import annotations
@@ -41,7 +48,7 @@ def describe_target(
     metadata: dict[str, Any],
 ) -> TargetDescription:
     """The target a registered artifact becomes; the model card stays out of signed data."""
-    custom = {k: v for k, v in metadata.items() if k != "card" and v is not None}
+    custom = {k: _canonical(v) for k, v in metadata.items() if k != "card" and v is not None}
     custom.update(name=name, version=version, variant=variant, format=fmt)
     return TargetDescription(
         path=target_path(name, version, variant, fmt),
@@ -49,3 +56,14 @@ def describe_target(
         hashes={"sha256": check_digest(sha256)},
         custom=custom,
     )
+
+
+def _canonical(value: Any) -> Any:
+    """``value`` with floats as decimal strings (integral ones as ints): canonical JSON."""
+    if isinstance(value, float):
+        return int(value) if value.is_integer() else repr(value)
+    if isinstance(value, dict):
+        return {str(k): _canonical(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_canonical(v) for v in value]
+    return value

@@ -18,7 +18,9 @@ cleanly.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
+import json
 import logging
 import random
 import ssl
@@ -352,7 +354,9 @@ class SimulatedDevice:
         if not payload:
             return  # the retained state was cleared
         try:
-            state = decode(DesiredState, payload)
+            # Simulated devices measure the controller, not device trust: the director's
+            # signature is not checked here (the real agent checks it, models.director).
+            state = decode(DesiredState, _envelope_payload(payload))
         except WireError as exc:
             _log.warning("%s: ignoring desired state: %s", self.identity.device_id, exc)
             return
@@ -389,3 +393,12 @@ class SimulatedDevice:
             await self._publish_report(client)
         elif command.kind is CommandKind.FLUSH:
             await self._publish_sample(client)
+
+
+def _envelope_payload(raw: bytes) -> bytes:
+    """The payload of a DSSE envelope, unverified; :class:`WireError` if it is not one."""
+    try:
+        data = json.loads(raw)
+        return base64.b64decode(data["payload"], validate=True)
+    except (ValueError, TypeError, KeyError) as exc:
+        raise WireError(f"not a signed desired state: {exc!r}") from None

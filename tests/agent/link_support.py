@@ -1,19 +1,22 @@
 """Helpers for the link's tests: broker accounts, identities, a controller-side watcher.
 
-Fleet-independent on purpose: the broker's password file is written here in
-Mosquitto's own ``$7$`` form (PBKDF2-SHA512), and the ACL gives each device its own
-topics only, as the controller's does.
+Broker-independent of the controller on purpose: the broker's password file is written
+here in Mosquitto's own ``$7$`` form (PBKDF2-SHA512), and the ACL gives each device its
+own topics only, as the controller's does. Desired states are signed by a real TUF
+repository's director key (:func:`make_director`), whose root the agent trusts.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import hashlib
 import json
 import os
 import secrets
 import signal
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -27,8 +30,17 @@ import aiomqtt
 from pydantic import ValidationError
 
 from agent.link.identity import Identity, StateDir
+from fleet.registry.keys import KeyStore
+from fleet.registry.repository import TufRepository
+from models.director import sign_desired
 from models.trust import TrustError, verify_enrollment
-from models.wire import BrokerCredentials, EnrollmentRequest, EnrollmentResponse
+from models.wire import (
+    BrokerCredentials,
+    DesiredState,
+    EnrollmentRequest,
+    EnrollmentResponse,
+    utc_now,
+)
 from tests.services import MosquittoBroker
 
 CONTROLLER = "test-controller"
@@ -269,3 +281,29 @@ def accept_as(
         return 200, response.model_dump(mode="json")
 
     return respond
+
+
+@dataclass
+class Director:
+    """A fleet's TUF root (for the agent to trust) and the director keys that sign for it."""
+
+    repository: TufRepository
+    root_file: Path
+
+    def sign(self, state: DesiredState) -> bytes:
+        return sign_desired(state, self.repository.director_signers())
+
+
+def make_director(folder: Path) -> Director:
+    """A new TUF repository in ``folder``, its root saved as ``folder/root.json``."""
+    repository = TufRepository(folder / "tuf", KeyStore(folder / "keys"))
+    repository.init(utc_now())
+    root_file = folder / "root.json"
+    root_file.write_bytes(repository.root_json())
+    return Director(repository, root_file)
+
+
+@functools.cache
+def shared_director() -> Director:
+    """One repository for every link test in this process (creating keys takes a moment)."""
+    return make_director(Path(tempfile.mkdtemp(prefix="edgefleet-director-")))

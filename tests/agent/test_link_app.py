@@ -19,7 +19,13 @@ from agent.config import AgentSettings, LinkSettings
 from agent.store import ModelStore
 from models.catalog import BUNDLED
 from models.wire import Command, CommandKind, DesiredModel, DesiredState, encode
-from tests.agent.link_support import Watcher, authorize, controller_client, write_identity
+from tests.agent.link_support import (
+    Watcher,
+    authorize,
+    controller_client,
+    shared_director,
+    write_identity,
+)
 from tests.services import MosquittoBroker
 
 DEVICE = "dev-app-1"
@@ -62,14 +68,19 @@ def test_desired_state_drives_the_models_and_survives_a_restart_without_the_brok
     settings = AgentSettings(
         store_dir=minilm_store,
         models=[],
-        fleet=LinkSettings(state_dir=state_dir, backoff_initial_s=0.05, backoff_max_s=0.3),
+        fleet=LinkSettings(
+            state_dir=state_dir,
+            backoff_initial_s=0.05,
+            backoff_max_s=0.3,
+            trust_root=shared_director().root_file,
+        ),
     )
     desired = DesiredState(
         device_id=DEVICE,
         version=1,
         models=[DesiredModel(name="minilm"), DesiredModel(name="ghost", version="2")],
     )
-    publish(broker, DESIRED, encode(desired), retain=True)
+    publish(broker, DESIRED, shared_director().sign(desired), retain=True)
 
     loop = asyncio.new_event_loop()
     watcher = Watcher(broker)

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -24,8 +26,17 @@ from models.wire import (
     EventKind,
     ReportedState,
     encode,
+    utc_now,
 )
-from tests.agent.link_support import Watcher, authorize, controller_client, poll, write_identity
+from tests.agent.link_support import (
+    Watcher,
+    authorize,
+    controller_client,
+    make_director,
+    poll,
+    shared_director,
+    write_identity,
+)
 from tests.services import MosquittoBroker
 
 DEVICE = "dev-link-1"
@@ -54,12 +65,17 @@ class FakeHost:
     def desired_version(self) -> int | None:
         return self.desired.version if self.desired else None
 
-    async def apply_desired(self, desired: DesiredState) -> None:
+    async def apply_desired(self, desired: DesiredState) -> list[Any]:
         self.applied.append(desired.version)
         self.desired = desired
+        return []
 
-    async def reconcile(self) -> None:
+    async def reconcile(self) -> list[Any]:
         self.reconciles += 1
+        return []
+
+    def attach_updates(self, source: Any, emit: Any) -> None:
+        self.source = source
 
     def report(self, device_id: str) -> ReportedState:
         return ReportedState(
@@ -88,6 +104,7 @@ def settings(state_dir: Path, **overrides: object) -> LinkSettings:
         "backoff_max_s": 0.3,
         "healthy_after_s": 0.0,
         "publish_timeout_s": 5.0,
+        "trust_root": shared_director().root_file,
     }
     values.update(overrides)
     return LinkSettings.model_validate(values)
@@ -150,6 +167,14 @@ def test_spooled_telemetry_arrives_in_order_after_the_broker_comes_back(
     asyncio.run(scenario())
 
 
+def rejections(watcher: Watcher) -> list[str]:
+    return [
+        event.json()["data"]["reason"]
+        for event in watcher.on("events")
+        if event.json()["kind"] == EventKind.DESIRED_REJECTED
+    ]
+
+
 def test_desired_state_commands_and_the_retained_report(
     broker: MosquittoBroker, device: Path
 ) -> None:
@@ -157,8 +182,10 @@ def test_desired_state_commands_and_the_retained_report(
     desired_topic = f"edgefleet/v1/devices/{DEVICE}/desired"
     cmd_topic = f"edgefleet/v1/devices/{DEVICE}/cmd"
 
-    def desired(version: int, device_id: str = DEVICE) -> bytes:
-        return encode(DesiredState(device_id=device_id, version=version))
+    def desired(version: int, device_id: str = DEVICE, **fields: Any) -> bytes:
+        return shared_director().sign(DesiredState(device_id=device_id, version=version, **fields))
+
+    impostor = make_director(device.parent / "impostor")
 
     def command(kind: CommandKind) -> bytes:
         return encode(Command(device_id=DEVICE, id=f"cmd-{kind.value}-0001", kind=kind))
@@ -177,9 +204,22 @@ def test_desired_state_commands_and_the_retained_report(
                     lambda w: any(r.json().get("desired_version") == 2 for r in w.on("reported")),
                     message="a report of desired 2",
                 )
-                # Replays, strangers and garbage are ignored; the link stays up.
-                for payload in (desired(2), desired(1), desired(9, "dev-other-1"), b"{nope"):
+                # Replays, strangers, forgeries and garbage are refused; the link stays up.
+                hostile = {
+                    b"{nope": "MalformedEnvelope",
+                    encode(DesiredState(device_id=DEVICE, version=8)): "MalformedEnvelope",
+                    desired(1): "ReplayedState",
+                    desired(9, "dev-other-1"): "WrongDevice",
+                    impostor.sign(DesiredState(device_id=DEVICE, version=9)): "SignatureRejected",
+                    desired(9, expires=utc_now() - timedelta(seconds=1)): "ExpiredState",
+                }
+                for payload in (desired(2), *hostile):
                     await ctl.publish(desired_topic, payload, qos=1)
+                refused = await watcher.wait_for(
+                    lambda w: len(rejections(w)) == len(hostile) and rejections(w),
+                    message="every hostile desired state reported",
+                )
+                assert sorted(refused) == sorted(hostile.values())
                 await ctl.publish(cmd_topic, b"not json", qos=1)
                 await ctl.publish(desired_topic, desired(3), qos=1, retain=True)
                 await poll(lambda: host.applied == [2, 3], message="desired 3 applied")
@@ -196,8 +236,9 @@ def test_desired_state_commands_and_the_retained_report(
                 assert samples(watcher) == []
                 await ctl.publish(cmd_topic, command(CommandKind.FLUSH), qos=1)
                 await watcher.wait_for(lambda w: samples(w), message="a flushed sample")
+                reconciles = host.reconciles  # one at start, to resume interrupted updates
                 await ctl.publish(cmd_topic, command(CommandKind.RECONCILE), qos=1)
-                await poll(lambda: host.reconciles == 1, message="a reconcile")
+                await poll(lambda: host.reconciles == reconciles + 1, message="a reconcile")
                 assert link.status()["connected"]
             offline = await watcher.wait_for(
                 lambda w: [m for m in w.on("events") if m.json()["kind"] == EventKind.OFFLINE]

@@ -19,7 +19,11 @@ from tests.fakes.fleet_link import FakeLink
 from tests.fleet.helpers import ADMIN, ADMIN_TOKEN, Clock, enroll, error
 
 PUBLIC = {("POST", "/api/v1/enroll"), ("GET", "/healthz"), ("GET", "/readyz")}
-DEVICE = {("GET", "/api/v1/artifacts/{sha256}"), ("HEAD", "/api/v1/artifacts/{sha256}")}
+DEVICE = {
+    ("GET", "/api/v1/artifacts/{sha256}"),
+    ("HEAD", "/api/v1/artifacts/{sha256}"),
+    ("GET", "/api/v1/tuf/{filename}"),
+}
 
 
 def test_healthz_and_readyz(api: TestClient, link: FakeLink) -> None:

@@ -19,6 +19,7 @@ from typing import Any
 import aiomqtt
 import pytest
 import sqlalchemy as sa
+from securesystemslib.signer import CryptoSigner
 from sqlmodel import Session, SQLModel, func, select
 
 from fleet.config import FleetSettings
@@ -28,6 +29,7 @@ from fleet.link import FleetLink, ReconnectPolicy
 from fleet.link.embedded import EmbeddedBroker
 from fleet.link.passwords import hash_password
 from fleet.tables import Device, EventRow, TelemetryRow
+from models.director import DirectorKeys, sign_desired, verify_desired
 from models.wire import (
     MAX_PAYLOAD_BYTES,
     Command,
@@ -40,12 +42,26 @@ from models.wire import (
     TelemetryBatch,
     TelemetrySample,
     encode,
+    utc_now,
 )
 from tests.services import MosquittoBroker, free_port
 
 A = "dev-aaa"
 B = "dev-bbb"
 DEADLINE_S = 15.0
+DIRECTOR = CryptoSigner.generate_ed25519()
+
+
+def sign(state: DesiredState) -> bytes:
+    return sign_desired(state, [DIRECTOR])
+
+
+def verified(payload: Any) -> DesiredState:
+    """What device A accepts from ``payload``: the director's signature is checked."""
+    keys = DirectorKeys((DIRECTOR.public_key,), 1)
+    return verify_desired(bytes(payload), keys, device_id=A, last_version=None, now=utc_now())
+
+
 FAST = ReconnectPolicy(initial_s=0.05, max_s=0.5)
 
 
@@ -116,7 +132,7 @@ class Fleet:
 
     def link(self, **changes: Any) -> FleetLink:
         settings = self.settings.model_copy(update=changes) if changes else self.settings
-        return FleetLink(settings, self.engine, reconnect=FAST)
+        return FleetLink(settings, self.engine, sign_desired=sign, reconnect=FAST)
 
     @property
     def port(self) -> int:
@@ -282,7 +298,7 @@ def test_desired_state_is_retained_for_a_device_that_connects_later(fleet: Fleet
             async with asyncio.timeout(DEADLINE_S):
                 message = await anext(a.messages)
             assert message.retain
-            assert DesiredState.model_validate_json(message.payload) == state
+            assert verified(message.payload) == state
             command = Command(device_id=A, id=uid(), kind=CommandKind.REPORT)
             await link.send_command(command)
             async with asyncio.timeout(DEADLINE_S):
@@ -325,7 +341,7 @@ def test_stored_desired_states_are_republished_on_connect(fleet: Fleet) -> None:
             async with asyncio.timeout(DEADLINE_S):
                 message = await anext(watcher.messages)
             assert message.topic.value == topic(A, "desired")  # never the revoked B's
-            assert DesiredState.model_validate_json(message.payload) == state
+            assert verified(message.payload) == state
 
     asyncio.run(scenario())
 

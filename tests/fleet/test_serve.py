@@ -20,8 +20,9 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
+from models.director import director_keys_from_root, verify_desired
 from models.topics import Channel, DeviceTopic
-from models.wire import DesiredState, decode
+from models.wire import DesiredState, utc_now
 from tests.fleet.helpers import DeviceKey
 from tests.services import Controller, MosquittoBroker, free_port, running_controller
 
@@ -55,8 +56,14 @@ def _enroll(controller: Controller) -> dict[str, Any]:
     return body
 
 
-def _login_and_read_desired(port: int, creds: dict[str, Any], device_id: str) -> DesiredState:
-    """Log in as the device (retrying while the broker reloads its files); read desired."""
+def _login_and_read_desired(enrolled: dict[str, Any], port: int) -> DesiredState:
+    """Log in as the device (retrying while the broker reloads its files); read desired.
+
+    The desired state is checked as an agent checks it: signed by the director keys the
+    TUF root from the enrollment response names.
+    """
+    creds, device_id = enrolled["broker"], enrolled["device_id"]
+    director = director_keys_from_root(json.loads(enrolled["tuf_root"])["signed"])
     got: list[bytes] = []
     deadline = time.monotonic() + DEADLINE_S
     while True:
@@ -81,7 +88,9 @@ def _login_and_read_desired(port: int, creds: dict[str, Any], device_id: str) ->
                 while not got and time.monotonic() < received:
                     time.sleep(0.02)  # waiting for the retained message
                 if got:
-                    return decode(DesiredState, got[0])
+                    return verify_desired(
+                        got[0], director, device_id=device_id, last_version=None, now=utc_now()
+                    )
         finally:
             client.loop_stop()
             client.disconnect()
@@ -104,7 +113,7 @@ def test_serve_end_to_end(controller: Controller, broker: MosquittoBroker) -> No
     out = controller.cli("devices", "desired", device_id, "--model", "minilm@1")
     assert f"{device_id}: desired version 1 published" in out
 
-    state = _login_and_read_desired(broker.port, body["broker"], device_id)
+    state = _login_and_read_desired(body, broker.port)
     assert state.version == 1
     assert [(m.name, m.version) for m in state.models] == [("minilm", "1")]
 
@@ -130,6 +139,6 @@ def test_serve_with_the_embedded_broker(tmp_path: Path) -> None:
         body = _enroll(controller)
         assert body["broker"]["url"] == f"mqtt://127.0.0.1:{port}"
         controller.cli("devices", "desired", body["device_id"], "--model", "gemma3-270m")
-        state = _login_and_read_desired(port, body["broker"], body["device_id"])
+        state = _login_and_read_desired(body, port)
         assert [m.name for m in state.models] == ["gemma3-270m"]
         assert "(embedded, connected)" in controller.cli("status")

@@ -23,6 +23,7 @@ from tests.agent.link_support import (
     accept_as,
     authorize,
     controller_client,
+    shared_director,
 )
 from tests.conftest import start_agent
 from tests.services import MosquittoBroker
@@ -69,7 +70,12 @@ def test_an_agent_joins_the_fleet_and_serves_its_desired_models_offline(
         with FakeController(
             accept_as(DEVICE, broker.url, PASSWORD, telemetry_interval_s=3600)
         ) as ctl:
-            fleet = {"url": ctl.url, "token": "first-boot-token", "state_dir": state_dir}
+            fleet = {
+                "url": ctl.url,
+                "token": "first-boot-token",
+                "state_dir": state_dir,
+                "trust_root": shared_director().root_file,
+            }
             agent = start_agent(tmp_path, model_store, settings={"fleet": fleet}, models=[])
             try:
                 assert len(ctl.requests) == 1  # enrolled before serving
@@ -80,7 +86,11 @@ def test_an_agent_joins_the_fleet_and_serves_its_desired_models_offline(
                     device_id=DEVICE, version=1, models=[DesiredModel(name="minilm")]
                 )
                 loop.run_until_complete(
-                    publish(f"edgefleet/v1/devices/{DEVICE}/desired", encode(desired), retain=True)
+                    publish(
+                        f"edgefleet/v1/devices/{DEVICE}/desired",
+                        shared_director().sign(desired),
+                        retain=True,
+                    )
                 )
                 wait_until(
                     lambda: httpx.get(f"{agent.url}/readyz").json()["models"] == ["minilm"],

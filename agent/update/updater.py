@@ -1,0 +1,429 @@
+"""One model update, end to end: verify, download, install, activate, health-check, roll back.
+
+The desired state (already verified: :mod:`models.director`) names a target by path,
+length and hash. :meth:`Updater.ensure` makes the model's active slot hold exactly it:
+
+1. refresh TUF metadata and check the target is listed with the same length and hash;
+2. download it into the spare slot, resuming a ``.part`` left by a cut or a restart,
+   hashing while writing and stopping at the signed length (:mod:`agent.update.download`);
+3. install it (hashed again as it enters the slot) and activate it: one atomic switch;
+4. load it beside the model still being served and ask its golden prompts
+   (:mod:`agent.update.health`); only a healthy model is handed back to be published,
+   otherwise the previous slot is made active again and the outcome says why.
+
+Nothing here stops the old model serving: the caller publishes the new one only after
+step 4 passes. A crash anywhere leaves slots that :meth:`ModelStore.recover` settles
+at start-up (an activated but unconfirmed update is rolled back), and the next
+:meth:`ensure` resumes or restarts. So that a model that kills the agent while loading
+cannot crash it forever, each desired state gets :attr:`UpdateConfig.max_activations`
+activations of a target (counted durably in ``update.json`` beside the slots).
+
+:func:`next_step` (pure) decides between up to date, give up and update.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+import httpx
+from pydantic import ValidationError
+
+from agent.errors import AgentError
+from agent.files import atomic_write
+from agent.runtime.base import ServedModel
+from agent.store import ModelStore
+from agent.update.download import (
+    DownloadConfig,
+    DownloadError,
+    DownloadRejected,
+    download,
+)
+from agent.update.health import health_spec, judge, run_checks
+from agent.update.slots import SlotError, SlotState
+from models.director import TrustError, check_targets
+from models.manifest import ModelFormat, ModelManifest, RuntimeParams
+from models.wire import DesiredModel, EventKind, Severity, TargetRef
+
+__all__ = [
+    "Emit",
+    "GiveUp",
+    "UpToDate",
+    "Update",
+    "UpdateAttempts",
+    "UpdateConfig",
+    "UpdateOutcome",
+    "UpdateSource",
+    "Updater",
+    "next_step",
+]
+
+log = logging.getLogger(__name__)
+
+ATTEMPTS = "update.json"
+
+
+@dataclass(frozen=True)
+class UpdateConfig:
+    """How updates behave; the defaults suit a device on a slow, flaky link."""
+
+    download: DownloadConfig = field(default_factory=DownloadConfig)
+    max_activations: int = 3  # activations of one target per desired state before giving up
+    progress_every_s: float = 2.0  # seconds between UPDATE_PROGRESS events
+
+
+class UpdateSource(Protocol):
+    """Where verified target metadata and artifacts come from (the fleet controller)."""
+
+    def verified_targets(self, paths: list[str]) -> Mapping[str, Any]:
+        """Refresh TUF metadata, then each path's verified ``TargetFile`` (None: unlisted).
+
+        Blocking (a worker thread calls it). Raises ``TufRejected`` or ``TufUnavailable``.
+        """
+        ...
+
+    def artifact_url(self, sha256: str) -> str: ...
+
+    @property
+    def http(self) -> httpx.AsyncClient: ...
+
+
+class Emit(Protocol):
+    """Reports an event to the fleet (the link spools it)."""
+
+    def __call__(
+        self,
+        kind: EventKind,
+        message: str = "",
+        *,
+        severity: Severity = Severity.INFO,
+        data: dict[str, Any] | None = None,
+    ) -> None: ...
+
+
+Loader = Callable[[ModelManifest, Path], ServedModel]
+
+Result = Literal["current", "updated", "rolled_back", "failed", "given_up"]
+
+
+@dataclass
+class UpdateOutcome:
+    """What :meth:`Updater.ensure` did; ``model`` is the healthy new model to publish."""
+
+    name: str
+    result: Result
+    version: str | None = None
+    error: str | None = None
+    retry: bool = False  # a transient failure: try again later
+    model: ServedModel | None = None
+
+
+# --- the pure decision --------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class UpdateAttempts:
+    """Activations of one target under one desired state, and a final verdict if any."""
+
+    desired_version: int
+    sha256: str
+    activations: int = 0
+    gave_up: str | None = None  # why the update will not be tried again for this state
+
+
+@dataclass(frozen=True)
+class UpToDate:
+    """The active slot holds the target."""
+
+
+@dataclass(frozen=True)
+class GiveUp:
+    """The update of this target failed for good under this desired state."""
+
+    reason: str
+
+
+@dataclass(frozen=True)
+class Update:
+    """Download (or resume), install, activate and check the target."""
+
+
+def next_step(
+    active_sha256: str | None,
+    target: TargetRef,
+    desired_version: int,
+    attempts: UpdateAttempts | None,
+    max_activations: int,
+) -> UpToDate | GiveUp | Update:
+    if active_sha256 == target.sha256:
+        return UpToDate()
+    if (
+        attempts is None
+        or attempts.desired_version != desired_version
+        or attempts.sha256 != target.sha256
+    ):
+        return Update()
+    if attempts.gave_up is not None:
+        return GiveUp(attempts.gave_up)
+    if attempts.activations >= max_activations:
+        return GiveUp(
+            f"the agent stopped {attempts.activations} times while checking this update "
+            "(killed or crashed); not trying it again for this desired state"
+        )
+    return Update()
+
+
+# --- the shell ------------------------------------------------------------------------------
+
+
+class _Progress:
+    """Throttled UPDATE_PROGRESS events."""
+
+    def __init__(self, emit: Emit, data: dict[str, Any], every_s: float) -> None:
+        self._emit, self._data, self._every_s = emit, data, every_s
+        self._last = 0.0
+
+    def __call__(self, done: int, total: int) -> None:
+        now = time.monotonic()
+        if done < total and now - self._last < self._every_s:
+            return
+        self._last = now
+        percent = 100 * done // total if total else 100
+        self._emit(
+            EventKind.UPDATE_PROGRESS,
+            f"{self._data['model']} {self._data['version']}: {percent}% downloaded",
+            data={**self._data, "bytes": done, "total": total},
+        )
+
+
+class Updater:
+    """Brings one model at a time to its desired target; see the module docstring."""
+
+    def __init__(
+        self,
+        store: ModelStore,
+        source: UpdateSource,
+        emit: Emit,
+        config: UpdateConfig | None = None,
+    ) -> None:
+        self.store = store
+        self.source = source
+        self.emit = emit
+        self.config = config or UpdateConfig()
+
+    async def ensure(
+        self, desired_version: int, wanted: DesiredModel, load: Loader
+    ) -> UpdateOutcome:
+        """Make ``wanted.target`` the active, healthy version of ``wanted.name``."""
+        target = wanted.target
+        assert target is not None
+        name = wanted.name
+        slots = self.store.slots
+        try:
+            state = await asyncio.to_thread(slots.state, name)
+            attempts = await asyncio.to_thread(self._read_attempts, name)
+        except SlotError as exc:
+            return self._failed(name, None, "read the slots", str(exc), retry=True)
+        step = next_step(
+            await asyncio.to_thread(self._active_sha, name, state),
+            target,
+            desired_version,
+            attempts,
+            self.config.max_activations,
+        )
+        if isinstance(step, UpToDate):
+            return UpdateOutcome(name, "current")
+        if isinstance(step, GiveUp):
+            return UpdateOutcome(name, "given_up", error=step.reason)
+        return await self._update(desired_version, name, target, load)
+
+    async def _update(
+        self, desired_version: int, name: str, target: TargetRef, load: Loader
+    ) -> UpdateOutcome:
+        from agent.update.tuf_client import TufError, TufUnavailable
+
+        try:
+            verified = await asyncio.to_thread(self.source.verified_targets, [target.path])
+            check_targets([target], verified)
+        except TrustError as exc:
+            return self._failed(name, None, "verify", str(exc), rejected=True)
+        except TufError as exc:
+            retry = isinstance(exc, TufUnavailable)
+            return self._failed(name, None, "verify", str(exc), retry=retry, rejected=not retry)
+        custom: dict[str, Any] = dict(getattr(verified[target.path], "custom", None) or {})
+        version = str(custom.get("version") or target.sha256[:12])
+        data = {"model": name, "version": version, "target": target.path, "sha256": target.sha256}
+        try:
+            runtime = RuntimeParams.model_validate(custom.get("runtime") or {})
+            fmt = ModelFormat(str(custom.get("format") or Path(target.path).suffix.lstrip(".")))
+        except (ValidationError, ValueError) as exc:
+            reason = f"the signed target's metadata is unusable: {exc}"
+            return self._failed(name, version, "verify", reason, rejected=True)
+        slots = self.store.slots
+        try:
+            slot = await asyncio.to_thread(slots.begin, name, version, target.sha256)
+        except SlotError as exc:
+            return self._failed(name, version, "begin", str(exc), retry=True)
+        dest = slot / f"{name}.{fmt.value}"
+        try:
+            await download(
+                self.source.http,
+                self.source.artifact_url(target.sha256),
+                dest,
+                length=target.length,
+                sha256=target.sha256,
+                config=self.config.download,
+                progress=_Progress(self.emit, data, self.config.progress_every_s),
+            )
+        except DownloadError as exc:
+            rejected = isinstance(exc, DownloadRejected)
+            if rejected:
+                await asyncio.to_thread(self._fail_slot, name, str(exc))
+            return self._failed(name, version, "download", str(exc), retry=not rejected)
+        self.emit(
+            EventKind.UPDATE_VERIFIED, f"{name} {version}: downloaded and verified", data=data
+        )
+        try:
+            manifest = await asyncio.to_thread(self._install, name, dest, runtime)
+            await asyncio.to_thread(self._count_activation, name, desired_version, target)
+            path = await asyncio.to_thread(slots.activate, name)
+        except SlotError as exc:
+            return self._failed(name, version, "install", str(exc), retry=True)
+        self.emit(EventKind.UPDATE_INSTALLED, f"{name} {version}: installed, activated", data=data)
+        model, problem = await self._check(load, manifest, path, custom)
+        if problem is None:
+            await asyncio.to_thread(slots.mark_healthy, name)
+            await asyncio.to_thread(self._clear_attempts, name)
+            self.emit(EventKind.UPDATE_HEALTHY, f"{name} {version}: healthy, serving", data=data)
+            return UpdateOutcome(name, "updated", version, model=model)
+        return await self._roll_back(name, desired_version, target, version, problem, data)
+
+    async def _check(
+        self, load: Loader, manifest: ModelManifest, path: Path, custom: Mapping[str, Any]
+    ) -> tuple[ServedModel | None, str | None]:
+        try:
+            model = await asyncio.to_thread(load, manifest, path)
+        except AgentError as exc:
+            return None, f"health check failed: the model does not load: {exc.message}"
+        except Exception as exc:  # a malformed file may fail in ways no runtime anticipated
+            return None, f"health check failed: the model does not load: {exc!r}"
+        spec = health_spec(custom)
+        problem = judge(spec, await run_checks(model, spec))
+        if problem is None:
+            return model, None
+        await asyncio.to_thread(model.close)
+        return None, f"health check failed: {problem}"
+
+    async def _roll_back(
+        self,
+        name: str,
+        desired_version: int,
+        target: TargetRef,
+        version: str,
+        reason: str,
+        data: dict[str, Any],
+    ) -> UpdateOutcome:
+        log.error("update of %s to %s: %s; rolling back", name, version, reason)
+        try:
+            await asyncio.to_thread(self.store.slots.rollback, name, reason, allow_empty=True)
+            await asyncio.to_thread(self._give_up, name, desired_version, target, reason)
+        except SlotError as exc:
+            reason = f"{reason}; and the rollback failed: {exc}"
+        self.emit(
+            EventKind.UPDATE_ROLLED_BACK,
+            f"{name} {version}: {reason}; the previous version serves",
+            severity=Severity.ERROR,
+            data={**data, "reason": reason},
+        )
+        return UpdateOutcome(name, "rolled_back", version, error=reason)
+
+    def _failed(
+        self,
+        name: str,
+        version: str | None,
+        phase: str,
+        reason: str,
+        *,
+        retry: bool = False,
+        rejected: bool = False,
+    ) -> UpdateOutcome:
+        log.error("update of %s failed while trying to %s: %s", name, phase, reason)
+        self.emit(
+            EventKind.UPDATE_FAILED,
+            f"{name}: update failed ({phase}): {reason}",
+            severity=Severity.ERROR,
+            data={
+                "model": name,
+                "version": version,
+                "phase": phase,
+                "reason": reason,
+                "rejected": rejected,
+                "retry": retry,
+            },
+        )
+        return UpdateOutcome(name, "failed", version, error=reason, retry=retry)
+
+    # blocking helpers (worker threads)
+
+    def _active_sha(self, name: str, state: SlotState) -> str | None:
+        if state.active is None:
+            return None
+        contents = self.store.slots.contents(name, state.active)
+        return contents.manifest.sha256 if contents.intact and contents.manifest else None
+
+    def _install(self, name: str, file: Path, runtime: RuntimeParams) -> ModelManifest:
+        slots = self.store.slots
+        extra: dict[str, Path] = {}
+        tokenizer = runtime.tokenizer
+        if tokenizer:  # an ONNX update keeps the tokenizer of the version it replaces
+            state = slots.state(name)
+            if state.active is not None:
+                current = slots.slot_path(name, state.active) / tokenizer
+                if current.is_file():
+                    extra[tokenizer] = current
+        return slots.install(name, file, runtime=runtime, extra_files=extra)
+
+    def _fail_slot(self, name: str, reason: str) -> None:
+        try:
+            self.store.slots.fail(name, reason)
+        except SlotError as exc:
+            log.warning("cannot record the failed update of %s: %s", name, exc)
+
+    def _attempts_path(self, name: str) -> Path:
+        return self.store.slots.folder(name) / ATTEMPTS
+
+    def _read_attempts(self, name: str) -> UpdateAttempts | None:
+        try:
+            return UpdateAttempts(**json.loads(self._attempts_path(name).read_bytes()))
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, TypeError) as exc:
+            log.warning("ignoring unreadable %s of %s: %s", ATTEMPTS, name, exc)
+            return None
+
+    def _write_attempts(self, name: str, attempts: UpdateAttempts) -> None:
+        atomic_write(self._attempts_path(name), json.dumps(asdict(attempts)).encode())
+
+    def _count_activation(self, name: str, desired_version: int, target: TargetRef) -> None:
+        now = self._read_attempts(name)
+        if now is None or (now.desired_version, now.sha256) != (desired_version, target.sha256):
+            now = UpdateAttempts(desired_version, target.sha256)
+        self._write_attempts(
+            name, UpdateAttempts(desired_version, target.sha256, now.activations + 1)
+        )
+
+    def _give_up(self, name: str, desired_version: int, target: TargetRef, reason: str) -> None:
+        now = self._read_attempts(name)
+        activations = now.activations if now is not None else 1
+        self._write_attempts(
+            name, UpdateAttempts(desired_version, target.sha256, activations, reason)
+        )
+
+    def _clear_attempts(self, name: str) -> None:
+        self._attempts_path(name).unlink(missing_ok=True)

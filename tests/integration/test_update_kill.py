@@ -1,0 +1,85 @@
+"""SIGKILL at random moments during updates of the real default model, many times over.
+
+Each trial asks the agent to switch Gemma to the other of two signed versions, kills
+the agent (SIGKILL: no clean-up runs) at a random moment of the update (downloading,
+verifying, installing, activating or health-checking), restarts it, and requires a
+chat answer from a verified model: the version served must be one of the two signed
+targets, byte for byte (its sha256 is one the TUF targets list). The count is printed
+and saved as JSON beside the test's files; ``EDGEFLEET_KILL_TRIALS`` sets the number
+of trials (50 by default, as the issue asks).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from agent.store import ModelStore
+from tests.integration.update_support import (
+    LLM,
+    Artifacts,
+    Fleet,
+    make_artifacts,
+    update_fleet,
+    wait_until,
+)
+
+pytestmark = pytest.mark.integration
+
+TRIALS = int(os.environ.get("EDGEFLEET_KILL_TRIALS", "50"))
+KILL_WITHIN_S = 8.0  # a whole update of the 253 MB model takes about this long here
+
+
+def answer_from_verified_model(fleet: Fleet, signed: dict[str, str]) -> str:
+    """The version that answered a chat request; it must be a signed target's bytes."""
+    reply = wait_until(lambda: _try_chat(fleet), "a chat answer after the restart", 120.0)
+    version = fleet.served_version()
+    assert version in signed, f"served {version!r}, not a signed version"
+    manifest = ModelStore(fleet.store).manifest(LLM)
+    assert manifest.sha256 == signed[version], "the served file is not the signed target"
+    assert reply is not None
+    return version
+
+
+def _try_chat(fleet: Fleet) -> str | None:
+    try:
+        return fleet.chat() or "(empty answer)"
+    except (httpx.HTTPError, AssertionError):
+        return None
+
+
+def test_sigkill_at_random_moments_of_updates_never_leaves_the_agent_unable_to_serve(
+    tmp_path: Path, model_store: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    artifacts: Artifacts = make_artifacts(tmp_path_factory.mktemp("kill-artifacts"), model_store)
+    seed = int(os.environ.get("EDGEFLEET_KILL_SEED", str(random.SystemRandom().randrange(2**32))))
+    rng = random.Random(seed)
+    with update_fleet(tmp_path, model_store) as fleet:
+        signed = {
+            "1.0": fleet.push(artifacts.original, "1.0"),
+            "1.1": fleet.push(artifacts.v11, "1.1"),
+        }
+        trials = []
+        for trial in range(TRIALS):
+            wanted = "1.1" if trial % 2 == 0 else "1.0"
+            fleet.desire(wanted)
+            at = rng.uniform(0.0, KILL_WITHIN_S)
+            time.sleep(at)  # the random moment of the kill: the experiment, not a race fix
+            fleet.agent.proc.kill()
+            fleet.agent.proc.wait()
+            fleet.restart(wait=False)
+            served = answer_from_verified_model(fleet, signed)
+            trials.append({"trial": trial, "wanted": wanted, "kill_at_s": at, "served": served})
+        # With no more kills the last update completes.
+        wait_until(lambda: fleet.served_version() == trials[-1]["wanted"], "the last update")
+    answered = sum(1 for t in trials if t["served"] in signed)
+    summary = {"seed": seed, "trials": TRIALS, "answered_from_verified_model": answered}
+    (tmp_path / "kill-test.json").write_text(json.dumps({**summary, "runs": trials}, indent=2))
+    print(f"\nkill test: {answered}/{TRIALS} restarts answered from a verified model (seed {seed})")
+    assert answered == TRIALS
