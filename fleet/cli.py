@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -231,6 +232,25 @@ def _expires_in_s(text: str) -> float | None:
     return None if duration is None else duration.total_seconds()
 
 
+def _since(text: str) -> str:
+    """An ISO time for ``--since``: given as one, or a duration before now."""
+    from datetime import UTC, datetime
+
+    from fleet.tokens import parse_duration
+
+    try:
+        return datetime.fromisoformat(text).isoformat()
+    except ValueError:
+        pass
+    try:
+        ago = parse_duration(text)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--since") from None
+    if ago is None:
+        raise typer.BadParameter("give a time or a duration", param_hint="--since")
+    return (datetime.now(UTC) - ago).isoformat()
+
+
 def _when(value: str | None) -> str:
     return "-" if value is None else value.replace("T", " ")[:19]
 
@@ -445,10 +465,13 @@ def _desired_body(model: list[str] | None, clear: bool) -> dict[str, Any]:
         raise typer.BadParameter("--clear runs no models: drop the --model options")
     models = []
     for spec in model or []:
-        name, _, version = spec.partition("@")
+        name, _, rest = spec.partition("@")
+        version, _, variant = rest.partition(":")
         if not name:
-            raise typer.BadParameter(f"{spec!r} is not NAME[@VERSION]", param_hint="--model")
-        models.append({"name": name, "version": version or None})
+            raise typer.BadParameter(
+                f"{spec!r} is not NAME[@VERSION[:VARIANT]]", param_hint="--model"
+            )
+        models.append({"name": name, "version": version or None, "variant": variant or None})
     return {"models": models}
 
 
@@ -459,7 +482,12 @@ def _published(result: dict[str, Any]) -> str:
 
 ModelOpt = Annotated[
     list[str] | None,
-    typer.Option("--model", "-m", help="NAME or NAME@VERSION to run (repeatable)"),
+    typer.Option(
+        "--model",
+        "-m",
+        help="NAME, NAME@VERSION or NAME@VERSION:VARIANT to run (repeatable); a registered "
+        "model is sent as its signed target",
+    ),
 ]
 ClearOpt = Annotated[bool, typer.Option("--clear", help="run no models at all")]
 
@@ -483,6 +511,44 @@ def devices_desired(
         _print_json(result)
         return
     typer.echo(_published(result))
+
+
+@devices_app.command("events")
+def devices_events(
+    ctx: typer.Context,
+    device_id: Annotated[str, typer.Argument(help="the device's id (dev-...)")],
+    kind: Annotated[
+        str | None, typer.Option(help="only this kind, e.g. update_progress, update_rolled_back")
+    ] = None,
+    since: Annotated[str, typer.Option(help="ISO time or a duration ago: 30m, 2h, 1d")] = "1h",
+    follow: Annotated[
+        bool, typer.Option("--follow", "-f", help="keep printing new events (Ctrl-C stops)")
+    ] = False,
+    url: UrlOpt = DEFAULT_URL,
+    admin_token: AdminTokenOpt = None,
+    data_dir: DataDirOpt = DEFAULT_DATA_DIR,
+    as_json: JsonOpt = False,
+) -> None:
+    """A device's events, oldest first: update progress, health results, rollbacks, refusals."""
+    start = _since(since)
+    seen: set[str] = set()
+    with _client(ctx, url, admin_token, data_dir) as client:
+        while True:
+            params: dict[str, Any] = {"since": start, "limit": 1000}
+            if kind is not None:
+                params["kind"] = kind
+            body = client.request("GET", f"/api/v1/devices/{device_id}/events", params=params)
+            for event in reversed(body["items"]):
+                if event["id"] in seen:
+                    continue
+                seen.add(event["id"])
+                if as_json:
+                    typer.echo(json.dumps(event))
+                else:
+                    typer.echo(f"{event['ts']}  {event['severity']:<7}  {event['message']}")
+            if not follow:
+                return
+            time.sleep(2.0)  # polling the controller for new events
 
 
 @devices_app.command("tag")
@@ -634,6 +700,17 @@ def models_push(
     quantization: Annotated[
         str | None, typer.Option(help="quantization (default: the variant)")
     ] = None,
+    metadata_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--metadata",
+            exists=True,
+            dir_okay=False,
+            readable=True,
+            help="JSON: ram_bytes, vram_bytes, runtime, golden_prompts "
+            '([{"prompt", "expect", "max_tokens"}]), ... (docs/updates.md)',
+        ),
+    ] = None,
     url: UrlOpt = DEFAULT_URL,
     admin_token: AdminTokenOpt = None,
     data_dir: DataDirOpt = DEFAULT_DATA_DIR,
@@ -654,11 +731,20 @@ def models_push(
             card_text = card.read_text()
         except (OSError, UnicodeDecodeError) as exc:
             _fail(f"cannot read the model card {card}: {exc}")
-    metadata = {
+    metadata: dict[str, Any] = {}
+    if metadata_file is not None:
+        try:
+            metadata = json.loads(metadata_file.read_text())
+        except (OSError, UnicodeDecodeError, ValueError) as exc:
+            _fail(f"cannot read the metadata file {metadata_file}: {exc}")
+        if not isinstance(metadata, dict):
+            _fail(f"{metadata_file} must hold a JSON object")
+    options = {
         "quantization": quantization or variant,
         "context_length": context_length,
         "licence": licence,
     }
+    metadata.update({k: v for k, v in options.items() if v is not None})
     params = {"variant": variant, "format": model_format, "filename": file.name}
     path = f"/api/v1/models/{name}/versions/{version}"
     progress = Progress(

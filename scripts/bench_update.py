@@ -83,6 +83,7 @@ VERSION = "1.0.0"
 FILE_NAME = "model.gguf"  # the slots take the format from the suffix
 WRITE_CHUNK = 8 * MiB
 RESUME_TOLERANCE = 0.05  # fetched share of the file may be 0.5 +- this (the cut is per chunk)
+QUIET_CORES = 0.25  # a run is "quiet" when other processes used less than this on both sides
 
 
 class MissingToolError(RuntimeError):
@@ -367,7 +368,7 @@ def cut_at(threshold: int) -> Callable[[int, int], None]:
     return progress
 
 
-def run_resume(root: Path, pushed: Pushed, token: str) -> dict[str, Any]:
+def run_resume(root: Path, pushed: Pushed, token: str, controller_pid: int) -> dict[str, Any]:
     """Cut a download at 50%, resume it, and count the bytes the resume fetched."""
     slots = ABSlots(root)
     first = Update(
@@ -386,7 +387,9 @@ def run_resume(root: Path, pushed: Pushed, token: str) -> dict[str, Any]:
     second = Update(
         slots, pushed.url, token, pushed.sha256, pushed.size, transport=CountingTransport()
     )
+    watch = CpuWatch(controller_pid)
     installed = asyncio.run(second.run())
+    load = watch.stop()
     assert first.transport is not None
     assert second.transport is not None
     fetched = second.transport.body_bytes
@@ -399,7 +402,7 @@ def run_resume(root: Path, pushed: Pushed, token: str) -> dict[str, Any]:
         "only_missing_fetched": fetched == pushed.size - kept,
         "requests": second.transport.requests,
         "sha256_ok": installed == pushed.sha256,
-        **{f"resume_{k}": v for k, v in second.timings.items()},
+        **{f"resume_{k}": v for k, v in (second.timings | load).items()},
     }
 
 
@@ -499,6 +502,7 @@ def summarize(runs: list[dict[str, Any]], resume: dict[str, Any], size: int) -> 
         "edgefleet_median": ef,
         "ratio_median": ratio,
         "ratios": [r["ratio"] for r in runs],
+        **quiet_ratio(runs),
         "ratio_vs_pair_sync": ef["total_s"] / ref["pair_sync_s"],
         "ratio_vs_curl_openssl": (
             ef["total_s"] / ref["pair_openssl_s"] if "pair_openssl_s" in ref else None
@@ -513,6 +517,23 @@ def summarize(runs: list[dict[str, Any]], resume: dict[str, Any], size: int) -> 
             ),
         },
         "size_bytes": size,
+    }
+
+
+def quiet_ratio(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The median ratio over runs nothing else disturbed, beside the all-runs one.
+
+    On a shared 2-core machine a process taking a core hurts the side that needs more
+    CPU per byte; the goal is judged on all runs, this says what the code does undisturbed.
+    """
+    quiet = [
+        r["ratio"]
+        for r in runs
+        if max(r["reference"]["other_cores"], r["edgefleet"]["other_cores"]) < QUIET_CORES
+    ]
+    return {
+        "quiet_runs": len(quiet),
+        "ratio_quiet_median": statistics.median(quiet) if quiet else None,
     }
 
 
@@ -577,6 +598,8 @@ def report(doc: dict[str, Any]) -> str:
         f"(per run: {', '.join(f'{r:.2f}' for r in summary['ratios'])}); "
         f"against curl + sha256sum + sync: {summary['ratio_vs_pair_sync']:.2f}; "
         f"against curl + openssl dgst: {fmt(summary['ratio_vs_curl_openssl'])}",
+        f"over the {summary['quiet_runs']} run(s) where other processes used < {QUIET_CORES} "
+        f"cores on both sides: {fmt(summary['ratio_quiet_median'])}",
         f"goal, no slower than curl + sha256sum (ratio <= 1.0): "
         f"{yes[goals['no_slower_than_curl_sha256sum']]}",
         "",
@@ -591,6 +614,7 @@ def report(doc: dict[str, Any]) -> str:
                 ["resumed download() s", fmt(resume["resume_download_s"], 3)],
                 ["resumed / full download()", fmt(summary["resume_vs_full_download"], 2)],
                 ["resume through activate s", fmt(resume["resume_total_s"], 3)],
+                ["other processes during it, cores", fmt(resume["resume_other_cores"], 2)],
                 ["installed sha256 matches", yes[resume["sha256_ok"]]],
             ]
         ),
@@ -724,7 +748,7 @@ def measure(args: argparse.Namespace, root: Path, doc: dict[str, Any]) -> None:
         log("resume after a cut at 50%")
         resume_root = root / "resume"
         resume_root.mkdir()
-        doc["resume"] = run_resume(resume_root, pushed, token)
+        doc["resume"] = run_resume(resume_root, pushed, token, controller.proc.pid)
         shutil.rmtree(resume_root)
         doc["controller_log_tail"] = controller.output()[-4000:]
     doc["summary"] = summarize(doc["runs"], doc["resume"], size)

@@ -57,6 +57,7 @@ def list_models(state: StateDep) -> dict[str, Any]:
                 "owned_by": "edgefleet",
                 "edgefleet": {
                     "version": m.version,
+                    "sha256": m.sha256,
                     "format": m.format.value,
                     "runtime": info.runtime,
                     "device": info.device,

@@ -451,6 +451,9 @@ def test_cli_push_list_show_yank_in_process(tmp_path: Path, api: TestClient) -> 
     model.write_bytes(GGUF)
     card = tmp_path / "card.md"
     card.write_text("# Tiny\n")
+    metadata = tmp_path / "metadata.json"
+    golden = [{"prompt": "2+2=", "expect": "4", "max_tokens": 4}]
+    metadata.write_text(json.dumps({"ram_bytes": 300_000_000, "golden_prompts": golden}))
     runner = CliRunner()
 
     def run(*args: str) -> str:
@@ -463,13 +466,14 @@ def test_cli_push_list_show_yank_in_process(tmp_path: Path, api: TestClient) -> 
     push = [
         "models", "push", str(model), "--name", "tiny", "--version", "1.0",
         "--variant", "Q4_K_M", "--card", str(card), "--context-length", "2048",
-        "--licence", "mit",
+        "--licence", "mit", "--metadata", str(metadata),
     ]  # fmt: skip
     assert f"pushed: tiny 1.0 (Q4_K_M, gguf, 10.0 KiB) sha256 {sha(GGUF)}" in run(*push)
     assert "already registered" in run(*push)
     shown = api.get(f"{MODELS}/tiny/versions/1.0").json()["artifacts"][0]["metadata"]
     assert (shown["card"], shown["licence"], shown["context_length"]) == ("# Tiny\n", "mit", 2048)
     assert shown["quantization"] == "Q4_K_M"
+    assert (shown["ram_bytes"], shown["golden_prompts"]) == (300_000_000, golden)
     assert "tiny" in run("models", "list")
     assert sha(GGUF)[:16] in run("models", "show", "tiny")
     assert "yanked tiny 1.0 (Q4_K_M)" in run("models", "yank", "tiny", "1.0", "--reason", "x")

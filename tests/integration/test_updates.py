@@ -48,6 +48,9 @@ def test_update_installs_health_checks_and_rolls_back_a_broken_model(
     assert fleet.events("update_verified")
     assert fleet.events("update_installed")
     assert fleet.chat()
+    shown = fleet.controller.cli("devices", "events", fleet.device_id, "--since", "1h")
+    assert "1.1: healthy, serving" in shown
+    assert "% downloaded" in shown
 
     # Validly signed, but not a working model: the health check fails, 1.1 keeps serving.
     for n, broken in enumerate((artifacts.truncated, artifacts.garbage), 1):

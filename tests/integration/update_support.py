@@ -127,16 +127,20 @@ class Fleet:
             body: dict[str, Any] = api.get(f"/api/v1/devices/{self.device_id}").json()
         return body
 
-    def served_version(self) -> str | None:
-        """The version of Gemma the agent itself says it serves (GET /v1/models)."""
+    def served(self) -> dict[str, str] | None:
+        """Version and sha256 of the Gemma the agent says it serves (GET /v1/models)."""
         try:
             models = httpx.get(f"{self.agent.url}/v1/models", timeout=5).json()["data"]
         except (httpx.HTTPError, ValueError, KeyError):
             return None
         for model in models:
             if model["id"] == LLM:
-                return str(model["edgefleet"]["version"])
+                return {k: str(model["edgefleet"][k]) for k in ("version", "sha256")}
         return None
+
+    def served_version(self) -> str | None:
+        served = self.served()
+        return served["version"] if served else None
 
     def chat(self) -> str:
         response = httpx.post(
