@@ -1,6 +1,7 @@
-"""The model registry: a content-addressed artifact store and the targets it describes.
+"""The model registry: artifacts, the TUF repository that signs them, and its keys.
 
-``store`` keeps the bytes (``sha256/<first2>/<sha256>``); ``targets`` turns a
-registered artifact into the description a TUF repository will sign. Signing itself
-(TUF metadata, keys, delegations) comes later and plugs in at ``targets``.
+``store`` keeps the bytes (``sha256/<first2>/<sha256>``); ``targets`` describes a
+registered artifact as a TUF target; ``repository`` signs targets, snapshot and
+timestamp metadata with keys from ``keys``; ``select`` picks the artifact a desired
+model means.
 """

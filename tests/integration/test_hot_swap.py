@@ -10,6 +10,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from agent.store import ModelStore
+
 from tests.conftest import start_agent
 
 pytestmark = pytest.mark.integration
@@ -92,7 +94,7 @@ def test_a_swap_to_a_broken_file_keeps_serving_the_previous_model(
     tmp_path: Path, model_store: Path
 ) -> None:
     runtime = {"tokenizer": "tokenizer.json", "embedding_dim": 384}
-    good = model_store / "minilm" / "model.onnx"
+    good = ModelStore(model_store).resolve("minilm")[1]  # the active slot's file
     agent = start_agent(
         tmp_path, model_store, models=[{"name": "emb", "path": str(good), "runtime": runtime}]
     )
