@@ -249,8 +249,11 @@ def _check_disk(folder: Path, *, missing: int, margin: int) -> None:
 class _PartFile:
     """The open ``.part``: appends, hashes exactly what it appends, counts what it holds.
 
-    Bytes are buffered up to ``chunk_bytes`` so writes, hashing and progress reports come in
-    blocks. The lock keeps ``close`` from racing a worker thread still in ``finish``.
+    Bytes are buffered up to ``chunk_bytes``; each full block is written and hashed on a
+    worker thread while the next one arrives (file writes and sha256 release the GIL), with
+    at most one block in flight, so receiving never waits on the disk or the hash unless
+    both fall a block behind. Progress is reported on the event loop once a block is on
+    disk. The lock keeps ``close`` from racing a worker thread still writing or finishing.
     """
 
     def __init__(self, path: Path, file: BinaryIO, length: int, chunk_bytes: int) -> None:
@@ -262,6 +265,8 @@ class _PartFile:
         self._chunk_bytes = chunk_bytes
         self._hash = hashlib.sha256()
         self._buffer = bytearray()
+        self._in_flight: asyncio.Future[None] | None = None
+        self._received = 0  # bytes accepted: written, in flight or buffered (event loop only)
         self._lock = threading.Lock()
 
     @classmethod
@@ -283,6 +288,7 @@ class _PartFile:
                         break
                     part._hash.update(block)
                     part.done += len(block)
+                part._received = part.done
         except OSError as exc:
             file.close()
             raise DownloadRejected(f"cannot read {path}: {exc}") from exc
@@ -291,39 +297,62 @@ class _PartFile:
             raise
         return part
 
-    def feed(self, data: bytes) -> None:
+    async def feed(self, data: bytes) -> None:
         """Take bytes from the wire; refuse any that would pass the signed length."""
-        if self.done + len(self._buffer) + len(data) > self.length:
+        if self._received + len(data) > self.length:
             raise ArtifactMismatch(
                 f"the server sent more bytes: longer than the signed length of {self.length}"
             )
+        self._received += len(data)
         self._buffer += data
         if len(self._buffer) >= self._chunk_bytes:
-            self.flush()
+            await self._settle()  # backpressure: one block in flight at most
+            block, self._buffer = self._buffer, bytearray()
+            self._in_flight = asyncio.ensure_future(asyncio.to_thread(self._append, block))
 
-    def flush(self) -> None:
-        """Write and hash the buffered bytes, then report progress."""
-        if not self._buffer:
+    async def flush(self) -> None:
+        """Write and hash everything received so far; returns once it is all in the file."""
+        await self._settle()
+        if self._buffer:
+            block, self._buffer = self._buffer, bytearray()
+            self._append(block)
+            self._report()
+
+    async def _settle(self) -> None:
+        """Wait for the block in flight (its errors surface here), then report progress."""
+        in_flight, self._in_flight = self._in_flight, None
+        if in_flight is None:
             return
         try:
-            self._file.write(self._buffer)
-        except OSError as exc:
-            raise DownloadRejected(f"cannot write {self.path}: {exc}") from exc
-        self._hash.update(self._buffer)
-        self.done += len(self._buffer)
-        self._buffer.clear()
+            await asyncio.shield(in_flight)
+        except asyncio.CancelledError:
+            await in_flight  # the write must end before anyone else touches the file
+            raise
+        self._report()
+
+    def _append(self, block: bytearray) -> None:
+        with self._lock:
+            try:
+                self._file.write(block)
+            except OSError as exc:
+                raise DownloadRejected(f"cannot write {self.path}: {exc}") from exc
+            self._hash.update(block)
+            self.done += len(block)
+
+    def _report(self) -> None:
         if self.progress is not None:
             self.progress(self.done, self.length)
 
     def restart(self) -> None:
-        """Forget everything: the server is sending the artifact from byte 0."""
+        """Forget everything: the server is sending the artifact from byte 0 (call settled)."""
+        assert self._in_flight is None, "restart with a block in flight"
         try:
             self._file.truncate(0)
         except OSError as exc:
             raise DownloadRejected(f"cannot truncate {self.path}: {exc}") from exc
         self._hash = hashlib.sha256()
         self._buffer.clear()
-        self.done = 0
+        self.done = self._received = 0
 
     def finish(self, dest: Path, sha256: str) -> None:
         """Verify, make durable, rename into place; runs in a worker thread (fsync blocks)."""
@@ -456,7 +485,7 @@ async def _attempt(
                 sink.restart()
             async for data in response.aiter_raw():
                 timer.reschedule(loop.time() + stall)
-                sink.feed(data)
+                await sink.feed(data)
     except TimeoutError:
         raise DownloadUnavailable(f"no byte from {url} for {stall} s") from None
     except (httpx.UnsupportedProtocol, httpx.InvalidURL) as exc:
@@ -464,6 +493,6 @@ async def _attempt(
     except httpx.TransportError as exc:
         raise DownloadUnavailable(f"{url}: {type(exc).__name__}: {exc}") from exc
     finally:
-        sink.flush()  # what arrived before a failure is good: keep it to resume from
+        await sink.flush()  # what arrived before a failure is good: keep it to resume from
     if sink.done < sink.length:
         raise DownloadUnavailable(f"{url} ended after {sink.done} of {sink.length} bytes")

@@ -11,7 +11,6 @@ import httpx
 import pytest
 
 from agent.store import ModelStore
-
 from tests.conftest import start_agent
 
 pytestmark = pytest.mark.integration
