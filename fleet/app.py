@@ -10,7 +10,6 @@ targets yet, and a background task renews metadata before it expires.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 from collections.abc import AsyncIterator, Callable
@@ -26,6 +25,7 @@ from starlette.concurrency import run_in_threadpool
 from fleet.api import ROUTERS
 from fleet.api import tuf as tuf_api
 from fleet.api.deps import FleetState
+from fleet.api.desired import renew_desired
 from fleet.api.errors import install_error_handlers
 from fleet.api.limits import BodyLimit
 from fleet.api.models import artifact_target, is_upload
@@ -189,6 +189,19 @@ async def _renew(repo: TufRepository, interval_s: float, clock: Callable[[], dat
             log.info("renewed TUF metadata: %s", ", ".join(renewed))
 
 
+async def _renew_desired(state: FleetState, interval_s: float) -> None:
+    """Re-issue desired states close to expiry, every ``interval_s``, until cancelled."""
+    while True:
+        await asyncio.sleep(interval_s)
+        try:
+            renewed = await renew_desired(state)
+        except Exception:  # keep going: a lapsed state stops a re-provisioned device
+            log.exception("cannot renew desired states")
+            continue
+        if renewed:
+            log.info("re-issued %d desired states before they expire", renewed)
+
+
 def create_app(
     settings: FleetSettings,
     link_factory: LinkFactory | None = None,
@@ -212,15 +225,19 @@ def create_app(
                     clock=clock,
                     tuf=repo,
                 )
-                renew = asyncio.create_task(
-                    _renew(repo, settings.tuf_refresh_interval_s, clock), name="tuf-renew"
-                )
+                interval_s = settings.tuf_refresh_interval_s
+                renewals = [
+                    asyncio.create_task(_renew(repo, interval_s, clock), name="tuf-renew"),
+                    asyncio.create_task(
+                        _renew_desired(app.state.fleet, interval_s), name="desired-renew"
+                    ),
+                ]
                 try:
                     yield
                 finally:
-                    renew.cancel()
-                    with contextlib.suppress(asyncio.CancelledError):
-                        await renew
+                    for task in renewals:
+                        task.cancel()
+                    await asyncio.gather(*renewals, return_exceptions=True)
         finally:
             engine.dispose()
 

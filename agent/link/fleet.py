@@ -598,6 +598,7 @@ class FleetLink:
             if spool is None
             else {"samples": spool.dropped.samples, "events": spool.dropped.events},
             "state_dir": str(self.state_dir.root),
+            "trust_root": self.tuf is not None and self.tuf.has_root(),  # False: updates refused
         }
 
 

@@ -3,7 +3,9 @@
 Models registered in the model registry are resolved to signed TUF targets (path,
 length, sha256: :func:`fleet.registry.select.choose_artifact`); the link signs each
 device's state with the director key before publishing it (:mod:`models.director`),
-and it expires after :data:`models.wire.DESIRED_LIFETIME`.
+and it expires after :data:`models.wire.DESIRED_LIFETIME`; :func:`renew_desired`, run
+periodically by the app, re-issues states in the last third of their life (same models,
+next version), so an expiry only ever stops a state captured and held back.
 
 Setting it is two steps, in this order: store it (the version grows by one, in the
 database, atomically), then publish it retained. The database is the truth; if the
@@ -22,7 +24,7 @@ from sqlalchemy import Engine, update
 from sqlmodel import Session, col, select
 from starlette.concurrency import run_in_threadpool
 
-from fleet.api.deps import Admin, LinkDep, SessionDep, StateDep
+from fleet.api.deps import Admin, FleetState, LinkDep, SessionDep, StateDep
 from fleet.api.present import desired_of, device_or_404
 from fleet.api.schemas import DesiredBody, DesiredPublished, GroupDesiredPublished
 from fleet.errors import BrokerUnavailable, Conflict, NotFound
@@ -32,7 +34,9 @@ from fleet.registry.targets import target_path
 from fleet.tables import Device, Group, ModelArtifact
 from models.wire import DESIRED_LIFETIME, DesiredModel, DesiredState, TargetRef
 
-__all__ = ["router"]
+__all__ = ["RENEW_BEFORE", "due_for_renewal", "renew_desired", "resolve_models", "router"]
+
+RENEW_BEFORE = DESIRED_LIFETIME / 3  # re-issue a desired state when less than this is left
 
 router = APIRouter(prefix="/api/v1", tags=["desired state"], dependencies=[Admin])
 
@@ -60,7 +64,11 @@ def resolve_models(session: Session, body: DesiredBody) -> list[DesiredModel]:
 
 
 def _store(
-    session: Session, device_id: str, models: list[DesiredModel], body: DesiredBody, now: datetime
+    session: Session,
+    device_id: str,
+    models: list[DesiredModel],
+    body: DesiredBody | DesiredState,
+    now: datetime,
 ) -> DesiredState:
     """Bump the version and store the new state, in the caller's transaction."""
     bumped = session.exec(
@@ -113,6 +121,36 @@ def _store_group(
         states = [_store(session, device_id, models, body, now) for device_id in ids]
         session.commit()
         return states
+
+
+def due_for_renewal(state: DesiredState, now: datetime) -> bool:
+    """Re-issue a desired state in the last third of its life, so devices never see it lapse."""
+    return state.expires - now < RENEW_BEFORE
+
+
+def _renew_stored(engine: Engine, now: datetime) -> list[DesiredState]:
+    """Re-issue every desired state due (same content, next version, new expiry), at once."""
+    with Session(engine) as session:
+        devices = session.exec(
+            select(Device).where(col(Device.revoked_at).is_(None), col(Device.desired_version) > 0)
+        ).all()
+        due = [
+            (device.id, current)
+            for device in devices
+            if (current := desired_of(device)) is not None and due_for_renewal(current, now)
+        ]
+        renewed = [_store(session, device_id, list(s.models), s, now) for device_id, s in due]
+        session.commit()
+        return renewed
+
+
+async def renew_desired(state: FleetState) -> int:
+    """Re-issue and publish the desired states close to expiry; how many were renewed."""
+    async with state.publish_lock:
+        renewed = await run_in_threadpool(_renew_stored, state.engine, state.clock())
+        for desired in renewed:
+            await _publish(state.link, desired)
+    return len(renewed)
 
 
 async def _publish(link: LinkPort, state: DesiredState) -> DesiredPublished:

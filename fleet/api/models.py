@@ -40,6 +40,7 @@ from fleet.api.schemas import (
 )
 from fleet.config import FleetSettings
 from fleet.errors import Conflict, InvalidInput, NotFound
+from fleet.registry.select import DEFAULT_VARIANT
 from fleet.registry.store import ArtifactStore, Ingested
 from fleet.registry.targets import TargetDescription, describe_target
 from fleet.tables import ModelArtifact, as_utc
@@ -58,7 +59,6 @@ __all__ = [
 
 router = APIRouter(prefix="/api/v1", tags=["models"], dependencies=[Admin])
 
-DEFAULT_VARIANT = "default"
 GGUF_MAGIC = b"GGUF"
 METADATA_HEADER = "X-Edgefleet-Metadata"
 MAX_CARD_BYTES = 256 * 1024

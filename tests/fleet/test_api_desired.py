@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 from concurrent.futures import ThreadPoolExecutor
+from datetime import timedelta
 
 from fastapi.testclient import TestClient
 from sqlalchemy.engine import Engine
 from sqlmodel import Session
 
+from fleet.api.desired import RENEW_BEFORE, renew_desired
 from fleet.tables import Device
-from models.wire import DesiredState
+from models.wire import DESIRED_LIFETIME, DesiredState
 from tests.fakes.fleet_link import FakeLink
 from tests.fleet.helpers import Clock, create_group, enroll, error
 
@@ -142,3 +145,28 @@ def test_group_desired_with_broker_down(api: TestClient, clock: Clock, link: Fak
     link.broker_down = True
     result = api.put("/api/v1/groups/lab/desired", json=BODY).json()
     assert [d["published"] for d in result["devices"]] == [False]
+
+
+def test_desired_states_are_reissued_before_they_expire(
+    api: TestClient, clock: Clock, link: FakeLink
+) -> None:
+    device_id = enroll(api, clock)["device_id"]
+    api.put(f"/api/v1/devices/{device_id}/desired", json=BODY)
+    state = api.app.state.fleet  # type: ignore[attr-defined]
+    issued = link.published[-1]
+    assert issued.expires == clock.now + DESIRED_LIFETIME
+
+    assert asyncio.run(renew_desired(state)) == 0  # fresh: nothing to do
+    clock.now = issued.expires - RENEW_BEFORE - timedelta(seconds=1)
+    assert asyncio.run(renew_desired(state)) == 0
+    clock.now = issued.expires - RENEW_BEFORE + timedelta(seconds=1)
+    assert asyncio.run(renew_desired(state)) == 1
+    renewed = link.published[-1]
+    assert renewed.version == issued.version + 1
+    assert renewed.expires == clock.now + DESIRED_LIFETIME
+    assert (renewed.models, renewed.config, renewed.fallback) == (
+        issued.models,
+        issued.config,
+        issued.fallback,
+    )
+    assert asyncio.run(renew_desired(state)) == 0  # renewed once, not again
