@@ -58,6 +58,8 @@ __all__ = [
     "check_targets",
     "director_keys_from_root",
     "director_root_field",
+    "key_material",
+    "role_with_repeated_key",
     "sign_desired",
     "verify_desired",
 ]
@@ -122,6 +124,34 @@ def director_root_field(keys: Sequence[Key], threshold: int) -> dict[str, Any]:
     return {"keys": {key.keyid: key.to_dict() for key in keys}, "threshold": threshold}
 
 
+def key_material(key: Mapping[str, Any]) -> str:
+    """What makes two keys the same key, whatever key id lists them (a key's dict form)."""
+    return json.dumps([key.get("keytype"), key.get("scheme"), key.get("keyval")], sort_keys=True)
+
+
+def role_with_repeated_key(root_signed: Mapping[str, Any]) -> str | None:
+    """The first role of a root whose key ids name one key twice, or None.
+
+    python-tuf counts signatures per key id, so such a role would let one key meet a
+    threshold of 2 alone: roots that do this are refused on both sides.
+    """
+    keys, roles = root_signed.get("keys"), root_signed.get("roles")
+    if not isinstance(keys, Mapping) or not isinstance(roles, Mapping):
+        return None
+    for name, role in roles.items():
+        keyids = role.get("keyids") if isinstance(role, Mapping) else None
+        if not isinstance(keyids, list):
+            continue
+        material = [
+            key_material(keys[keyid])
+            for keyid in keyids
+            if isinstance(keyid, str) and isinstance(keys.get(keyid), Mapping)
+        ]
+        if len(set(material)) != len(material):
+            return str(name)
+    return None
+
+
 def director_keys_from_root(root_signed: Mapping[str, Any]) -> DirectorKeys:
     """The director keys named by a (verified) root's signed object.
 
@@ -141,7 +171,7 @@ def director_keys_from_root(root_signed: Mapping[str, Any]) -> DirectorKeys:
         raise SignatureRejected(f"the root's director keys are malformed: {exc!r}") from None
     if not isinstance(threshold, int) or isinstance(threshold, bool) or threshold < 1:
         raise SignatureRejected(f"the root's director threshold {threshold!r} is not >= 1")
-    material = [json.dumps(key.keyval, sort_keys=True) for key in keys]
+    material = [key_material(key.to_dict()) for key in keys]
     if len(set(material)) != len(material):
         raise SignatureRejected("the root lists one director key under two key ids")
     if len(keys) < threshold:

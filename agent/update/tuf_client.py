@@ -54,6 +54,7 @@ from models.director import (
     TrustError,
     check_target_path,
     director_keys_from_root,
+    role_with_repeated_key,
 )
 
 __all__ = [
@@ -99,29 +100,6 @@ class _DuplicateKeys(exceptions.RepositoryError):
     """A root listing one key under two key ids (raised inside the fetcher)."""
 
 
-def _duplicate_keys(root: dict[str, Any]) -> str | None:
-    """The first role whose key ids name the same key twice, or None."""
-    keys = root.get("keys")
-    roles = root.get("roles")
-    if not isinstance(keys, dict) or not isinstance(roles, dict):
-        return None
-    for name, role in roles.items():
-        keyids = role.get("keyids") if isinstance(role, dict) else None
-        if not isinstance(keyids, list):
-            continue
-        material = [
-            json.dumps(
-                {k: v for k, v in keys[keyid].items() if k in ("keytype", "scheme", "keyval")},
-                sort_keys=True,
-            )
-            for keyid in keyids
-            if isinstance(keyid, str) and isinstance(keys.get(keyid), dict)
-        ]
-        if len(set(material)) != len(material):
-            return str(name)
-    return None
-
-
 def _check_root_bytes(data: bytes) -> None:
     """Refuse root metadata that lists one key under two key ids (it could count twice)."""
     try:
@@ -129,7 +107,7 @@ def _check_root_bytes(data: bytes) -> None:
     except (ValueError, KeyError, TypeError):
         return  # not even JSON: ngclient refuses it with the precise reason
     if isinstance(signed, dict) and signed.get("_type") == Root.type:
-        role = _duplicate_keys(signed)
+        role = role_with_repeated_key(signed)
         if role is not None:
             raise _DuplicateKeys(f"root v{signed.get('version')} lists a {role} key twice")
 

@@ -15,7 +15,6 @@ rotation that is not published yet, for example).
 
 from __future__ import annotations
 
-import json
 import os
 import secrets
 import stat
@@ -25,7 +24,7 @@ from typing import Final
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
-from securesystemslib.signer import CryptoSigner, Key, SSlibKey
+from securesystemslib.signer import CryptoSigner, SSlibKey
 
 from fleet.errors import ConfigError, InvalidInput
 
@@ -35,7 +34,6 @@ __all__ = [
     "KeyStore",
     "check_role",
     "generate_signer",
-    "key_material",
     "load_signer",
     "load_signers",
 ]
@@ -52,11 +50,6 @@ def check_role(role: str) -> str:
     if role not in ROLES:
         raise InvalidInput(f"unknown role {role!r}: one of {', '.join(ROLES)}")
     return role
-
-
-def key_material(key: Key) -> str:
-    """What makes two keys the same key, whatever key id they are listed under."""
-    return json.dumps([key.keytype, key.scheme, key.keyval], sort_keys=True)
 
 
 def generate_signer() -> CryptoSigner:

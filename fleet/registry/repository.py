@@ -62,7 +62,7 @@ from tuf.api.serialization.json import JSONSerializer
 
 from fleet.errors import ConfigError as RepositoryUnusable
 from fleet.errors import Conflict, InvalidInput, NotFound, StorageUnavailable
-from fleet.registry.keys import ROLES, KeyStore, check_role, key_material
+from fleet.registry.keys import ROLES, KeyStore, check_role
 from fleet.registry.targets import TargetDescription
 from models.director import (
     DIRECTOR_ROOT_FIELD,
@@ -70,6 +70,7 @@ from models.director import (
     check_target_path,
     director_keys_from_root,
     director_root_field,
+    role_with_repeated_key,
 )
 
 __all__ = [
@@ -171,13 +172,12 @@ def check_root(root: Root) -> None:
                 f"root role {name!r} needs {role.threshold} signatures but lists "
                 f"{len(role.keyids)} keys"
             )
-        material = []
         for keyid in role.keyids:
             if keyid not in root.keys:
                 raise InvalidInput(f"root role {name!r} names key {keyid}, which root lacks")
-            material.append(key_material(root.keys[keyid]))
-        if len(set(material)) != len(material):
-            raise InvalidInput(f"root role {name!r} lists one key under two key ids")
+    repeated = role_with_repeated_key(root.to_dict())
+    if repeated is not None:
+        raise InvalidInput(f"root role {repeated!r} lists one key under two key ids")
     try:
         director_keys_from_root(root.to_dict())
     except TrustError as exc:
