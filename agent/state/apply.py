@@ -299,7 +299,7 @@ class ModelController:
                 self.state.registry.publish(wanted.name, result.model)
                 self.state.loaded[wanted.name] = (spec, result.model.manifest)
                 outcomes.append(Outcome(wanted.name, "update"))
-            elif result.error is not None:
+            elif result.error is not None and result.result != "given_up":  # said once already
                 outcomes.append(Outcome(wanted.name, "update", result.error, result.retry))
         return outcomes
 

@@ -47,6 +47,7 @@ from agent.update.download import (
 )
 from agent.update.health import health_spec, judge, run_checks
 from agent.update.slots import SlotError, SlotState
+from agent.update.tuf_client import TufError, TufUnavailable
 from models.director import TrustError, check_targets
 from models.manifest import ModelFormat, ModelManifest, RuntimeParams
 from models.wire import DesiredModel, EventKind, Severity, TargetRef
@@ -246,8 +247,6 @@ class Updater:
     async def _update(
         self, desired_version: int, name: str, target: TargetRef, load: Loader
     ) -> UpdateOutcome:
-        from agent.update.tuf_client import TufError, TufUnavailable
-
         try:
             verified = await asyncio.to_thread(self.source.verified_targets, [target.path])
             check_targets([target], verified)
