@@ -15,9 +15,6 @@ rotation that is not published yet, for example).
 
 from __future__ import annotations
 
-import os
-import secrets
-import stat
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Final
@@ -27,6 +24,7 @@ from cryptography.hazmat.primitives.serialization import load_pem_private_key
 from securesystemslib.signer import CryptoSigner, SSlibKey
 
 from fleet.errors import ConfigError, InvalidInput
+from fleet.files import PRIVATE_FILE, atomic_write, private_dir
 
 __all__ = [
     "KEY_SUFFIX",
@@ -41,8 +39,6 @@ __all__ = [
 ROLES: Final = ("root", "targets", "snapshot", "timestamp", "director")
 KEY_SUFFIX: Final = ".pem"
 MAX_KEY_FILE_BYTES: Final = 64 * 1024  # a PEM Ed25519 key is about 120 bytes
-_PRIVATE_FILE = 0o600
-_PRIVATE_DIR = 0o700
 
 
 def check_role(role: str) -> str:
@@ -92,22 +88,6 @@ def load_signers(paths: Iterable[Path]) -> list[CryptoSigner]:
     return signers
 
 
-def _private_dir(path: Path) -> Path:
-    path.mkdir(mode=_PRIVATE_DIR, parents=True, exist_ok=True)
-    mode = stat.S_IMODE(path.stat().st_mode)
-    if mode & 0o077:
-        path.chmod(mode & ~0o077)
-    return path
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 class KeyStore:
     """Private keys by role in ``<root>/<role>/<keyid>.pem``; see the module docstring."""
 
@@ -125,20 +105,9 @@ class KeyStore:
     def add(self, role: str, signer: CryptoSigner) -> Path:
         """Write ``signer``'s private key for ``role`` (0600, atomically); its path."""
         try:
-            folder = _private_dir(self.role_dir(role))
+            private_dir(self.role_dir(role))
             final = self.path(role, signer.public_key.keyid)
-            tmp = folder / f".{final.name}.{secrets.token_hex(6)}.tmp"
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, _PRIVATE_FILE)
-            try:
-                with os.fdopen(fd, "wb") as out:
-                    out.write(signer.private_bytes)
-                    out.flush()
-                    os.fsync(out.fileno())
-                tmp.replace(final)
-            except BaseException:
-                tmp.unlink(missing_ok=True)
-                raise
-            _fsync_dir(folder)
+            atomic_write(final, signer.private_bytes, mode=PRIVATE_FILE)
         except OSError as exc:
             raise ConfigError(f"cannot write a {role} key under {self.root}: {exc}") from None
         return final

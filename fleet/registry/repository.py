@@ -37,7 +37,6 @@ import fcntl
 import logging
 import os
 import re
-import secrets
 import shutil
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -62,6 +61,7 @@ from tuf.api.serialization.json import JSONSerializer
 
 from fleet.errors import ConfigError as RepositoryUnusable
 from fleet.errors import Conflict, InvalidInput, NotFound, StorageUnavailable
+from fleet.files import atomic_write
 from fleet.registry.keys import ROLES, KeyStore, check_role
 from fleet.registry.targets import TargetDescription
 from models.director import (
@@ -238,31 +238,9 @@ def _releases(targets: Targets) -> dict[str, int]:
     return counters
 
 
-# --- files ---------------------------------------------------------------------------------
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
+def _write(path: Path, data: bytes) -> None:
     try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        try:
-            with os.fdopen(fd, "wb") as out:
-                out.write(data)
-                out.flush()
-                os.fsync(out.fileno())
-            tmp.replace(path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-        _fsync_dir(path.parent)
+        atomic_write(path, data)
     except OSError as exc:
         raise StorageUnavailable(f"cannot write TUF metadata {path}: {exc}") from None
 
@@ -455,7 +433,7 @@ class TufRepository:
         except SerializationError as exc:
             raise InvalidInput(f"cannot serialise {filename}: {exc.__cause__ or exc}") from None
         directory.mkdir(mode=0o755, parents=True, exist_ok=True)
-        _atomic_write(directory / filename, data)
+        _write(directory / filename, data)
         return data
 
     def _stage(self, md: Metadata[Any]) -> None:

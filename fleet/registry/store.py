@@ -21,6 +21,7 @@ from typing import BinaryIO
 from starlette.concurrency import run_in_threadpool
 
 from fleet.errors import InvalidInput, StorageUnavailable, TooLarge
+from fleet.files import fsync_dir
 
 __all__ = ["WRITE_CHUNK_BYTES", "ArtifactStore", "Ingested", "check_digest"]
 
@@ -78,20 +79,12 @@ class _Writer:
         target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         self._path.chmod(0o644)
         self._path.replace(target)  # atomic: same file system, same store
-        _fsync_dir(target.parent)
+        fsync_dir(target.parent)
         return Ingested(sha256, self.size, new=True)
 
     def abort(self) -> None:
         self._file.close()
         self._path.unlink(missing_ok=True)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class ArtifactStore:
