@@ -233,7 +233,12 @@ class ModelController:
 
     def attach_updates(self, source: UpdateSource, emit: Emit) -> None:
         """From now on, install the signed targets desired states name (the fleet link)."""
-        self.updater = Updater(ModelStore(self.state.settings.store_dir), source, emit)
+        self.updater = Updater(
+            ModelStore(self.state.settings.store_dir),
+            source,
+            emit,
+            ram_total_bytes=self.state.device.ram_total_bytes or None,
+        )
 
     def expected(self) -> list[str]:
         """Names to mark as loading before the first reconcile (requests get 503, not 404)."""

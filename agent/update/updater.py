@@ -62,6 +62,7 @@ __all__ = [
     "UpdateOutcome",
     "UpdateSource",
     "Updater",
+    "memory_problem",
     "next_step",
 ]
 
@@ -180,6 +181,23 @@ def next_step(
     return Update()
 
 
+def memory_problem(custom: Mapping[str, Any], ram_total_bytes: int | None) -> str | None:
+    """Why a target's signed RAM requirement rules this device out, or None (pure).
+
+    Checked before downloading: a model that cannot fit must not cost the transfer. A
+    target without ``ram_bytes`` (or a device that could not measure its RAM) passes.
+    """
+    needed = custom.get("ram_bytes")
+    if not isinstance(needed, int) or isinstance(needed, bool) or ram_total_bytes is None:
+        return None
+    if needed > ram_total_bytes:
+        return (
+            f"the model needs {needed / 2**30:.1f} GiB of RAM; this device has "
+            f"{ram_total_bytes / 2**30:.1f} GiB"
+        )
+    return None
+
+
 # --- the shell ------------------------------------------------------------------------------
 
 
@@ -212,11 +230,14 @@ class Updater:
         source: UpdateSource,
         emit: Emit,
         config: UpdateConfig | None = None,
+        *,
+        ram_total_bytes: int | None = None,
     ) -> None:
         self.store = store
         self.source = source
         self.emit = emit
         self.config = config or UpdateConfig()
+        self.ram_total_bytes = ram_total_bytes
 
     async def ensure(
         self, desired_version: int, wanted: DesiredModel, load: Loader
@@ -264,6 +285,9 @@ class Updater:
         except (ValidationError, ValueError) as exc:
             reason = f"the signed target's metadata is unusable: {exc}"
             return self._failed(name, version, "verify", reason, rejected=True)
+        too_big = memory_problem(custom, self.ram_total_bytes)
+        if too_big is not None:
+            return self._failed(name, version, "verify", too_big, rejected=True)
         slots = self.store.slots
         try:
             slot = await asyncio.to_thread(slots.begin, name, version, target.sha256)

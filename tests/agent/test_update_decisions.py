@@ -12,7 +12,14 @@ from agent.update.health import (
     health_spec,
     judge,
 )
-from agent.update.updater import GiveUp, Update, UpdateAttempts, UpToDate, next_step
+from agent.update.updater import (
+    GiveUp,
+    Update,
+    UpdateAttempts,
+    UpToDate,
+    memory_problem,
+    next_step,
+)
 from models.wire import TargetRef
 
 SHA_NEW = "11" * 32
@@ -92,3 +99,14 @@ def test_golden_prompts_come_from_the_signed_target() -> None:
     )
     assert spec == HealthSpec((GoldenPrompt("2+2=", "4", 4),), 5.0)
     assert health_spec({}) == HealthSpec()
+
+
+def test_a_model_needing_more_ram_than_the_device_has_is_refused_before_download() -> None:
+    gib = 2**30
+    assert memory_problem({"ram_bytes": 3 * gib}, 4 * gib) is None
+    problem = memory_problem({"ram_bytes": 6 * gib}, 4 * gib)
+    assert problem is not None
+    assert "6.0 GiB" in problem
+    assert "4.0 GiB" in problem
+    assert memory_problem({}, 4 * gib) is None  # nothing signed: nothing to refuse
+    assert memory_problem({"ram_bytes": 6 * gib}, None) is None  # RAM unknown

@@ -87,6 +87,16 @@ def test_update_installs_health_checks_and_rolls_back_a_broken_model(
 def test_an_artifact_changed_on_the_server_is_refused_and_nothing_is_installed(
     fleet: Fleet, artifacts: Artifacts
 ) -> None:
+    # A model whose signed RAM requirement exceeds the device's is refused unread.
+    fleet.push(artifacts.v11, "1.1", ram_bytes=1 << 50)
+    fleet.desire("1.1")
+    refused = wait_until(
+        lambda: [e for e in fleet.events("update_failed") if "RAM" in e["data"]["reason"]],
+        "the oversized model refused",
+    )
+    assert refused[0]["data"]["phase"] == "verify"
+    assert not fleet.events("update_progress"), "nothing was downloaded"
+
     sha = fleet.push(artifacts.v12, "1.2")
     blob = fleet.controller.data_dir / "artifacts" / "sha256" / sha[:2] / sha
     assert blob.is_file()

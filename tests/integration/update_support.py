@@ -84,12 +84,18 @@ class Fleet:
     def api(self) -> httpx.Client:
         return admin(self.controller)
 
-    def push(self, file: Path, version: str, golden: list[dict[str, Any]] | None = None) -> str:
+    def push(
+        self,
+        file: Path,
+        version: str,
+        golden: list[dict[str, Any]] | None = None,
+        **metadata: Any,
+    ) -> str:
         """Register ``file`` as ``LLM`` ``version`` through the real upload route."""
-        metadata = {
-            "runtime": BUNDLED[LLM].runtime.model_dump(mode="json"),
-            "golden_prompts": GOLDEN if golden is None else golden,
-        }
+        metadata.update(
+            runtime=BUNDLED[LLM].runtime.model_dump(mode="json"),
+            golden_prompts=GOLDEN if golden is None else golden,
+        )
         with self.api() as api, file.open("rb") as body:
             response = api.post(
                 f"/api/v1/models/{LLM}/versions/{version}",
