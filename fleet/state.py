@@ -11,7 +11,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import StrEnum
 
-from models.wire import DesiredState, ModelState, ReportedModel, ReportedState
+from models.wire import (
+    DesiredModel,
+    DesiredState,
+    ModelState,
+    ReportedModel,
+    ReportedState,
+    runs_wanted,
+)
 
 __all__ = ["Drift", "DriftItem", "DriftKind", "compute_drift"]
 
@@ -51,12 +58,13 @@ class Drift:
         return not self.items
 
 
-def _model_drift(wanted_version: str | None, name: str, got: ReportedModel) -> DriftItem | None:
+def _model_drift(want: DesiredModel, got: ReportedModel) -> DriftItem | None:
+    wanted_version, name = want.version, want.name
     if got.state is ModelState.MISSING:
         return DriftItem(
             DriftKind.MISSING, f"{name} is not in the device's model store", name, wanted_version
         )
-    if wanted_version is not None and got.version != wanted_version:
+    if not runs_wanted(want, got):
         return DriftItem(
             DriftKind.VERSION_MISMATCH,
             f"{name} runs version {got.version or 'unknown'}, {wanted_version} is desired",
@@ -116,7 +124,7 @@ def compute_drift(desired: DesiredState | None, reported: ReportedState | None) 
                 )
             )
             continue
-        item = _model_drift(want.version, want.name, got)
+        item = _model_drift(want, got)
         if item is not None:
             items.append(item)
     wanted = {m.name for m in desired.models}

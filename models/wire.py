@@ -53,6 +53,7 @@ __all__ = [
     "decode",
     "encode",
     "enrollment_proof",
+    "runs_wanted",
     "utc_now",
 ]
 
@@ -155,6 +156,7 @@ class ReportedModel(WireModel):
 
     name: str = Field(max_length=128)
     version: str | None = Field(default=None, max_length=64)
+    sha256: Sha256Hex | None = None  # of the file served: compared with a desired target
     state: ModelState
     runtime: str | None = Field(default=None, max_length=64)  # "llama.cpp", "onnxruntime"
     device: str | None = Field(default=None, max_length=64)  # "cpu", "cuda:0"
@@ -176,6 +178,17 @@ class ReportedState(WireModel):
     agent_version: str = Field(max_length=64)
     device: DeviceReport | None = None
     reported_at: AwareDatetime = Field(default_factory=utc_now)
+
+
+def runs_wanted(wanted: DesiredModel, got: ReportedModel) -> bool:
+    """The reported model is the desired one: its signed target's bytes, else its version.
+
+    A target is compared by sha256, so the same file registered under another version
+    label (a bundled model pushed to the registry) counts as the one desired.
+    """
+    if wanted.target is not None and got.sha256 is not None:
+        return got.sha256 == wanted.target.sha256
+    return wanted.version is None or got.version == wanted.version
 
 
 # --- telemetry and events ---------------------------------------------------------------

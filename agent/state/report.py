@@ -16,7 +16,7 @@ from typing import Any
 
 from agent.runtime.base import ServedModel
 from models.device import DeviceReport
-from models.wire import DesiredState, ModelState, ReportedModel, ReportedState
+from models.wire import DesiredState, ModelState, ReportedModel, ReportedState, runs_wanted
 
 __all__ = ["agent_version", "build_report", "report_key"]
 
@@ -64,6 +64,7 @@ def build_report(
         if model is not None:
             fields.update(
                 version=model.manifest.version,
+                sha256=model.manifest.sha256,
                 runtime=model.info.runtime,
                 device=model.info.device,
                 memory_bytes=model.info.memory_bytes,
@@ -77,13 +78,12 @@ def build_report(
         else:
             fields["state"] = ModelState.LOADING
         models.append(ReportedModel(**fields))
-    ready = {m.name: m.version for m in models if m.state is ModelState.READY}
+    ready = {m.name: m for m in models if m.state is ModelState.READY}
     if desired is None:
         converged = all(m.state is ModelState.READY for m in models)
     else:
-        wanted = {d.name: d.version for d in desired.models}
-        converged = set(ready) == set(wanted) and all(
-            version is None or ready[name] == version for name, version in wanted.items()
+        converged = set(ready) == {d.name for d in desired.models} and all(
+            runs_wanted(d, ready[d.name]) for d in desired.models
         )
     return ReportedState(
         device_id=device_id,

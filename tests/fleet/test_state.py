@@ -3,7 +3,14 @@
 from __future__ import annotations
 
 from fleet.state import DriftKind, compute_drift
-from models.wire import DesiredModel, DesiredState, ModelState, ReportedModel, ReportedState
+from models.wire import (
+    DesiredModel,
+    DesiredState,
+    ModelState,
+    ReportedModel,
+    ReportedState,
+    TargetRef,
+)
 
 DEVICE = "dev-0123456789abcdef"
 
@@ -110,3 +117,25 @@ def test_version_mismatch_wins_over_state() -> None:
 def test_empty_desired_makes_every_running_model_extra() -> None:
     drift = compute_drift(desired(), reported(("a", "1", ModelState.READY)))
     assert kinds(drift.items) == [(DriftKind.EXTRA, "a")]
+
+
+def test_a_signed_target_is_compared_by_its_bytes_not_its_version_label() -> None:
+    target = TargetRef(path="gemma/1.0/default.gguf", length=10, sha256="aa" * 32)
+    wanted = DesiredState(
+        device_id=DEVICE,
+        version=3,
+        models=[DesiredModel(name="gemma", version="1.0", target=target)],
+    )
+
+    def running(sha256: str) -> ReportedState:
+        model = ReportedModel(
+            name="gemma", version="q4_k_m-1.0.0", sha256=sha256, state=ModelState.READY
+        )
+        return ReportedState(
+            device_id=DEVICE, desired_version=3, converged=True, agent_version="0.1.0",
+            models=[model],
+        )  # fmt: skip
+
+    assert compute_drift(wanted, running("aa" * 32)).in_sync  # the same file, another label
+    drift = compute_drift(wanted, running("bb" * 32))  # e.g. the update was rolled back
+    assert kinds(drift.items) == [(DriftKind.VERSION_MISMATCH, "gemma")]
