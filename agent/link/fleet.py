@@ -409,9 +409,6 @@ class FleetLink:
         """The newest of ``received`` that passes every trust check; the rest are reported."""
         best: DesiredState | None = None
         for payload in received:
-            if not payload:
-                log.info("the controller cleared this device's desired state; keeping the models")
-                continue
             try:
                 desired = await asyncio.to_thread(self._verify, payload, self._newest)
             except ReplayedState as exc:
