@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -173,33 +173,28 @@ def preflight(settings: FleetSettings) -> None:
         engine.dispose()
 
 
+async def _every(interval_s: float, what: str, job: Callable[[], Awaitable[object]]) -> None:
+    """Renew ``what`` every ``interval_s`` until cancelled.
+
+    A failure is logged and the next round tries again: an expired timestamp or desired
+    state would stop devices.
+    """
+    while True:
+        await asyncio.sleep(interval_s)
+        try:
+            renewed = await job()
+        except FleetError as exc:
+            log.error("cannot renew %s: %s", what, exc)
+        except Exception:
+            log.exception("cannot renew %s", what)
+        else:
+            if renewed:
+                log.info("renewed %s: %s", what, renewed)
+
+
 async def _renew(repo: TufRepository, interval_s: float, clock: Callable[[], datetime]) -> None:
     """Re-sign TUF metadata close to expiry, every ``interval_s``, until cancelled."""
-    while True:
-        await asyncio.sleep(interval_s)
-        try:
-            renewed = await run_in_threadpool(repo.refresh, clock())
-        except FleetError as exc:
-            log.error("cannot renew TUF metadata: %s", exc)
-            continue
-        except Exception:  # keep renewing: an expired timestamp would stop every device
-            log.exception("cannot renew TUF metadata")
-            continue
-        if renewed:
-            log.info("renewed TUF metadata: %s", ", ".join(renewed))
-
-
-async def _renew_desired(state: FleetState, interval_s: float) -> None:
-    """Re-issue desired states close to expiry, every ``interval_s``, until cancelled."""
-    while True:
-        await asyncio.sleep(interval_s)
-        try:
-            renewed = await renew_desired(state)
-        except Exception:  # keep going: a lapsed state stops a re-provisioned device
-            log.exception("cannot renew desired states")
-            continue
-        if renewed:
-            log.info("re-issued %d desired states before they expire", renewed)
+    await _every(interval_s, "TUF metadata", lambda: run_in_threadpool(repo.refresh, clock()))
 
 
 def create_app(
@@ -217,7 +212,7 @@ def create_app(
             admin_token, repo = await run_in_threadpool(_prepare, settings, engine, clock())
             factory = link_factory or _default_link(repo)
             async with factory(settings, engine) as link:
-                app.state.fleet = FleetState(
+                state = app.state.fleet = FleetState(
                     settings=settings,
                     engine=engine,
                     link=link,
@@ -229,7 +224,8 @@ def create_app(
                 renewals = [
                     asyncio.create_task(_renew(repo, interval_s, clock), name="tuf-renew"),
                     asyncio.create_task(
-                        _renew_desired(app.state.fleet, interval_s), name="desired-renew"
+                        _every(interval_s, "desired states", lambda: renew_desired(state)),
+                        name="desired-renew",
                     ),
                 ]
                 try:
