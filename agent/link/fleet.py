@@ -61,6 +61,8 @@ log = logging.getLogger(__name__)
 _STOP_TIMEOUT_S = 5.0  # leaving waits this long for the OFFLINE event and disconnect
 _INBOX_MAX = 16  # desired states kept while the previous one is being applied
 _KEY_REFRESH_MIN_S = 60.0  # a bad signature refreshes TUF at most this often (seconds)
+_UPDATE_RETRY_FIRST_S = 5.0  # first retry of an update that failed for a passing reason
+_UPDATE_RETRY_MAX_S = 600.0  # and the longest wait between retries (seconds)
 
 
 class LinkHost(Host, Protocol):
@@ -181,7 +183,7 @@ class FleetLink:
         self._newest = host.desired_version  # highest desired version accepted
         self.tuf: TufClient | None = None
         self.source: FleetSource | None = None
-        self._retry = Retry(Backoff(settings.backoff_initial_s * 5, 600.0), rand)
+        self._retry = Retry(Backoff(_UPDATE_RETRY_FIRST_S, _UPDATE_RETRY_MAX_S), rand)
         self._retry_timer: asyncio.TimerHandle | None = None
         self._last_key_refresh = -math.inf
         self._apply_due = asyncio.Event()
