@@ -10,10 +10,10 @@ from typing import Annotated
 
 import typer
 
+from agent.catalog import BUNDLED
 from agent.config import AgentSettings, ModelSpec, load_settings
 from agent.errors import ConfigError
 from agent.store import ModelStore, name_for_file
-from models.catalog import BUNDLED
 
 __all__ = ["app", "main"]
 

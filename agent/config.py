@@ -19,7 +19,8 @@ from pydantic_settings import (
 )
 
 from agent.errors import ConfigError
-from models.manifest import ModelName, RuntimeParams
+from models.manifest import RuntimeParams
+from models.values import ModelName
 
 __all__ = [
     "DEFAULT_STATE_DIR",

@@ -17,10 +17,10 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from agent.catalog import BundledModel, bundled_minilm
 from agent.errors import ConfigError
 from agent.files import format_of, sha256_file
 from agent.update.slots import STATE, ABSlots, NoActiveModel, SlotError
-from models.catalog import BundledModel
 from models.manifest import ModelFormat, ModelManifest, RuntimeParams
 
 __all__ = ["ModelStore", "format_of", "manifest_for_file", "name_for_file", "sha256_file"]
@@ -137,8 +137,6 @@ class ModelStore:
                 return self.install(
                     source, name=model.name, version=model.version, runtime=model.runtime
                 )
-        from agent.runtime.onnx import bundled_minilm
-
         onnx_file, tokenizer = bundled_minilm()
         return self.install(
             onnx_file,

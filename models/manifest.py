@@ -7,28 +7,14 @@ parse it once at the edge, pass it around without re-checking.
 
 from __future__ import annotations
 
-import re
 from enum import StrEnum
-from typing import Annotated, Any
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import BaseModel, ConfigDict, Field
 
-__all__ = [
-    "ModelFormat",
-    "ModelManifest",
-    "ModelName",
-    "RuntimeParams",
-    "Sha256",
-]
+from models.values import VERSION, ModelName, Sha256
 
-ModelName = Annotated[
-    str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9._-]{0,63}$", strip_whitespace=False)
-]
-"""Lower-case, path- and URL-safe: a model name is also a folder and a route segment."""
-
-Sha256 = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
-
-_VERSION = re.compile(r"^[0-9A-Za-z][0-9A-Za-z.+_-]{0,63}$")
+__all__ = ["ModelFormat", "ModelManifest", "RuntimeParams"]
 
 
 class ModelFormat(StrEnum):
@@ -72,7 +58,7 @@ class ModelManifest(BaseModel):
 
     def model_post_init(self, context: Any, /) -> None:
         """Reject names that could escape the model folder or confuse a version sort."""
-        if not _VERSION.match(self.version):
+        if not VERSION.fullmatch(self.version):
             raise ValueError(f"invalid version {self.version!r}: use letters, digits and .+_-")
         if "/" in self.file or "\\" in self.file or self.file in {"", ".", ".."}:
             raise ValueError(f"invalid file name {self.file!r}: must be a plain name")

@@ -11,6 +11,7 @@ import json
 from datetime import UTC, datetime
 
 from models.device import DeviceReport
+from models.paths import ENROLL_PATH
 from models.topics import CHANNEL_POLICIES, TOPIC_PREFIX
 from models.wire import (
     CHANNEL_MESSAGES,
@@ -77,7 +78,7 @@ _FLOWS = """
 1. An admin creates a token: `edgefleet tokens create --group lab --uses 10 --expires 24h`.
 2. On first start with `--fleet URL --token T` the agent generates an Ed25519 key
    (mode 0600; it never leaves the device) and POSTs an `EnrollmentRequest` to
-   `URL/api/v1/enroll`: the token, its public key, its device report, a timestamp
+   `URL{ENROLL_PATH}`: the token, its public key, its device report, a timestamp
    and a signature over `edgefleet-enroll-v1\\n{token}\\n{public_key}\\n{timestamp}`.
    The signature proves the caller holds the key; the timestamp (at most 5 minutes
    off the controller's clock) bounds how long a captured request could be replayed.
@@ -235,7 +236,7 @@ def render() -> str:
         retained = "yes" if policy.retain else "no"
         row = f"| `{topic}` | {direction} | {policy.qos} | {retained} | `{message}` |"
         out.append(f"{row} {policy.why} |\n")
-    out.append(_FLOWS)
+    out.append(_FLOWS.replace("{ENROLL_PATH}", ENROLL_PATH))
     out.append("\n## Messages\n")
     examples = _examples()
     documented: list[type[WireModel]] = [

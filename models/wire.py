@@ -22,11 +22,11 @@ from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, JsonValue, Val
 
 from models.device import DeviceReport
 from models.topics import Channel, DeviceId
+from models.values import ModelName, Sha256, Version
 
 __all__ = [
     "CHANNEL_MESSAGES",
     "DESIRED_LIFETIME",
-    "ENROLL_PATH",
     "MAX_PAYLOAD_BYTES",
     "MAX_SAMPLES_PER_BATCH",
     "SCHEMA_VERSION",
@@ -60,7 +60,6 @@ __all__ = [
 SCHEMA_VERSION = 1
 MAX_PAYLOAD_BYTES = 256 * 1024  # bytes; larger MQTT payloads are rejected unread
 MAX_SAMPLES_PER_BATCH = 500
-ENROLL_PATH = "/api/v1/enroll"  # on the controller's HTTP API
 
 MessageId = Annotated[str, Field(min_length=8, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")]
 """A sender-chosen unique id (a UUID's hex); receivers store each id once."""
@@ -87,9 +86,6 @@ class WireModel(BaseModel):
 # --- desired and reported state -------------------------------------------------------
 
 
-Sha256Hex = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
-
-
 class TargetRef(WireModel):
     """A TUF target the device must install: path in the targets metadata, length and hash.
 
@@ -99,7 +95,7 @@ class TargetRef(WireModel):
 
     path: str = Field(min_length=1, max_length=512)  # e.g. "gemma3-270m/1.1/Q4_K_M.gguf"
     length: int = Field(ge=1)  # bytes
-    sha256: Sha256Hex
+    sha256: Sha256
 
 
 class DesiredModel(WireModel):
@@ -110,8 +106,8 @@ class DesiredModel(WireModel):
     ``version`` if given.
     """
 
-    name: Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._-]+$")]
-    version: Annotated[str, Field(max_length=64)] | None = None
+    name: ModelName
+    version: Version | None = None
     target: TargetRef | None = None
 
 
@@ -154,9 +150,9 @@ class ModelState(StrEnum):
 class ReportedModel(WireModel):
     """One model as the device actually serves it (or failed to)."""
 
-    name: str = Field(max_length=128)
+    name: ModelName
     version: str | None = Field(default=None, max_length=64)
-    sha256: Sha256Hex | None = None  # of the file served: compared with a desired target
+    sha256: Sha256 | None = None  # of the file served: compared with a desired target
     state: ModelState
     runtime: str | None = Field(default=None, max_length=64)  # "llama.cpp", "onnxruntime"
     device: str | None = Field(default=None, max_length=64)  # "cpu", "cuda:0"

@@ -64,8 +64,8 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 @pytest.fixture(scope="session")
 def model_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A store with the real bundled models (Gemma 3 270M GGUF, MiniLM ONNX) installed."""
+    from agent.catalog import BUNDLED
     from agent.store import ModelStore
-    from models.catalog import BUNDLED
 
     root = tmp_path_factory.mktemp("store")
     store = ModelStore(root)

@@ -20,8 +20,9 @@ from agent.files import atomic_write
 from agent.link.errors import EnrollmentRejected, LinkUnavailable
 from agent.link.identity import Identity, StateDir
 from models.device import DeviceReport
+from models.paths import ENROLL_PATH
 from models.trust import sign_enrollment
-from models.wire import ENROLL_PATH, EnrollmentRequest, EnrollmentResponse, utc_now
+from models.wire import EnrollmentRequest, EnrollmentResponse, utc_now
 
 __all__ = ["device_name", "enroll", "explain_rejection"]
 

@@ -47,11 +47,12 @@ from agent.link.spool import EntryKind, Spool
 from agent.link.telemetry import Gauges, build_sample
 from agent.metrics import WindowStats
 from agent.state.report import agent_version
-from agent.update.source import TUF_PATH, FleetSource
+from agent.update.source import FleetSource
 from agent.update.tuf_client import TufClient, TufError
 from agent.update.updater import Emit, UpdateSource
 from models.device import DeviceReport
 from models.director import ReplayedState, SignatureRejected, TrustError, verify_desired
+from models.paths import TUF_PATH
 from models.wire import Command, CommandKind, DesiredState, EventKind, Severity, encode, utc_now
 
 __all__ = ["FleetLink", "LinkHost", "TelemetryReader", "link_enabled", "prepare_identity"]
@@ -268,7 +269,7 @@ class FleetLink:
         )
         self.tuf = TufClient(
             self.state_dir.tuf_dir,
-            identity.fleet_url.rstrip("/") + TUF_PATH,
+            identity.fleet_url.rstrip("/") + TUF_PATH + "/",
             auth=(identity.device_id, identity.broker.password),
             timeout_s=self.settings.enroll_timeout_s,
         )

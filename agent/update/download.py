@@ -36,6 +36,7 @@ import httpx
 
 from agent.backoff import Backoff, Retry
 from agent.files import fsync_dir
+from models.values import SHA256
 
 __all__ = [
     "COMPLETE",
@@ -59,7 +60,6 @@ COMPLETE: Final[Complete] = "complete"
 
 Progress = Callable[[int, int], None]
 
-_HEX64 = re.compile(r"[0-9a-f]{64}")
 _CONTENT_RANGE = re.compile(r"bytes\s+(?:(\d+)-(\d+)|\*)/(\d+|\*)\s*", re.IGNORECASE)
 
 
@@ -393,7 +393,7 @@ async def download(
     ``progress(bytes_done, length)`` at most once per chunk. Returns ``dest``.
     """
     expected = sha256.lower()
-    if _HEX64.fullmatch(expected) is None:
+    if SHA256.fullmatch(expected) is None:
         raise ValueError(f"sha256 must be 64 hex digits, got {sha256!r}")
     if length < 0:
         raise ValueError(f"length must be >= 0, got {length}")

@@ -47,7 +47,6 @@ from __future__ import annotations
 import errno
 import json
 import os
-import re
 import secrets
 import shutil
 from collections.abc import Iterator, Mapping
@@ -62,6 +61,7 @@ from pydantic import TypeAdapter, ValidationError
 from agent.errors import ConfigError
 from agent.files import format_of, fsync_dir, sha256_file
 from models.manifest import ModelManifest, RuntimeParams
+from models.values import MODEL_NAME, SHA256, VERSION
 
 __all__ = [
     "MANIFEST",
@@ -112,9 +112,6 @@ MANIFEST: Final = "manifest.json"
 _SCHEMA: Final = 1
 _MAX_RECOVERY_STEPS: Final = 8  # each action strictly narrows the state; 4 is the longest chain
 
-_NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")  # as models.manifest.ModelName
-_VERSION = re.compile(r"[0-9A-Za-z][0-9A-Za-z.+_-]{0,63}")  # as ModelManifest's version check
-_HEX64 = re.compile(r"[0-9a-f]{64}")
 _STATE_TMP = f".{STATE}."  # prefix of the temporary files a state write leaves if killed
 _TRASH = ".trash-"  # prefix of slots renamed aside to be deleted
 
@@ -191,9 +188,9 @@ class Pending:
     reason: str | None = None  # why it failed; None unless phase is FAILED
 
     def __post_init__(self) -> None:
-        if not _VERSION.fullmatch(self.version):
+        if not VERSION.fullmatch(self.version):
             raise ValueError(f"invalid version {self.version!r}: use letters, digits and .+_-")
-        if not _HEX64.fullmatch(self.sha256):
+        if not SHA256.fullmatch(self.sha256):
             raise ValueError(f"sha256 must be 64 lower-case hex digits, got {self.sha256!r}")
         if (self.phase is Phase.FAILED) != (self.reason is not None):
             raise ValueError("a reason is recorded exactly when the update failed")
@@ -493,7 +490,7 @@ def recovery_plan(state: SlotState, slots: Mapping[Slot, SlotContents]) -> Recov
 
 def check_name(name: str) -> str:
     """``name`` if it is a plain model name (lower-case, no separators, no dots first)."""
-    if not isinstance(name, str) or not _NAME.fullmatch(name):
+    if not isinstance(name, str) or not MODEL_NAME.fullmatch(name):
         raise InvalidName(
             f"invalid model name {name!r}: 1-64 of a-z 0-9 . _ -, starting with a letter or digit"
         )
@@ -640,7 +637,7 @@ class ABSlots:
                 raise ArtifactRejected(f"{verified_file}: {reason}")
             extras = dict(extra_files or {})
             for target in extras:
-                if target in {MANIFEST, manifest.file} or not _NAME.fullmatch(target.lower()):
+                if target in {MANIFEST, manifest.file} or not MODEL_NAME.fullmatch(target.lower()):
                     raise ArtifactRejected(f"invalid side file name {target!r}")
             state = next_state(state, Verified())
             self._save(name, state)

@@ -14,11 +14,9 @@ import httpx
 
 from agent.link.identity import Identity
 from agent.update.tuf_client import TufClient
+from models.paths import artifact_path
 
-__all__ = ["ARTIFACT_PATH", "TUF_PATH", "FleetSource"]
-
-TUF_PATH = "/api/v1/tuf/"
-ARTIFACT_PATH = "/api/v1/artifacts/"
+__all__ = ["FleetSource"]
 
 
 class FleetSource:
@@ -51,7 +49,7 @@ class FleetSource:
         return {path: self.tuf.find(path) for path in paths}
 
     def artifact_url(self, sha256: str) -> str:
-        return f"{self._base}{ARTIFACT_PATH}{sha256}"
+        return self._base + artifact_path(sha256)
 
     async def aclose(self) -> None:
         await self._http.aclose()

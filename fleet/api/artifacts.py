@@ -24,10 +24,11 @@ from fleet.link.passwords import hash_password, verify_password
 from fleet.registry.store import check_digest
 from fleet.tables import Device, ModelArtifact
 from fleet.tokens import same_secret
+from models.paths import ARTIFACTS_PATH
 
 __all__ = ["ADMIN_READER", "BASIC_CHALLENGE", "require_reader", "router"]
 
-router = APIRouter(prefix="/api/v1", tags=["artifacts"])
+router = APIRouter(prefix=ARTIFACTS_PATH, tags=["artifacts"])
 
 ADMIN_READER = "admin"  # what require_reader returns for the admin token
 BASIC_CHALLENGE = 'Basic realm="edgefleet artifacts"'
@@ -71,8 +72,8 @@ def require_reader(request: Request, state: StateDep) -> str:
 Reader = Annotated[str, Depends(require_reader)]
 
 
-@router.head("/artifacts/{sha256}", response_class=FileResponse, operation_id="artifact_head")
-@router.get("/artifacts/{sha256}", response_class=FileResponse, operation_id="artifact_download")
+@router.head("/{sha256}", response_class=FileResponse, operation_id="artifact_head")
+@router.get("/{sha256}", response_class=FileResponse, operation_id="artifact_download")
 def download_artifact(
     sha256: Annotated[str, Path(max_length=64)], _reader: Reader, state: StateDep
 ) -> FileResponse:

@@ -36,6 +36,7 @@ from fleet.errors import ConfigError, EnrollmentRejected
 from fleet.link.passwords import hash_password, new_password
 from fleet.tables import Device, EnrollmentToken
 from fleet.tokens import check_token, hash_secret
+from models.paths import ENROLL_PATH
 from models.topics import validate_device_id
 from models.trust import TrustError, verify_enrollment
 from models.wire import BrokerCredentials, EnrollmentRequest, EnrollmentResponse
@@ -158,7 +159,7 @@ def _ca_pem(settings: FleetSettings) -> str | None:
         raise ConfigError(f"cannot read broker_ca_file {settings.broker_ca_file}: {exc}") from None
 
 
-@router.post("/api/v1/enroll", response_model=EnrollmentResponse)
+@router.post(ENROLL_PATH, response_model=EnrollmentResponse)
 async def enroll(request: EnrollmentRequest, state: StateDep) -> EnrollmentResponse:
     """Enroll a device (or re-enroll its key); no admin token: the enrollment token is the key."""
     now = state.clock()

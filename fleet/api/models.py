@@ -29,9 +29,7 @@ from fleet.api.deps import Admin, FleetState, SessionDep, StateDep
 from fleet.api.errors import validation_message
 from fleet.api.present import utc
 from fleet.api.schemas import (
-    MODEL_NAME_PATTERN,
     VARIANT_PATTERN,
-    VERSION_PATTERN,
     ArtifactPublic,
     ModelMetadata,
     ModelSummary,
@@ -45,6 +43,8 @@ from fleet.registry.store import ArtifactStore, Ingested
 from fleet.registry.targets import TargetDescription, describe_target
 from fleet.tables import ModelArtifact, as_utc
 from models.manifest import ModelFormat
+from models.paths import artifact_path
+from models.values import MODEL_NAME_PATTERN, VERSION_PATTERN
 
 __all__ = [
     "DEFAULT_VARIANT",
@@ -104,7 +104,7 @@ def artifact_public(row: ModelArtifact, public_url: str) -> ArtifactPublic:
         yanked=row.yanked_at is not None,
         yanked_at=as_utc(row.yanked_at),
         yank_reason=row.yank_reason,
-        download_url=f"{public_url}/api/v1/artifacts/{row.sha256}",
+        download_url=public_url + artifact_path(row.sha256),
     )
 
 

@@ -15,13 +15,12 @@ from pydantic import BaseModel, ConfigDict, Field, JsonValue, field_validator
 
 from fleet.tokens import TokenState
 from models.manifest import ModelFormat, RuntimeParams
+from models.values import ModelName, Version
 
 __all__ = [
     "GROUP_PATTERN",
-    "MODEL_NAME_PATTERN",
     "TAG_PATTERN",
     "VARIANT_PATTERN",
-    "VERSION_PATTERN",
     "ArtifactPublic",
     "CommandAccepted",
     "CommandCreate",
@@ -225,6 +224,8 @@ class CommandAccepted(BaseModel):
 
 # --- desired state --------------------------------------------------------------------------
 
+VARIANT_PATTERN = r"^[0-9A-Za-z][0-9A-Za-z._-]{0,63}$"  # "Q4_K_M", "int8", "default"
+
 
 class DesiredModelBody(_Input):
     """A model a device should serve.
@@ -236,9 +237,9 @@ class DesiredModelBody(_Input):
     given.
     """
 
-    name: str = Field(pattern=r"^[A-Za-z0-9._-]{1,128}$")
-    version: str | None = Field(default=None, pattern=r"^[0-9A-Za-z][0-9A-Za-z.+_-]{0,63}$")
-    variant: str | None = Field(default=None, pattern=r"^[0-9A-Za-z][0-9A-Za-z._-]{0,63}$")
+    name: ModelName
+    version: Version | None = None
+    variant: str | None = Field(default=None, pattern=VARIANT_PATTERN)
 
 
 class DesiredBody(_Input):
@@ -275,10 +276,6 @@ class GroupDesiredPublished(BaseModel):
 
 
 # --- model registry -------------------------------------------------------------------------
-
-MODEL_NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,63}$"  # models.manifest.ModelName
-VERSION_PATTERN = r"^[0-9A-Za-z][0-9A-Za-z.+_-]{0,63}$"  # what ModelManifest accepts
-VARIANT_PATTERN = r"^[0-9A-Za-z][0-9A-Za-z._-]{0,63}$"  # "Q4_K_M", "int8", "default"
 
 
 class GoldenPrompt(_Input):

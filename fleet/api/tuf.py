@@ -27,13 +27,14 @@ from fleet.api.artifacts import require_reader
 from fleet.api.deps import Admin, StateDep, TufDep
 from fleet.errors import TooLarge
 from fleet.registry.repository import MAX_METADATA_BYTES, METADATA_FILE, RoleStatus
+from models.paths import TUF_PATH
 
 __all__ = ["RoleStatusPublic", "TufStatusPublic", "is_metadata_import", "router"]
 
-router = APIRouter(prefix="/api/v1/tuf", tags=["tuf"])
+router = APIRouter(prefix=TUF_PATH, tags=["tuf"])
 
 JSON = "application/json"
-_IMPORT_PATH = re.compile(r"^/api/v1/tuf/(targets|root)/?$")
+_IMPORT_PATH = re.compile(rf"^{re.escape(TUF_PATH)}/(targets|root)/?$")
 
 
 def is_metadata_import(scope: Scope) -> bool:

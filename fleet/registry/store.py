@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import re
 import tempfile
 from collections.abc import AsyncIterable, Callable, Iterable
 from dataclasses import dataclass
@@ -22,16 +21,16 @@ from starlette.concurrency import run_in_threadpool
 
 from fleet.errors import InvalidInput, StorageUnavailable, TooLarge
 from fleet.files import fsync_dir
+from models.values import SHA256
 
 __all__ = ["WRITE_CHUNK_BYTES", "ArtifactStore", "Ingested", "check_digest"]
 
 WRITE_CHUNK_BYTES = 1024 * 1024  # bytes gathered before one write (and one thread hop)
-_DIGEST = re.compile(r"^[0-9a-f]{64}$")
 
 
 def check_digest(sha256: str) -> str:
     """``sha256`` if it is 64 lower-case hex digits; :class:`InvalidInput` otherwise."""
-    if not _DIGEST.fullmatch(sha256):
+    if not SHA256.fullmatch(sha256):
         raise InvalidInput(f"{sha256[:80]!r} is not a SHA-256 digest (64 lower-case hex digits)")
     return sha256
 

@@ -42,7 +42,8 @@ from fleet.simulate.identity import (
 )
 from fleet.simulate.schedule import aligned_base, shard_indices, start_offset
 from fleet.simulate.telemetry import device_report, profile_for
-from models.wire import ENROLL_PATH, EnrollmentResponse
+from models.paths import ENROLL_PATH
+from models.wire import EnrollmentResponse
 
 __all__ = [
     "DEFAULT_AGENT_VERSION",

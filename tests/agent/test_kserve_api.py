@@ -21,9 +21,10 @@ from tokenizers.pre_tokenizers import Whitespace
 
 from agent.api.deps import get_state
 from agent.api.kserve import router
+from agent.catalog import bundled_minilm
 from agent.errors import AgentError
 from agent.runtime.base import RuntimeInfo
-from agent.runtime.onnx import OnnxEmbedder, bundled_minilm, load_onnx
+from agent.runtime.onnx import OnnxEmbedder, load_onnx
 from agent.serving.registry import ModelRegistry
 from models.manifest import ModelManifest, RuntimeParams
 

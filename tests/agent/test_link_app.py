@@ -15,9 +15,9 @@ import pytest
 from fastapi.testclient import TestClient
 
 from agent.api.app import create_app
+from agent.catalog import BUNDLED
 from agent.config import AgentSettings, LinkSettings
 from agent.store import ModelStore
-from models.catalog import BUNDLED
 from models.wire import Command, CommandKind, DesiredModel, DesiredState, encode
 from tests.agent.link_support import (
     Watcher,

@@ -13,14 +13,10 @@ from tokenizers import Tokenizer
 from tokenizers.models import WordLevel
 from tokenizers.pre_tokenizers import Whitespace
 
+from agent.catalog import bundled_minilm
 from agent.errors import InvalidRequest, ModelLoadError, ModelNotReady
 from agent.runtime.base import Embedder, TensorSpec
-from agent.runtime.onnx import (
-    OnnxEmbedder,
-    bundled_minilm,
-    choose_providers,
-    load_onnx,
-)
+from agent.runtime.onnx import OnnxEmbedder, choose_providers, load_onnx
 from models.manifest import ModelManifest, RuntimeParams
 
 VOCAB = {"[PAD]": 0, "[UNK]": 1, "hello": 2, "world": 3, "foo": 4, "bar": 5}

@@ -6,6 +6,7 @@ import asyncio
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 
+import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy.engine import Engine
 from sqlmodel import Session
@@ -86,6 +87,19 @@ def test_put_rejects_bad_bodies(api: TestClient, clock: Clock, link: FakeLink) -
     assert error(api.put(url, json={"models": [], "extra": 1}))[0] == 422
     assert link.published == []
     assert api.get(f"/api/v1/devices/{device_id}").json()["desired_version"] == 0
+
+
+@pytest.mark.parametrize("name", ["Gemma", "..", ".hidden", "-x", "a" * 65, "gemma 3"])
+def test_put_refuses_a_model_name_no_device_can_store(
+    api: TestClient, clock: Clock, link: FakeLink, name: str
+) -> None:
+    """The controller must never sign a desired state the agent's store would refuse."""
+    device_id = enroll(api, clock)["device_id"]
+    url = f"/api/v1/devices/{device_id}/desired"
+    status, _, message = error(api.put(url, json={"models": [{"name": name}]}))
+    assert status == 422
+    assert "name" in message
+    assert link.published == []
 
 
 def test_put_for_unknown_or_revoked_device(api: TestClient, clock: Clock, link: FakeLink) -> None:

@@ -20,8 +20,8 @@ import httpx
 import numpy as np
 from gguf import GGUFReader
 
+from agent.catalog import BUNDLED
 from agent.store import ModelStore
-from models.catalog import BUNDLED
 from tests.conftest import AgentProcess, start_agent
 from tests.integration.test_fleet_system import admin, new_token, wait_for
 from tests.services import Controller, free_port, running_controller
