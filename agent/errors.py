@@ -1,20 +1,37 @@
-"""Every error the agent raises, in one tree.
+"""Every error the agent raises, in one tree whose two branches tell the caller what to do.
 
     AgentError
-    ├── RequestRejected          the request can never succeed as sent: do not retry
-    │   ├── InvalidRequest       400, malformed or out of range
-    │   ├── ContextOverflow      400, prompt longer than the model's context
-    │   ├── ModelNotFound        404, no such model is served
-    │   └── Unauthorized         401, missing or wrong API key
-    ├── Transient                may succeed later: retry with backoff
-    │   ├── Overloaded           429, queue full; carries retry_after seconds
-    │   ├── RequestTimeout       504, the request ran past its deadline
-    │   └── ModelNotReady        503, the model is still loading or swapping
-    └── ConfigError              the agent cannot start as configured (operator error)
-        └── ModelLoadError       a model file could not be loaded
+    ├── Rejected                 the same input fails the same way: never retry it as is
+    │   ├── RequestRejected      an API request is wrong (HTTP 4xx)
+    │   │   ├── InvalidRequest       400, malformed or out of range
+    │   │   ├── ContextOverflow      400, prompt longer than the model's context
+    │   │   ├── ModelNotFound        404, no such model is served
+    │   │   └── Unauthorized         401, missing or wrong API key
+    │   ├── ConfigError          the agent cannot work as configured: an operator must act
+    │   │   ├── ModelLoadError       a model file is missing, corrupt or does not fit
+    │   │   ├── EnrollmentRejected   the controller refused the enrollment (agent.link.errors)
+    │   │   └── IdentityError        the state folder's identity is unusable (agent.link.errors)
+    │   ├── SlotRejected         a slot operation that cannot succeed (agent.store.slots)
+    │   ├── TufRejected          TUF metadata fails verification (agent.update.tuf_client)
+    │   ├── DownloadRejected     the artifact cannot be had as signed (agent.update.download)
+    │   └── TargetRejected       a signed target this device cannot install (agent.update.updater)
+    └── Transient                may pass later: retry with backoff
+        ├── Overloaded           429, queue full; carries retry_after seconds
+        ├── RequestTimeout       504, the request ran past its deadline
+        ├── ModelNotReady        503, the model is still loading or swapping
+        ├── LinkUnavailable      the controller or broker did not answer (agent.link.errors)
+        ├── SlotUnavailable      an OS error under the slots (agent.store.slots)
+        ├── TufUnavailable       TUF metadata could not be fetched (agent.update.tuf_client)
+        └── DownloadUnavailable  the transfer failed; a retry resumes it (agent.update.download)
 
-Third-party exceptions (llama.cpp, ONNX Runtime, OS errors) are translated into
-these at the runtime boundary, so the API layer maps one tree to HTTP and nothing else.
+Subsystems that want one name for all their errors add a family class under
+:class:`AgentError` (``SlotError``, ``TufError``, ``DownloadError``) and derive each
+error from its family and one branch, so ``except SlotError`` still catches every slot
+error while :func:`retryable` reads the branch. Whoever decides whether to try again
+(the updater, the link) asks :func:`retryable` and nothing else.
+
+Third-party exceptions (llama.cpp, ONNX Runtime, httpx, tuf, OS errors) are translated
+into these where they are met, so the API layer maps one tree to HTTP.
 """
 
 from __future__ import annotations
@@ -28,10 +45,12 @@ __all__ = [
     "ModelNotFound",
     "ModelNotReady",
     "Overloaded",
+    "Rejected",
     "RequestRejected",
     "RequestTimeout",
     "Transient",
     "Unauthorized",
+    "retryable",
 ]
 
 
@@ -50,7 +69,23 @@ class AgentError(Exception):
             self.param = param
 
 
-class RequestRejected(AgentError):
+class Rejected(AgentError):
+    """Trying the same again cannot help: the input, the file or the configuration is wrong."""
+
+
+class Transient(AgentError):
+    """The agent could not do this now; the same call may succeed later."""
+
+    status = 503
+    code = "unavailable"
+
+
+def retryable(exc: BaseException) -> bool:
+    """Whether trying again later may succeed: only :class:`Transient` errors say so."""
+    return isinstance(exc, Transient)
+
+
+class RequestRejected(Rejected):
     """The request is wrong; sending it again cannot help."""
 
     status = 400
@@ -83,14 +118,6 @@ class Unauthorized(RequestRejected):
     kind = "authentication_error"
 
 
-class Transient(AgentError):
-    """The agent could not serve this now; the same request may succeed later."""
-
-    status = 503
-    code = "unavailable"
-    kind = "server_error"
-
-
 class Overloaded(Transient):
     """The waiting queue is full; the client should come back after ``retry_after`` seconds."""
 
@@ -113,11 +140,10 @@ class RequestTimeout(Transient):
 class ModelNotReady(Transient):
     """The model is loading or being swapped."""
 
-    status = 503
     code = "model_not_ready"
 
 
-class ConfigError(AgentError):
+class ConfigError(Rejected):
     """The operator's configuration cannot work; fix it and restart."""
 
 

@@ -72,7 +72,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from agent.update.download import DownloadConfig, download, part_path  # noqa: E402
-from agent.update.slots import ABSlots  # noqa: E402
+from agent.store.slots import ABSlots  # noqa: E402
 from fleet.client import read_admin_token  # noqa: E402
 from tests.services import Controller, free_port, running_controller  # noqa: E402
 

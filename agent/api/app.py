@@ -27,7 +27,8 @@ from agent.metrics import AgentMetrics
 from agent.probe import GpuSampler, probe_device
 from agent.serving.cache import ResponseCache
 from agent.serving.registry import ModelRegistry
-from agent.state.apply import ModelController
+from agent.state.apply import ExecutorContext, ModelController
+from agent.state.saved import SavedDesired
 from agent.store import ModelStore
 from models.wire import DesiredState
 
@@ -54,9 +55,9 @@ def _on_hangup(
     task.add_done_callback(tasks.discard)
 
 
-def _saved_desired(state_dir: StateDir) -> DesiredState | None:
+def _saved_desired(state_dir: StateDir, saved: SavedDesired) -> DesiredState | None:
     """The desired state saved by an earlier run, if it belongs to this device's identity."""
-    desired = state_dir.load_desired()
+    desired = saved.load()
     if desired is None:
         return None
     try:
@@ -66,12 +67,12 @@ def _saved_desired(state_dir: StateDir) -> DesiredState | None:
     if identity is None or identity.device_id != desired.device_id:
         log.warning(
             "ignoring %s: it was sent to device %s, and this agent is %s",
-            state_dir.desired_path,
+            saved.path,
             desired.device_id,
             identity.device_id if identity else "not enrolled",
         )
         return None
-    log.info("serving desired state %d from %s", desired.version, state_dir.desired_path)
+    log.info("serving desired state %d from %s", desired.version, saved.path)
     return desired
 
 
@@ -99,17 +100,19 @@ def create_app(
             device=await run_in_threadpool(probe_device),
             cache=ResponseCache(settings.cache_entries),
             started_at=int(time.time()),
-            loaded={},
         )
         app.state.agent = state
         # A crash may have left an update half done: settle it before anything is served.
         await run_in_threadpool(ModelStore(settings.store_dir).recover)
         state_dir = StateDir(settings.fleet.state_dir) if link_enabled(settings.fleet) else None
+        saved = SavedDesired(state_dir.desired_path) if state_dir is not None else None
         controller = ModelController(
-            state,
+            ExecutorContext(settings, registry, state.metrics, state.device),
             settings.models,
-            state_dir=state_dir,
-            desired=await run_in_threadpool(_saved_desired, state_dir) if state_dir else None,
+            saved=saved,
+            desired=await run_in_threadpool(_saved_desired, state_dir, saved)
+            if state_dir is not None and saved is not None
+            else None,
         )
         for name in controller.expected():
             registry.expect(name)

@@ -2,21 +2,19 @@
 
 from __future__ import annotations
 
-import asyncio
 import hmac
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Annotated
 
 from fastapi import Depends, Request
 
-from agent.config import AgentSettings, ModelSpec
+from agent.config import AgentSettings
 from agent.errors import Unauthorized
 from agent.interaction_log import InteractionLog
 from agent.metrics import AgentMetrics
 from agent.serving.cache import ResponseCache
 from agent.serving.registry import ModelRegistry
 from models.device import DeviceReport
-from models.manifest import ModelManifest
 
 if TYPE_CHECKING:
     from agent.link.fleet import FleetLink
@@ -35,8 +33,6 @@ class AgentState:
     device: DeviceReport
     cache: ResponseCache
     started_at: int  # unix seconds, the "created" of /v1/models
-    loaded: dict[str, tuple[ModelSpec, ModelManifest]]  # what each served model was loaded from
-    reconciling: asyncio.Lock = field(default_factory=asyncio.Lock)
     fleet: FleetLink | None = None  # the link to the fleet controller, when enrolled
 
 

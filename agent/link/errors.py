@@ -1,11 +1,12 @@
-"""The link's errors, grafted onto the agent's one tree (:mod:`agent.errors`).
+"""The link's errors, on the agent's one tree (:mod:`agent.errors`).
 
     AgentError
-    ├── Transient
-    │   └── LinkUnavailable        the controller or broker cannot be reached: retry with backoff
-    └── ConfigError
-        ├── EnrollmentRejected     the controller refused the enrollment: never retry as is
-        └── IdentityError          the state folder holds an unreadable or foreign identity
+    ├── Rejected
+    │   └── ConfigError
+    │       ├── EnrollmentRejected   the controller refused the enrollment: never retry as is
+    │       └── IdentityError        the state folder holds an unreadable or foreign identity
+    └── Transient
+        └── LinkUnavailable          the controller or broker cannot be reached: retry
 
 httpx, aiomqtt, sqlite3 and OS errors are translated at the module that meets them.
 """

@@ -45,9 +45,9 @@ from agent.link.identity import Identity, StateDir
 from agent.link.session import Host, MqttSession, SessionStatus, new_event
 from agent.link.spool import EntryKind, Spool
 from agent.link.telemetry import Gauges, build_sample
+from agent.link.update_source import FleetSource
 from agent.metrics import WindowStats
 from agent.state.report import agent_version
-from agent.update.source import FleetSource
 from agent.update.tuf_client import TufClient, TufError
 from agent.update.updater import Emit, UpdateSource
 from models.device import DeviceReport

@@ -6,9 +6,12 @@
   enrollment, never sent anywhere; only its public half and a signature travel.
 - ``identity.json`` (0600): the device id, the controller's URL, the broker
   credentials and the intervals the controller chose, from the enrollment response.
-- ``desired.json`` (0600): the last desired state the agent acted on, so a restart
-  without the broker serves the same models.
+- ``desired.json`` (0600): the last desired state the agent acted on
+  (:mod:`agent.state.saved`).
 - ``spool.db``: telemetry and events waiting for the broker (:mod:`agent.link.spool`).
+- ``tuf/``: the TUF metadata the agent has verified, ``root.json`` its trust anchor;
+  ``enrollment-root.json``: the root the controller sent at enrollment.
+- ``link.lock``: held while an agent uses the folder.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationErro
 from agent.files import atomic_write, ensure_private_dir
 from agent.link.errors import IdentityError
 from models.topics import DeviceId
-from models.wire import BrokerCredentials, DesiredState, EnrollmentResponse
+from models.wire import BrokerCredentials, EnrollmentResponse
 
 __all__ = ["Identity", "StateDir"]
 
@@ -158,29 +161,3 @@ class StateDir:
             return self.device_key()
         log.info("generated this device's key in %s", self.key_path)
         return key
-
-    # -- last desired state ---------------------------------------------------------
-
-    def load_desired(self) -> DesiredState | None:
-        """The last desired state acted on; ``None`` if none (or it is unreadable, logged)."""
-        try:
-            data = self.desired_path.read_bytes()
-        except FileNotFoundError:
-            return None
-        except OSError as exc:
-            log.error("cannot read %s, using the configured models: %s", self.desired_path, exc)
-            return None
-        try:
-            return DesiredState.model_validate_json(data)
-        except ValidationError as exc:
-            log.error(
-                "%s is unreadable (%d errors), using the configured models until the "
-                "controller sends a desired state",
-                self.desired_path,
-                exc.error_count(),
-            )
-            return None
-
-    def save_desired(self, desired: DesiredState) -> None:
-        self.ensure()
-        atomic_write(self.desired_path, desired.model_dump_json(indent=2).encode())

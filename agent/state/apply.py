@@ -2,13 +2,15 @@
 
 The agent has two sources for its model list: the config file's ``[[models]]`` and
 the fleet's desired state. Once a desired state has been acted on it wins, and it is
-saved (``<state_dir>/desired.json``) so a restart without the broker serves the same
+saved (:mod:`agent.state.saved`) so a restart without the broker serves the same
 models; SIGHUP then re-applies the desired state instead of the file's list.
 
 :func:`specs_for_desired` maps a desired state onto model specs (pure);
-:func:`reconcile` makes the served models match a list of specs, using the pure
-planner (:mod:`agent.state.plan`) and doing the loads in worker threads;
-:class:`ModelController` ties the two to the app's state.
+:class:`ModelController` makes the served models match them, using the pure planner
+(:mod:`agent.state.plan`), loading in worker threads and installing signed targets
+through the :class:`~agent.update.updater.Updater`. It works on an
+:class:`ExecutorContext` (the registry, settings and metrics the app built), never on
+the API's state, so this layer sits below the API.
 """
 
 from __future__ import annotations
@@ -22,32 +24,43 @@ from pathlib import Path
 
 from starlette.concurrency import run_in_threadpool
 
-from agent.api.deps import AgentState
 from agent.config import AgentSettings, ModelSpec
 from agent.errors import AgentError
-from agent.link.identity import StateDir
+from agent.metrics import AgentMetrics
 from agent.runtime.base import ServedModel
 from agent.serving.loader import load_model, resolve
 from agent.serving.registry import ModelRegistry
 from agent.state.plan import Unload, plan_models
 from agent.state.report import agent_version, build_report
+from agent.state.saved import SavedDesired
 from agent.store import ModelStore
 from agent.update.updater import Emit, Updater, UpdateSource
+from models.device import DeviceReport
 from models.manifest import ModelManifest, RuntimeParams
 from models.wire import DesiredState, ReportedState, utc_now
 
 __all__ = [
     "DesiredSpecs",
+    "ExecutorContext",
     "Loader",
     "ModelController",
     "Outcome",
-    "reconcile",
     "specs_for_desired",
 ]
 
 log = logging.getLogger(__name__)
 
 Loader = Callable[[ModelManifest, Path, AgentSettings, ModelRegistry], ServedModel]
+
+
+@dataclass(frozen=True)
+class ExecutorContext:
+    """What the executor works with, built once by the app."""
+
+    settings: AgentSettings
+    registry: ModelRegistry  # where loaded models are published and failures recorded
+    metrics: AgentMetrics  # load times
+    device: DeviceReport | None = None  # reported; its RAM bounds what an update may need
 
 
 @dataclass(frozen=True)
@@ -112,84 +125,6 @@ class Outcome:
     retry: bool = False  # a transient failure (network, disk): reconcile again later
 
 
-async def reconcile(
-    state: AgentState,
-    desired: Sequence[ModelSpec],
-    *,
-    keep: Collection[str] = (),
-    load: Loader = load_model,
-) -> list[Outcome]:
-    """Serve exactly ``desired`` (plus ``keep``, as it is now): load, hot-swap, unload.
-
-    A new model that fails to resolve or load is reported by /readyz; a served model
-    whose replacement fails keeps serving, and so does a served model named in
-    ``keep`` (wanted, but its wanted version is not available). A model that was
-    loading or failed and is no longer wanted is forgotten. Reconciles run one at a
-    time.
-    """
-    async with state.reconciling:
-        return await _reconcile(state, desired, keep, load)
-
-
-async def _reconcile(
-    state: AgentState, desired: Sequence[ModelSpec], keep: Collection[str], load: Loader
-) -> list[Outcome]:
-    store = ModelStore(state.settings.store_dir)
-    resolved: dict[str, tuple[ModelSpec, ModelManifest, Path | None]] = {}
-    outcomes: list[Outcome] = []
-    wanted = {spec.name for spec in desired} | set(keep)
-    loading, failed = state.registry.waiting()
-    for name in (set(loading) | set(failed)) - wanted - set(state.loaded):
-        state.registry.remove(name)  # no longer wanted: forget that it was loading or failed
-    for name in keep:
-        current = state.loaded.get(name)
-        if current is not None:
-            resolved[name] = (*current, None)
-    for spec in desired:
-        if spec.name in resolved:
-            continue
-        try:
-            manifest, path = await run_in_threadpool(resolve, spec, store)
-        except AgentError as exc:
-            log.error("model %s cannot be resolved: %s", spec.name, exc.message)
-            current = state.loaded.get(spec.name)
-            if current is None:
-                state.registry.fail(spec.name, exc.message)
-                outcomes.append(Outcome(spec.name, "load", exc.message))
-            else:  # keep what is served: the planner sees no change
-                resolved[spec.name] = (*current, None)
-            continue
-        resolved[spec.name] = (spec, manifest, path)
-    steps = plan_models(state.loaded, [(spec, manifest) for spec, manifest, _ in resolved.values()])
-    for step in steps:
-        if not isinstance(step, Unload) and step.spec.name not in state.loaded:
-            state.registry.expect(step.spec.name)  # 503 "loading", not 404, until it is up
-    for step in steps:
-        if isinstance(step, Unload):
-            log.info("unloading %s", step.name)
-            state.registry.remove(step.name)
-            state.loaded.pop(step.name, None)
-            outcomes.append(Outcome(step.name, "unload"))
-            continue
-        spec, manifest, file = resolved[step.spec.name]
-        assert file is not None  # only unchanged models lack a file, and they get no step
-        action = "swap" if step.replaces else "load"
-        started = time.monotonic()
-        try:
-            model = await run_in_threadpool(load, manifest, file, state.settings, state.registry)
-        except AgentError as exc:
-            log.error("model %s failed to load: %s", spec.name, exc.message)
-            if not step.replaces:
-                state.registry.fail(spec.name, exc.message)
-            outcomes.append(Outcome(spec.name, action, exc.message))
-            continue  # a failed swap keeps serving the previous model
-        state.metrics.load_seconds.labels(spec.name).set(time.monotonic() - started)
-        state.registry.publish(spec.name, model)
-        state.loaded[spec.name] = (spec, model.manifest)
-        outcomes.append(Outcome(spec.name, action))
-    return outcomes
-
-
 def _read_installed(store: ModelStore, names: Sequence[str]) -> dict[str, ModelManifest | str]:
     found: dict[str, ModelManifest | str] = {}
     for name in names:
@@ -205,27 +140,33 @@ class ModelController:
 
     ``on_change`` is called whenever what :meth:`report` would say may have changed
     (a reconcile began or ended); ``on_outcomes`` gets each reconcile's results. The
-    link sets both; without a fleet they stay None.
+    link sets both; without a fleet they stay None. Reconciles run one at a time.
     """
 
     def __init__(
         self,
-        state: AgentState,
+        context: ExecutorContext,
         configured: Sequence[ModelSpec],
         *,
-        state_dir: StateDir | None = None,
+        saved: SavedDesired | None = None,
         desired: DesiredState | None = None,
         load: Loader = load_model,
     ) -> None:
-        self.state = state
+        self.context = context
         self.configured = list(configured)
-        self.state_dir = state_dir
+        self.saved = saved
         self.desired = desired
         self.missing: dict[str, str] = {}
+        self.loaded: dict[str, tuple[ModelSpec, ModelManifest]] = {}  # what each serves from
         self.on_change: Callable[[], None] | None = None
         self.on_outcomes: Callable[[Sequence[Outcome]], None] | None = None
         self.updater: Updater | None = None  # set by the fleet link once enrolled
         self._load = load
+        self._reconciling = asyncio.Lock()
+
+    @property
+    def registry(self) -> ModelRegistry:
+        return self.context.registry
 
     @property
     def desired_version(self) -> int | None:
@@ -234,10 +175,12 @@ class ModelController:
     def attach_updates(self, source: UpdateSource, emit: Emit) -> None:
         """From now on, install the signed targets desired states name (the fleet link)."""
         self.updater = Updater(
-            ModelStore(self.state.settings.store_dir),
+            ModelStore(self.context.settings.store_dir),
             source,
             emit,
-            ram_total_bytes=self.state.device.ram_total_bytes or None,
+            ram_total_bytes=self.context.device.ram_total_bytes or None
+            if self.context.device is not None
+            else None,
         )
 
     def expected(self) -> list[str]:
@@ -248,7 +191,7 @@ class ModelController:
 
     async def reconcile(self) -> list[Outcome]:
         """Serve what the current source (desired state, else the config) asks for."""
-        async with self.state.reconciling:
+        async with self._reconciling:
             self._changed()
             try:
                 outcomes = await self._apply()
@@ -262,7 +205,7 @@ class ModelController:
         desired = self.desired
         if desired is None:
             self._set_missing({})
-            return await _reconcile(self.state, self.configured, (), self._load)
+            return await self._serve_specs(self.configured, ())
         served = await self._serve(desired, {})  # what is installed serves at once...
         updates = await self._update(desired)  # ...while signed targets are installed
         if not updates:
@@ -271,14 +214,85 @@ class ModelController:
         return served + updates + await self._serve(desired, why_not)
 
     async def _serve(self, desired: DesiredState, why_not: Mapping[str, str]) -> list[Outcome]:
-        store = ModelStore(self.state.settings.store_dir)
+        store = ModelStore(self.context.settings.store_dir)
         names = [m.name for m in desired.models]
         installed = await run_in_threadpool(_read_installed, store, names)
         mapped = specs_for_desired(desired, installed, self.configured, why_not)
         for why in mapped.missing.values():
             log.warning("desired state %d: %s", desired.version, why)
         self._set_missing(mapped.missing)
-        return await _reconcile(self.state, mapped.specs, list(mapped.missing), self._load)
+        return await self._serve_specs(mapped.specs, list(mapped.missing))
+
+    async def _serve_specs(
+        self, desired: Sequence[ModelSpec], keep: Collection[str]
+    ) -> list[Outcome]:
+        """Serve exactly ``desired`` (plus ``keep``, as it is now): load, hot-swap, unload.
+
+        A new model that fails to resolve or load is reported by /readyz; a served model
+        whose replacement fails keeps serving, and so does a served model named in
+        ``keep`` (wanted, but its wanted version is not available). A model that was
+        loading or failed and is no longer wanted is forgotten.
+        """
+        registry, settings = self.context.registry, self.context.settings
+        store = ModelStore(settings.store_dir)
+        resolved: dict[str, tuple[ModelSpec, ModelManifest, Path | None]] = {}
+        outcomes: list[Outcome] = []
+        wanted = {spec.name for spec in desired} | set(keep)
+        loading, failed = registry.waiting()
+        for name in (set(loading) | set(failed)) - wanted - set(self.loaded):
+            registry.remove(name)  # no longer wanted: forget that it was loading or failed
+        for name in keep:
+            current = self.loaded.get(name)
+            if current is not None:
+                resolved[name] = (*current, None)
+        for spec in desired:
+            if spec.name in resolved:
+                continue
+            try:
+                manifest, path = await run_in_threadpool(resolve, spec, store)
+            except AgentError as exc:
+                log.error("model %s cannot be resolved: %s", spec.name, exc.message)
+                current = self.loaded.get(spec.name)
+                if current is None:
+                    registry.fail(spec.name, exc.message)
+                    outcomes.append(Outcome(spec.name, "load", exc.message))
+                else:  # keep what is served: the planner sees no change
+                    resolved[spec.name] = (*current, None)
+                continue
+            resolved[spec.name] = (spec, manifest, path)
+        steps = plan_models(
+            self.loaded, [(spec, manifest) for spec, manifest, _ in resolved.values()]
+        )
+        for step in steps:
+            if not isinstance(step, Unload) and step.spec.name not in self.loaded:
+                registry.expect(step.spec.name)  # 503 "loading", not 404, until it is up
+        for step in steps:
+            if isinstance(step, Unload):
+                log.info("unloading %s", step.name)
+                registry.remove(step.name)
+                self.loaded.pop(step.name, None)
+                outcomes.append(Outcome(step.name, "unload"))
+                continue
+            spec, manifest, file = resolved[step.spec.name]
+            assert file is not None  # only unchanged models lack a file, and they get no step
+            action = "swap" if step.replaces else "load"
+            started = time.monotonic()
+            try:
+                model = await run_in_threadpool(self._load, manifest, file, settings, registry)
+            except AgentError as exc:
+                log.error("model %s failed to load: %s", spec.name, exc.message)
+                if not step.replaces:
+                    registry.fail(spec.name, exc.message)
+                outcomes.append(Outcome(spec.name, action, exc.message))
+                continue  # a failed swap keeps serving the previous model
+            self.context.metrics.load_seconds.labels(spec.name).set(time.monotonic() - started)
+            self._publish(spec, model)
+            outcomes.append(Outcome(spec.name, action))
+        return outcomes
+
+    def _publish(self, spec: ModelSpec, model: ServedModel) -> None:
+        self.context.registry.publish(spec.name, model)
+        self.loaded[spec.name] = (spec, model.manifest)
 
     async def _update(self, desired: DesiredState) -> list[Outcome]:
         """Install the signed targets the desired state names; publish each healthy one."""
@@ -296,13 +310,11 @@ class ModelController:
             ) -> ServedModel:
                 if runtime is not None:
                     manifest = manifest.model_copy(update={"runtime": runtime})
-                return self._load(manifest, path, self.state.settings, self.state.registry)
+                return self._load(manifest, path, self.context.settings, self.context.registry)
 
             result = await self.updater.ensure(desired.version, wanted, load)
             if result.model is not None:
-                spec = ModelSpec(name=wanted.name, runtime=runtime)
-                self.state.registry.publish(wanted.name, result.model)
-                self.state.loaded[wanted.name] = (spec, result.model.manifest)
+                self._publish(ModelSpec(name=wanted.name, runtime=runtime), result.model)
                 outcomes.append(Outcome(wanted.name, "update"))
             elif result.error is not None and result.result != "given_up":  # said once already
                 outcomes.append(Outcome(wanted.name, "update", result.error, result.retry))
@@ -310,18 +322,17 @@ class ModelController:
 
     def _set_missing(self, missing: dict[str, str]) -> None:
         for name, why in missing.items():
-            if name not in self.state.loaded:
-                self.state.registry.fail(name, why)  # /readyz and requests say why
+            if name not in self.loaded:
+                self.context.registry.fail(name, why)  # /readyz and requests say why
         self.missing = missing
 
     async def apply_desired(self, desired: DesiredState) -> list[Outcome]:
         """Act on a new desired state: save it (it wins from now on), then reconcile."""
-        if self.state_dir is not None:
-            state_dir = self.state_dir
+        if self.saved is not None:
             try:
-                await asyncio.to_thread(state_dir.save_desired, desired)
+                await asyncio.to_thread(self.saved.save, desired)
             except OSError as exc:
-                log.error("cannot save the desired state in %s: %s", state_dir.root, exc)
+                log.error("cannot save the desired state in %s: %s", self.saved.path, exc)
         self.desired = desired
         log.info("applying desired state %d: %s", desired.version, [m.name for m in desired.models])
         return await self.reconcile()
@@ -342,15 +353,16 @@ class ModelController:
             self.on_change()
 
     def report(self, device_id: str) -> ReportedState:
-        loading, failed = self.state.registry.waiting()
+        registry = self.context.registry
+        loading, failed = registry.waiting()
         return build_report(
             device_id=device_id,
             desired=self.desired,
-            served=self.state.registry.models(),
+            served=registry.models(),
             loading=loading,
             failed=failed,
             missing=self.missing,
             agent_version=agent_version(),
-            device=self.state.device,
+            device=self.context.device,
             now=utc_now(),
         )

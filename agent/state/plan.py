@@ -1,7 +1,7 @@
 """The pure planner: current models and desired models in, steps out.
 
 Reconciling twice is always safe: a model whose spec and file are unchanged
-gets no step. The executor (:func:`agent.api.app.reconcile`) does the I/O.
+gets no step. The executor (:class:`agent.state.apply.ModelController`) does the I/O.
 """
 
 from __future__ import annotations

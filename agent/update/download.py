@@ -1,18 +1,19 @@
 """Stream one artifact to disk: resumable, capped at its signed length, hashed in one pass.
 
-Signed metadata (TUF, wired in later) gives each artifact a length and a sha256; this module
+The verified TUF targets metadata gives each artifact a length and a sha256; this module
 makes sure nothing else ever lands at ``dest``. Bytes go to ``<dest>.part`` beside it (same
 filesystem, so the final rename is atomic) and are hashed as they are written, so the file is
 never read back: a resumed download re-hashes the bytes already on disk once, then goes on
 hashing the stream. Only a matching file is fsynced and renamed into place, so a crash leaves
 the old state or a resumable ``.part``, never a half file under the real name.
 
-    DownloadError
-    ├── DownloadRejected        retrying as is cannot help: fix the source, metadata or disk
+    DownloadError               every download error (a family on agent.errors' tree)
+    ├── DownloadRejected        Rejected: retrying as is cannot help: fix source, metadata, disk
     │   ├── ArtifactMismatch    the server's bytes are not the signed artifact (too long, wrong
     │   │                       total, wrong hash): the ``.part`` is deleted, a retry starts clean
     │   └── NotEnoughDisk       no room for the rest plus the margin kept free
-    └── DownloadUnavailable     connection failed, stalled, 5xx, deadline: the ``.part`` is kept
+    └── DownloadUnavailable     Transient: connection failed, stalled, 5xx, deadline: the
+                                ``.part`` is kept
 
 httpx and OS errors are translated here. The decisions (what to ask for, what an answer
 means) are pure functions, tested without a server; :func:`download` only does the I/O.
@@ -35,6 +36,7 @@ from typing import BinaryIO, Final, Literal
 import httpx
 
 from agent.backoff import Backoff, Retry
+from agent.errors import AgentError, Rejected, Transient
 from agent.files import fsync_dir
 from models.values import SHA256
 
@@ -63,11 +65,11 @@ Progress = Callable[[int, int], None]
 _CONTENT_RANGE = re.compile(r"bytes\s+(?:(\d+)-(\d+)|\*)/(\d+|\*)\s*", re.IGNORECASE)
 
 
-class DownloadError(Exception):
-    """Root of the downloader's errors; callers catch one of the two branches below."""
+class DownloadError(AgentError):
+    """Every download error; :func:`agent.errors.retryable` tells the two branches apart."""
 
 
-class DownloadRejected(DownloadError):
+class DownloadRejected(DownloadError, Rejected):
     """The artifact cannot be had as asked; the same download will fail the same way."""
 
 
@@ -84,7 +86,7 @@ class NotEnoughDisk(DownloadRejected):
         self.available = available
 
 
-class DownloadUnavailable(DownloadError):
+class DownloadUnavailable(DownloadError, Transient):
     """The transfer failed in a way that may pass; calling again resumes from the ``.part``."""
 
 

@@ -15,14 +15,14 @@ three checks python-tuf leaves to applications, and gives one error tree:
 
 ::
 
-    TufError
-    ├── TufRejected            never retry the same metadata: it fails verification.
+    TufError                   every TUF error (a family on agent.errors' tree)
+    ├── TufRejected            Rejected: never retry the same metadata, it fails verification.
     │   │                      ``kind`` says which check: signature, version, expired,
     │   │                      mismatch (mix-and-match, wrong length or hash),
     │   │                      duplicate-key, equivocation, malformed, unknown-target,
     │   │                      unsafe-path, director, repository
     │   └── TrustRootMissing   no trusted root.json, or an unreadable one: fail closed
-    └── TufUnavailable         the controller was unreachable, slow, answered an HTTP
+    └── TufUnavailable         Transient: the controller was unreachable, slow, answered an HTTP
                                error, or the local folder could not be written: retry
 
 python-tuf's own exception stays as ``__cause__``. A failed :meth:`TufClient.refresh`
@@ -49,6 +49,7 @@ from tuf.api.metadata import Metadata, Root, Snapshot, TargetFile, Targets, Time
 from tuf.api.serialization import DeserializationError
 from tuf.ngclient import FetcherInterface, Updater, UpdaterConfig
 
+from agent.errors import AgentError, Rejected, Transient
 from models.director import (
     DirectorKeys,
     TrustError,
@@ -73,11 +74,11 @@ FETCH_CHUNK_BYTES: Final = 64 * 1024  # bytes per read from the response
 _ROOT_FILE: Final = "root.json"
 
 
-class TufError(Exception):
-    """Root of the TUF client's errors."""
+class TufError(AgentError):
+    """Every TUF client error; :func:`agent.errors.retryable` tells the two branches apart."""
 
 
-class TufRejected(TufError):
+class TufRejected(TufError, Rejected):
     """The metadata fails verification; fetching the same again cannot help."""
 
     def __init__(self, kind: str, message: str) -> None:
@@ -92,7 +93,7 @@ class TrustRootMissing(TufRejected):
         super().__init__("trust-root", message)
 
 
-class TufUnavailable(TufError):
+class TufUnavailable(TufError, Transient):
     """The controller could not be reached or answered an error; retry with backoff."""
 
 

@@ -18,7 +18,12 @@ at start-up (an activated but unconfirmed update is rolled back), and the next
 cannot crash it forever, each desired state gets :attr:`UpdateConfig.max_activations`
 activations of a target (counted durably in ``update.json`` beside the slots).
 
-:func:`next_step` (pure) decides between up to date, give up and update.
+:func:`next_step` (pure) decides between up to date, give up and update. Whether a
+failure is tried again is read from the error's branch (:func:`agent.errors.retryable`),
+the same way for every step: a transient one (network, disk I/O) is retried with backoff
+by the link; a rejected one (tampered or unusable metadata, a bad artifact, a corrupt slot
+state) is reported once and not tried again for that desired state; a new desired state
+tries again, and so does a restart.
 """
 
 from __future__ import annotations
@@ -35,19 +40,14 @@ from typing import Any, Literal, Protocol
 import httpx
 from pydantic import ValidationError
 
-from agent.errors import AgentError
+from agent.errors import AgentError, Rejected, retryable
 from agent.files import atomic_write
 from agent.runtime.base import ServedModel
 from agent.store import ModelStore
-from agent.update.download import (
-    DownloadConfig,
-    DownloadError,
-    DownloadRejected,
-    download,
-)
+from agent.store.slots import SlotError, SlotState, SlotUnavailable
+from agent.update.download import DownloadConfig, DownloadError, download
 from agent.update.health import health_spec, judge, run_checks
-from agent.update.slots import SlotError, SlotState
-from agent.update.tuf_client import TufError, TufUnavailable
+from agent.update.tuf_client import TufError
 from models.director import TrustError, check_targets
 from models.manifest import ModelFormat, ModelManifest, RuntimeParams
 from models.wire import DesiredModel, EventKind, Severity, TargetRef
@@ -55,6 +55,7 @@ from models.wire import DesiredModel, EventKind, Severity, TargetRef
 __all__ = [
     "Emit",
     "GiveUp",
+    "TargetRejected",
     "UpToDate",
     "Update",
     "UpdateAttempts",
@@ -69,6 +70,10 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 ATTEMPTS = "update.json"
+
+
+class TargetRejected(Rejected):
+    """A verified target this device cannot install: unusable metadata, or too big for it."""
 
 
 @dataclass(frozen=True)
@@ -238,20 +243,37 @@ class Updater:
         self.emit = emit
         self.config = config or UpdateConfig()
         self.ram_total_bytes = ram_total_bytes
+        # model name -> ((desired version, target sha256), why): refused, not tried again
+        self._refused: dict[str, tuple[tuple[int, str], str]] = {}
 
     async def ensure(
         self, desired_version: int, wanted: DesiredModel, load: Loader
     ) -> UpdateOutcome:
-        """Make ``wanted.target`` the active, healthy version of ``wanted.name``."""
+        """Make ``wanted.target`` the active, healthy version of ``wanted.name``.
+
+        A rejected failure is final for this desired state and target: later calls for
+        them answer ``given_up`` without trying (or reporting) again.
+        """
         target = wanted.target
         assert target is not None
-        name = wanted.name
+        key = (desired_version, target.sha256)
+        refused = self._refused.get(wanted.name)
+        if refused is not None and refused[0] == key:
+            return UpdateOutcome(wanted.name, "given_up", error=refused[1])
+        outcome = await self._ensure(desired_version, wanted.name, target, load)
+        if outcome.result == "failed" and not outcome.retry:
+            self._refused[wanted.name] = (key, outcome.error or "refused")
+        return outcome
+
+    async def _ensure(
+        self, desired_version: int, name: str, target: TargetRef, load: Loader
+    ) -> UpdateOutcome:
         slots = self.store.slots
         try:
             state = await asyncio.to_thread(slots.state, name)
             attempts = await asyncio.to_thread(self._read_attempts, name)
         except SlotError as exc:
-            return self._failed(name, None, "read the slots", str(exc), retry=True)
+            return self._failed(name, None, "read the slots", exc)
         step = next_step(
             await asyncio.to_thread(self._active_sha, name, state),
             target,
@@ -271,11 +293,8 @@ class Updater:
         try:
             verified = await asyncio.to_thread(self.source.verified_targets, [target.path])
             check_targets([target], verified)
-        except TrustError as exc:
-            return self._failed(name, None, "verify", str(exc), rejected=True)
-        except TufError as exc:
-            retry = isinstance(exc, TufUnavailable)
-            return self._failed(name, None, "verify", str(exc), retry=retry, rejected=not retry)
+        except (TrustError, TufError) as exc:
+            return self._failed(name, None, "verify", exc)
         custom: dict[str, Any] = dict(getattr(verified[target.path], "custom", None) or {})
         version = str(custom.get("version") or target.sha256[:12])
         data = {"model": name, "version": version, "target": target.path, "sha256": target.sha256}
@@ -283,16 +302,16 @@ class Updater:
             runtime = RuntimeParams.model_validate(custom.get("runtime") or {})
             fmt = ModelFormat(str(custom.get("format") or Path(target.path).suffix.lstrip(".")))
         except (ValidationError, ValueError) as exc:
-            reason = f"the signed target's metadata is unusable: {exc}"
-            return self._failed(name, version, "verify", reason, rejected=True)
+            unusable = TargetRejected(f"the signed target's metadata is unusable: {exc}")
+            return self._failed(name, version, "verify", unusable)
         too_big = memory_problem(custom, self.ram_total_bytes)
         if too_big is not None:
-            return self._failed(name, version, "verify", too_big, rejected=True)
+            return self._failed(name, version, "verify", TargetRejected(too_big))
         slots = self.store.slots
         try:
             slot = await asyncio.to_thread(slots.begin, name, version, target.sha256)
         except SlotError as exc:
-            return self._failed(name, version, "begin", str(exc), retry=True)
+            return self._failed(name, version, "begin", exc)
         dest = slot / f"{name}.{fmt.value}"
         try:
             await download(
@@ -305,10 +324,9 @@ class Updater:
                 progress=_Progress(self.emit, data, self.config.progress_every_s),
             )
         except DownloadError as exc:
-            rejected = isinstance(exc, DownloadRejected)
-            if rejected:
+            if not retryable(exc):
                 await asyncio.to_thread(self._fail_slot, name, str(exc))
-            return self._failed(name, version, "download", str(exc), retry=not rejected)
+            return self._failed(name, version, "download", exc)
         self.emit(
             EventKind.UPDATE_VERIFIED, f"{name} {version}: downloaded and verified", data=data
         )
@@ -317,7 +335,7 @@ class Updater:
             await asyncio.to_thread(self._count_activation, name, desired_version, target)
             path = await asyncio.to_thread(slots.activate, name)
         except SlotError as exc:
-            return self._failed(name, version, "install", str(exc), retry=True)
+            return self._failed(name, version, "install", exc)
         self.emit(EventKind.UPDATE_INSTALLED, f"{name} {version}: installed, activated", data=data)
         model, problem = await self._check(load, manifest, path, custom)
         if problem is None:
@@ -367,15 +385,10 @@ class Updater:
         return UpdateOutcome(name, "rolled_back", version, error=reason)
 
     def _failed(
-        self,
-        name: str,
-        version: str | None,
-        phase: str,
-        reason: str,
-        *,
-        retry: bool = False,
-        rejected: bool = False,
+        self, name: str, version: str | None, phase: str, exc: AgentError | TrustError
     ) -> UpdateOutcome:
+        """Report a failure once; whether to try again is the error's branch."""
+        reason, retry = str(exc), retryable(exc)
         log.error("update of %s failed while trying to %s: %s", name, phase, reason)
         self.emit(
             EventKind.UPDATE_FAILED,
@@ -386,7 +399,7 @@ class Updater:
                 "version": version,
                 "phase": phase,
                 "reason": reason,
-                "rejected": rejected,
+                "rejected": not retry,
                 "retry": retry,
             },
         )
@@ -431,7 +444,10 @@ class Updater:
             return None
 
     def _write_attempts(self, name: str, attempts: UpdateAttempts) -> None:
-        atomic_write(self._attempts_path(name), json.dumps(asdict(attempts)).encode())
+        try:
+            atomic_write(self._attempts_path(name), json.dumps(asdict(attempts)).encode())
+        except OSError as exc:
+            raise SlotUnavailable(f"cannot record the attempts at updating {name}: {exc}") from exc
 
     def _count_activation(self, name: str, desired_version: int, target: TargetRef) -> None:
         now = self._read_attempts(name)

@@ -12,17 +12,14 @@ from pathlib import Path
 
 import pytest
 
-from agent.api.deps import AgentState
-from agent.config import AgentSettings, LogSettings, ModelSpec
+from agent.config import AgentSettings, ModelSpec
 from agent.errors import ModelLoadError
-from agent.interaction_log import InteractionLog
-from agent.link.identity import StateDir
 from agent.metrics import AgentMetrics
 from agent.runtime.base import RuntimeInfo, ServedModel
-from agent.serving.cache import ResponseCache
 from agent.serving.registry import ModelRegistry
-from agent.state.apply import ModelController, Outcome, specs_for_desired
+from agent.state.apply import ExecutorContext, ModelController, Outcome, specs_for_desired
 from agent.state.report import build_report, report_key
+from agent.state.saved import SavedDesired
 from agent.store import ModelStore
 from models.device import DeviceReport
 from models.manifest import ModelFormat, ModelManifest, RuntimeParams
@@ -211,13 +208,12 @@ def store(tmp_path: Path) -> Path:
     return root
 
 
-def make_state(store: Path) -> AgentState:
+def make_state(store: Path) -> ExecutorContext:
     registry = ModelRegistry()
-    return AgentState(
+    return ExecutorContext(
         settings=AgentSettings(store_dir=store),
         registry=registry,
         metrics=AgentMetrics(registry.models),
-        interactions=InteractionLog(LogSettings()),
         device=DeviceReport(
             hostname="h",
             os="linux",
@@ -228,9 +224,6 @@ def make_state(store: Path) -> AgentState:
             ram_total_bytes=1,
             ram_available_bytes=1,
         ),
-        cache=ResponseCache(0),
-        started_at=0,
-        loaded={},
     )
 
 
@@ -253,9 +246,9 @@ def test_a_desired_state_takes_over_from_the_config_and_is_saved(
     store: Path, tmp_path: Path
 ) -> None:
     state = make_state(store)
-    state_dir = StateDir(tmp_path / "state")
+    saved = SavedDesired(tmp_path / "state" / "desired.json")
     load = Loader()
-    controller = ModelController(state, [ModelSpec(name="emb")], state_dir=state_dir, load=load)
+    controller = ModelController(state, [ModelSpec(name="emb")], saved=saved, load=load)
     changes: list[int] = []
     outcomes: list[Outcome] = []
     controller.on_change = lambda: changes.append(1)
@@ -266,7 +259,7 @@ def test_a_desired_state_takes_over_from_the_config_and_is_saved(
         assert state.registry.names() == ["emb"]
         await controller.apply_desired(desired(1, ("llm", "2"), ("ghost", None)))
         assert state.registry.names() == ["llm"]  # emb is not desired: unloaded
-        assert state_dir.load_desired() == controller.desired
+        assert saved.load() == controller.desired
         # SIGHUP with another configured list: the desired state still wins.
         await controller.reload_config([ModelSpec(name="emb")])
         assert state.registry.names() == ["llm"]

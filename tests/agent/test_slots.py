@@ -20,8 +20,8 @@ from pathlib import Path
 
 import pytest
 
-import agent.update.slots as slots_module
-from agent.update.slots import (
+import agent.store.slots as slots_module
+from agent.store.slots import (
     MANIFEST,
     STATE,
     ABSlots,

@@ -27,8 +27,8 @@ The decisions are pure: :func:`next_state` (state and event in, state out) and
 :class:`ABSlots` is the thin I/O shell around them. It is synchronous (call it from a worker
 thread in async code) and assumes one updater per ``root`` at a time.
 
-    SlotError
-    ├── SlotRejected            doing the same again fails the same way: fix the input or order
+    SlotError                   every slot error (a family on agent.errors' tree)
+    ├── SlotRejected            Rejected: the same again fails the same way: fix input or order
     │   ├── InvalidName         the model name could leave ``root`` or is not a model name
     │   ├── InvalidTransition   not allowed in the current phase (e.g. activate before install)
     │   ├── InvalidUpdate       the announced version or sha256 is malformed
@@ -36,8 +36,8 @@ thread in async code) and assumes one updater per ``root`` at a time.
     │   │                       marked failed), or an installed slot no longer holds it
     │   ├── NoActiveModel       nothing verified to serve for this name
     │   └── CorruptState        ``state.json`` is unreadable: disk trouble, not a crash
-    └── SlotUnavailable         an OS error (disk full, I/O error): state is the old or the new
-                                one, so the same call may pass later
+    └── SlotUnavailable         Transient: an OS error (disk full, I/O error); state is the old
+                                or the new one, so the same call may pass later
 
 OS and pydantic errors are translated here.
 """
@@ -58,7 +58,7 @@ from typing import Final, Literal
 
 from pydantic import TypeAdapter, ValidationError
 
-from agent.errors import ConfigError
+from agent.errors import AgentError, ConfigError, Rejected, Transient
 from agent.files import format_of, fsync_dir, sha256_file
 from models.manifest import ModelManifest, RuntimeParams
 from models.values import MODEL_NAME, SHA256, VERSION
@@ -119,11 +119,11 @@ _TRASH = ".trash-"  # prefix of slots renamed aside to be deleted
 # --- errors -----------------------------------------------------------------------------------
 
 
-class SlotError(Exception):
-    """Root of the slot errors; callers catch one of the two branches below."""
+class SlotError(AgentError):
+    """Every slot error; :func:`agent.errors.retryable` tells the two branches apart."""
 
 
-class SlotRejected(SlotError):
+class SlotRejected(SlotError, Rejected):
     """The operation cannot succeed as asked; retrying it unchanged fails the same way."""
 
 
@@ -151,7 +151,7 @@ class CorruptState(SlotRejected):
     """``state.json`` exists but cannot be read as a slot state."""
 
 
-class SlotUnavailable(SlotError):
+class SlotUnavailable(SlotError, Transient):
     """An OS error interrupted the operation; what is on disk is the old or the new state."""
 
 

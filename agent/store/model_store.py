@@ -1,4 +1,4 @@
-"""The on-device model store: every model in A/B slots (:mod:`agent.update.slots`).
+"""The on-device model store: every model in A/B slots (:mod:`agent.store.slots`).
 
 A model named ``gemma3-270m`` lives in ``<root>/gemma3-270m/``: ``state.json`` says
 which slot (``a/`` or ``b/``) is served and which one holds the previous version, kept
@@ -20,7 +20,7 @@ from pathlib import Path
 from agent.catalog import BundledModel, bundled_minilm
 from agent.errors import ConfigError
 from agent.files import format_of, sha256_file
-from agent.update.slots import STATE, ABSlots, NoActiveModel, SlotError
+from agent.store.slots import STATE, ABSlots, NoActiveModel, SlotError
 from models.manifest import ModelFormat, ModelManifest, RuntimeParams
 
 __all__ = ["ModelStore", "format_of", "manifest_for_file", "name_for_file", "sha256_file"]
