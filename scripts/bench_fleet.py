@@ -5,7 +5,7 @@ For each database (``sqlite``: a file in a temporary data folder; ``postgresql``
 fresh database on the server named by ``EDGEFLEET_TEST_POSTGRES_URL``):
 
 1. start a real Mosquitto on a free port, authenticated by the password and ACL files
-   the controller writes (``tests/services.py``'s ``MosquittoBroker``);
+   the controller writes (``scripts/servers.py``'s ``MosquittoBroker``);
 2. start ``edgefleet serve`` against it (its own process, a free HTTP port), measure its
    idle RSS, create an enrollment token and enroll every device once
    (``edgefleet simulate --duration 0``, identities kept in a state folder);
@@ -66,12 +66,11 @@ from benchlib import (  # noqa: E402 - scripts/ is on sys.path when a script run
     render_table,
     tail,
 )
+from servers import MOSQUITTO, MosquittoBroker, free_port, postgres_database  # noqa: E402
 
 log = make_log("bench-fleet")
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
-
-from tests.services import MosquittoBroker, free_port, postgres_database  # noqa: E402
 
 EDGEFLEET = Path(sys.executable).parent / "edgefleet"
 TELEMETRY_FILTER = "edgefleet/v1/devices/+/telemetry"
@@ -893,8 +892,6 @@ def machine_description() -> dict[str, Any]:
         ),
         platform.platform(),
     )
-    from tests.services import MOSQUITTO
-
     return {
         "cpu_model": model_name,
         "logical_cpus": os.cpu_count(),

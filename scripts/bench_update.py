@@ -66,15 +66,15 @@ from benchlib import (  # noqa: E402 - scripts/ is on sys.path when a script run
     read_text,
     render_table,
 )
+from servers import Controller, free_port, running_controller  # noqa: E402
 
 log = make_log("bench-update")
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from agent.update.download import DownloadConfig, download, part_path  # noqa: E402
 from agent.store.slots import ABSlots  # noqa: E402
+from agent.update.download import DownloadConfig, download, part_path  # noqa: E402
 from fleet.client import read_admin_token  # noqa: E402
-from tests.services import Controller, free_port, running_controller  # noqa: E402
 
 EDGEFLEET = Path(sys.executable).parent / "edgefleet"
 MiB = 1024 * 1024

@@ -16,7 +16,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.services import (
+from scripts.servers import (
     MosquittoBroker,
     free_port,
     mosquitto,

@@ -41,7 +41,7 @@ from models.wire import (
     EnrollmentResponse,
     utc_now,
 )
-from tests.services import MosquittoBroker
+from scripts.servers import MosquittoBroker
 
 CONTROLLER = "test-controller"
 CONTROLLER_PASSWORD = "controller-secret"

@@ -36,7 +36,7 @@ from agent.update.download import (
     part_path,
     plan_request,
 )
-from tests.services import free_port
+from scripts.servers import free_port
 
 SIZE = 2 << 20  # 2 MiB
 HALF = SIZE // 2

@@ -19,6 +19,7 @@ from agent.catalog import BUNDLED
 from agent.config import AgentSettings, LinkSettings
 from agent.store import ModelStore
 from models.wire import Command, CommandKind, DesiredModel, DesiredState, encode
+from scripts.servers import MosquittoBroker
 from tests.agent.link_support import (
     Watcher,
     authorize,
@@ -26,7 +27,6 @@ from tests.agent.link_support import (
     shared_director,
     write_identity,
 )
-from tests.services import MosquittoBroker
 
 DEVICE = "dev-app-1"
 PASSWORD = "app-secret"

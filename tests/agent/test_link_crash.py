@@ -17,6 +17,7 @@ import sys
 import time
 from pathlib import Path
 
+from scripts.servers import MosquittoBroker
 from tests.agent.link_support import Watcher, authorize, write_identity
 from tests.agent.test_link_session import (
     DEVICE,
@@ -26,7 +27,6 @@ from tests.agent.test_link_session import (
     FakeTelemetry,
     settings,
 )
-from tests.services import MosquittoBroker
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -25,6 +25,7 @@ from agent.link.identity import StateDir
 from models.device import DeviceReport
 from models.trust import sign_enrollment, verify_enrollment
 from models.wire import EnrollmentRequest
+from scripts.servers import MosquittoBroker, free_port
 from tests.agent.link_support import (
     FakeController,
     Watcher,
@@ -33,7 +34,6 @@ from tests.agent.link_support import (
     poll,
 )
 from tests.agent.test_link_session import DEVICE_REPORT, FakeHost, FakeTelemetry, settings
-from tests.services import MosquittoBroker, free_port
 
 DEVICE = "dev-enroll-1"
 PASSWORD = "enroll-secret"

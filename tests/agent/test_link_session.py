@@ -28,6 +28,7 @@ from models.wire import (
     encode,
     utc_now,
 )
+from scripts.servers import MosquittoBroker
 from tests.agent.link_support import (
     Watcher,
     authorize,
@@ -37,7 +38,6 @@ from tests.agent.link_support import (
     shared_director,
     write_identity,
 )
-from tests.services import MosquittoBroker
 
 DEVICE = "dev-link-1"
 PASSWORD = "device-secret-1"

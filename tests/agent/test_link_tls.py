@@ -18,9 +18,9 @@ from cryptography.x509.oid import NameOID
 
 from agent.link.fleet import FleetLink
 from agent.link.identity import StateDir
+from scripts.servers import MOSQUITTO, MosquittoBroker, free_port, wait_port
 from tests.agent.link_support import ACL, CONTROLLER, mosquitto_hash, poll, write_identity
 from tests.agent.test_link_session import DEVICE_REPORT, FakeHost, FakeTelemetry, settings
-from tests.services import MOSQUITTO, MosquittoBroker, free_port, wait_port
 
 DEVICE = "dev-tls-1"
 PASSWORD = "tls-secret"

@@ -37,7 +37,7 @@ from fleet.registry.keys import KeyStore
 from fleet.registry.repository import TufRepository
 from fleet.registry.targets import TargetDescription, describe_target
 from models.director import DIRECTOR_ROOT_FIELD, director_root_field
-from tests.services import free_port
+from scripts.servers import free_port
 
 PREFIX = "/api/v1/tuf/"
 A = "gemma3-270m/1.0/Q4_K_M.gguf"

@@ -22,7 +22,7 @@ from fleet.config import FleetSettings
 from fleet.link.broker_auth import PASSWORD_FILE, DeviceCredential, write_auth_files
 from fleet.link.embedded import EmbeddedBroker
 from fleet.link.passwords import hash_password
-from tests.services import MosquittoBroker, free_port
+from scripts.servers import MosquittoBroker, free_port
 
 CTL = "edgefleet-controller"
 A = "dev-aaa"

@@ -22,9 +22,9 @@ from typer.testing import CliRunner, Result
 from fleet.app import create_app
 from fleet.cli import app
 from fleet.config import FleetSettings
+from scripts.servers import free_port
 from tests.fakes.fleet_link import FakeLink
 from tests.fleet.helpers import ADMIN_TOKEN, Clock, DeviceKey
-from tests.services import free_port
 
 runner = CliRunner()
 

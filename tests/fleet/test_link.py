@@ -44,7 +44,7 @@ from models.wire import (
     encode,
     utc_now,
 )
-from tests.services import MosquittoBroker, free_port
+from scripts.servers import MosquittoBroker, free_port
 
 A = "dev-aaa"
 B = "dev-bbb"

@@ -499,8 +499,8 @@ def test_cli_push_to_a_real_controller_and_a_device_resumes_the_download(
 ) -> None:
     from datetime import UTC, datetime
 
+    from scripts.servers import free_port, running_controller
     from tests.fleet.helpers import DeviceKey
-    from tests.services import free_port, running_controller
 
     data = b"GGUF" + bytes(range(256)) * 12_000  # about 3 MiB: over the JSON body limit
     model = tmp_path / "model.gguf"

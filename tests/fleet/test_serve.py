@@ -23,8 +23,8 @@ from paho.mqtt.enums import CallbackAPIVersion
 from models.director import director_keys_from_root, verify_desired
 from models.topics import Channel, DeviceTopic
 from models.wire import DesiredState, utc_now
+from scripts.servers import Controller, MosquittoBroker, free_port, running_controller
 from tests.fleet.helpers import DeviceKey
-from tests.services import Controller, MosquittoBroker, free_port, running_controller
 
 pytestmark = pytest.mark.integration
 

@@ -26,7 +26,7 @@ import sqlalchemy as sa
 
 from fleet.simulate import Simulation, SimulationConfig
 from fleet.simulate.identity import load_identity
-from tests.services import MosquittoBroker, free_port
+from scripts.servers import MosquittoBroker, free_port
 
 pytestmark = pytest.mark.integration
 

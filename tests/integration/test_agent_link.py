@@ -17,6 +17,7 @@ import httpx
 import pytest
 
 from models.wire import Command, CommandKind, DesiredModel, DesiredState, encode
+from scripts.servers import MosquittoBroker
 from tests.agent.link_support import (
     FakeController,
     Watcher,
@@ -26,7 +27,6 @@ from tests.agent.link_support import (
     shared_director,
 )
 from tests.conftest import start_agent
-from tests.services import MosquittoBroker
 
 pytestmark = pytest.mark.integration
 

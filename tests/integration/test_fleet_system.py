@@ -17,8 +17,8 @@ from typing import Any, TypeVar
 import httpx
 import pytest
 
+from scripts.servers import Controller, MosquittoBroker, free_port, running_controller
 from tests.conftest import AgentProcess, start_agent
-from tests.services import Controller, MosquittoBroker, free_port, running_controller
 
 pytestmark = pytest.mark.integration
 

@@ -22,9 +22,9 @@ from gguf import GGUFReader
 
 from agent.catalog import BUNDLED
 from agent.store import ModelStore
+from scripts.servers import Controller, free_port, running_controller
 from tests.conftest import AgentProcess, start_agent
 from tests.integration.test_fleet_system import admin, new_token, wait_for
-from tests.services import Controller, free_port, running_controller
 
 LLM = "gemma3-270m"
 

@@ -1,10 +1,12 @@
-"""Real servers for the tests: a Mosquitto broker per test on a free port, and PostgreSQL.
+"""Real servers for the tests and the benchmarks: Mosquitto, PostgreSQL, ``edgefleet serve``.
 
-Mosquitto comes from Debian's ``mosquitto`` package (scripts/test installs it). Each
-broker gets its own folder with the password and ACL files the controller writes, and
-a pid file the controller signals (SIGHUP) to reload them, exactly as in production.
-PostgreSQL is the server named by ``EDGEFLEET_TEST_POSTGRES_URL`` (scripts/test
-starts one when none is running); each test session gets a database of its own.
+Both start the same servers, configured as in production, so they live here once; the
+tests import ``scripts.servers``, the bench scripts (run with scripts/ on ``sys.path``)
+import ``servers``. Mosquitto comes from Debian's ``mosquitto`` package (scripts/test and
+scripts/bench-fleet install it). Each broker gets its own folder with the password and ACL
+files the controller writes, and a pid file the controller signals (SIGHUP) to reload
+them. PostgreSQL is the server named by ``EDGEFLEET_TEST_POSTGRES_URL`` (scripts/test
+starts one when none is running); each test or benchmark run gets a database of its own.
 """
 
 from __future__ import annotations
