@@ -109,6 +109,7 @@ class AgentSettings(BaseSettings):
     queue_size: int = Field(default=64, ge=1)  # waiting requests per model beyond the slots
     request_timeout_s: float = Field(default=300.0, gt=0)
     max_body_bytes: int = Field(default=4 * 2**20, ge=1024)
+    body_timeout_s: float = Field(default=30.0, gt=0)  # to receive a whole request body
     cache_entries: int = Field(default=256, ge=0)  # response cache; 0 disables it
     log: LogSettings = Field(default_factory=LogSettings)
     fleet: LinkSettings = Field(default_factory=LinkSettings)

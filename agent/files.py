@@ -1,8 +1,11 @@
-"""Durable, private files: created 0600, replaced atomically, renames fsync-ed.
+"""Durable, private files: the agent's one way to replace a file.
 
-Secrets (the device key, broker credentials) are never world-readable, not even
-for an instant: files are created with ``os.open(..., 0o600)`` rather than
-written and then chmod-ed, in a folder that is itself 0700.
+:func:`atomic_file` writes to a temporary sibling, fsyncs it, renames it over the target
+and fsyncs the folder, so readers see the old file or the new one, never half, and the
+new one survives a power cut once the call returns. Everything the agent persists goes
+through it (identity, device key, desired state, slot state and manifests, update
+attempts). Files are created owner-only (0600) with ``os.open``, never written and then
+chmod-ed, so a secret is not world-readable even for an instant; folders are 0700.
 """
 
 from __future__ import annotations
@@ -12,12 +15,24 @@ import hashlib
 import os
 import secrets
 import stat
+from collections.abc import Iterator
 from pathlib import Path
 
 from agent.errors import ConfigError
 from models.manifest import ModelFormat
 
-__all__ = ["atomic_write", "ensure_private_dir", "format_of", "fsync_dir", "sha256_file"]
+__all__ = [
+    "PRIVATE_DIR",
+    "PRIVATE_FILE",
+    "atomic_file",
+    "atomic_write",
+    "ensure_private_dir",
+    "format_of",
+    "fsync_dir",
+    "fsync_file",
+    "mkdir_durable",
+    "sha256_file",
+]
 
 PRIVATE_FILE = 0o600
 PRIVATE_DIR = 0o700
@@ -53,7 +68,7 @@ def ensure_private_dir(path: Path) -> Path:
 
 
 def fsync_dir(path: Path) -> None:
-    """Make a rename in ``path`` durable."""
+    """Make a rename (or a new entry) in ``path`` durable."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -61,31 +76,57 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def atomic_write(path: Path, data: bytes, *, exclusive: bool = False) -> None:
-    """Write ``data`` to ``path`` (mode 0600) so readers see the old or the new file, never half.
+def fsync_file(path: Path) -> None:
+    with path.open("rb") as f:
+        os.fsync(f.fileno())
 
-    With ``exclusive``, fail with :class:`FileExistsError` if ``path`` exists (used for
-    the device key, which must never be replaced behind an enrolled identity).
+
+def mkdir_durable(path: Path) -> None:
+    """Create ``path`` (and its parents) so that it survives a power cut."""
+    if path.is_dir():
+        return
+    if not path.parent.is_dir():
+        mkdir_durable(path.parent)
+    path.mkdir(exist_ok=True)
+    fsync_dir(path.parent)
+
+
+@contextlib.contextmanager
+def atomic_file(target: Path, *, exclusive: bool = False) -> Iterator[Path]:
+    """Yield a temporary path (0600) to fill; on exit it durably becomes ``target``.
+
+    If the body raises, ``target`` is untouched and the temporary file is removed. With
+    ``exclusive``, fail with :class:`FileExistsError` if ``target`` exists (the device
+    key must never be replaced behind an enrolled identity).
     """
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, PRIVATE_FILE)
+    tmp = target.with_name(f".{target.name}.{secrets.token_hex(6)}.tmp")
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, PRIVATE_FILE))
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        yield tmp
+        fsync_file(tmp)
         if exclusive:
-            try:
-                os.link(tmp, path)  # atomic, and fails if path exists
-            except FileExistsError:
-                raise
-            except OSError:  # a filesystem without hard links: check, then rename
-                if path.exists():
-                    raise FileExistsError(path) from None
-                tmp.replace(path)
+            _link_new(tmp, target)
         else:
-            tmp.replace(path)
-        fsync_dir(path.parent)
+            tmp.replace(target)
+        fsync_dir(target.parent)
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
+
+
+def atomic_write(path: Path, data: bytes, *, exclusive: bool = False) -> None:
+    """Replace ``path`` with ``data`` through :func:`atomic_file`."""
+    with atomic_file(path, exclusive=exclusive) as tmp:
+        tmp.write_bytes(data)
+
+
+def _link_new(tmp: Path, target: Path) -> None:
+    """Give ``tmp`` the name ``target`` only if nothing has it yet."""
+    try:
+        os.link(tmp, target)  # atomic, and fails if target exists
+    except FileExistsError:
+        raise
+    except OSError:  # a filesystem without hard links: check, then rename
+        if target.exists():
+            raise FileExistsError(target) from None
+        tmp.replace(target)

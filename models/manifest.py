@@ -1,8 +1,9 @@
-"""Model manifests: what a model on a device is, as both sides describe it.
+"""Model manifests: what a model on a device is, and how to run it.
 
-A manifest travels with every installed model (``manifest.json`` in its store
-folder) and, in later issues, inside signed desired state. It is a frozen value:
-parse it once at the edge, pass it around without re-checking.
+The agent writes a manifest beside every installed model (``manifest.json`` in its
+A/B slot); for a signed update it comes from the TUF target's custom fields, which the
+controller fills from the same :class:`RuntimeParams` and :class:`ModelFormat`. It is
+a frozen value: parse it once at the edge, pass it around without re-checking.
 """
 
 from __future__ import annotations

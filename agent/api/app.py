@@ -146,7 +146,9 @@ def create_app(
         summary="OpenAI-compatible and Open Inference Protocol API for the models on this device",
         lifespan=lifespan,
     )
-    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(
+        BodyLimit, max_bytes=settings.max_body_bytes, read_timeout_s=settings.body_timeout_s
+    )
     install_error_handlers(app)
     app.include_router(ops.router)
     app.include_router(openai.router)

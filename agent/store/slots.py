@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import errno
 import json
-import os
 import secrets
 import shutil
 from collections.abc import Iterator, Mapping
@@ -59,7 +58,7 @@ from typing import Final, Literal
 from pydantic import TypeAdapter, ValidationError
 
 from agent.errors import AgentError, ConfigError, Rejected, Transient
-from agent.files import format_of, fsync_dir, sha256_file
+from agent.files import atomic_file, format_of, fsync_dir, fsync_file, mkdir_durable, sha256_file
 from models.manifest import ModelManifest, RuntimeParams
 from models.values import MODEL_NAME, SHA256, VERSION
 
@@ -585,7 +584,7 @@ class ABSlots:
         """
         folder = self.folder(name)
         with _os_errors(f"begin {name} {version}"):
-            _mkdir_durable(folder)
+            mkdir_durable(folder)
             state = self.state(name)
             new = next_state(state, Begin(version, sha256.lower()))
             assert new.pending is not None
@@ -594,7 +593,7 @@ class ABSlots:
                 self._save(name, new)  # first: the state stops counting on the slot...
                 _clear(folder, slot)  # ...then the slot goes
             else:
-                _mkdir_durable(folder / slot)
+                mkdir_durable(folder / slot)
             return folder / slot
 
     def install(
@@ -641,14 +640,14 @@ class ABSlots:
                     raise ArtifactRejected(f"invalid side file name {target!r}")
             state = next_state(state, Verified())
             self._save(name, state)
-            _mkdir_durable(slot)
+            mkdir_durable(slot)
             (slot / MANIFEST).unlink(missing_ok=True)  # no stale manifest beside the new file
             fsync_dir(slot)
             _move_durable(verified_file, slot / manifest.file)
             for target, source in extras.items():
-                with _atomic(slot / target) as tmp:
+                with atomic_file(slot / target) as tmp:
                     shutil.copyfile(source, tmp)
-            with _atomic(slot / MANIFEST) as tmp:
+            with atomic_file(slot / MANIFEST) as tmp:
                 tmp.write_text(json.dumps(manifest.model_dump(mode="json"), indent=2))
             self._save(name, next_state(state, Installed()))
             return manifest
@@ -737,7 +736,7 @@ class ABSlots:
     def _save(self, name: str, state: SlotState) -> None:
         """Replace ``state.json`` atomically and durably."""
         folder = self.folder(name)
-        with _atomic(folder / STATE) as tmp:
+        with atomic_file(folder / STATE) as tmp:
             tmp.write_bytes(_STATE_JSON.dump_json(state, indent=2))
 
 
@@ -752,39 +751,10 @@ def _os_errors(doing: str) -> Iterator[None]:
         raise SlotUnavailable(f"cannot {doing}: {exc}") from exc
 
 
-def _fsync_file(path: Path) -> None:
-    with path.open("rb") as f:
-        os.fsync(f.fileno())
-
-
-def _mkdir_durable(path: Path) -> None:
-    """Create ``path`` (and parents) so that it survives a power cut."""
-    if path.is_dir():
-        return
-    if not path.parent.is_dir():
-        _mkdir_durable(path.parent)
-    path.mkdir(exist_ok=True)
-    fsync_dir(path.parent)
-
-
-@contextmanager
-def _atomic(target: Path) -> Iterator[Path]:
-    """Write to a temporary sibling, fsync it, rename it over ``target``, fsync the folder."""
-    tmp = target.with_name(f".{target.name}.{secrets.token_hex(6)}.tmp")
-    try:
-        tmp.touch(exist_ok=False)
-        yield tmp
-        _fsync_file(tmp)
-        tmp.replace(target)
-        fsync_dir(target.parent)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def _move_durable(source: Path, dest: Path) -> None:
     """Move ``source`` to ``dest`` (a rename, or a copy across file systems), durably."""
     if source.resolve() == dest.resolve():
-        _fsync_file(dest)
+        fsync_file(dest)
         fsync_dir(dest.parent)
         return
     try:
@@ -792,11 +762,11 @@ def _move_durable(source: Path, dest: Path) -> None:
     except OSError as exc:
         if exc.errno != errno.EXDEV:
             raise
-        with _atomic(dest) as tmp:
+        with atomic_file(dest) as tmp:
             shutil.copyfile(source, tmp)
         source.unlink()
         return
-    _fsync_file(dest)
+    fsync_file(dest)
     fsync_dir(dest.parent)
 
 
@@ -808,7 +778,7 @@ def _clear(folder: Path, slot: Slot) -> None:
         path.replace(trash)
         fsync_dir(folder)
         shutil.rmtree(trash)
-    _mkdir_durable(path)
+    mkdir_durable(path)
 
 
 def _purge_leftovers(folder: Path) -> None:
