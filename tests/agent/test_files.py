@@ -27,9 +27,14 @@ def test_a_write_replaces_the_file_whole_and_owner_only(tmp_path: Path) -> None:
 def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path: Path) -> None:
     target = tmp_path / "state.json"
     target.write_bytes(b"old")
-    with pytest.raises(RuntimeError), atomic_file(target) as tmp:
-        tmp.write_bytes(b"half")
-        raise RuntimeError("killed mid-write")
+
+    def interrupted() -> None:
+        with atomic_file(target) as tmp:
+            tmp.write_bytes(b"half")
+            raise RuntimeError("killed mid-write")
+
+    with pytest.raises(RuntimeError):
+        interrupted()
     assert target.read_bytes() == b"old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["state.json"]
 
