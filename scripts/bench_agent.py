@@ -32,10 +32,8 @@ import datetime as dt
 import importlib.metadata
 import json
 import os
-import platform
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -52,14 +50,18 @@ import psutil
 REPO = Path(__file__).resolve().parent.parent
 
 from benchlib import (  # noqa: E402 - scripts/ is on sys.path when a script runs
+    cpu_seconds,
     fmt,
-    git_commit,
+    machine_cpu,
+    machine_description,
     make_log,
     percentile,
     read_text,
     render_table,
     tail,
+    tree_rss,
 )
+from servers import free_port  # noqa: E402
 
 log = make_log("bench")
 ALL_SYSTEMS = (
@@ -357,26 +359,6 @@ class ServerFailedError(RuntimeError):
         self.partial: dict[str, Any] = {}  # what was measured before the failure
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def tree_rss(pid: int) -> int | None:
-    """Resident set size of a process and all its descendants, in bytes."""
-    try:
-        root = psutil.Process(pid)
-        procs = [root, *root.children(recursive=True)]
-    except psutil.Error:
-        return None
-    total = 0
-    for proc in procs:
-        with contextlib.suppress(psutil.Error):
-            total += proc.memory_info().rss
-    return total
-
-
 class ServerProcess:
     """A benchmarked server: its own process group, output to a log file, always stopped."""
 
@@ -431,7 +413,7 @@ class ServerProcess:
                 time.sleep(0.05)
 
     def rss(self) -> int | None:
-        return None if self.proc is None else tree_rss(self.proc.pid)
+        return None if self.proc is None else tree_rss([self.proc.pid])
 
     def stop(self) -> None:
         proc = self.proc
@@ -499,7 +481,7 @@ def inprocess_worker(spec: dict[str, Any]) -> dict[str, Any]:
     info = llama_cpp.llama_print_system_info()
     return {
         "load_s": load_s,
-        "rss_mb_loaded": (tree_rss(os.getpid()) or 0) / MiB,
+        "rss_mb_loaded": tree_rss([os.getpid()]) / MiB,
         "system_info": info.decode() if isinstance(info, bytes) else str(info),
         "warmup": warm.summary(),
         "single": median_over_rounds(rounds, ("decode_tps", "e2e_tps", "ttft_s")),
@@ -671,11 +653,8 @@ class CpuSnapshot:
 
 
 def cpu_snapshot() -> CpuSnapshot:
-    t = psutil.cpu_times()
-    busy = t.user + t.nice + t.system + getattr(t, "irq", 0.0) + getattr(t, "softirq", 0.0)
-    own = os.times()
-    ours = own.user + own.system + own.children_user + own.children_system
-    return CpuSnapshot(time.perf_counter(), busy, getattr(t, "steal", 0.0), ours)
+    busy, steal = machine_cpu()
+    return CpuSnapshot(time.perf_counter(), busy - steal, steal, cpu_seconds(psutil.Process()))
 
 
 def contention(before: CpuSnapshot, after: CpuSnapshot) -> dict[str, float]:
@@ -695,24 +674,8 @@ def contention(before: CpuSnapshot, after: CpuSnapshot) -> dict[str, float]:
 # --------------------------------------------------------------------------- machine
 
 
-def machine_description(args: argparse.Namespace) -> dict[str, Any]:
-    cpuinfo = read_text("/proc/cpuinfo")
-    model_name = next(
-        (ln.split(":", 1)[1].strip() for ln in cpuinfo.splitlines() if ln.startswith("model name")),
-        platform.processor() or platform.machine(),
-    )
-    flag_line = next((ln for ln in cpuinfo.splitlines() if ln.startswith("flags")), "")
-    flags = set(flag_line.split(":", 1)[-1].split())
-    interesting = ("avx", "avx2", "fma", "f16c", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8")
-    os_release = read_text("/etc/os-release")
-    pretty = next(
-        (
-            ln.split("=", 1)[1].strip('"')
-            for ln in os_release.splitlines()
-            if ln.startswith("PRETTY_NAME=")
-        ),
-        platform.platform(),
-    )
+def describe_machine(args: argparse.Namespace) -> dict[str, Any]:
+    """The shared description, plus the llama.cpp builds being compared."""
     llama_server_info: dict[str, str] = {}
     binary = llama_server_binary(args)
     info_file = binary.parent.parent / "BUILD-INFO"
@@ -720,26 +683,11 @@ def machine_description(args: argparse.Namespace) -> dict[str, Any]:
         key, _, value = line.partition("=")
         if key:
             llama_server_info[key] = value
-    quota = read_text("/sys/fs/cgroup/cpu.max").split()
-    cpu_quota = float(quota[0]) / float(quota[1]) if len(quota) == 2 and quota[0] != "max" else None
     return {
-        "cpu_model": model_name,
-        "cpu_flags": sorted(f for f in interesting if f in flags),
-        "hypervisor": "hypervisor" in flags,
-        "logical_cpus": os.cpu_count(),
-        "physical_cores": psutil.cpu_count(logical=False),
-        "cgroup_cpu_quota": cpu_quota,
-        "ram_gib": round(psutil.virtual_memory().total / 1024**3, 1),
-        "os": pretty,
-        "kernel": platform.release(),
-        "arch": platform.machine(),
-        "python": platform.python_version(),
+        **machine_description(),
         "llama_cpp_python": llama_cpp_python_version(),
         "llama_server_build": llama_server_info or None,
         "gpu": None,
-        "load_average_at_start": list(os.getloadavg()),
-        "date_utc": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "edgefleet_commit": git_commit(),
     }
 
 
@@ -979,7 +927,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     started = dt.datetime.now(dt.UTC)
     log("describing the machine")
-    machine = machine_description(args)
+    machine = describe_machine(args)
     warnings: list[str] = []
     before = cpu_snapshot()
     time.sleep(2.0)

@@ -39,7 +39,6 @@ import json
 import multiprocessing
 import multiprocessing.connection
 import os
-import platform
 import secrets
 import shutil
 import signal
@@ -59,12 +58,15 @@ REPO = Path(__file__).resolve().parent.parent
 
 from benchlib import (  # noqa: E402 - scripts/ is on sys.path when a script runs
     fmt,
-    git_commit,
+    machine_cpu,
+    machine_description,
     make_log,
     percentile,
-    read_text,
     render_table,
     tail,
+    tree_cpu_seconds,
+    tree_rss,
+    version_of,
 )
 from servers import MOSQUITTO, MosquittoBroker, free_port, postgres_database  # noqa: E402
 
@@ -192,33 +194,6 @@ class Reference:
 # --------------------------------------------------------------------------- processes
 
 
-def tree(pid: int) -> list[psutil.Process]:
-    try:
-        root = psutil.Process(pid)
-        return [root, *root.children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return []
-
-
-def rss(pids: Sequence[int]) -> int:
-    total = 0
-    for pid in pids:
-        for proc in tree(pid):
-            with contextlib.suppress(psutil.Error):
-                total += proc.memory_info().rss
-    return total
-
-
-def cpu_seconds(pids: Sequence[int]) -> float:
-    total = 0.0
-    for pid in pids:
-        for proc in tree(pid):
-            with contextlib.suppress(psutil.Error):
-                times = proc.cpu_times()
-                total += times.user + times.system
-    return total
-
-
 def postgres_pids() -> list[int]:
     """The PostgreSQL server's processes (its backends do the controller's writes)."""
     pids = []
@@ -236,16 +211,11 @@ class CpuMark:
     per_role: dict[str, float]
 
 
-def machine_cpu() -> tuple[float, float]:
-    times = psutil.cpu_times()
-    idle = times.idle + getattr(times, "iowait", 0.0)
-    busy = sum(times) - idle - getattr(times, "guest", 0.0) - getattr(times, "guest_nice", 0.0)
-    return busy, getattr(times, "steal", 0.0)
-
-
 def cpu_mark(roles: dict[str, list[int]]) -> CpuMark:
     busy, steal = machine_cpu()
-    return CpuMark(time.monotonic(), busy, steal, {r: cpu_seconds(p) for r, p in roles.items()})
+    return CpuMark(
+        time.monotonic(), busy, steal, {r: tree_cpu_seconds(p) for r, p in roles.items()}
+    )
 
 
 def cpu_usage(before: CpuMark, after: CpuMark) -> dict[str, float]:
@@ -598,7 +568,7 @@ def run_step(
             if online is not None:
                 online_min = online if online_min is None else min(online_min, online)
             for role in rss_max:
-                rss_max[role] = max(rss_max[role], rss(roles[role]))
+                rss_max[role] = max(rss_max[role], tree_rss(roles[role]))
             problem = sim.failed()
             if problem:
                 raise RuntimeError(problem)
@@ -610,7 +580,7 @@ def run_step(
         window = t1 - t0
         lags = queries.lags(first_id, last_id)
         stored = len(lags)
-        controller_rss = rss([controller.process.pid])
+        controller_rss = tree_rss([controller.process.pid])
         result.update(
             {
                 "window_s": round(window, 2),
@@ -688,9 +658,9 @@ def run_database(args: argparse.Namespace, kind: str, steps: list[int]) -> dict[
             result["controller_ready_s"] = round(controller.wait_ready(), 2)
             result["controller_command"] = " ".join(controller.command)
             time.sleep(3.0)
-            result["controller_idle_rss_bytes"] = idle_rss = rss([controller.process.pid])
+            result["controller_idle_rss_bytes"] = idle_rss = tree_rss([controller.process.pid])
             assert broker.process is not None
-            result["broker_idle_rss_bytes"] = rss([broker.process.pid])
+            result["broker_idle_rss_bytes"] = tree_rss([broker.process.pid])
             log(f"{kind}: controller idle RSS {idle_rss / MiB:.0f} MiB")
             state_dir = root / "identities"
             token = controller.create_token(max(steps))
@@ -868,42 +838,12 @@ def report(doc: dict[str, Any]) -> str:
 # --------------------------------------------------------------------------- main
 
 
-def version_of(command: list[str]) -> str | None:
-    try:
-        out = subprocess.run(command, capture_output=True, text=True, timeout=10, check=False)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    text = (out.stdout or out.stderr).strip().splitlines()
-    return text[0] if text else None
-
-
-def machine_description() -> dict[str, Any]:
-    cpuinfo = read_text("/proc/cpuinfo")
-    model_name = next(
-        (ln.split(":", 1)[1].strip() for ln in cpuinfo.splitlines() if ln.startswith("model name")),
-        platform.processor() or platform.machine(),
-    )
-    os_release = read_text("/etc/os-release")
-    pretty = next(
-        (
-            ln.split("=", 1)[1].strip('"')
-            for ln in os_release.splitlines()
-            if ln.startswith("PRETTY_NAME=")
-        ),
-        platform.platform(),
-    )
+def describe_machine() -> dict[str, Any]:
+    """The shared description, plus the servers' versions."""
     return {
-        "cpu_model": model_name,
-        "logical_cpus": os.cpu_count(),
-        "ram_gib": round(psutil.virtual_memory().total / 1024**3, 1),
-        "os": pretty,
-        "kernel": platform.release(),
-        "python": platform.python_version(),
+        **machine_description(),
         "mosquitto": version_of([MOSQUITTO, "-h"]),
         "postgres": version_of(["psql", "--version"]),
-        "load_average_at_start": list(os.getloadavg()),
-        "date_utc": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "edgefleet_commit": git_commit(),
     }
 
 
@@ -988,7 +928,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     raise_open_files_limit()
     started = dt.datetime.now(dt.UTC)
-    machine = machine_description()
+    machine = describe_machine()
     busy0, _ = machine_cpu()
     time.sleep(2.0)
     busy1, _ = machine_cpu()

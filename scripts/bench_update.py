@@ -41,7 +41,6 @@ import datetime as dt
 import hashlib
 import json
 import os
-import platform
 import resource
 import shutil
 import statistics
@@ -60,11 +59,13 @@ import psutil
 REPO = Path(__file__).resolve().parent.parent
 
 from benchlib import (  # noqa: E402 - scripts/ is on sys.path when a script runs
+    cpu_seconds,
     fmt,
-    git_commit,
+    machine_cpu,
+    machine_description,
     make_log,
-    read_text,
     render_table,
+    version_of,
 )
 from servers import Controller, free_port, running_controller  # noqa: E402
 
@@ -409,18 +410,6 @@ def run_resume(root: Path, pushed: Pushed, token: str, controller_pid: int) -> d
 # --------------------------------------------------------------------------- runs
 
 
-def machine_busy_s() -> float:
-    """CPU seconds the whole machine spent busy since boot (all cores, iowait counted idle)."""
-    times = psutil.cpu_times()
-    idle = times.idle + getattr(times, "iowait", 0.0)
-    return sum(times) - idle - getattr(times, "guest", 0.0) - getattr(times, "guest_nice", 0.0)
-
-
-def cpu_s(proc: psutil.Process) -> float:
-    t = proc.cpu_times()
-    return t.user + t.system + t.children_user + t.children_system
-
-
 class CpuWatch:
     """The controller's CPU during a run, and the cores everything else on the machine used.
 
@@ -432,15 +421,15 @@ class CpuWatch:
         self.own = psutil.Process()
         self.server = psutil.Process(controller_pid)
         self.at = time.monotonic()
-        self.busy = machine_busy_s()
-        self.own_s = cpu_s(self.own)
-        self.server_s = cpu_s(self.server)
+        self.busy, _ = machine_cpu()
+        self.own_s = cpu_seconds(self.own)
+        self.server_s = cpu_seconds(self.server)
 
     def stop(self) -> dict[str, float]:
         elapsed = max(time.monotonic() - self.at, 1e-6)
-        own = cpu_s(self.own) - self.own_s
-        server = cpu_s(self.server) - self.server_s
-        other = machine_busy_s() - self.busy - own - server
+        own = cpu_seconds(self.own) - self.own_s
+        server = cpu_seconds(self.server) - self.server_s
+        other = machine_cpu()[0] - self.busy - own - server
         return {"server_cpu_s": server, "other_cores": max(0.0, other / elapsed)}
 
 
@@ -635,54 +624,17 @@ def report(doc: dict[str, Any]) -> str:
 # --------------------------------------------------------------------------- main
 
 
-def version_of(command: list[str]) -> str | None:
-    try:
-        out = subprocess.run(command, capture_output=True, text=True, timeout=10, check=False)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    lines = (out.stdout or out.stderr).strip().splitlines()
-    return lines[0] if lines else None
-
-
-def machine_description(workdir: Path) -> dict[str, Any]:
-    cpuinfo = read_text("/proc/cpuinfo")
-    model_name = next(
-        (ln.split(":", 1)[1].strip() for ln in cpuinfo.splitlines() if ln.startswith("model name")),
-        platform.processor() or platform.machine(),
-    )
+def describe_machine(workdir: Path) -> dict[str, Any]:
+    """The shared description, plus the disk written to and the tools on both sides."""
     return {
-        "cpu_model": model_name,
-        "logical_cpus": os.cpu_count(),
-        "sha_ni": " sha_ni " in f" {cpuinfo.replace(chr(10), ' ')} ",
-        "ram_gib": round(psutil.virtual_memory().total / 1024**3, 1),
+        **machine_description(),
         "workdir": str(workdir),
         "workdir_free_gib": round(shutil.disk_usage(workdir).free / 1024**3, 1),
-        "kernel": platform.release(),
-        "python": platform.python_version(),
         "httpx": httpx.__version__,
         "openssl": __import__("ssl").OPENSSL_VERSION,
         "curl": version_of(["curl", "--version"]),
         "sha256sum": version_of(["sha256sum", "--version"]),
-        "load_average_at_start": list(os.getloadavg()),
-        "date_utc": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "edgefleet_commit": git_commit(),
-        "edgefleet_changed_files": changed_files(),
     }
-
-
-def changed_files() -> list[str] | None:
-    """Uncommitted changes under the measured packages: the commit alone may not say it all."""
-    try:
-        out = subprocess.run(
-            ["git", "-C", str(REPO), "status", "--porcelain", "--", "agent", "fleet", "models"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=False,
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return [line[3:] for line in out.stdout.splitlines()] if out.returncode == 0 else None
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -768,7 +720,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "benchmark": "update",
         "started_utc": started.isoformat(timespec="seconds"),
         "config": {"size_mb": args.size_mb, "repeat": args.repeat, "tools": tools},
-        "machine": machine_description(workdir),
+        "machine": describe_machine(workdir),
     }
     root = Path(tempfile.mkdtemp(prefix="bench-update-", dir=workdir))
     try:
