@@ -68,7 +68,12 @@ from benchlib import (  # noqa: E402 - scripts/ is on sys.path when a script run
     tree_rss,
     version_of,
 )
-from servers import MOSQUITTO, MosquittoBroker, free_port, postgres_database  # noqa: E402
+from servers import (  # noqa: E402
+    MOSQUITTO,
+    MosquittoBroker,
+    postgres_database,
+    running_controller,
+)
 
 log = make_log("bench-fleet")
 if str(REPO) not in sys.path:
@@ -78,6 +83,7 @@ EDGEFLEET = Path(sys.executable).parent / "edgefleet"
 TELEMETRY_FILTER = "edgefleet/v1/devices/+/telemetry"
 CONTROLLER_USER = "edgefleet-controller"  # FleetSettings.broker_username's default
 MiB = 1024 * 1024
+READY_S = 120.0  # for the controller: migrations on a busy 2-core machine
 DEFAULT_STEPS = "500,1000,2000,3000"
 
 
@@ -234,66 +240,16 @@ def cpu_usage(before: CpuMark, after: CpuMark) -> dict[str, float]:
     return usage
 
 
+@dataclass
 class Controller:
-    """``edgefleet serve`` in its own process, on a free port, against the broker."""
+    """The controller under test (``servers.running_controller`` runs it) and its admin API."""
 
-    def __init__(self, root: Path, database_url: str, broker: MosquittoBroker) -> None:
-        self.root = root
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.admin_token = secrets.token_urlsafe(24)
-        self.broker_password = secrets.token_urlsafe(24)
-        self.log_path = root / "controller.log"
-        self.database_url = database_url
-        self.command = [
-            str(EDGEFLEET),
-            "serve",
-            "--data-dir",
-            str(root / "data"),
-            "--db",
-            database_url,
-            "--port",
-            str(self.port),
-            "--broker",
-            broker.url,
-            "--broker-auth-dir",
-            str(broker.auth_dir),
-            "--broker-pid-file",
-            str(broker.pid_file),
-            "--log-level",
-            "warning",
-        ]
-        env = dict(
-            os.environ,
-            EDGEFLEET_FLEET_ADMIN_TOKEN=self.admin_token,
-            EDGEFLEET_FLEET_BROKER_PASSWORD=self.broker_password,
-            PYTHONUNBUFFERED="1",
-        )
-        with self.log_path.open("wb") as out:
-            self.process = subprocess.Popen(
-                self.command, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=root
-            )
-        self.http = httpx.Client(
-            base_url=self.url,
-            headers={"Authorization": f"Bearer {self.admin_token}"},
-            timeout=30,
-        )
-
-    def wait_ready(self, timeout: float = 120.0) -> float:
-        started = time.monotonic()
-        deadline = started + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(
-                    f"edgefleet serve exited with {self.process.returncode}:\n{tail(self.log_path)}"
-                )
-            try:
-                if self.http.get("/readyz", timeout=2).status_code == 200:
-                    return time.monotonic() - started
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)  # polling another process
-        raise RuntimeError(f"controller not ready after {timeout:.0f} s:\n{tail(self.log_path)}")
+    process: subprocess.Popen[bytes]
+    url: str
+    log_path: Path
+    broker_password: str
+    http: httpx.Client
+    ready_s: float  # from start to /readyz answering
 
     def create_token(self, uses: int) -> str:
         response = self.http.post(
@@ -309,15 +265,29 @@ class Controller:
         except (httpx.HTTPError, ValueError, KeyError, TypeError):
             return None
 
-    def stop(self) -> None:
-        self.http.close()
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+
+@contextlib.contextmanager
+def controlled(root: Path, database_url: str, broker: MosquittoBroker) -> Iterator[Controller]:
+    """``edgefleet serve`` against the broker, with an admin token and a broker password."""
+    admin_token = secrets.token_urlsafe(24)
+    broker_password = secrets.token_urlsafe(24)
+    env = {
+        "EDGEFLEET_FLEET_ADMIN_TOKEN": admin_token,
+        "EDGEFLEET_FLEET_BROKER_PASSWORD": broker_password,
+    }
+    broker_args = [
+        "--broker", broker.url, "--broker-auth-dir", str(broker.auth_dir),
+        "--broker-pid-file", str(broker.pid_file),
+    ]  # fmt: skip
+    started = time.monotonic()
+    with (
+        running_controller(root, database_url, *broker_args, env=env, ready_s=READY_S) as served,
+        httpx.Client(
+            base_url=served.url, headers={"Authorization": f"Bearer {admin_token}"}, timeout=30
+        ) as http,
+    ):
+        ready_s = time.monotonic() - started
+        yield Controller(served.proc, served.url, served.log, broker_password, http, ready_s)
 
 
 class Simulator:
@@ -651,12 +621,12 @@ def run_database(args: argparse.Namespace, kind: str, steps: list[int]) -> dict[
     reference: Reference | None = None
     queries: TelemetryQueries | None = None
     try:
-        with database(kind, root) as url:
+        with database(kind, root) as url, contextlib.ExitStack() as running:
             broker.start()
             log(f"{kind}: Mosquitto on port {broker.port}; starting the controller")
-            controller = Controller(root, url, broker)
-            result["controller_ready_s"] = round(controller.wait_ready(), 2)
-            result["controller_command"] = " ".join(controller.command)
+            controller = running.enter_context(controlled(root, url, broker))
+            result["controller_ready_s"] = round(controller.ready_s, 2)
+            result["controller_command"] = " ".join(controller.process.args)
             time.sleep(3.0)
             result["controller_idle_rss_bytes"] = idle_rss = tree_rss([controller.process.pid])
             assert broker.process is not None
@@ -713,7 +683,13 @@ def run_database(args: argparse.Namespace, kind: str, steps: list[int]) -> dict[
     except SkippedError as exc:
         log(f"{kind}: SKIPPED: {exc}")
         result.update(status="skipped", reason=str(exc))
-    except (RuntimeError, OSError, subprocess.SubprocessError, httpx.HTTPError) as exc:
+    except (
+        RuntimeError,
+        OSError,
+        AssertionError,  # from servers.running_controller
+        subprocess.SubprocessError,
+        httpx.HTTPError,
+    ) as exc:
         log(f"{kind}: FAILED: {type(exc).__name__}: {exc}")
         result.update(status="failed", reason=f"{type(exc).__name__}: {exc}")
     finally:
@@ -721,8 +697,7 @@ def run_database(args: argparse.Namespace, kind: str, steps: list[int]) -> dict[
             reference.stop()
         if queries is not None:
             queries.dispose()
-        if controller is not None:
-            controller.stop()
+        if controller is not None:  # stopped by now
             result["controller_log_tail"] = tail(controller.log_path)
         broker.kill()
         result["broker_log_tail"] = broker.log()[-4000:]

@@ -19,7 +19,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -174,8 +174,8 @@ class Controller:
         return result.stdout
 
 
-def _wait_ready(controller: Controller) -> None:
-    deadline = time.monotonic() + CONTROLLER_READY_S
+def _wait_ready(controller: Controller, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if controller.proc.poll() is not None:
             raise AssertionError(f"edgefleet serve exited:\n{controller.output()[-4000:]}")
@@ -189,22 +189,36 @@ def _wait_ready(controller: Controller) -> None:
 
 
 @contextmanager
-def running_controller(tmp_path: Path, database_url: str, *args: str) -> Iterator[Controller]:
+def running_controller(
+    tmp_path: Path,
+    database_url: str,
+    *args: str,
+    env: Mapping[str, str] | None = None,
+    ready_s: float = CONTROLLER_READY_S,
+) -> Iterator[Controller]:
+    """``edgefleet serve *args`` on a free port, ready; stopped (SIGTERM) on the way out.
+
+    Only ``args`` and ``env`` configure it: ``EDGEFLEET_FLEET_*`` variables of the caller's
+    environment are left out.
+    """
     port = free_port()
     data_dir = tmp_path / "controller"
     log = tmp_path / "controller.log"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("EDGEFLEET_FLEET_")}
+    inherited = {k: v for k, v in os.environ.items() if not k.startswith("EDGEFLEET_FLEET_")}
     command = [
         str(EDGEFLEET), "serve", "--data-dir", str(data_dir), "--db", database_url,
         "--port", str(port), "--log-level", "warning", *args,
     ]  # fmt: skip
     with log.open("wb") as out:
         proc = subprocess.Popen(
-            command, stdout=out, stderr=subprocess.STDOUT, env=dict(env, PYTHONUNBUFFERED="1")
+            command,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env={**inherited, **(env or {}), "PYTHONUNBUFFERED": "1"},
         )
     running = Controller(proc, f"http://127.0.0.1:{port}", data_dir, log)
     try:
-        _wait_ready(running)
+        _wait_ready(running, ready_s)
         yield running
     finally:
         if proc.poll() is None:
