@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +22,7 @@ from scripts.servers import (
     postgres_admin_url,
     postgres_database,
 )
+from tests.polling import wait_until
 
 REPO = Path(__file__).resolve().parent.parent
 AGENT_BIN = Path(sys.executable).parent / "edgefleet-agent"
@@ -122,24 +122,33 @@ class AgentProcess:
     def port(self) -> int:
         return int(self.url.rsplit(":", 1)[1])
 
+    def tail(self) -> str:
+        return self.output()[-3000:]
+
     def wait_for_output(self, text: str, timeout: float = 30.0) -> None:
-        deadline = time.monotonic() + timeout
-        while text not in self.output():
-            assert time.monotonic() < deadline, f"{text!r} never appeared:\n{self.output()[-3000:]}"
-            time.sleep(0.05)  # polling another process's log
+        wait_until(
+            lambda: text in self.output(),
+            f"{text!r} in the agent's log",
+            within_s=timeout,
+            every_s=0.05,
+            detail=self.tail,
+        )
 
     def readiness(self, status: str, timeout: float = 60.0) -> dict[str, Any]:
         """Poll /readyz until its status is ``status``; returns the body."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                body: dict[str, Any] = httpx.get(f"{self.url}/readyz", timeout=2).json()
-                if body.get("status") == status:
-                    return body
-            except httpx.TransportError:
-                pass
-            time.sleep(0.1)  # polling another process
-        raise AssertionError(f"/readyz never said {status!r}:\n{self.output()[-3000:]}")
+
+        def body_if_status() -> dict[str, Any] | None:
+            body: dict[str, Any] = httpx.get(f"{self.url}/readyz", timeout=2).json()
+            return body if body.get("status") == status else None
+
+        return wait_until(
+            body_if_status,
+            f"/readyz to say {status!r}",
+            within_s=timeout,
+            every_s=0.1,
+            ignoring=(httpx.TransportError,),
+            detail=self.tail,
+        )
 
     def reconfigure(self, store: Path, models: list[dict[str, Any]]) -> None:
         """Rewrite the config with other models and tell the agent (SIGHUP)."""
@@ -148,19 +157,19 @@ class AgentProcess:
 
 
 def wait_ready(agent: AgentProcess, timeout: float = 180.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    def ready() -> bool:
         if agent.proc.poll() is not None:
-            raise RuntimeError(
-                f"agent exited with {agent.proc.returncode}:\n{agent.output()[-3000:]}"
-            )
-        try:
-            if httpx.get(f"{agent.url}/readyz", timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)  # polling a process we do not control; not hiding a race
-    raise RuntimeError(f"agent not ready after {timeout} s:\n{agent.output()[-3000:]}")
+            raise RuntimeError(f"agent exited with {agent.proc.returncode}:\n{agent.tail()}")
+        return httpx.get(f"{agent.url}/readyz", timeout=2).status_code == 200
+
+    wait_until(
+        ready,
+        "the agent to be ready (/readyz 200)",
+        within_s=timeout,
+        every_s=0.2,
+        ignoring=(httpx.TransportError,),
+        detail=agent.tail,
+    )
 
 
 def start_agent(

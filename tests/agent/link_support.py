@@ -18,7 +18,6 @@ import secrets
 import signal
 import tempfile
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -42,8 +41,10 @@ from models.wire import (
     utc_now,
 )
 from scripts.servers import MosquittoBroker
+from tests.polling import eventually
 
 CONTROLLER = "test-controller"
+WITHIN_S = 20.0  # seconds: the link tests' waits (their reconnect backoff is capped at 0.3 s)
 CONTROLLER_PASSWORD = "controller-secret"
 
 ACL = """\
@@ -75,15 +76,17 @@ def authorize(broker: MosquittoBroker, devices: dict[str, str]) -> None:
 
 
 async def _wait_for_login(broker: MosquittoBroker, within_s: float = 10.0) -> None:
-    deadline = time.monotonic() + within_s
-    while True:
-        try:
-            async with controller_client(broker, "probe-login"):
-                return
-        except aiomqtt.MqttError:
-            if time.monotonic() > deadline:
-                raise
-            await asyncio.sleep(0.05)  # polling the broker's reload
+    async def log_in() -> bool:
+        async with controller_client(broker, "probe-login"):
+            return True
+
+    await eventually(
+        log_in,
+        "the broker to accept the controller after reloading its accounts",
+        within_s=within_s,
+        every_s=0.05,
+        ignoring=(aiomqtt.MqttError,),
+    )
 
 
 def controller_client(
@@ -180,28 +183,14 @@ class Watcher:
         return [m for m in self.messages if m.channel == channel]
 
     async def wait_for(
-        self, what: Callable[[Watcher], Any], within_s: float = 20.0, message: str = ""
+        self, probe: Callable[[Watcher], Any], what: str, *, within_s: float = WITHIN_S
     ) -> Any:
-        deadline = time.monotonic() + within_s
-        while True:
-            result = what(self)
-            if result:
-                return result
-            if time.monotonic() > deadline:
-                seen = [(m.channel, m.payload[:120]) for m in self.messages[-10:]]
-                raise AssertionError(f"timed out waiting for {message or what}; last: {seen}")
-            await asyncio.sleep(0.02)  # polling messages another task collects
+        """:func:`tests.polling.eventually` over the messages, showing the last ten on timeout."""
 
+        def last_messages() -> str:
+            return f"last messages: {[(m.channel, m.payload[:120]) for m in self.messages[-10:]]}"
 
-async def poll(what: Callable[[], Any], within_s: float = 20.0, message: str = "") -> Any:
-    deadline = time.monotonic() + within_s
-    while True:
-        result = what()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {message or what}")
-        await asyncio.sleep(0.02)  # polling state that background tasks change
+        return await eventually(lambda: probe(self), what, within_s=within_s, detail=last_messages)
 
 
 Responder = Callable[[EnrollmentRequest], tuple[int, dict[str, Any]]]

@@ -22,6 +22,7 @@ from agent.api.app import create_app
 from agent.api.errors import install_error_handlers
 from agent.api.limits import BodyLimit
 from agent.config import AgentSettings
+from tests.polling import wait_until
 
 TIMEOUT_S = 1.0
 
@@ -58,10 +59,7 @@ def server() -> Iterator[tuple[str, int]]:
     thread = threading.Thread(target=running.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     host, port = sock.getsockname()
-    deadline = time.monotonic() + 10
-    while not running.started:
-        assert time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.01)  # waiting for another thread to bind
+    wait_until(lambda: running.started, "uvicorn to start", within_s=10, every_s=0.01)
     yield host, port
     running.should_exit = True
     thread.join(timeout=10)

@@ -7,7 +7,6 @@ real bundled MiniLM ONNX model (small and quick to load); Gemma stays out of it.
 from __future__ import annotations
 
 import asyncio
-import time
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +26,9 @@ from tests.agent.link_support import (
     shared_director,
     write_identity,
 )
+from tests.polling import wait_until
 
+WITHIN_S = 30.0  # seconds: the app's background tasks load MiniLM and reach the broker
 DEVICE = "dev-app-1"
 PASSWORD = "app-secret"
 DESIRED = f"edgefleet/v1/devices/{DEVICE}/desired"
@@ -39,16 +40,6 @@ def minilm_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("store")
     ModelStore(root).install_bundled(BUNDLED["minilm"])
     return root
-
-
-def wait_until(what: Any, within_s: float = 30.0, message: str = "") -> Any:
-    deadline = time.monotonic() + within_s
-    while True:
-        result = what()
-        if result:
-            return result
-        assert time.monotonic() < deadline, f"timed out waiting for {message or what}"
-        time.sleep(0.02)  # polling the app's background tasks
 
 
 def publish(broker: MosquittoBroker, topic: str, payload: bytes, *, retain: bool = False) -> None:
@@ -93,10 +84,15 @@ def test_desired_state_drives_the_models_and_survives_a_restart_without_the_brok
     with TestClient(create_app(settings)) as client:
         fleet = wait_until(
             lambda: (s := client.get("/v1/fleet").json())["applied_desired_version"] == 1 and s,
-            message="desired state 1 applied",
+            "desired state 1 applied",
+            within_s=WITHIN_S,
         )
         assert fleet["device_id"] == DEVICE
-        wait_until(lambda: "minilm" in client.get("/readyz").json()["models"], message="minilm")
+        wait_until(
+            lambda: "minilm" in client.get("/readyz").json()["models"],
+            "minilm served",
+            within_s=WITHIN_S,
+        )
         readyz = client.get("/readyz").json()
         assert readyz["status"] == "failed"
         assert "ghost" in readyz["failed"]
@@ -112,7 +108,7 @@ def test_desired_state_drives_the_models_and_survives_a_restart_without_the_brok
                 <= next((m for m in r["models"] if m["name"] == "minilm"), {}).items()
             ]
 
-        report = wait_until(ready_reports, message="a report of minilm ready")[-1]
+        report = wait_until(ready_reports, "a report of minilm ready", within_s=WITHIN_S)[-1]
         models = {m["name"]: m for m in report["models"]}
         assert models["minilm"]["runtime"] == "onnxruntime"
         assert models["ghost"]["state"] == "missing"
@@ -121,14 +117,15 @@ def test_desired_state_drives_the_models_and_survives_a_restart_without_the_brok
         publish(
             broker, CMD, encode(Command(device_id=DEVICE, id="flush-0001", kind=CommandKind.FLUSH))
         )
-        batch = wait_until(lambda: collected("telemetry"), message="a flushed sample")[0]
+        batch = wait_until(lambda: collected("telemetry"), "a flushed sample", within_s=WITHIN_S)[0]
         sample = batch["samples"][0]
         assert sample["requests"] >= 1
         assert sample["latency_p50_ms"] > 0
         assert sample["model_memory_bytes"] > 0
         events = wait_until(
             lambda: [e for e in collected("events") if e["kind"] == "model_ready"],
-            message="a MODEL_READY event",
+            "a MODEL_READY event",
+            within_s=WITHIN_S,
         )
         assert events[0]["data"]["model"] == "minilm"
         fleet = client.get("/v1/fleet").json()
@@ -141,7 +138,11 @@ def test_desired_state_drives_the_models_and_survives_a_restart_without_the_brok
     broker.stop()
     settings_again = settings.model_copy(update={"models": []})
     with TestClient(create_app(settings_again)) as client:
-        wait_until(lambda: "minilm" in client.get("/readyz").json()["models"], message="minilm")
+        wait_until(
+            lambda: "minilm" in client.get("/readyz").json()["models"],
+            "minilm served",
+            within_s=WITHIN_S,
+        )
         fleet = client.get("/v1/fleet").json()
         assert not fleet["connected"]
         assert fleet["applied_desired_version"] == 1

@@ -14,7 +14,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 from scripts.servers import MosquittoBroker
@@ -27,6 +26,7 @@ from tests.agent.test_link_session import (
     FakeTelemetry,
     settings,
 )
+from tests.polling import eventually
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -64,11 +64,16 @@ class Child:
         return [int(line) for line in self.out.read_text().splitlines() if line.isdigit()]
 
     async def wait_for_seqs(self, count: int, within_s: float = 60.0) -> None:
-        deadline = time.monotonic() + within_s
-        while len(self.seqs()) < count:
+        def spooled() -> bool:
             assert self.proc.poll() is None, self.out.read_text()[-3000:]
-            assert time.monotonic() < deadline, f"only {len(self.seqs())} samples spooled"
-            await asyncio.sleep(0.02)  # polling another process's output
+            return len(self.seqs()) >= count
+
+        await eventually(
+            spooled,
+            f"{count} samples spooled by the child",
+            within_s=within_s,
+            detail=lambda: f"only {len(self.seqs())} samples spooled",
+        )
 
     def kill(self) -> None:
         self.proc.send_signal(signal.SIGKILL)
@@ -89,7 +94,7 @@ def test_a_killed_link_loses_nothing_it_spooled(broker: MosquittoBroker, tmp_pat
         await watcher.start()
         first = Child(state_dir, tmp_path / "first.out")
         try:
-            await watcher.wait_for(lambda w: sample_seqs(w), message="samples from the child")
+            await watcher.wait_for(lambda w: sample_seqs(w), "samples from the child")
             await asyncio.to_thread(broker.stop)
             spooled_before = len(first.seqs())
             await first.wait_for_seqs(spooled_before + 100)  # all of these wait in the spool
@@ -102,11 +107,14 @@ def test_a_killed_link_loses_nothing_it_spooled(broker: MosquittoBroker, tmp_pat
         try:
             await watcher.wait_for(
                 lambda w: set(printed) <= set(sample_seqs(w)),
+                "every sample the killed child spooled",
                 within_s=60,
-                message="every sample the killed child spooled",
             )
             await second.wait_for_seqs(10)
-            await watcher.wait_for(lambda w: set(second.seqs()[:10]) <= set(sample_seqs(w)))
+            await watcher.wait_for(
+                lambda w: set(second.seqs()[:10]) <= set(sample_seqs(w)),
+                "the second child's first ten samples",
+            )
             wills_before = len(watcher.on("events"))
         finally:
             second.kill()
@@ -117,8 +125,8 @@ def test_a_killed_link_loses_nothing_it_spooled(broker: MosquittoBroker, tmp_pat
                 for m in w.on("events")[wills_before:]
                 if m.json()["kind"] == "offline" and m.json()["message"] == "connection lost"
             ],
+            "the last will",
             within_s=30,
-            message="the last will",
         )
         assert will[0].json()["device_id"] == DEVICE
         await watcher.stop()

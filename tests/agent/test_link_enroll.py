@@ -27,13 +27,14 @@ from models.trust import sign_enrollment, verify_enrollment
 from models.wire import EnrollmentRequest
 from scripts.servers import MosquittoBroker, free_port
 from tests.agent.link_support import (
+    WITHIN_S,
     FakeController,
     Watcher,
     accept_as,
     authorize,
-    poll,
 )
 from tests.agent.test_link_session import DEVICE_REPORT, FakeHost, FakeTelemetry, settings
+from tests.polling import eventually
 
 DEVICE = "dev-enroll-1"
 PASSWORD = "enroll-secret"
@@ -216,14 +217,18 @@ def test_enrollment_retries_in_the_background_then_connects(
         await watcher.start()
         link = FleetLink(link_settings, FakeHost(), FakeTelemetry(), DEVICE_REPORT)
         async with link:
-            await poll(lambda: link.status()["last_error"], message="a failed attempt")
+            await eventually(
+                lambda: link.status()["last_error"], "a failed attempt", within_s=WITHIN_S
+            )
             assert link.status()["state"] == "enrolling"
             assert not link.status()["enrolled"]
             with FakeController(accept_as(DEVICE, broker.url, PASSWORD), port=port):
-                await poll(lambda: link.status()["connected"], message="enrolled and connected")
+                await eventually(
+                    lambda: link.status()["connected"], "enrolled and connected", within_s=WITHIN_S
+                )
             status = link.status()
             assert (status["device_id"], status["enrolled"]) == (DEVICE, True)
-            await watcher.wait_for(lambda w: w.on("events"), message="ONLINE")
+            await watcher.wait_for(lambda w: w.on("events"), "ONLINE")
         await watcher.stop()
 
     asyncio.run(scenario())
@@ -241,7 +246,9 @@ def test_a_refusal_in_the_background_stops_the_link_not_the_agent(tmp_path: Path
             DEVICE_REPORT,
         )
         async with link:
-            await poll(lambda: link.status()["state"] == "rejected", message="rejected")
+            await eventually(
+                lambda: link.status()["state"] == "rejected", "rejected", within_s=WITHIN_S
+            )
             assert "token revoked" in link.status()["last_error"]
 
     with FakeController(refuse) as ctl:

@@ -30,14 +30,15 @@ from models.wire import (
 )
 from scripts.servers import MosquittoBroker
 from tests.agent.link_support import (
+    WITHIN_S,
     Watcher,
     authorize,
     controller_client,
     make_director,
-    poll,
     shared_director,
     write_identity,
 )
+from tests.polling import eventually
 
 DEVICE = "dev-link-1"
 PASSWORD = "device-secret-1"
@@ -133,12 +134,14 @@ def test_spooled_telemetry_arrives_in_order_after_the_broker_comes_back(
             settings(device, telemetry_interval_s=0.05), FakeHost(), FakeTelemetry(), DEVICE_REPORT
         )
         async with link:
-            await watcher.wait_for(lambda w: samples(w), message="the first sample")
+            await watcher.wait_for(lambda w: samples(w), "the first sample")
             assert link.status()["connected"]
             await asyncio.to_thread(broker.stop)
             assert link.spool is not None
             spool = link.spool
-            await poll(lambda: spool.stats().entries >= 20, message="a backlog in the spool")
+            await eventually(
+                lambda: spool.stats().entries >= 20, "a backlog in the spool", within_s=WITHIN_S
+            )
             status = link.status()
             assert not status["connected"]
             assert status["state"] in {"backoff", "connecting"}
@@ -147,7 +150,7 @@ def test_spooled_telemetry_arrives_in_order_after_the_broker_comes_back(
             await asyncio.to_thread(broker.start)
             await watcher.wait_for(
                 lambda w: any(s["seq"] == target for s in samples(w)),
-                message=f"sample {target} after the outage",
+                f"sample {target} after the outage",
             )
         await watcher.stop()
         first_seen: dict[str, int] = {}
@@ -197,12 +200,14 @@ def test_desired_state_commands_and_the_retained_report(
             await ctl.publish(desired_topic, desired(2), qos=1, retain=True)
             link = FleetLink(settings(device), host, FakeTelemetry(), DEVICE_REPORT)
             async with link:
-                online = await watcher.wait_for(lambda w: w.on("events"), message="ONLINE")
+                online = await watcher.wait_for(lambda w: w.on("events"), "ONLINE")
                 assert online[0].json()["kind"] == EventKind.ONLINE
-                await poll(lambda: host.applied == [2], message="desired 2 applied")
+                await eventually(
+                    lambda: host.applied == [2], "desired 2 applied", within_s=WITHIN_S
+                )
                 await watcher.wait_for(
                     lambda w: any(r.json().get("desired_version") == 2 for r in w.on("reported")),
-                    message="a report of desired 2",
+                    "a report of desired 2",
                 )
                 # Replays, strangers, forgeries and garbage are refused; the link stays up.
                 hostile = {
@@ -217,38 +222,45 @@ def test_desired_state_commands_and_the_retained_report(
                     await ctl.publish(desired_topic, payload, qos=1)
                 refused = await watcher.wait_for(
                     lambda w: len(rejections(w)) == len(hostile) and rejections(w),
-                    message="every hostile desired state reported",
+                    "every hostile desired state reported",
                 )
                 assert sorted(refused) == sorted(hostile.values())
                 await ctl.publish(cmd_topic, b"not json", qos=1)
                 await ctl.publish(desired_topic, desired(3), qos=1, retain=True)
-                await poll(lambda: host.applied == [2, 3], message="desired 3 applied")
+                await eventually(
+                    lambda: host.applied == [2, 3], "desired 3 applied", within_s=WITHIN_S
+                )
                 assert link.status()["last_desired_version"] == 3
                 await watcher.wait_for(
                     lambda w: any(r.json().get("desired_version") == 3 for r in w.on("reported")),
-                    message="a report of desired 3",
+                    "a report of desired 3",
                 )
                 # REPORT publishes again even though nothing changed.
                 reports = len(watcher.on("reported"))
                 await ctl.publish(cmd_topic, command(CommandKind.REPORT), qos=1)
-                await watcher.wait_for(lambda w: len(w.on("reported")) > reports)
+                await watcher.wait_for(lambda w: len(w.on("reported")) > reports, "one more report")
                 # FLUSH sends a sample now (the interval here is an hour).
                 assert samples(watcher) == []
                 await ctl.publish(cmd_topic, command(CommandKind.FLUSH), qos=1)
-                await watcher.wait_for(lambda w: samples(w), message="a flushed sample")
+                await watcher.wait_for(lambda w: samples(w), "a flushed sample")
                 reconciles = host.reconciles  # one at start, to resume interrupted updates
                 await ctl.publish(cmd_topic, command(CommandKind.RECONCILE), qos=1)
-                await poll(lambda: host.reconciles == reconciles + 1, message="a reconcile")
+                await eventually(
+                    lambda: host.reconciles == reconciles + 1, "a reconcile", within_s=WITHIN_S
+                )
                 assert link.status()["connected"]
             offline = await watcher.wait_for(
-                lambda w: [m for m in w.on("events") if m.json()["kind"] == EventKind.OFFLINE]
+                lambda w: [m for m in w.on("events") if m.json()["kind"] == EventKind.OFFLINE],
+                "the OFFLINE event",
             )
             assert offline[-1].json()["message"] == "agent shutting down"
         await watcher.stop()
         # The report is retained: a controller that starts now learns the state at once.
         late = Watcher(broker, client_id="late-watcher")
         await late.start()
-        retained = await late.wait_for(lambda w: [r for r in w.on("reported") if r.retain])
+        retained = await late.wait_for(
+            lambda w: [r for r in w.on("reported") if r.retain], "the retained report"
+        )
         assert retained[-1].json()["desired_version"] == 3
         await late.stop()
 
@@ -267,9 +279,10 @@ def test_revoked_credentials_back_off_long_and_never_break_serving(
             settings(state_dir, auth_backoff_s=3600), FakeHost(), FakeTelemetry(), DEVICE_REPORT
         )
         async with link:
-            await poll(
+            await eventually(
                 lambda: (link.status()["next_attempt_in_s"] or 0) >= 1800,
-                message="the long backoff after three refusals",
+                "the long backoff after three refusals",
+                within_s=WITHIN_S,
             )
             status = link.status()
             assert status["state"] == "auth_failed"
@@ -299,13 +312,15 @@ def test_a_full_spool_reports_what_it_dropped(broker: MosquittoBroker, device: P
             await asyncio.to_thread(broker.start)
             notice = await watcher.wait_for(
                 lambda w: [m for m in w.on("events") if m.json()["kind"] == "spool_dropped"],
-                message="the SPOOL_DROPPED event",
+                "the SPOOL_DROPPED event",
             )
             assert notice[0].json()["data"]["samples"] >= dropped
             batches = [m.json() for m in watcher.on("telemetry")]
             assert batches[0]["dropped"] >= dropped  # the first batch after the outage says so
             assert batches[0]["samples"][0]["seq"] >= dropped  # the oldest went first
-            await poll(lambda: spool.drops().samples == 0, message="the drops settled")
+            await eventually(
+                lambda: spool.drops().samples == 0, "the drops settled", within_s=WITHIN_S
+            )
             await watcher.stop()
 
     asyncio.run(scenario())

@@ -19,8 +19,9 @@ from cryptography.x509.oid import NameOID
 from agent.link.fleet import FleetLink
 from agent.link.identity import StateDir
 from scripts.servers import MOSQUITTO, MosquittoBroker, free_port, wait_port
-from tests.agent.link_support import ACL, CONTROLLER, mosquitto_hash, poll, write_identity
+from tests.agent.link_support import ACL, CONTROLLER, WITHIN_S, mosquitto_hash, write_identity
 from tests.agent.test_link_session import DEVICE_REPORT, FakeHost, FakeTelemetry, settings
+from tests.polling import eventually
 
 DEVICE = "dev-tls-1"
 PASSWORD = "tls-secret"
@@ -148,9 +149,10 @@ def test_the_link_speaks_tls_with_the_ca_it_was_given(
         StateDir(state_dir).save_identity(identity.model_copy(update={"broker": tls}))
         link = FleetLink(settings(state_dir), FakeHost(), FakeTelemetry(), DEVICE_REPORT)
         async with link:
-            await poll(
+            await eventually(
                 lambda: link.status()["connected"] or link.status()["last_error"],
-                message="a connection or an error",
+                "a connection or an error",
+                within_s=WITHIN_S,
             )
             return link.status()
 

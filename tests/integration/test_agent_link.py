@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 from pathlib import Path
 from typing import Any
 
@@ -27,21 +26,13 @@ from tests.agent.link_support import (
     shared_director,
 )
 from tests.conftest import start_agent
+from tests.polling import wait_until
 
 pytestmark = pytest.mark.integration
 
+EVERY_S = 0.1  # seconds between probes: each asks the agent process over HTTP
 DEVICE = "dev-integration-1"
 PASSWORD = "integration-secret"
-
-
-def wait_until(what: Any, within_s: float = 60.0, message: str = "") -> Any:
-    deadline = time.monotonic() + within_s
-    while True:
-        result = what()
-        if result:
-            return result
-        assert time.monotonic() < deadline, f"timed out waiting for {message or what}"
-        time.sleep(0.1)  # polling another process
 
 
 def fleet_status(url: str) -> dict[str, Any]:
@@ -81,7 +72,9 @@ def test_an_agent_joins_the_fleet_and_serves_its_desired_models_offline(
                 assert len(ctl.requests) == 1  # enrolled before serving
                 identity = json.loads((state_dir / "identity.json").read_text())
                 assert identity["device_id"] == DEVICE
-                wait_until(lambda: fleet_status(agent.url)["connected"], message="connected")
+                wait_until(
+                    lambda: fleet_status(agent.url)["connected"], "connected", every_s=EVERY_S
+                )
                 desired = DesiredState(
                     device_id=DEVICE, version=1, models=[DesiredModel(name="minilm")]
                 )
@@ -94,7 +87,8 @@ def test_an_agent_joins_the_fleet_and_serves_its_desired_models_offline(
                 )
                 wait_until(
                     lambda: httpx.get(f"{agent.url}/readyz").json()["models"] == ["minilm"],
-                    message="minilm served",
+                    "minilm served",
+                    every_s=EVERY_S,
                 )
                 embedded = httpx.post(
                     f"{agent.url}/v1/embeddings",
@@ -106,7 +100,7 @@ def test_an_agent_joins_the_fleet_and_serves_its_desired_models_offline(
                 loop.run_until_complete(
                     publish(f"edgefleet/v1/devices/{DEVICE}/cmd", encode(flush))
                 )
-                batch = wait_until(lambda: seen("telemetry"), message="telemetry")[0]
+                batch = wait_until(lambda: seen("telemetry"), "telemetry", every_s=EVERY_S)[0]
                 assert batch["samples"][0]["requests"] >= 1
                 report = wait_until(
                     lambda: [
@@ -114,7 +108,8 @@ def test_an_agent_joins_the_fleet_and_serves_its_desired_models_offline(
                         for r in seen("reported")
                         if r.get("converged") and r.get("desired_version") == 1
                     ],
-                    message="a converged report",
+                    "a converged report",
+                    every_s=EVERY_S,
                 )[-1]
                 assert [(m["name"], m["state"]) for m in report["models"]] == [("minilm", "ready")]
             finally:

@@ -9,31 +9,22 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import httpx
 import pytest
 
 from scripts.servers import Controller, MosquittoBroker, free_port, running_controller
 from tests.conftest import AgentProcess, start_agent
+from tests.polling import wait_until
 
 pytestmark = pytest.mark.integration
 
-T = TypeVar("T")
 LLM = "gemma3-270m"
-
-
-def wait_for(probe: Callable[[], T | None], what: str, within_s: float = 60.0) -> T:
-    deadline = time.monotonic() + within_s
-    while True:
-        result = probe()
-        if result:
-            return result
-        assert time.monotonic() < deadline, f"timed out after {within_s:.0f} s waiting for {what}"
-        time.sleep(0.2)  # polling other processes
+EVERY_S = 0.2  # seconds between probes: each asks the controller or the agent over HTTP
 
 
 def admin(controller: Controller) -> httpx.Client:
@@ -133,7 +124,9 @@ def test_broker_outage_of_30_s_loses_no_request_and_no_sample(
         ) as agent,
     ):
         device = device_id_of(tmp_path)
-        wait_for(lambda: online_with_samples(controller, device, 2), "the first samples")
+        wait_until(
+            lambda: online_with_samples(controller, device, 2), "the first samples", every_s=EVERY_S
+        )
 
         body = {"model": LLM, "prompt": "Edge", "max_tokens": 2, "temperature": 0}
         sent = 0
@@ -154,11 +147,12 @@ def test_broker_outage_of_30_s_loses_no_request_and_no_sample(
         broker.start()
         ask()
 
-        wait_for(lambda: drained(agent), "the spool to drain", within_s=90)
+        wait_until(lambda: drained(agent), "the spool to drain", within_s=90, every_s=EVERY_S)
         # the window holding the last request closes within one interval
-        wait_for(
+        wait_until(
             lambda: sum(r["requests"] for r in samples(controller, device)) >= sent,
             "every request to be counted",
+            every_s=EVERY_S,
         )
         rows = samples(controller, device)
         assert_exactly_once(rows)
@@ -174,19 +168,28 @@ def test_agent_killed_mid_spool_loses_nothing(
         token = new_token(controller)
         with enrolled_agent(tmp_path, controller, model_store, [], token=token) as agent:
             device = device_id_of(tmp_path)
-            wait_for(lambda: online_with_samples(controller, device, 1), "the first sample")
+            wait_until(
+                lambda: online_with_samples(controller, device, 1),
+                "the first sample",
+                every_s=EVERY_S,
+            )
             broker.stop()
-            wait_for(lambda: fleet_status(agent)["spool"]["entries"] >= 5, "a spool backlog")
+            wait_until(
+                lambda: fleet_status(agent)["spool"]["entries"] >= 5,
+                "a spool backlog",
+                every_s=EVERY_S,
+            )
             agent.proc.kill()  # SIGKILL: no clean shutdown, no flush
             agent.proc.wait()
         broker.start()
         with enrolled_agent(tmp_path, controller, model_store, []) as agent:
             assert device_id_of(tmp_path) == device  # the same identity, no new enrollment
-            wait_for(lambda: drained(agent), "the spool to drain", within_s=90)
+            wait_until(lambda: drained(agent), "the spool to drain", within_s=90, every_s=EVERY_S)
             last = max(r["seq"] for r in samples(controller, device))
-            wait_for(
+            wait_until(
                 lambda: max(r["seq"] for r in samples(controller, device)) >= last + 2,
                 "samples after the restart",
+                every_s=EVERY_S,
             )
         rows = samples(controller, device)
         assert_exactly_once(rows)
@@ -214,22 +217,34 @@ def test_controller_restart_with_the_embedded_broker_devices_reconnect_state_int
             with admin(controller) as api:
                 desired = {"models": [{"name": "minilm"}]}
                 assert api.put(f"/api/v1/devices/{device}/desired", json=desired).is_success
-            wait_for(lambda: in_sync(controller, device), "desired and reported in sync")
+            wait_until(
+                lambda: in_sync(controller, device), "desired and reported in sync", every_s=EVERY_S
+            )
 
             controller.proc.terminate()  # a restart; the embedded broker stops with it
             controller.proc.wait(timeout=30)
-            wait_for(lambda: not fleet_status(agent)["connected"], "the agent to notice")
+            wait_until(
+                lambda: not fleet_status(agent)["connected"], "the agent to notice", every_s=EVERY_S
+            )
             reply = httpx.post(
                 f"{agent.url}/v1/embeddings", json={"model": "minilm", "input": "x"}, timeout=30
             )
             assert reply.status_code == 200  # serving never waits on the fleet
 
             with running_controller(tmp_path, database_url, *args) as restarted:
-                wait_for(lambda: fleet_status(agent)["connected"], "the agent to reconnect")
-                wait_for(lambda: in_sync(restarted, device), "the device online and in sync")
+                wait_until(
+                    lambda: fleet_status(agent)["connected"],
+                    "the agent to reconnect",
+                    every_s=EVERY_S,
+                )
+                wait_until(
+                    lambda: in_sync(restarted, device),
+                    "the device online and in sync",
+                    every_s=EVERY_S,
+                )
                 with admin(restarted) as api:
                     detail = api.get(f"/api/v1/devices/{device}").json()
                 assert detail["desired"]["version"] == 1
                 assert [m["name"] for m in detail["reported"]["models"]] == ["minilm"]
-                wait_for(lambda: drained(agent), "the spool to drain")
+                wait_until(lambda: drained(agent), "the spool to drain", every_s=EVERY_S)
                 assert_exactly_once(samples(restarted, device))

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import re
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 
 from tests.conftest import AgentProcess, start_agent
+from tests.polling import wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -99,15 +99,6 @@ def test_identical_deterministic_request_is_served_from_the_response_cache(
     assert metric(agent.url, "edgefleet_response_cache_total", 'result="hit"') == hits + 1
 
 
-def wait_for_idle(url: str, timeout: float = 10.0) -> float:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if metric(url, "edgefleet_active_slots") == 0:
-            return time.monotonic()
-        time.sleep(0.02)
-    raise AssertionError("slots still busy")
-
-
 def test_disconnecting_a_stream_cancels_its_generation(agent: AgentProcess) -> None:
     tokens_before = metric(agent.url, "edgefleet_tokens_total", 'kind="completion"')
     gone_before = metric(agent.url, "edgefleet_requests_total", 'status="499"')
@@ -127,7 +118,9 @@ def test_disconnecting_a_stream_cancels_its_generation(agent: AgentProcess) -> N
         lines = r.iter_lines()
         got = [line for _, line in zip(range(6), lines, strict=False) if line.startswith("data:")]
         assert got
-    wait_for_idle(agent.url)
+    wait_until(
+        lambda: metric(agent.url, "edgefleet_active_slots") == 0, "every slot idle", within_s=10
+    )
     generated = metric(agent.url, "edgefleet_tokens_total", 'kind="completion"') - tokens_before
     assert generated < 200, f"generation went on after the client left ({generated} tokens)"
     assert metric(agent.url, "edgefleet_requests_total", 'status="499"') == gone_before + 1
@@ -145,7 +138,9 @@ def test_disconnecting_a_plain_request_cancels_its_generation(agent: AgentProces
     }
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(f"{agent.url}/v1/completions", json=body, timeout=httpx.Timeout(60, read=1.0))
-    wait_for_idle(agent.url)
+    wait_until(
+        lambda: metric(agent.url, "edgefleet_active_slots") == 0, "every slot idle", within_s=10
+    )
     generated = metric(agent.url, "edgefleet_tokens_total", 'kind="completion"') - tokens_before
     assert generated < 400, f"generation went on after the client left ({generated} tokens)"
 

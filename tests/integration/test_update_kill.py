@@ -23,13 +23,15 @@ import pytest
 
 from agent.store import ModelStore
 from tests.integration.update_support import (
+    EVERY_S,
     LLM,
+    UPDATE_S,
     Artifacts,
     Fleet,
     make_artifacts,
     update_fleet,
-    wait_until,
 )
+from tests.polling import wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -39,7 +41,12 @@ KILL_WITHIN_S = 5.0  # seconds; a whole update of the 253 MB model takes about 4
 
 def answer_from_verified_model(fleet: Fleet, verified: set[str]) -> str:
     """The sha256 of the model that answered a chat request after a restart."""
-    wait_until(lambda: _try_chat(fleet), "a chat answer after the restart", 120.0)
+    wait_until(
+        lambda: _try_chat(fleet),
+        "a chat answer after the restart",
+        within_s=UPDATE_S,
+        every_s=EVERY_S,
+    )
     served = fleet.served()
     assert served is not None
     assert served["sha256"] in verified, f"served {served}, which is not a verified model"
@@ -94,7 +101,12 @@ def test_sigkill_at_random_moments_of_updates_never_leaves_the_agent_unable_to_s
                 }
             )
         # With no more kills the last update completes.
-        wait_until(lambda: fleet.served_version() == trials[-1]["wanted"], "the last update")
+        wait_until(
+            lambda: fleet.served_version() == trials[-1]["wanted"],
+            "the last update",
+            within_s=UPDATE_S,
+            every_s=EVERY_S,
+        )
     answered = sum(1 for t in trials if t["served"] in verified)
     phases = Counter(str(t["phase"]) for t in trials)
     summary = {

@@ -13,12 +13,14 @@ from pathlib import Path
 import pytest
 
 from tests.integration.update_support import (
+    EVERY_S,
+    UPDATE_S,
     Artifacts,
     Fleet,
     make_artifacts,
     update_fleet,
-    wait_until,
 )
+from tests.polling import wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -39,8 +41,18 @@ def test_update_installs_health_checks_and_rolls_back_a_broken_model(
 ) -> None:
     sha11 = fleet.push(artifacts.v11, "1.1")
     fleet.desire("1.1")
-    wait_until(lambda: fleet.served_version() == "1.1", "version 1.1 served")
-    healthy = wait_until(lambda: fleet.events("update_healthy"), "an update_healthy event")
+    wait_until(
+        lambda: fleet.served_version() == "1.1",
+        "version 1.1 served",
+        within_s=UPDATE_S,
+        every_s=EVERY_S,
+    )
+    healthy = wait_until(
+        lambda: fleet.events("update_healthy"),
+        "an update_healthy event",
+        within_s=UPDATE_S,
+        every_s=EVERY_S,
+    )
     assert healthy[0]["data"]["sha256"] == sha11
     progress = fleet.events("update_progress")
     assert progress, "download progress was reported"
@@ -61,6 +73,8 @@ def test_update_installs_health_checks_and_rolls_back_a_broken_model(
                 e for e in fleet.events("update_rolled_back") if e["data"]["version"] == f"9.{n}"
             ],
             f"the broken 9.{n} rolled back",
+            within_s=UPDATE_S,
+            every_s=EVERY_S,
         )
         assert "health check failed" in rolled[0]["data"]["reason"]
         assert fleet.served_version() == "1.1"
@@ -71,6 +85,8 @@ def test_update_installs_health_checks_and_rolls_back_a_broken_model(
     rolled = wait_until(
         lambda: [e for e in fleet.events("update_rolled_back") if e["data"]["version"] == "1.2"],
         "1.2 rolled back on its golden prompt",
+        within_s=UPDATE_S,
+        every_s=EVERY_S,
     )
     assert "lacks 'Zanzibar'" in rolled[0]["data"]["reason"]
     assert fleet.served_version() == "1.1"
@@ -80,7 +96,12 @@ def test_update_installs_health_checks_and_rolls_back_a_broken_model(
     # A legitimate rollback is a new desired state naming the older target.
     fleet.push(artifacts.original, "1.0")
     fleet.desire("1.0")
-    wait_until(lambda: fleet.served_version() == "1.0", "version 1.0 served again")
+    wait_until(
+        lambda: fleet.served_version() == "1.0",
+        "version 1.0 served again",
+        within_s=UPDATE_S,
+        every_s=EVERY_S,
+    )
     assert fleet.chat()
 
 
@@ -93,6 +114,8 @@ def test_an_artifact_changed_on_the_server_is_refused_and_nothing_is_installed(
     refused = wait_until(
         lambda: [e for e in fleet.events("update_failed") if "RAM" in e["data"]["reason"]],
         "the oversized model refused",
+        within_s=UPDATE_S,
+        every_s=EVERY_S,
     )
     assert refused[0]["data"]["phase"] == "verify"
     assert not fleet.events("update_progress"), "nothing was downloaded"
@@ -107,6 +130,8 @@ def test_an_artifact_changed_on_the_server_is_refused_and_nothing_is_installed(
     failed = wait_until(
         lambda: [e for e in fleet.events("update_failed") if e["data"]["phase"] == "download"],
         "the tampered download refused",
+        within_s=UPDATE_S,
+        every_s=EVERY_S,
     )
     assert "sha256" in failed[0]["data"]["reason"]
     assert fleet.served_version() != "1.2"

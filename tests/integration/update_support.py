@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,9 +24,11 @@ from agent.catalog import BUNDLED
 from agent.store import ModelStore
 from scripts.servers import Controller, free_port, running_controller
 from tests.conftest import AgentProcess, start_agent
-from tests.integration.test_fleet_system import admin, new_token, wait_for
+from tests.integration.test_fleet_system import EVERY_S, admin, new_token
+from tests.polling import wait_until
 
 LLM = "gemma3-270m"
+UPDATE_S = 120.0  # seconds: an update of the 253 MB model with its health check, with room
 
 
 def gguf_variant(source: Path, dest: Path, name: bytes) -> Path:
@@ -191,13 +193,13 @@ def update_fleet(tmp_path: Path, model_store: Path) -> Iterator[Fleet]:
         fleet.agent = start_agent(tmp_path, store, settings=settings, models=[{"name": LLM}])
         try:
             identity = tmp_path / "agent-state" / "identity.json"
-            wait_for(identity.exists, "the agent to enroll")
+            wait_until(identity.exists, "the agent to enroll", every_s=EVERY_S)
             fleet.device_id = json.loads(identity.read_text())["device_id"]
-            wait_for(lambda: fleet.reported().get("status") == "online", "the device online")
+            wait_until(
+                lambda: fleet.reported().get("status") == "online",
+                "the device online",
+                every_s=EVERY_S,
+            )
             yield fleet
         finally:
             fleet.agent.stop()
-
-
-def wait_until(probe: Callable[[], Any], what: str, within_s: float = 120.0) -> Any:
-    return wait_for(probe, what, within_s)
