@@ -8,7 +8,8 @@ what never happened, and the last value the probe returned.
 ``ignoring`` lists exceptions that mean "not yet" (a server still starting refuses
 connections): the probe is tried again, and the last such error becomes the timeout's
 cause. Any other exception from the probe fails the wait at once. ``detail`` adds what
-helps to explain a timeout (a process's log, the messages seen so far).
+helps to explain a timeout (a process's log, the messages seen so far). ``in_time``
+bounds a single await (a task, a future) the same way.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
-__all__ = ["eventually", "wait_until"]
+__all__ = ["eventually", "in_time", "wait_until"]
 
 T = TypeVar("T")
 
@@ -88,3 +89,15 @@ async def eventually(
         if time.monotonic() > deadline:
             raise _timed_out(what, within_s, value, error, detail) from error
         await asyncio.sleep(every_s)  # polling state another task or process changes
+
+
+async def in_time(awaitable: Awaitable[T], what: str, *, within_s: float = WITHIN_S) -> T:
+    """Await ``awaitable``; past ``within_s`` cancel it and fail, naming ``what``."""
+    timeout = asyncio.timeout(within_s)
+    try:
+        async with timeout:
+            return await awaitable
+    except TimeoutError:
+        if not timeout.expired():
+            raise  # the awaitable's own timeout, not ours
+        raise AssertionError(f"timed out after {within_s:g} s waiting for {what}") from None

@@ -1,4 +1,8 @@
-"""Continuous batching against the fake decoder: correctness of slots, queue and cancellation."""
+"""Continuous batching against the fake decoder: correctness of slots, queue and cancellation.
+
+Every wait has a deadline (:data:`WITHIN_S`), so a scheduler bug fails a test with
+what it waited for instead of hanging the suite.
+"""
 
 from __future__ import annotations
 
@@ -18,7 +22,9 @@ from agent.errors import (
 )
 from agent.serving.scheduler import BatchScheduler, GenerationRequest, GenerationResult
 from tests.fakes.decoder import FakeDecoder
+from tests.polling import eventually, in_time
 
+WITHIN_S = 10.0  # seconds; each wait here takes milliseconds
 PROMPTS = ["hello", "world wide", "abc", "the quick brown fox", "zz", "edge fleet", "q", "batching"]
 
 
@@ -54,7 +60,11 @@ def req(text: str, decoder: FakeDecoder, **kw: object) -> GenerationRequest:
 
 async def run(sched: BatchScheduler, request: GenerationRequest) -> tuple[str, GenerationResult]:
     gen = sched.submit(request)
-    parts = [p async for p in gen]
+
+    async def stream() -> list[str]:
+        return [p async for p in gen]
+
+    parts = await in_time(stream(), "the generation to finish", within_s=WITHIN_S)
     assert gen.result is not None
     return "".join(parts), gen.result
 
@@ -155,12 +165,14 @@ def test_long_prompt_is_prefilled_in_budgeted_chunks_without_stalling_others(
 
     async def scenario() -> None:
         running = sched.submit(req("short", decoder, max_tokens=60, ignore_eos=True))
-        while not sched.active:  # admitted; the decode thread now waits at the gate
-            await asyncio.sleep(0.001)
+        # admitted; the decode thread now waits at the gate
+        await eventually(
+            lambda: sched.active, "the short request admitted", within_s=WITHIN_S, every_s=0.001
+        )
         long = sched.submit(req("x" * 100, decoder, max_tokens=2))
         decoder.step_gate.set()
-        await long.complete()
-        await running.complete()
+        await in_time(long.complete(), "the long prompt's answer", within_s=WITHIN_S)
+        await in_time(running.complete(), "the running stream's answer", within_s=WITHIN_S)
 
     try:
         asyncio.run(scenario())
@@ -181,11 +193,15 @@ def test_cancel_frees_the_slot_within_one_decode_step(decoder: FakeDecoder) -> N
     async def scenario() -> tuple[int, str]:
         gen = sched.submit(req("long one", decoder, max_tokens=10_000, ignore_eos=True))
         it = gen.__aiter__()
-        await it.__anext__()
+        await in_time(it.__anext__(), "the first token", within_s=WITHIN_S)
         steps_at_cancel = sched.steps
         gen.cancel()
-        while sched.active:
-            await asyncio.sleep(0.001)
+        await eventually(
+            lambda: not sched.active,
+            "the cancelled request's slot freed",
+            within_s=WITHIN_S,
+            every_s=0.001,
+        )
         extra = sched.steps - steps_at_cancel
         _, other = await run(sched, req("next", decoder, max_tokens=3))
         return extra, other.text
@@ -205,15 +221,20 @@ def test_full_queue_is_refused_with_retry_after(decoder: FakeDecoder) -> None:
 
     async def scenario() -> list[GenerationResult]:
         first = sched.submit(req("one", decoder))
-        while not sched.active:  # the thread has admitted it and is blocked in decode
-            await asyncio.sleep(0.001)
+        # the thread has admitted it and is blocked in decode
+        await eventually(
+            lambda: sched.active, "the first request admitted", within_s=WITHIN_S, every_s=0.001
+        )
         queued = [sched.submit(req("two", decoder)), sched.submit(req("three", decoder))]
         with pytest.raises(Overloaded) as refused:
             sched.submit(req("four", decoder))
         assert refused.value.retry_after >= 1
         assert refused.value.status == 429
         decoder.step_gate.set()
-        return [await g.complete() for g in (first, *queued)]
+        return [
+            await in_time(g.complete(), f"answer {n} of 3", within_s=WITHIN_S)
+            for n, g in enumerate((first, *queued), 1)
+        ]
 
     try:
         results = asyncio.run(scenario())
@@ -233,9 +254,9 @@ def test_request_past_its_deadline_times_out(decoder: FakeDecoder) -> None:
         late = sched.submit(req("two", decoder, timeout_s=0.05))
         await asyncio.sleep(0.1)  # the deadline itself is what is under test
         decoder.step_gate.set()
-        await blocker.complete()
+        await in_time(blocker.complete(), "the blocking request's answer", within_s=WITHIN_S)
         with pytest.raises(RequestTimeout):
-            await late.complete()
+            await in_time(late.complete(), "the late request's end", within_s=WITHIN_S)
 
     try:
         asyncio.run(scenario())
@@ -282,13 +303,14 @@ def test_close_fails_waiting_requests_and_frees_the_model(decoder: FakeDecoder) 
     async def scenario() -> None:
         running = sched.submit(req("one", decoder))
         waiting = sched.submit(req("two", decoder))
-        closer = threading.Thread(target=sched.close)
+        closer = threading.Thread(target=sched.close, daemon=True)
         closer.start()
         decoder.step_gate.set()
-        closer.join()
+        closer.join(timeout=WITHIN_S)
+        assert not closer.is_alive(), f"close() did not return within {WITHIN_S:g} s"
         for gen in (running, waiting):
             with pytest.raises(ModelNotReady):
-                await gen.complete()
+                await in_time(gen.complete(), "the request's end after close", within_s=WITHIN_S)
         with pytest.raises(ModelNotReady):
             sched.submit(req("three", decoder))
 

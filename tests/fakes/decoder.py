@@ -12,11 +12,13 @@ import hashlib
 import threading
 from collections.abc import Mapping, Sequence
 
+from agent.errors import Transient
 from agent.runtime.base import RuntimeInfo, SamplingParams
 from agent.runtime.llama_cpp import BatchEntry
 from models.manifest import ModelFormat, ModelManifest
 
 VOCAB = 27  # 0 = EOG, 1..26 = a..z
+GATE_S = 30.0  # seconds a shut step gate holds a decode step before failing it
 
 
 class FakeDecoder:
@@ -64,12 +66,10 @@ class FakeDecoder:
         return "".join(m["content"] for m in messages)
 
     def decode(self, entries: Sequence[BatchEntry]) -> list[int]:
-        if self.step_gate is not None:
-            self.step_gate.wait()
+        if self.step_gate is not None and not self.step_gate.wait(GATE_S):
+            raise Transient(f"FakeDecoder: the step gate stayed shut for {GATE_S:g} s")
         if self.fail_next:
             self.fail_next = False
-            from agent.errors import Transient
-
             raise Transient("llama_decode failed with code -1")
         out: list[int] = []
         n = 0
