@@ -17,29 +17,19 @@ import os
 import secrets
 import signal
 import tempfile
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import aiomqtt
-from pydantic import ValidationError
 
 from agent.link.identity import Identity, StateDir
 from fleet.registry.keys import KeyStore
 from fleet.registry.repository import TufRepository
 from models.director import sign_desired
-from models.trust import TrustError, verify_enrollment
-from models.wire import (
-    BrokerCredentials,
-    DesiredState,
-    EnrollmentRequest,
-    EnrollmentResponse,
-    utc_now,
-)
+from models.wire import BrokerCredentials, DesiredState, utc_now
 from scripts.servers import MosquittoBroker
 from tests.polling import eventually
 
@@ -191,85 +181,6 @@ class Watcher:
             return f"last messages: {[(m.channel, m.payload[:120]) for m in self.messages[-10:]]}"
 
         return await eventually(lambda: probe(self), what, within_s=within_s, detail=last_messages)
-
-
-Responder = Callable[[EnrollmentRequest], tuple[int, dict[str, Any]]]
-
-
-class FakeController:
-    """A tiny real HTTP enrollment endpoint: checks the proof as the controller does.
-
-    ``respond`` decides the answer for each verified request; a request whose proof
-    does not verify gets 403 with the reason, like the real one.
-    """
-
-    def __init__(self, respond: Responder, port: int = 0) -> None:
-        self.respond = respond
-        self.requests: list[EnrollmentRequest] = []
-        controller = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                body = self.rfile.read(int(self.headers.get("content-length", 0)))
-                if self.path != "/api/v1/enroll":
-                    self._answer(404, {"detail": "Not Found"})
-                    return
-                try:
-                    request = EnrollmentRequest.model_validate_json(body)
-                    verify_enrollment(request, datetime.now(UTC))
-                except ValidationError as exc:
-                    self._answer(
-                        422, {"detail": exc.errors(include_url=False, include_context=False)}
-                    )
-                    return
-                except TrustError as exc:
-                    self._answer(403, {"detail": str(exc)})
-                    return
-                controller.requests.append(request)
-                self._answer(*controller.respond(request))
-
-            def _answer(self, status: int, body: dict[str, Any]) -> None:
-                data = json.dumps(body, default=str).encode()
-                self.send_response(status)
-                self.send_header("content-type", "application/json")
-                self.send_header("content-length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def log_message(self, format: str, *args: Any) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.server.server_address[1]}"
-
-    def __enter__(self) -> FakeController:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-        self.thread.join(5)
-
-
-def accept_as(
-    device_id: str, broker_url: str, password: str, *, telemetry_interval_s: float = 10.0
-) -> Responder:
-    def respond(request: EnrollmentRequest) -> tuple[int, dict[str, Any]]:
-        response = EnrollmentResponse(
-            device_id=device_id,
-            broker=BrokerCredentials(
-                url=broker_url, username=device_id, password=password, client_id=device_id
-            ),
-            telemetry_interval_s=telemetry_interval_s,
-        )
-        return 200, response.model_dump(mode="json")
-
-    return respond
 
 
 @dataclass

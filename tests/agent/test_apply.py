@@ -15,7 +15,7 @@ import pytest
 from agent.config import AgentSettings, ModelSpec
 from agent.errors import ModelLoadError
 from agent.metrics import AgentMetrics
-from agent.runtime.base import RuntimeInfo, ServedModel
+from agent.runtime.base import ServedModel
 from agent.serving.registry import ModelRegistry
 from agent.state.apply import ExecutorContext, ModelController, Outcome, specs_for_desired
 from agent.state.report import build_report, report_key
@@ -24,6 +24,7 @@ from agent.store import ModelStore
 from models.device import DeviceReport
 from models.manifest import ModelFormat, ModelManifest, RuntimeParams
 from models.wire import DesiredModel, DesiredState, ModelState
+from tests.fakes.models import FakeModel
 
 DEVICE = "dev-apply-1"
 NOW = datetime(2026, 5, 1, tzinfo=UTC)
@@ -46,23 +47,6 @@ def desired(version: int, *models: tuple[str, str | None]) -> DesiredState:
         version=version,
         models=[DesiredModel(name=n, version=v) for n, v in models],
     )
-
-
-class FakeModel:
-    def __init__(self, manifest: ModelManifest) -> None:
-        self._manifest = manifest
-        self.closed = False
-
-    @property
-    def manifest(self) -> ModelManifest:
-        return self._manifest
-
-    @property
-    def info(self) -> RuntimeInfo:
-        return RuntimeInfo("fake", "0", "cpu", "fake", memory_bytes=1000)
-
-    def close(self) -> None:
-        self.closed = True
 
 
 # -- the pure mapping -----------------------------------------------------------------

@@ -23,10 +23,10 @@ from agent.api.deps import get_state
 from agent.api.kserve import router
 from agent.catalog import bundled_minilm
 from agent.errors import AgentError
-from agent.runtime.base import RuntimeInfo
 from agent.runtime.onnx import OnnxEmbedder, load_onnx
 from agent.serving.registry import ModelRegistry
 from models.manifest import ModelManifest, RuntimeParams
+from tests.fakes.models import FakeModel
 
 TABLE = np.array([[9, 9], [0, 1], [1, 0], [3, 4]], dtype=np.float32)  # [PAD], [UNK], a, b
 VOCAB = {"[PAD]": 0, "[UNK]": 1, "a": 2, "b": 3}
@@ -78,16 +78,6 @@ def tiny_model(tmp_path: Path) -> OnnxEmbedder:
     tokenizer.pre_tokenizer = Whitespace()
     tokenizer.save(str(tmp_path / "tokenizer.json"))
     return load_onnx(tmp_path / "model.onnx", manifest(), tmp_path / "tokenizer.json")
-
-
-class NotAnEmbedder:
-    """A served model without tensors (a chat model, say)."""
-
-    manifest = manifest("chat")
-    info = RuntimeInfo(runtime="llama.cpp", runtime_version="0", device="cpu", provider="cpu")
-
-    def close(self) -> None:
-        pass
 
 
 def make_client(registry: ModelRegistry, api_keys: list[SecretStr] | None = None) -> TestClient:
@@ -176,7 +166,7 @@ def test_loading_model_is_503_and_unknown_is_404(registry: ModelRegistry) -> Non
 
 
 def test_a_model_without_tensors_is_refused(registry: ModelRegistry) -> None:
-    registry.publish("chat", NotAnEmbedder())
+    registry.publish("chat", FakeModel(manifest("chat")))  # served, but without tensors
     assert_error(make_client(registry).get("/v2/models/chat"), 400, "does not support")
 
 

@@ -18,14 +18,8 @@ from pathlib import Path
 
 from scripts.servers import MosquittoBroker
 from tests.agent.link_support import Watcher, authorize, write_identity
-from tests.agent.test_link_session import (
-    DEVICE,
-    DEVICE_REPORT,
-    PASSWORD,
-    FakeHost,
-    FakeTelemetry,
-    settings,
-)
+from tests.agent.test_link_session import DEVICE, DEVICE_REPORT, PASSWORD, settings
+from tests.fakes.link_host import FakeHost, FakeTelemetry
 from tests.polling import eventually
 
 REPO = Path(__file__).resolve().parents[2]

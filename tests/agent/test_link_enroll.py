@@ -26,14 +26,10 @@ from models.device import DeviceReport
 from models.trust import sign_enrollment, verify_enrollment
 from models.wire import EnrollmentRequest
 from scripts.servers import MosquittoBroker, free_port
-from tests.agent.link_support import (
-    WITHIN_S,
-    FakeController,
-    Watcher,
-    accept_as,
-    authorize,
-)
-from tests.agent.test_link_session import DEVICE_REPORT, FakeHost, FakeTelemetry, settings
+from tests.agent.link_support import WITHIN_S, Watcher, authorize
+from tests.agent.test_link_session import DEVICE_REPORT, settings
+from tests.fakes.enrollment import FakeController, accept_as
+from tests.fakes.link_host import FakeHost, FakeTelemetry
 from tests.polling import eventually
 
 DEVICE = "dev-enroll-1"

@@ -16,15 +16,12 @@ import pytest
 
 from agent.config import LinkSettings
 from agent.link.fleet import FleetLink
-from agent.link.telemetry import Gauges
-from agent.metrics import WindowStats
 from models.device import DeviceReport
 from models.wire import (
     Command,
     CommandKind,
     DesiredState,
     EventKind,
-    ReportedState,
     encode,
     utc_now,
 )
@@ -38,6 +35,7 @@ from tests.agent.link_support import (
     shared_director,
     write_identity,
 )
+from tests.fakes.link_host import FakeHost, FakeTelemetry
 from tests.polling import eventually
 
 DEVICE = "dev-link-1"
@@ -52,50 +50,6 @@ DEVICE_REPORT = DeviceReport(
     ram_total_bytes=8 * 2**30,
     ram_available_bytes=4 * 2**30,
 )
-
-
-class FakeHost:
-    """Records what the link asks of the executor; reports what it was told."""
-
-    def __init__(self) -> None:
-        self.desired: DesiredState | None = None
-        self.applied: list[int] = []
-        self.reconciles = 0
-
-    @property
-    def desired_version(self) -> int | None:
-        return self.desired.version if self.desired else None
-
-    async def apply_desired(self, desired: DesiredState) -> list[Any]:
-        self.applied.append(desired.version)
-        self.desired = desired
-        return []
-
-    async def reconcile(self) -> list[Any]:
-        self.reconciles += 1
-        return []
-
-    def attach_updates(self, source: Any, emit: Any) -> None:
-        self.source = source
-
-    def report(self, device_id: str) -> ReportedState:
-        return ReportedState(
-            device_id=device_id,
-            desired_version=self.desired_version,
-            converged=True,
-            agent_version="test",
-        )
-
-
-class FakeTelemetry:
-    """Each window reports one more request than the last, so samples are tellable apart."""
-
-    def __init__(self) -> None:
-        self.windows = 0
-
-    def read(self) -> tuple[WindowStats, Gauges]:
-        self.windows += 1
-        return WindowStats(1.0, self.windows, 0, 0, 0, (0.01,), ()), Gauges(queue_depth=1)
 
 
 def settings(state_dir: Path, **overrides: object) -> LinkSettings:

@@ -20,7 +20,8 @@ from agent.link.fleet import FleetLink
 from agent.link.identity import StateDir
 from scripts.servers import MOSQUITTO, MosquittoBroker, free_port, wait_port
 from tests.agent.link_support import ACL, CONTROLLER, WITHIN_S, mosquitto_hash, write_identity
-from tests.agent.test_link_session import DEVICE_REPORT, FakeHost, FakeTelemetry, settings
+from tests.agent.test_link_session import DEVICE_REPORT, settings
+from tests.fakes.link_host import FakeHost, FakeTelemetry
 from tests.polling import eventually
 
 DEVICE = "dev-tls-1"

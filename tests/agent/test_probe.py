@@ -4,7 +4,6 @@ import sys
 import types
 from datetime import UTC
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -25,6 +24,7 @@ from agent.probe import (
     sample_gpus,
 )
 from models.device import DeviceReport, GpuSample
+from tests.fakes.gpu import FakeJtop, FakeNvml, fake_tegrastats
 
 MIB = 2**20
 
@@ -281,82 +281,7 @@ def test_parse_jtop_stats_sensor_off_and_missing() -> None:
     assert parse_jtop_stats({"CPU1": 3, "Power TOT": 4000}) is None
 
 
-# --------------------------------------------------------------------------- fakes
-
-
-class FakeNvml(types.ModuleType):
-    """Just enough of pynvml (nvidia-ml-py) for the probe, with call counters."""
-
-    NVML_TEMPERATURE_GPU = 0
-
-    class NVMLError(Exception):
-        pass
-
-    def __init__(self, *, fail_init: bool = False, fail_temperature: bool = False) -> None:
-        super().__init__("pynvml")
-        self.fail_init = fail_init
-        self.fail_temperature = fail_temperature
-        self.init_calls = 0
-        self.inits = 0
-        self.shutdowns = 0
-
-    def nvmlInit(self) -> None:
-        self.init_calls += 1
-        if self.fail_init:
-            raise self.NVMLError("NVML Shared Library Not Found")
-        self.inits += 1
-
-    def nvmlShutdown(self) -> None:
-        self.shutdowns += 1
-
-    def nvmlSystemGetDriverVersion(self) -> str:
-        return "580.82.07"
-
-    def nvmlSystemGetCudaDriverVersion(self) -> int:
-        return 13000
-
-    def nvmlDeviceGetCount(self) -> int:
-        return 2
-
-    def nvmlDeviceGetHandleByIndex(self, index: int) -> str:
-        return f"handle-{index}"
-
-    def nvmlDeviceGetName(self, handle: str) -> bytes:
-        return b"NVIDIA RTX 4000 Ada Generation" if handle == "handle-0" else b"NVIDIA L4"
-
-    def nvmlDeviceGetMemoryInfo(self, handle: str) -> Any:
-        return types.SimpleNamespace(total=20 * 2**30, used=3 * 2**30, free=17 * 2**30)
-
-    def nvmlDeviceGetUtilizationRates(self, handle: str) -> Any:
-        return types.SimpleNamespace(gpu=42, memory=7)
-
-    def nvmlDeviceGetTemperature(self, handle: str, sensor: int) -> int:
-        if self.fail_temperature:
-            raise self.NVMLError("Not Supported")
-        assert sensor == self.NVML_TEMPERATURE_GPU
-        return 51
-
-    def nvmlDeviceGetPowerUsage(self, handle: str) -> int:
-        return 123_456  # milliwatts
-
-
-class FakeJtop:
-    fail_start = False
-
-    def __init__(self) -> None:
-        self.closed = False
-        self.stats = {"GPU": 12.0, "Temp gpu": 44.0, "Power VDD_GPU_SOC": 2500}
-        self.memory = {"RAM": {"tot": 7_950_016, "used": 1_000_000}}
-
-    def start(self) -> None:
-        if self.fail_start:
-            raise RuntimeError("The jtop.service is not active. Please run: sudo systemctl ...")
-
-    def ok(self) -> bool:
-        return True
-
-    def close(self) -> None:
-        self.closed = True
+# --------------------------------------------------------------------------- fixtures
 
 
 @pytest.fixture
@@ -373,12 +298,6 @@ def fake_bin(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     bin_dir.mkdir()
     monkeypatch.setenv("PATH", f"{bin_dir}:/usr/bin:/bin")
     return bin_dir
-
-
-def _fake_tegrastats(bin_dir: Path, script: str) -> None:
-    exe = bin_dir / "tegrastats"
-    exe.write_text(f"#!/bin/sh\n{script}\n")
-    exe.chmod(0o755)
 
 
 @pytest.fixture
@@ -401,13 +320,13 @@ def jetson_root(tmp_path: Path) -> Path:
 
 def test_read_tegrastats_line_stops_the_tool(fake_bin: Path) -> None:
     # The real tool never exits; the fake idles the same way until it is stopped.
-    _fake_tegrastats(fake_bin, f'echo "{ORIN_NANO}"\nexec tail -f /dev/null')
+    fake_tegrastats(fake_bin, f'echo "{ORIN_NANO}"\nexec tail -f /dev/null')
     assert read_tegrastats_line() == ORIN_NANO
 
 
 def test_read_tegrastats_line_absent_or_silent(fake_bin: Path) -> None:
     assert read_tegrastats_line() is None  # not on PATH
-    _fake_tegrastats(fake_bin, "exit 1")
+    fake_tegrastats(fake_bin, "exit 1")
     assert read_tegrastats_line() is None
 
 
@@ -495,7 +414,7 @@ def test_probe_device_when_nvml_fails_to_start(
 def test_probe_device_on_a_jetson_with_tegrastats(
     jetson_root: Path, fake_bin: Path, no_gpu_libs: None
 ) -> None:
-    _fake_tegrastats(fake_bin, f'echo "{ORIN_NANO}"\nexec tail -f /dev/null')
+    fake_tegrastats(fake_bin, f'echo "{ORIN_NANO}"\nexec tail -f /dev/null')
     report = probe_device(root=jetson_root)
     assert report.is_jetson is True
     assert report.l4t_version == "36.4.3"
@@ -521,7 +440,7 @@ def test_probe_device_on_a_jetson_prefers_jtop(
         return clients[-1]
 
     monkeypatch.setitem(sys.modules, "jtop", types.SimpleNamespace(jtop=make))
-    _fake_tegrastats(fake_bin, "exit 1")  # would give nothing: jtop must be the source
+    fake_tegrastats(fake_bin, "exit 1")  # would give nothing: jtop must be the source
     report = probe_device(root=jetson_root)
     [gpu] = report.gpus
     assert gpu.source == "jtop"
@@ -537,7 +456,7 @@ def test_probe_device_on_a_jetson_falls_back_when_jtop_service_is_down(
     monkeypatch.setitem(sys.modules, "pynvml", None)
     monkeypatch.setattr(FakeJtop, "fail_start", True)
     monkeypatch.setitem(sys.modules, "jtop", types.SimpleNamespace(jtop=FakeJtop))
-    _fake_tegrastats(fake_bin, f'echo "{XAVIER}"')
+    fake_tegrastats(fake_bin, f'echo "{XAVIER}"')
     [gpu] = probe_device(root=jetson_root).gpus
     assert gpu.source == "tegrastats"
     assert gpu.utilization_percent == 99.0
@@ -604,7 +523,7 @@ def test_sampler_remembers_that_there_is_no_gpu(
 def test_sampler_on_a_jetson_uses_tegrastats(
     jetson_root: Path, fake_bin: Path, no_gpu_libs: None
 ) -> None:
-    _fake_tegrastats(fake_bin, f'echo "{NANO}"\nexec tail -f /dev/null')
+    fake_tegrastats(fake_bin, f'echo "{NANO}"\nexec tail -f /dev/null')
     with GpuSampler(root=jetson_root) as sampler:
         [reading] = sampler.sample()
         assert sampler.backend == "tegrastats"

@@ -17,15 +17,9 @@ import pytest
 
 from models.wire import Command, CommandKind, DesiredModel, DesiredState, encode
 from scripts.servers import MosquittoBroker
-from tests.agent.link_support import (
-    FakeController,
-    Watcher,
-    accept_as,
-    authorize,
-    controller_client,
-    shared_director,
-)
+from tests.agent.link_support import Watcher, authorize, controller_client, shared_director
 from tests.conftest import start_agent
+from tests.fakes.enrollment import FakeController, accept_as
 from tests.polling import wait_until
 
 pytestmark = pytest.mark.integration
