@@ -1,6 +1,6 @@
 """``edgefleet simulate``: run N simulated devices against a controller, from one process.
 
-:func:`simulate` is a plain typer command; ``fleet/cli.py`` registers it lazily so
+:func:`simulate` is a plain typer command; :mod:`fleet.cli.simulate` registers it lazily so
 the controller's own commands do not import aiomqtt. It raises the open-files
 limit (one socket per device), runs a :class:`~fleet.simulate.runner.Simulation`
 on one asyncio loop with a rich progress display, stops cleanly on Ctrl-C or

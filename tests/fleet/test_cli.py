@@ -17,6 +17,7 @@ import pytest
 import typer
 from fastapi.testclient import TestClient
 from pydantic import SecretStr
+from typer.core import TyperGroup
 from typer.testing import CliRunner, Result
 
 from fleet.app import create_app
@@ -302,3 +303,26 @@ def test_simulate_missing_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
     result = runner.invoke(app, ["simulate", "--devices", "5"])
     assert result.exit_code == 2
     assert "the fleet simulator is not available" in result.output
+
+
+def _command_paths(group: TyperGroup, prefix: tuple[str, ...] = ()) -> Iterator[tuple[str, ...]]:
+    yield prefix
+    for name, command in group.commands.items():
+        if isinstance(command, TyperGroup):
+            yield from _command_paths(command, (*prefix, name))
+        elif name != "simulate":  # its --help is the simulator's own (tested above)
+            yield (*prefix, name)
+
+
+def test_every_help_renders_as_plain_text() -> None:
+    """Typer shows docstrings verbatim: no reStructuredText markup may reach a user."""
+    root = typer.main.get_command(app)
+    assert isinstance(root, TyperGroup)
+    paths = list(_command_paths(root))
+    assert len(paths) > 30
+    for path in paths:
+        result = runner.invoke(app, [*path, "--help"], env={"COLUMNS": "200"})
+        assert result.exit_code == 0, (path, result.output)
+        assert "Usage: " in result.output, path
+        for markup in ("``", ":func:", ":class:", ":mod:", ":meth:"):
+            assert markup not in result.output, (path, markup)

@@ -1,0 +1,202 @@
+"""'edgefleet models': push model files to the registry, list and show them, yank versions."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from fleet.cli.connection import Connection, connected
+from fleet.cli.output import JsonOpt, console, fail, print_json, size, when
+
+__all__ = ["app"]
+
+app = typer.Typer(no_args_is_help=True, help="The model registry: push, list, show, yank.")
+
+ModelArg = Annotated[str, typer.Argument(help="the model")]
+
+
+def _card(card: Path | None) -> str | None:
+    if card is None:
+        return None
+    try:
+        return card.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        fail(f"cannot read the model card {card}: {exc}")
+
+
+def _metadata(metadata_file: Path | None) -> dict[str, Any]:
+    if metadata_file is None:
+        return {}
+    try:
+        metadata = json.loads(metadata_file.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        fail(f"cannot read the metadata file {metadata_file}: {exc}")
+    if not isinstance(metadata, dict):
+        fail(f"{metadata_file} must hold a JSON object")
+    return metadata
+
+
+@app.command("push")
+@connected
+def push(
+    connection: Connection,
+    file: Annotated[
+        Path, typer.Argument(exists=True, dir_okay=False, readable=True, help="GGUF or ONNX file")
+    ],
+    name: Annotated[str, typer.Option(help="model name: lower-case letters, digits, ._-")],
+    version: Annotated[str, typer.Option(help="version, e.g. 1.0.0")],
+    variant: Annotated[
+        str | None, typer.Option(help="variant, e.g. Q4_K_M (default: 'default')")
+    ] = None,
+    model_format: Annotated[
+        str | None,
+        typer.Option("--format", help="gguf or onnx (default: from the file's first bytes)"),
+    ] = None,
+    card: Annotated[
+        Path | None,
+        typer.Option(exists=True, dir_okay=False, readable=True, help="model card (Markdown)"),
+    ] = None,
+    context_length: Annotated[
+        int | None, typer.Option(min=1, help="the longest context it supports")
+    ] = None,
+    licence: Annotated[str | None, typer.Option(help="licence, e.g. an SPDX id")] = None,
+    quantization: Annotated[
+        str | None, typer.Option(help="quantization (default: the variant)")
+    ] = None,
+    metadata_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--metadata",
+            exists=True,
+            dir_okay=False,
+            readable=True,
+            help="JSON: ram_bytes, vram_bytes, runtime, golden_prompts "
+            '([{"prompt", "expect", "max_tokens"}]), ... (docs/updates.md)',
+        ),
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Upload a model file to the registry, streaming it with a progress bar."""
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TimeRemainingColumn,
+        TransferSpeedColumn,
+    )
+
+    card_text = _card(card)
+    metadata = _metadata(metadata_file)
+    options = {
+        "quantization": quantization or variant,
+        "context_length": context_length,
+        "licence": licence,
+    }
+    metadata.update({k: v for k, v in options.items() if v is not None})
+    params = {"variant": variant, "format": model_format, "filename": file.name}
+    path = f"/api/v1/models/{name}/versions/{version}"
+    progress = Progress(
+        "[progress.description]{task.description}",
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
+        console=Console(stderr=True),
+        transient=True,
+    )
+    with connection.client() as client:
+        with progress:
+            task = progress.add_task(f"pushing {file.name}", total=file.stat().st_size)
+            created, artifact = client.upload(
+                path,
+                file,
+                params=params,
+                metadata={k: v for k, v in metadata.items() if v is not None},
+                progress=lambda n: progress.advance(task, n),
+            )
+        if card_text is not None:
+            client.request(
+                "PUT",
+                f"{path}/card",
+                params={"variant": artifact["variant"]},
+                content=card_text.encode(),
+                headers={"Content-Type": "text/markdown; charset=utf-8"},
+            )
+    if as_json:
+        print_json(artifact)
+        return
+    what = "pushed" if created else "already registered (identical content)"
+    typer.echo(
+        f"{what}: {artifact['name']} {artifact['version']} ({artifact['variant']}, "
+        f"{artifact['format']}, {size(artifact['size_bytes'])}) sha256 {artifact['sha256']}"
+    )
+
+
+@app.command("list")
+@connected
+def list_models(connection: Connection, as_json: JsonOpt = False) -> None:
+    """Every model, with its latest version that is not yanked."""
+    with connection.client() as client:
+        models = client.get("/api/v1/models")
+    if as_json:
+        print_json(models)
+        return
+    table = Table("name", "latest", "variants", "versions", "updated", box=None)
+    for m in models:
+        table.add_row(
+            m["name"],
+            m["latest_version"] or "- (all yanked)",
+            ", ".join(m["latest_variants"]) or "-",
+            str(m["versions"]),
+            when(m["updated_at"]),
+        )
+    console().print(table)
+
+
+@app.command("show")
+@connected
+def show(connection: Connection, name: ModelArg, as_json: JsonOpt = False) -> None:
+    """A model's versions and variants, newest first."""
+    with connection.client() as client:
+        versions = client.get(f"/api/v1/models/{name}")
+    if as_json:
+        print_json(versions)
+        return
+    table = Table("version", "variant", "format", "size", "sha256", "uploaded", "yanked", box=None)
+    for v in versions:
+        for a in v["artifacts"]:
+            yanked = f"yes: {a['yank_reason']}" if a["yanked"] else "no"
+            table.add_row(
+                a["version"],
+                a["variant"],
+                a["format"],
+                size(a["size_bytes"]),
+                a["sha256"][:16],
+                when(a["created_at"]),
+                yanked,
+            )
+    console().print(table)
+
+
+@app.command("yank")
+@connected
+def yank(
+    connection: Connection,
+    name: ModelArg,
+    version: Annotated[str, typer.Argument(help="the version to withdraw")],
+    reason: Annotated[str, typer.Option(help="why, shown to admins")],
+    variant: Annotated[
+        str | None, typer.Option(help="only this variant (default: all of them)")
+    ] = None,
+) -> None:
+    """Withdraw a version: never offered as latest again, still downloadable for rollbacks."""
+    body = {"reason": reason, "variant": variant}
+    with connection.client() as client:
+        result = client.post(f"/api/v1/models/{name}/versions/{version}/yank", body)
+    variants = ", ".join(a["variant"] for a in result["artifacts"] if a["yanked"])
+    typer.echo(f"yanked {name} {version} ({variants})")
