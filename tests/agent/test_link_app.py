@@ -28,6 +28,8 @@ from tests.agent.link_support import (
 )
 from tests.polling import wait_until
 
+pytestmark = pytest.mark.integration  # a real Mosquitto and the real MiniLM
+
 WITHIN_S = 30.0  # seconds: the app's background tasks load MiniLM and reach the broker
 DEVICE = "dev-app-1"
 PASSWORD = "app-secret"

@@ -16,11 +16,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from scripts.servers import MosquittoBroker
 from tests.agent.link_support import Watcher, authorize, write_identity
 from tests.agent.test_link_session import DEVICE, DEVICE_REPORT, PASSWORD, settings
 from tests.fakes.link_host import FakeHost, FakeTelemetry
 from tests.polling import eventually
+
+pytestmark = pytest.mark.integration  # the link in child processes, a real Mosquitto
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -38,6 +38,8 @@ from tests.agent.link_support import (
 from tests.fakes.link_host import FakeHost, FakeTelemetry
 from tests.polling import eventually
 
+pytestmark = pytest.mark.integration  # a real Mosquitto
+
 DEVICE = "dev-link-1"
 PASSWORD = "device-secret-1"
 DEVICE_REPORT = DeviceReport(

@@ -24,6 +24,8 @@ from tests.agent.test_link_session import DEVICE_REPORT, settings
 from tests.fakes.link_host import FakeHost, FakeTelemetry
 from tests.polling import eventually
 
+pytestmark = pytest.mark.integration  # a real Mosquitto on TLS
+
 DEVICE = "dev-tls-1"
 PASSWORD = "tls-secret"
 

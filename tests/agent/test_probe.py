@@ -318,12 +318,14 @@ def jetson_root(tmp_path: Path) -> Path:
 # --------------------------------------------------------------------------- I/O shell
 
 
+@pytest.mark.integration  # runs the fake tegrastats as a subprocess
 def test_read_tegrastats_line_stops_the_tool(fake_bin: Path) -> None:
     # The real tool never exits; the fake idles the same way until it is stopped.
     fake_tegrastats(fake_bin, f'echo "{ORIN_NANO}"\nexec tail -f /dev/null')
     assert read_tegrastats_line() == ORIN_NANO
 
 
+@pytest.mark.integration  # runs the fake tegrastats as a subprocess
 def test_read_tegrastats_line_absent_or_silent(fake_bin: Path) -> None:
     assert read_tegrastats_line() is None  # not on PATH
     fake_tegrastats(fake_bin, "exit 1")
@@ -411,6 +413,7 @@ def test_probe_device_when_nvml_fails_to_start(
     assert nvml.shutdowns == 0  # nothing to shut down
 
 
+@pytest.mark.integration  # runs the fake tegrastats as a subprocess
 def test_probe_device_on_a_jetson_with_tegrastats(
     jetson_root: Path, fake_bin: Path, no_gpu_libs: None
 ) -> None:
@@ -450,6 +453,7 @@ def test_probe_device_on_a_jetson_prefers_jtop(
     assert [c.closed for c in clients] == [True]
 
 
+@pytest.mark.integration  # runs the fake tegrastats as a subprocess
 def test_probe_device_on_a_jetson_falls_back_when_jtop_service_is_down(
     jetson_root: Path, fake_bin: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -520,6 +524,7 @@ def test_sampler_remembers_that_there_is_no_gpu(
     assert nvml.init_calls == 1
 
 
+@pytest.mark.integration  # runs the fake tegrastats as a subprocess
 def test_sampler_on_a_jetson_uses_tegrastats(
     jetson_root: Path, fake_bin: Path, no_gpu_libs: None
 ) -> None:
