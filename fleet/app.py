@@ -104,9 +104,9 @@ def desired_signer(repo: TufRepository) -> Callable[[DesiredState], bytes]:
 
 def _default_link(repo: TufRepository) -> LinkFactory:
     def make(settings: FleetSettings, engine: Engine) -> AbstractAsyncContextManager[LinkPort]:
-        from fleet.link import FleetLink  # the MQTT stack loads only when the app starts
+        from fleet.link import DeviceLink  # the MQTT stack loads only when the app starts
 
-        return FleetLink(settings, engine, sign_desired=desired_signer(repo))
+        return DeviceLink(settings, engine, sign_desired=desired_signer(repo))
 
     return make
 

@@ -1,11 +1,11 @@
 """The controller's MQTT side: broker auth and ACL, the embedded broker, ingest, publishing.
 
-:class:`FleetLink` is what the app's lifespan enters (``async with FleetLink(settings,
+:class:`DeviceLink` is what the app's lifespan enters (``async with DeviceLink(settings,
 engine) as link``); it implements :class:`~fleet.link.port.LinkPort` for the API.
 docs/broker.md explains how the brokers are configured and what each one can do.
 
 Importing this package is cheap: the MQTT stack (aiomqtt, amqtt) loads when
-:class:`FleetLink` is first used, so ``fleet.link.port`` costs nothing to import.
+:class:`DeviceLink` is first used, so ``fleet.link.port`` costs nothing to import.
 """
 
 from __future__ import annotations
@@ -16,11 +16,11 @@ from fleet.link.acl import Access, acl_allows
 from fleet.link.port import LinkPort, LinkStatus
 
 if TYPE_CHECKING:
-    from fleet.link.service import FleetLink, LinkStats, ReconnectPolicy
+    from fleet.link.service import DeviceLink, LinkStats, ReconnectPolicy
 
 __all__ = [
     "Access",
-    "FleetLink",
+    "DeviceLink",
     "LinkPort",
     "LinkStats",
     "LinkStatus",
@@ -28,7 +28,7 @@ __all__ = [
     "acl_allows",
 ]
 
-_LAZY = {"FleetLink", "LinkStats", "ReconnectPolicy"}
+_LAZY = {"DeviceLink", "LinkStats", "ReconnectPolicy"}
 
 
 def __getattr__(name: str) -> Any:

@@ -38,9 +38,9 @@ __all__ = [
     "INGEST_CHANNELS",
     "Accepted",
     "DeviceDirectory",
-    "DeviceStatus",
     "Reason",
     "Rejection",
+    "Standing",
     "event_row",
     "parse",
     "presence_after",
@@ -179,8 +179,8 @@ def parse(
     return Accepted(where.device_id, where.channel, message, received_at, retained)
 
 
-class DeviceStatus(StrEnum):
-    """What the directory knows of a device id."""
+class Standing(StrEnum):
+    """What the device directory knows of a device id (not the API's online/offline status)."""
 
     ACTIVE = "active"
     REVOKED = "revoked"
@@ -197,11 +197,11 @@ class DeviceDirectory:
         """Install a fresh ``device id -> revoked`` map."""
         self._revoked = dict(devices)
 
-    def status(self, device_id: str) -> DeviceStatus:
+    def standing(self, device_id: str) -> Standing:
         revoked = self._revoked.get(device_id)
         if revoked is None:
-            return DeviceStatus.UNKNOWN
-        return DeviceStatus.REVOKED if revoked else DeviceStatus.ACTIVE
+            return Standing.UNKNOWN
+        return Standing.REVOKED if revoked else Standing.ACTIVE
 
     def __len__(self) -> int:
         return len(self._revoked)

@@ -1,6 +1,6 @@
 """What the API needs from the MQTT side, as a Protocol so tests can pass a fake link.
 
-:class:`fleet.link.FleetLink` is the real one (an async context manager the app's
+:class:`fleet.link.DeviceLink` is the real one (an async context manager the app's
 lifespan enters); ``tests/fakes/fleet_link.py`` records calls for API unit tests.
 """
 

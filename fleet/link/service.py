@@ -1,8 +1,8 @@
 """The controller's MQTT link: one persistent session, ingest, presence and retention.
 
-:class:`FleetLink` is an async context manager the app's lifespan enters once. Inside:
+:class:`DeviceLink` is an async context manager the app's lifespan enters once. Inside:
 
-- **broker auth**: on entry and on every :meth:`~FleetLink.sync_auth` it writes the
+- **broker auth**: on entry and on every :meth:`~DeviceLink.sync_auth` it writes the
   broker's password and ACL files from the database and makes the broker reload
   (:mod:`fleet.link.broker_auth`); with no ``broker_url`` it runs the embedded broker
   (:mod:`fleet.link.embedded`) on those same files.
@@ -58,9 +58,9 @@ from fleet.link.ingest import (
     INGEST_CHANNELS,
     Accepted,
     DeviceDirectory,
-    DeviceStatus,
     Reason,
     Rejection,
+    Standing,
     parse,
 )
 from fleet.link.passwords import hash_password
@@ -68,7 +68,7 @@ from fleet.link.writer import BatchWriter
 from models.topics import Channel, DeviceTopic, shared_subscription, subscription
 from models.wire import Command, DesiredState, encode
 
-__all__ = ["FleetLink", "LinkStats", "ReconnectPolicy"]
+__all__ = ["DeviceLink", "LinkStats", "ReconnectPolicy"]
 
 log = logging.getLogger(__name__)
 
@@ -151,7 +151,7 @@ def _code(rc: Any) -> int:
     return value if isinstance(value, int) else 0x80
 
 
-class FleetLink:
+class DeviceLink:
     """The controller's side of MQTT (implements :class:`fleet.link.port.LinkPort`)."""
 
     def __init__(
@@ -193,7 +193,7 @@ class FleetLink:
 
     # --- lifecycle ---------------------------------------------------------------------
 
-    async def __aenter__(self) -> FleetLink:
+    async def __aenter__(self) -> DeviceLink:
         store.check_dialect(self._engine)
         settings = self._settings
         self._password = await asyncio.to_thread(controller_password, settings)
@@ -563,10 +563,10 @@ class FleetLink:
         if isinstance(result, Rejection):
             self._reject(result)
             return
-        status = self._directory.status(result.device_id)
-        if status is DeviceStatus.ACTIVE:
+        standing = self._directory.standing(result.device_id)
+        if standing is Standing.ACTIVE:
             self._enqueue(result)
-        elif status is DeviceStatus.REVOKED:
+        elif standing is Standing.REVOKED:
             self._reject(Rejection(Reason.REVOKED_DEVICE, "the device is revoked", topic))
         elif len(self._parked) < MAX_PARKED:
             # Perhaps enrolled a moment ago (or on another replica): look again first.
@@ -595,12 +595,12 @@ class FleetLink:
         self._directory.replace({c.device_id: c.revoked for c in credentials})
         parked, self._parked = self._parked, []
         for item in parked:
-            status = self._directory.status(item.device_id)
-            if status is DeviceStatus.ACTIVE:
+            standing = self._directory.standing(item.device_id)
+            if standing is Standing.ACTIVE:
                 self._enqueue(item)
                 continue
             topic = str(DeviceTopic(item.device_id, item.channel))
-            if status is DeviceStatus.REVOKED:
+            if standing is Standing.REVOKED:
                 self._reject(Rejection(Reason.REVOKED_DEVICE, "the device is revoked", topic))
             else:
                 self._reject(Rejection(Reason.UNKNOWN_DEVICE, "no such device", topic))

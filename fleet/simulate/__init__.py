@@ -14,7 +14,7 @@ plausible telemetry on a staggered schedule. See docs/simulator.md.
 """
 
 from fleet.simulate.device import DeviceCounters, DeviceTiming, SimulatedDevice
-from fleet.simulate.identity import Identity, load_identity, save_identity
+from fleet.simulate.identity import SimulatedIdentity, load_identity, save_identity
 from fleet.simulate.runner import (
     EnrollmentFailed,
     NoToken,
@@ -28,9 +28,9 @@ __all__ = [
     "DeviceCounters",
     "DeviceTiming",
     "EnrollmentFailed",
-    "Identity",
     "NoToken",
     "SimulatedDevice",
+    "SimulatedIdentity",
     "Simulation",
     "SimulationConfig",
     "SimulationError",

@@ -33,7 +33,7 @@ from urllib.parse import urlsplit
 
 import aiomqtt
 
-from fleet.simulate.identity import Identity
+from fleet.simulate.identity import SimulatedIdentity
 from fleet.simulate.schedule import next_send
 from fleet.simulate.telemetry import DeviceProfile, LoadState, next_sample, telemetry_payload
 from models.topics import Channel, DeviceTopic
@@ -117,7 +117,7 @@ class SimulatedDevice:
 
     def __init__(
         self,
-        identity: Identity,
+        identity: SimulatedIdentity,
         profile: DeviceProfile,
         *,
         timing: DeviceTiming,

@@ -27,7 +27,7 @@ from models.trust import sign_enrollment
 from models.wire import BrokerCredentials, EnrollmentRequest, b64
 
 __all__ = [
-    "Identity",
+    "SimulatedIdentity",
     "device_name",
     "enrollment_request",
     "identity_path",
@@ -71,7 +71,7 @@ def enrollment_request(
 
 
 @dataclass(frozen=True)
-class Identity:
+class SimulatedIdentity:
     """One enrolled simulated device, as kept between runs."""
 
     index: int
@@ -81,7 +81,7 @@ class Identity:
     fleet_url: str  # the controller it enrolled with; another controller means re-enrolling
     next_seq: int = 0  # telemetry sequence numbers keep growing across runs
 
-    def with_seq(self, next_seq: int) -> Identity:
+    def with_seq(self, next_seq: int) -> SimulatedIdentity:
         return replace(self, next_seq=next_seq)
 
     def to_json(self) -> dict[str, Any]:
@@ -96,7 +96,7 @@ class Identity:
         }
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> Identity:
+    def from_json(cls, data: dict[str, Any]) -> SimulatedIdentity:
         if data.get("format") != _FORMAT:
             raise ValueError(f"unknown identity format {data.get('format')!r}")
         return cls(
@@ -113,7 +113,7 @@ def identity_path(state_dir: Path, index: int) -> Path:
     return state_dir / f"{device_name(index)}.json"
 
 
-def save_identity(state_dir: Path, identity: Identity) -> None:
+def save_identity(state_dir: Path, identity: SimulatedIdentity) -> None:
     """Write ``identity`` atomically (a temporary file renamed over the old one), mode 0600."""
     state_dir.mkdir(parents=True, exist_ok=True)
     target = identity_path(state_dir, identity.index)
@@ -127,7 +127,7 @@ def save_identity(state_dir: Path, identity: Identity) -> None:
         raise
 
 
-def load_identity(state_dir: Path, index: int, fleet_url: str) -> Identity | None:
+def load_identity(state_dir: Path, index: int, fleet_url: str) -> SimulatedIdentity | None:
     """Device ``index``'s saved identity for ``fleet_url``; None when there is none.
 
     A file for another controller, or one that cannot be read, counts as none: the
@@ -135,7 +135,7 @@ def load_identity(state_dir: Path, index: int, fleet_url: str) -> Identity | Non
     """
     try:
         data = json.loads(identity_path(state_dir, index).read_text())
-        identity = Identity.from_json(data)
+        identity = SimulatedIdentity.from_json(data)
     except FileNotFoundError:
         return None
     except (OSError, ValueError, KeyError, TypeError):

@@ -33,7 +33,7 @@ import httpx
 
 from fleet.simulate.device import DeviceCounters, DeviceTiming, SimulatedDevice
 from fleet.simulate.identity import (
-    Identity,
+    SimulatedIdentity,
     device_name,
     enrollment_request,
     load_identity,
@@ -184,7 +184,7 @@ async def enroll(
     index: int,
     private_key: bytes,
     config: SimulationConfig,
-) -> Identity:
+) -> SimulatedIdentity:
     """Enroll device ``index`` with ``private_key``; retry transient failures with backoff."""
     profile = profile_for(index, gpu_share=config.gpu_share, seed=config.seed)
     name = device_name(index)
@@ -210,7 +210,7 @@ async def enroll(
         else:
             if response.status_code in {200, 201}:
                 enrolled = EnrollmentResponse.model_validate_json(response.content)
-                return Identity(
+                return SimulatedIdentity(
                     index=index,
                     device_id=enrolled.device_id,
                     private_key=private_key,
@@ -259,9 +259,9 @@ class Simulation:
 
     # --- identities ------------------------------------------------------------------------
 
-    async def _identities(self) -> list[Identity]:
+    async def _identities(self) -> list[SimulatedIdentity]:
         config = self.config
-        found: list[Identity] = []
+        found: list[SimulatedIdentity] = []
         missing: list[int] = []
         for index in config.indices:
             identity = (
@@ -287,12 +287,12 @@ class Simulation:
         found.sort(key=lambda identity: identity.index)
         return found
 
-    async def _enroll_all(self, indices: list[int], token: str) -> list[Identity]:
+    async def _enroll_all(self, indices: list[int], token: str) -> list[SimulatedIdentity]:
         config = self.config
         queue: asyncio.Queue[int] = asyncio.Queue()
         for index in indices:
             queue.put_nowait(index)
-        enrolled: list[Identity] = []
+        enrolled: list[SimulatedIdentity] = []
         refused = False  # a permanent refusal (token used up, revoked) ends enrolling
 
         async def worker(http: httpx.AsyncClient) -> None:
@@ -339,7 +339,7 @@ class Simulation:
 
     # --- devices ---------------------------------------------------------------------------
 
-    async def _run_devices(self, identities: list[Identity]) -> None:
+    async def _run_devices(self, identities: list[SimulatedIdentity]) -> None:
         config = self.config
         gate = asyncio.Semaphore(config.connect_concurrency)
         base = aligned_base(time.time(), config.interval_s)

@@ -1,4 +1,4 @@
-"""FleetLink end to end: a real Mosquitto (or the embedded broker), real clients, a real database.
+"""DeviceLink end to end: a real Mosquitto (or the embedded broker), real clients, a real database.
 
 Every database test runs on SQLite and on PostgreSQL. Waits poll state with a
 deadline; nothing sleeps a fixed time hoping something happened.
@@ -25,7 +25,7 @@ from sqlmodel import Session, SQLModel, func, select
 from fleet.config import FleetSettings
 from fleet.db import make_engine
 from fleet.errors import BrokerUnavailable
-from fleet.link import FleetLink, ReconnectPolicy
+from fleet.link import DeviceLink, ReconnectPolicy
 from fleet.link.embedded import EmbeddedBroker
 from fleet.link.passwords import hash_password
 from fleet.tables import Device, EventRow, TelemetryRow
@@ -130,9 +130,9 @@ class Fleet:
         with Session(self.engine) as session:
             return int(session.exec(select(func.count()).select_from(table)).one())
 
-    def link(self, **changes: Any) -> FleetLink:
+    def link(self, **changes: Any) -> DeviceLink:
         settings = self.settings.model_copy(update=changes) if changes else self.settings
-        return FleetLink(settings, self.engine, sign_desired=sign, reconnect=FAST)
+        return DeviceLink(settings, self.engine, sign_desired=sign, reconnect=FAST)
 
     @property
     def port(self) -> int:
@@ -187,7 +187,7 @@ async def disconnected(client: aiomqtt.Client) -> None:
         await drain()
 
 
-async def up(stack: AsyncExitStack, link: FleetLink) -> FleetLink:
+async def up(stack: AsyncExitStack, link: DeviceLink) -> DeviceLink:
     await stack.enter_async_context(link)
     async with asyncio.timeout(DEADLINE_S):
         await link.wait_connected()
@@ -655,7 +655,7 @@ def test_the_public_api_is_what_we_meant() -> None:
 
     assert fleet.link.__all__ == [
         "Access",
-        "FleetLink",
+        "DeviceLink",
         "LinkPort",
         "LinkStats",
         "LinkStatus",

@@ -15,7 +15,7 @@ import pytest
 
 import fleet.simulate
 from fleet.simulate.identity import (
-    Identity,
+    SimulatedIdentity,
     enrollment_request,
     identity_path,
     load_identity,
@@ -58,7 +58,7 @@ def test_public_api() -> None:
         "DeviceCounters",
         "DeviceTiming",
         "EnrollmentFailed",
-        "Identity",
+        "SimulatedIdentity",
         "NoToken",
         "SimulatedDevice",
         "Simulation",
@@ -221,8 +221,8 @@ def test_device_reports_match_the_profile() -> None:
 # --- identities and enrollment --------------------------------------------------------------
 
 
-def _identity(index: int = 4, next_seq: int = 0) -> Identity:
-    return Identity(
+def _identity(index: int = 4, next_seq: int = 0) -> SimulatedIdentity:
+    return SimulatedIdentity(
         index=index,
         device_id="dev-0123456789abcdef",
         private_key=new_private_key(),
@@ -279,8 +279,8 @@ def test_enrollment_requests_verify() -> None:
     assert verify_enrollment(again, NOW + timedelta(seconds=30))
 
 
-def _enroll_with(handler: httpx.MockTransport, **config: object) -> Identity:
-    async def go() -> Identity:
+def _enroll_with(handler: httpx.MockTransport, **config: object) -> SimulatedIdentity:
+    async def go() -> SimulatedIdentity:
         async with httpx.AsyncClient(transport=handler) as http:
             return await enroll(
                 http,
