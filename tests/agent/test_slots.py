@@ -642,6 +642,7 @@ def child(root: str, incoming: str) -> None:
             store.mark_healthy(NAME)
 
 
+@pytest.mark.integration  # SIGKILLs child processes that run the slots
 def test_sigkill_at_any_point_leaves_a_verified_model_to_serve(tmp_path: Path) -> None:
     store = ABSlots(tmp_path / "slots")
     deploy(store, tmp_path, "v0")
