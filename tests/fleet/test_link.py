@@ -7,7 +7,10 @@ deadline; nothing sleeps a fixed time hoping something happened.
 from __future__ import annotations
 
 import asyncio
+import socket
 import sqlite3
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -24,7 +27,7 @@ from sqlmodel import Session, SQLModel, func, select
 
 from fleet.config import FleetSettings
 from fleet.db import make_engine
-from fleet.errors import BrokerUnavailable
+from fleet.errors import BrokerUnavailable, ConfigError
 from fleet.link import DeviceLink, ReconnectPolicy
 from fleet.link.embedded import EmbeddedBroker
 from fleet.link.passwords import hash_password
@@ -541,6 +544,43 @@ def embedded_fleet(database_url: str, tmp_path: Path) -> Iterator[Fleet]:
         yield built
 
 
+def link_tasks() -> set[str]:
+    """The link's background tasks still running, by name (edgefleet-link-<job>)."""
+    names = {t.get_name() for t in asyncio.all_tasks()}
+    return {
+        name.removeprefix("edgefleet-link-") for name in names if name.startswith("edgefleet-link-")
+    }
+
+
+def test_a_start_that_fails_stops_what_had_started(embedded_fleet: Fleet) -> None:
+    """The embedded broker's port is taken: the link's entry fails and leaves no task behind."""
+    fleet = embedded_fleet
+    fleet.enroll(A)
+
+    async def scenario() -> None:
+        with socket.socket() as taken:
+            taken.bind(("127.0.0.1", fleet.settings.embedded_broker_port))
+            taken.listen()
+            link = fleet.link()
+            with pytest.raises(ConfigError, match="cannot start the embedded MQTT broker"):
+                await link.__aenter__()
+        assert link_tasks() == set()
+        assert (fleet.settings.resolved_auth_dir / "passwd").is_file()  # auth was synced first
+
+    asyncio.run(scenario())
+
+
+def test_leaving_the_link_stops_every_task_it_started(embedded_fleet: Fleet) -> None:
+    async def scenario() -> None:
+        async with AsyncExitStack() as stack:
+            await up(stack, embedded_fleet.link())
+            jobs = {"directory", "flusher", "presence", "retention", "session"}
+            assert jobs <= link_tasks()
+        assert link_tasks() == set()
+
+    asyncio.run(scenario())
+
+
 def test_the_embedded_broker_end_to_end(embedded_fleet: Fleet) -> None:
     fleet = embedded_fleet
     fleet.enroll(A, B)
@@ -648,6 +688,18 @@ def test_a_locked_database_delays_ingest_but_loses_nothing(
         asyncio.run(scenario())
     finally:
         engine.dispose()
+
+
+def test_importing_the_port_loads_no_mqtt_stack() -> None:
+    """The API imports fleet.link.port; aiomqtt and amqtt load only with DeviceLink."""
+    code = (
+        "import sys, fleet.link.port, fleet.link; "
+        "print(sorted(m for m in ('aiomqtt', 'amqtt', 'paho') if m in sys.modules))"
+    )
+    loaded = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
+    ).stdout
+    assert loaded.strip() == "[]"
 
 
 def test_the_public_api_is_what_we_meant() -> None:

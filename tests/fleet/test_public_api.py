@@ -22,6 +22,17 @@ MODULES = [
     "fleet.api.schemas",
     "fleet.registry.store",
     "fleet.registry.targets",
+    "fleet.link.backoff",
+    "fleet.link.device_link",
+    "fleet.link.housekeeping",
+    "fleet.link.logs",
+    "fleet.link.publish",
+    "fleet.link.router",
+    "fleet.link.session",
+    "fleet.link.tasks",
+    "fleet.cli",
+    "fleet.cli.connection",
+    "fleet.cli.output",
 ]
 
 

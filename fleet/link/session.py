@@ -1,0 +1,242 @@
+"""The controller's MQTT session: one aiomqtt client, kept connected and subscribed.
+
+The client has ``client_id`` and a persistent session (``clean_session`` False; on
+MQTT 5 ``clean_start`` False with a session expiry), so QoS 1 messages published while
+the controller was away arrive when it comes back. It reconnects forever with
+exponential backoff and jitter; while the broker is down :attr:`MqttSession.connected`
+is False and :meth:`MqttSession.publish` raises ``BrokerUnavailable``. A broker that
+does not speak MQTT 5 gets MQTT 3.1.1 instead. On every connect it subscribes (QoS 1,
+MQTT 5 shared subscriptions when a group is set) and runs ``on_connect`` for as long
+as that connection lasts.
+
+Each message goes to ``on_message`` and is acknowledged to the broker only when that
+returns (the message is buffered by then), not when paho reads it: so a clean
+shutdown loses nothing, and what was not yet taken is redelivered on the next session.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+from collections.abc import Callable, Coroutine
+from typing import Any
+from urllib.parse import urlsplit
+
+import aiomqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from fleet.config import FleetSettings
+from fleet.errors import BrokerUnavailable
+from fleet.link.backoff import ReconnectPolicy
+from fleet.link.ingest import INGEST_CHANNELS
+from fleet.link.logs import RateLimitedLog
+from fleet.link.tasks import cancel, spawn
+from models.topics import shared_subscription, subscription
+
+__all__ = ["SESSION_EXPIRY_S", "MqttSession", "OnMessage"]
+
+log = logging.getLogger(__name__)
+
+SESSION_EXPIRY_S = 7 * 24 * 3600  # MQTT 5: how long the broker keeps our session while away
+_UNSUPPORTED_PROTOCOL = {1, 0x84}  # MQTT 3.1.1 and MQTT 5 "unsupported protocol version"
+_SHARED_NOT_SUPPORTED = {0x9E, 0x8F}  # MQTT 5 "shared subs not supported", "filter invalid"
+
+OnMessage = Callable[[str, Any, bool], None]  # (topic, payload, retained); must not raise
+
+
+def _is_unsupported_protocol(exc: aiomqtt.MqttError) -> bool:
+    if not isinstance(exc, aiomqtt.MqttCodeError):
+        return False
+    value = getattr(exc.rc, "value", exc.rc)
+    return isinstance(value, int) and value in _UNSUPPORTED_PROTOCOL
+
+
+def _code(rc: Any) -> int:
+    value = getattr(rc, "value", rc)
+    return value if isinstance(value, int) else 0x80
+
+
+class MqttSession:
+    """Connects, subscribes and reconnects for as long as it is entered."""
+
+    def __init__(
+        self,
+        settings: FleetSettings,
+        *,
+        broker_url: str,
+        password: str,
+        mqtt5: bool,
+        reconnect: ReconnectPolicy,
+        on_message: OnMessage,
+        on_connect: Callable[[], Coroutine[Any, Any, None]],
+        warn: RateLimitedLog,
+    ) -> None:
+        self._settings = settings
+        self._broker_url = broker_url
+        self._password = password
+        self._protocol = aiomqtt.ProtocolVersion.V5 if mqtt5 else aiomqtt.ProtocolVersion.V311
+        self._reconnect = reconnect
+        self._on_message = on_message
+        self._on_connect = on_connect
+        self._warn = warn
+        self._client: aiomqtt.Client | None = None
+        self._connected = asyncio.Event()
+        self._closing = False
+        self._task: asyncio.Task[None] | None = None
+        self.shared = False  # subscribed through $share/<group>/
+        self.last_error: str | None = None  # the last connection error
+
+    async def __aenter__(self) -> MqttSession:
+        self._task = spawn(self._loop(), "session")
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self._closing = True
+        if self._task is not None:
+            await cancel(self._task)
+
+    @property
+    def connected(self) -> bool:
+        return self._connected.is_set()
+
+    @property
+    def protocol(self) -> str:
+        """The MQTT version of the current (or last) connection: '5' or '3.1.1'."""
+        return "5" if self._protocol is aiomqtt.ProtocolVersion.V5 else "3.1.1"
+
+    async def wait_connected(self) -> None:
+        """Wait until the session is up (wrap it in ``asyncio.timeout``)."""
+        await self._connected.wait()
+
+    async def publish(self, topic: str, payload: bytes, *, retain: bool) -> None:
+        """Publish at QoS 1; ``BrokerUnavailable`` when not connected or the publish fails."""
+        client = self._client
+        if client is None or not self._connected.is_set():
+            raise BrokerUnavailable(f"not connected to the MQTT broker at {self._broker_url}")
+        try:
+            await client.publish(topic, payload, qos=1, retain=retain)
+        except aiomqtt.MqttError as exc:
+            raise BrokerUnavailable(f"publishing to {topic} failed: {exc}") from exc
+
+    def _make_client(self) -> aiomqtt.Client:
+        url = urlsplit(self._broker_url)
+        secure = url.scheme == "mqtts"
+        tls_context = None
+        if secure:
+            ca = self._settings.broker_ca_file
+            tls_context = ssl.create_default_context(cafile=str(ca) if ca else None)
+        common: dict[str, Any] = {
+            "hostname": url.hostname or "127.0.0.1",
+            "port": url.port or (8883 if secure else 1883),
+            "username": self._settings.broker_username,
+            "password": self._password,
+            "identifier": self._settings.client_id,
+            "keepalive": 30,
+            "timeout": 10,
+            "max_inflight_messages": 100,
+            "tls_context": tls_context,
+        }
+        if self._protocol is aiomqtt.ProtocolVersion.V5:
+            properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+            properties.SessionExpiryInterval = SESSION_EXPIRY_S
+            client = aiomqtt.Client(
+                **common,
+                protocol=aiomqtt.ProtocolVersion.V5,
+                clean_start=False,
+                properties=properties,
+            )
+        else:
+            client = aiomqtt.Client(
+                **common, protocol=aiomqtt.ProtocolVersion.V311, clean_session=False
+            )
+        # Acknowledge a message only once it is buffered: aiomqtt has no switch for
+        # this, paho (its engine) does. See the module docstring for why.
+        client._client.manual_ack_set(True)
+        return client
+
+    async def _loop(self) -> None:
+        attempt = 0
+        while not self._closing:
+            try:
+                async with self._make_client() as client:
+                    attempt = 0
+                    await self._run(client)
+            except aiomqtt.MqttError as exc:
+                if self._closing:
+                    return
+                if self._protocol is aiomqtt.ProtocolVersion.V5 and _is_unsupported_protocol(exc):
+                    log.warning(
+                        "the broker at %s does not speak MQTT 5: falling back to MQTT 3.1.1 "
+                        "without shared subscriptions, so run a single controller replica",
+                        self._broker_url,
+                    )
+                    self._protocol = aiomqtt.ProtocolVersion.V311
+                    continue
+                self.last_error = str(exc) or type(exc).__name__
+                self._warn.warning(
+                    "session", "MQTT broker %s unavailable: %s", self._broker_url, self.last_error
+                )
+            except Exception as exc:  # never let a surprise end the session for good
+                if self._closing:
+                    return
+                self.last_error = f"{type(exc).__name__}: {exc}"
+                log.exception("MQTT session failed; reconnecting")
+            finally:
+                if self._connected.is_set() and not self._closing:
+                    log.warning("disconnected from the MQTT broker at %s", self._broker_url)
+                self._connected.clear()
+                self._client = None
+            await asyncio.sleep(self._reconnect.delay(attempt))
+            attempt += 1
+
+    async def _subscribe(self, client: aiomqtt.Client) -> None:
+        group = self._settings.shared_subscription_group
+        self.shared = False
+        if group is not None and self._protocol is aiomqtt.ProtocolVersion.V5:
+            filters = [(shared_subscription(group, channel), 1) for channel in INGEST_CHANNELS]
+            codes = [_code(rc) for rc in await client.subscribe(filters)]
+            if all(code < 0x80 for code in codes):
+                self.shared = True
+                return
+            if any(code in _SHARED_NOT_SUPPORTED for code in codes):
+                log.warning(
+                    "the broker at %s refused shared subscriptions: subscribing without them",
+                    self._broker_url,
+                )
+            else:
+                log.error("the broker refused the controller's shared subscriptions: %s", codes)
+        filters = [(subscription(channel), 1) for channel in INGEST_CHANNELS]
+        codes = [_code(rc) for rc in await client.subscribe(filters)]
+        if any(code >= 0x80 for code in codes):
+            log.error(
+                "the broker refused the controller's subscriptions %s (codes %s): check the "
+                "controller's ACL (docs/broker.md)",
+                [topic for topic, _ in filters],
+                codes,
+            )
+
+    async def _run(self, client: aiomqtt.Client) -> None:
+        self._client = client
+        messages = client.messages
+        await self._subscribe(client)
+        self._connected.set()
+        self.last_error = None
+        log.info(
+            "connected to the MQTT broker at %s (MQTT %s%s)",
+            self._broker_url,
+            self.protocol,
+            ", shared subscriptions" if self.shared else "",
+        )
+        on_connect = spawn(self._on_connect(), "on-connect")
+        paho = client._client  # for manual acknowledgements
+        try:
+            async for message in messages:
+                self._on_message(message.topic.value, message.payload, message.retain)
+                if message.qos:
+                    paho.ack(message.mid, message.qos)
+        finally:
+            failure = await cancel(on_connect)
+            if failure is not None:
+                log.warning("the on-connect work of the session failed: %s", failure)
