@@ -4,7 +4,9 @@ Nothing stateful exists at import time, so tests build as many apps as they like
 each with its own database and a fake link, and the CLI builds exactly one. On first
 start the TUF repository is created with every key online (root included, with a
 warning to move it offline); every start adds registered artifacts that are not TUF
-targets yet, and a background task renews metadata before it expires.
+targets yet, and background tasks renew TUF metadata and desired states before they
+expire. The work itself is in the services (:mod:`fleet.desired`,
+:mod:`fleet.registry`); the routes (:mod:`fleet.api`) only parse and answer.
 """
 
 from __future__ import annotations
@@ -19,24 +21,21 @@ from pathlib import Path
 
 from fastapi import FastAPI
 from sqlalchemy.engine import Engine
-from sqlmodel import Session, select
 from starlette.concurrency import run_in_threadpool
 
-from fleet.api import ROUTERS
-from fleet.api import tuf as tuf_api
+from fleet.api import ROUTERS, streams_body
 from fleet.api.deps import FleetState
-from fleet.api.desired import renew_desired
 from fleet.api.errors import install_error_handlers
 from fleet.api.limits import BodyLimit
-from fleet.api.models import artifact_target, is_upload
-from fleet.client import ADMIN_TOKEN_FILE
-from fleet.config import FleetSettings
+from fleet.config import ADMIN_TOKEN_FILE, FleetSettings
 from fleet.db import make_engine, migrate
+from fleet.desired import DesiredStates
 from fleet.errors import ConfigError, Conflict, FleetError
 from fleet.link.port import LinkPort
 from fleet.registry.keys import KeyStore
+from fleet.registry.registration import add_missing_targets
 from fleet.registry.repository import Expiries, TufRepository
-from fleet.tables import ModelArtifact, utc_now
+from fleet.tables import utc_now
 from fleet.tokens import new_admin_token
 from models.director import sign_desired
 from models.wire import DesiredState
@@ -137,11 +136,8 @@ def _prepare_tuf(settings: FleetSettings, engine: Engine, now: datetime) -> TufR
                 "move the root key offline (`edgefleet keys rotate root --offline-dir DIR`)",
                 repo.path,
             )
-    with Session(engine) as session:
-        rows = session.exec(select(ModelArtifact)).all()
-    missing = [t for t in map(artifact_target, rows) if not repo.has_target(t.path)]
-    if missing:
-        change = repo.add_targets(missing, now)
+    change = add_missing_targets(engine, repo, now)
+    if change is not None:
         how = "signed" if change.published else "staged for offline signing"
         log.info("%d registered artifact(s) added as TUF targets, %s", len(change.added), how)
     repo.refresh(now)
@@ -212,20 +208,21 @@ def create_app(
             admin_token, repo = await run_in_threadpool(_prepare, settings, engine, clock())
             factory = link_factory or _default_link(repo)
             async with factory(settings, engine) as link:
-                state = app.state.fleet = FleetState(
+                desired = DesiredStates(engine, link, clock)
+                app.state.fleet = FleetState(
                     settings=settings,
                     engine=engine,
                     link=link,
                     admin_token=admin_token,
                     clock=clock,
                     tuf=repo,
+                    desired=desired,
                 )
                 interval_s = settings.tuf_refresh_interval_s
                 renewals = [
                     asyncio.create_task(_renew(repo, interval_s, clock), name="tuf-renew"),
                     asyncio.create_task(
-                        _every(interval_s, "desired states", lambda: renew_desired(state)),
-                        name="desired-renew",
+                        _every(interval_s, "desired states", desired.renew), name="desired-renew"
                     ),
                 ]
                 try:
@@ -242,10 +239,8 @@ def create_app(
         summary="Enroll devices, set what they run, read their telemetry",
         lifespan=lifespan,
     )
-    app.add_middleware(
-        BodyLimit, unlimited=lambda scope: is_upload(scope) or tuf_api.is_metadata_import(scope)
-    )
+    app.add_middleware(BodyLimit, unlimited=streams_body)
     install_error_handlers(app)
-    for router in (*ROUTERS, tuf_api.router):
+    for router in ROUTERS:
         app.include_router(router)
     return app

@@ -14,6 +14,8 @@ from typing import Any
 
 import httpx
 
+from fleet.config import ADMIN_TOKEN_FILE
+
 __all__ = [
     "ADMIN_TOKEN_FILE",
     "DEFAULT_URL",
@@ -24,7 +26,6 @@ __all__ = [
 ]
 
 DEFAULT_URL = "http://127.0.0.1:8000"
-ADMIN_TOKEN_FILE = "admin-token"  # noqa: S105  (a file name in the data folder)
 UPLOAD_CHUNK_BYTES = 1024 * 1024  # bytes read from disk per chunk of a model upload
 UPLOAD_WAIT_S = 600.0  # after the last byte the controller fsyncs the file: allow for it
 

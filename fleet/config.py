@@ -12,9 +12,10 @@ from urllib.parse import urlsplit
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-__all__ = ["DEFAULT_DATA_DIR", "FleetSettings"]
+__all__ = ["ADMIN_TOKEN_FILE", "DEFAULT_DATA_DIR", "FleetSettings"]
 
 DEFAULT_DATA_DIR = Path.home() / ".local" / "share" / "edgefleet" / "fleet"
+ADMIN_TOKEN_FILE = "admin-token"  # noqa: S105  (a file name in the data folder)
 
 
 class FleetSettings(BaseSettings):

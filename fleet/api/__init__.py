@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from fastapi import APIRouter
+from starlette.types import Scope
 
 from fleet.api import (
     artifacts,
@@ -14,9 +15,10 @@ from fleet.api import (
     status,
     telemetry,
     tokens,
+    tuf,
 )
 
-__all__ = ["ROUTERS"]
+__all__ = ["ROUTERS", "streams_body"]
 
 ROUTERS: tuple[APIRouter, ...] = (
     status.router,
@@ -28,4 +30,10 @@ ROUTERS: tuple[APIRouter, ...] = (
     telemetry.router,
     models.router,
     artifacts.router,
+    tuf.router,
 )
+
+
+def streams_body(scope: Scope) -> bool:
+    """Routes that stream their body under a cap of their own instead of the 1 MiB limit."""
+    return models.is_upload(scope) or tuf.is_metadata_import(scope)

@@ -18,9 +18,9 @@ from fastapi.responses import FileResponse
 from sqlmodel import Session, col, select
 
 from fleet.api.deps import StateDep
-from fleet.api.models import artifact_store
 from fleet.errors import Forbidden, NotFound, Unauthorized
 from fleet.link.passwords import hash_password, verify_password
+from fleet.registry.registration import artifact_store
 from fleet.registry.store import check_digest
 from fleet.tables import Device, ModelArtifact
 from fleet.tokens import same_secret

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Annotated
 
@@ -13,6 +12,7 @@ from sqlalchemy.engine import Engine
 from sqlmodel import Session
 
 from fleet.config import FleetSettings
+from fleet.desired import DesiredStates
 from fleet.errors import Unauthorized
 from fleet.link.port import LinkPort
 from fleet.registry.repository import TufRepository
@@ -43,7 +43,7 @@ class FleetState:
     admin_token: str
     clock: Callable[[], datetime]  # aware UTC; tests pass a fixed one
     tuf: TufRepository  # signs model targets; its director keys sign desired states
-    publish_lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # orders desired publishes
+    desired: DesiredStates  # stores and publishes desired states, in order
 
 
 def get_state(request: Request) -> FleetState:

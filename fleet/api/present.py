@@ -24,14 +24,14 @@ from fleet.api.schemas import (
     DriftPublic,
     TokenPublic,
 )
+from fleet.desired import desired_of
 from fleet.errors import NotFound
 from fleet.state import Drift, compute_drift
 from fleet.tables import Device, DeviceTag, EnrollmentToken, as_utc
 from fleet.tokens import TokenView, token_state
-from models.wire import DesiredState, ReportedState, WireModel
+from models.wire import ReportedState
 
 __all__ = [
-    "desired_of",
     "device_counts",
     "device_detail",
     "device_or_404",
@@ -55,24 +55,15 @@ def utc(value: datetime) -> datetime:
     return fixed
 
 
-def _parse(kind: type[WireModel], data: dict[str, Any] | None, device_id: str) -> Any:
-    if not data:
+def reported_of(device: Device) -> ReportedState | None:
+    """The device's last report; None when it never reported or the report no longer parses."""
+    if not device.reported:
         return None
     try:
-        return kind.model_validate(data)
+        return ReportedState.model_validate(device.reported)
     except ValidationError as exc:
-        log.warning("device %s: stored %s does not parse: %s", device_id, kind.__name__, exc)
+        log.warning("device %s: stored ReportedState does not parse: %s", device.id, exc)
         return None
-
-
-def desired_of(device: Device) -> DesiredState | None:
-    parsed: DesiredState | None = _parse(DesiredState, device.desired, device.id)
-    return parsed
-
-
-def reported_of(device: Device) -> ReportedState | None:
-    parsed: ReportedState | None = _parse(ReportedState, device.reported, device.id)
-    return parsed
 
 
 def drift_of(device: Device) -> Drift:

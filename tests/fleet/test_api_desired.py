@@ -11,7 +11,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy.engine import Engine
 from sqlmodel import Session
 
-from fleet.api.desired import RENEW_BEFORE, renew_desired
+from fleet.desired import RENEW_BEFORE
 from fleet.tables import Device
 from models.wire import DESIRED_LIFETIME, DesiredState
 from tests.fakes.fleet_link import FakeLink
@@ -170,11 +170,11 @@ def test_desired_states_are_reissued_before_they_expire(
     issued = link.published[-1]
     assert issued.expires == clock.now + DESIRED_LIFETIME
 
-    assert asyncio.run(renew_desired(state)) == 0  # fresh: nothing to do
+    assert asyncio.run(state.desired.renew()) == 0  # fresh: nothing to do
     clock.now = issued.expires - RENEW_BEFORE - timedelta(seconds=1)
-    assert asyncio.run(renew_desired(state)) == 0
+    assert asyncio.run(state.desired.renew()) == 0
     clock.now = issued.expires - RENEW_BEFORE + timedelta(seconds=1)
-    assert asyncio.run(renew_desired(state)) == 1
+    assert asyncio.run(state.desired.renew()) == 1
     renewed = link.published[-1]
     assert renewed.version == issued.version + 1
     assert renewed.expires == clock.now + DESIRED_LIFETIME
@@ -183,4 +183,4 @@ def test_desired_states_are_reissued_before_they_expire(
         issued.config,
         issued.fallback,
     )
-    assert asyncio.run(renew_desired(state)) == 0  # renewed once, not again
+    assert asyncio.run(state.desired.renew()) == 0  # renewed once, not again

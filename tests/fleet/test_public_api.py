@@ -22,6 +22,8 @@ MODULES = [
     "fleet.api.schemas",
     "fleet.registry.store",
     "fleet.registry.targets",
+    "fleet.registry.registration",
+    "fleet.desired",
     "fleet.link.backoff",
     "fleet.link.device_link",
     "fleet.link.housekeeping",

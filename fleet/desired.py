@@ -1,0 +1,240 @@
+"""Desired state: what a device (or every device in a group) should run; stored, then published.
+
+Models registered in the model registry are resolved to signed TUF targets (path,
+length, sha256: :func:`fleet.registry.select.choose_artifact`); the link signs each
+device's state with the director key before publishing it (:mod:`models.director`),
+and it expires after :data:`models.wire.DESIRED_LIFETIME`; :meth:`DesiredStates.renew`,
+run periodically by the app, re-issues states in the last third of their life (same
+models, next version), so an expiry only ever stops a state captured and held back.
+
+Setting it is two steps, in this order: store it (the version grows by one, in the
+database, atomically), then publish it retained. The database is the truth; if the
+broker is down the state is still stored (``published`` False) and the link
+republishes every stored desired state when it reconnects. Store-and-publish runs
+under one lock per controller so two quick changes to one device cannot reach the
+broker out of order and leave the older one retained.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Protocol
+
+from pydantic import JsonValue, ValidationError
+from sqlalchemy import Engine, update
+from sqlmodel import Session, col, select
+from starlette.concurrency import run_in_threadpool
+
+from fleet.errors import BrokerUnavailable, Conflict, NotFound
+from fleet.link.port import LinkPort
+from fleet.registry.select import choose_artifact
+from fleet.registry.targets import target_path
+from fleet.tables import Device, Group, ModelArtifact
+from models.wire import DESIRED_LIFETIME, DesiredModel, DesiredState, TargetRef
+
+__all__ = [
+    "RENEW_BEFORE",
+    "Delivery",
+    "DesiredStates",
+    "WantedModel",
+    "WantedState",
+    "desired_of",
+    "due_for_renewal",
+    "resolve_models",
+]
+
+log = logging.getLogger(__name__)
+
+RENEW_BEFORE = DESIRED_LIFETIME / 3  # re-issue a desired state when less than this is left
+
+
+class WantedModel(Protocol):
+    """A model an admin asks for (the API's DesiredModelBody is one)."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def version(self) -> str | None: ...
+    @property
+    def variant(self) -> str | None: ...
+
+
+class WantedState(Protocol):
+    """What an admin asks a device to run (the API's DesiredBody is one)."""
+
+    @property
+    def models(self) -> Sequence[WantedModel]: ...
+    @property
+    def config(self) -> dict[str, JsonValue]: ...
+    @property
+    def fallback(self) -> dict[str, JsonValue]: ...
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """A stored desired state, and whether the broker has it yet."""
+
+    state: DesiredState
+    published: bool  # False: stored; the link publishes it when the broker is back
+
+
+def desired_of(device: Device) -> DesiredState | None:
+    """The device's stored desired state; None when none was set or it no longer parses."""
+    if not device.desired:
+        return None
+    try:
+        return DesiredState.model_validate(device.desired)
+    except ValidationError as exc:
+        log.warning("device %s: stored DesiredState does not parse: %s", device.id, exc)
+        return None
+
+
+def due_for_renewal(state: DesiredState, now: datetime) -> bool:
+    """Re-issue a desired state in the last third of its life, so devices never see it lapse."""
+    return state.expires - now < RENEW_BEFORE
+
+
+def resolve_models(session: Session, wanted: Sequence[WantedModel]) -> list[DesiredModel]:
+    """The wire models for ``wanted``: registered models get their signed target."""
+    resolved = []
+    for model in wanted:
+        rows = session.exec(
+            select(ModelArtifact).where(col(ModelArtifact.name) == model.name)
+        ).all()
+        if not rows:
+            if model.variant is not None:
+                raise NotFound(f"model {model.name!r} is not in the registry")
+            resolved.append(DesiredModel(name=model.name, version=model.version))
+            continue
+        row = choose_artifact(rows, model.version, model.variant)
+        target = TargetRef(
+            path=target_path(row.name, row.version, row.variant, row.format),
+            length=row.size_bytes,
+            sha256=row.sha256,
+        )
+        resolved.append(DesiredModel(name=row.name, version=row.version, target=target))
+    return resolved
+
+
+def _store(
+    session: Session,
+    device_id: str,
+    models: list[DesiredModel],
+    wanted: WantedState | DesiredState,
+    now: datetime,
+) -> DesiredState:
+    """Bump the version and store the new state, in the caller's transaction."""
+    bumped = session.exec(
+        update(Device)
+        .where(col(Device.id) == device_id, col(Device.revoked_at).is_(None))
+        .values(desired_version=col(Device.desired_version) + 1)
+        .execution_options(synchronize_session=False)
+    )
+    if bumped.rowcount != 1:
+        if session.get(Device, device_id) is None:
+            raise NotFound(f"no device {device_id!r}")
+        raise Conflict(f"device {device_id} is revoked")
+    version = session.exec(select(Device.desired_version).where(col(Device.id) == device_id)).one()
+    state = DesiredState(
+        device_id=device_id,
+        version=version,
+        issued_at=now,
+        expires=now + DESIRED_LIFETIME,
+        models=models,
+        config=wanted.config,
+        fallback=wanted.fallback,
+    )
+    session.exec(
+        update(Device)
+        .where(col(Device.id) == device_id)
+        .values(desired=state.model_dump(mode="json"))
+        .execution_options(synchronize_session=False)
+    )
+    return state
+
+
+def _store_for_device(
+    engine: Engine, device_id: str, wanted: WantedState, now: datetime
+) -> DesiredState:
+    with Session(engine) as session:
+        state = _store(session, device_id, resolve_models(session, wanted.models), wanted, now)
+        session.commit()
+        return state
+
+
+def _store_for_group(
+    engine: Engine, group: str, wanted: WantedState, now: datetime
+) -> list[DesiredState]:
+    with Session(engine) as session:
+        if session.get(Group, group) is None:
+            raise NotFound(f"no group {group!r}")
+        ids = session.exec(
+            select(Device.id)
+            .where(col(Device.group) == group, col(Device.revoked_at).is_(None))
+            .order_by(col(Device.id))
+        ).all()
+        models = resolve_models(session, wanted.models)
+        states = [_store(session, device_id, models, wanted, now) for device_id in ids]
+        session.commit()
+        return states
+
+
+def _store_renewals(engine: Engine, now: datetime) -> list[DesiredState]:
+    """Re-issue every desired state due (same content, next version, new expiry), at once."""
+    with Session(engine) as session:
+        devices = session.exec(
+            select(Device).where(col(Device.revoked_at).is_(None), col(Device.desired_version) > 0)
+        ).all()
+        due = [
+            (device.id, current)
+            for device in devices
+            if (current := desired_of(device)) is not None and due_for_renewal(current, now)
+        ]
+        renewed = [_store(session, device_id, list(s.models), s, now) for device_id, s in due]
+        session.commit()
+        return renewed
+
+
+class DesiredStates:
+    """Stores desired states and publishes them, one change at a time (one per controller)."""
+
+    def __init__(self, engine: Engine, link: LinkPort, clock: Callable[[], datetime]) -> None:
+        self._engine = engine
+        self._link = link
+        self._clock = clock  # aware UTC
+        self._lock = asyncio.Lock()  # orders store-and-publish, so the newest state is retained
+
+    async def set_for_device(self, device_id: str, wanted: WantedState) -> Delivery:
+        """Replace the device's desired state; ``NotFound`` or ``Conflict`` (revoked)."""
+        async with self._lock:
+            stored = await run_in_threadpool(
+                _store_for_device, self._engine, device_id, wanted, self._clock()
+            )
+            return await self._publish(stored)
+
+    async def set_for_group(self, group: str, wanted: WantedState) -> list[Delivery]:
+        """Replace the desired state of every non-revoked device in ``group``, each on its own."""
+        async with self._lock:
+            stored = await run_in_threadpool(
+                _store_for_group, self._engine, group, wanted, self._clock()
+            )
+            return [await self._publish(state) for state in stored]
+
+    async def renew(self) -> int:
+        """Re-issue and publish the desired states close to expiry; how many were renewed."""
+        async with self._lock:
+            renewed = await run_in_threadpool(_store_renewals, self._engine, self._clock())
+            for state in renewed:
+                await self._publish(state)
+        return len(renewed)
+
+    async def _publish(self, state: DesiredState) -> Delivery:
+        try:
+            await self._link.publish_desired(state)
+        except BrokerUnavailable:
+            return Delivery(state, published=False)  # stored; the link republishes it
+        return Delivery(state, published=True)
