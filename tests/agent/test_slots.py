@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+import agent.files as files_module
 import agent.store.slots as slots_module
 from agent.store.slots import (
     MANIFEST,
@@ -739,7 +740,7 @@ def test_an_os_error_is_transient_and_leaves_the_old_state(
     def failing_fsync(path: Path) -> None:
         raise OSError(5, "Input/output error")
 
-    monkeypatch.setattr(slots_module, "_fsync_file", failing_fsync)
+    monkeypatch.setattr(files_module, "fsync_file", failing_fsync)
     with pytest.raises(slots_module.SlotUnavailable, match="Input/output error"):
         store.activate(NAME)
     monkeypatch.undo()
