@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from datetime import datetime, timedelta
@@ -31,6 +30,7 @@ from fleet.config import ADMIN_TOKEN_FILE, FleetSettings
 from fleet.db import make_engine, migrate
 from fleet.desired import DesiredStates
 from fleet.errors import ConfigError, Conflict, FleetError
+from fleet.files import atomic_write
 from fleet.link.port import LinkPort
 from fleet.registry.keys import KeyStore
 from fleet.registry.registration import add_missing_targets
@@ -64,8 +64,8 @@ def admin_token_path(data_dir: Path) -> Path:
 def load_admin_token(settings: FleetSettings) -> str:
     """The configured admin token, or the one in <data_dir>/admin-token (created once, 0600).
 
-    Created with O_EXCL, so replicas sharing a data folder that start together agree
-    on one token.
+    Created exclusively, so replicas sharing a data folder that start together agree
+    on one token, and durably, so a power cut never leaves an empty one.
     """
     if settings.admin_token is not None:
         token = settings.admin_token.get_secret_value().strip()
@@ -73,16 +73,15 @@ def load_admin_token(settings: FleetSettings) -> str:
             raise ConfigError("admin_token must be at least 16 characters")
         return token
     path = admin_token_path(settings.data_dir)
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        pass
-    except OSError as exc:
-        raise ConfigError(f"cannot create the admin token file {path}: {exc}") from None
-    else:
-        with os.fdopen(fd, "w") as out:
-            out.write(new_admin_token() + "\n")
-        log.info("created the admin token in %s", path)
+    if not path.exists():
+        try:
+            atomic_write(path, f"{new_admin_token()}\n".encode(), exclusive=True)
+        except FileExistsError:
+            pass  # another replica created it a moment ago: read theirs
+        except OSError as exc:
+            raise ConfigError(f"cannot create the admin token file {path}: {exc}") from None
+        else:
+            log.info("created the admin token in %s", path)
     try:
         token = path.read_text().strip()
     except OSError as exc:

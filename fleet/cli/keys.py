@@ -17,6 +17,7 @@ from rich.table import Table
 from fleet.cli.connection import Connection, DataDirOpt, connected
 from fleet.cli.output import JsonOpt, console, fail, fleet_errors, print_json, settings_from
 from fleet.config import DEFAULT_DATA_DIR
+from fleet.files import PUBLIC_FILE, atomic_write
 
 if TYPE_CHECKING:
     from fleet.registry.repository import TufRepository
@@ -46,6 +47,14 @@ OfflineDirOpt = Annotated[
         help="write the new root (and targets) private keys here instead of the data folder",
     ),
 ]
+
+
+def _write(target: Path, data: bytes) -> None:
+    """Write TUF metadata (public: 0644) durably, or exit with one line saying why not."""
+    try:
+        atomic_write(target, data, mode=PUBLIC_FILE)
+    except OSError as exc:
+        fail(f"cannot write {target}: {exc}")
 
 
 def _repository(data_dir: Path) -> TufRepository:
@@ -186,12 +195,7 @@ def sign(
     for signer in signers:
         md.sign(signer, append=True)
     target = output or file
-    tmp = target.with_name(f".{target.name}.tmp")
-    try:
-        tmp.write_bytes(md.to_bytes(JSONSerializer(compact=False)))
-        tmp.replace(target)
-    except OSError as exc:
-        fail(f"cannot write {target}: {exc}")
+    _write(target, md.to_bytes(JSONSerializer(compact=False)))
     ids = ", ".join(s.public_key.keyid[:16] for s in signers)
     typer.echo(
         f"signed {md.signed.type} v{md.signed.version} with {len(signers)} key(s) ({ids}); "
@@ -251,10 +255,7 @@ def staged(
     with connection.client() as client:
         body = client.get(f"/api/v1/tuf/staged/{role}.json")
     target = output or Path(f"{role}.json")
-    try:
-        target.write_text(json.dumps(body, indent=1, sort_keys=True) + "\n")
-    except OSError as exc:
-        fail(f"cannot write {target}: {exc}")
+    _write(target, (json.dumps(body, indent=1, sort_keys=True) + "\n").encode())
     typer.echo(f"wrote {role} v{body['signed']['version']} to {target}: sign it offline")
 
 

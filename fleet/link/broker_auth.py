@@ -2,9 +2,9 @@
 
 The rules live in :mod:`fleet.link.acl`; this module does the I/O around them: the
 controller's own broker password (configured, or generated once into
-``<data_dir>/broker-password``), atomic writes of ``passwd`` and ``acl`` into
-``settings.resolved_auth_dir`` (a temporary file renamed over the old one, mode 0600,
-so a broker never reads half a file), and a SIGHUP to the pid in
+``<data_dir>/broker-password``), durable atomic writes of ``passwd`` and ``acl`` into
+``settings.resolved_auth_dir`` (:func:`fleet.files.atomic_write`: mode 0600, a broker
+never reads half a file), and a SIGHUP to the pid in
 ``settings.broker_pid_file``. Mosquitto re-reads both files on SIGHUP and disconnects
 clients whose user is gone; the embedded broker notices the new file by its mtime.
 Everything here blocks: callers on the event loop go through ``asyncio.to_thread``.
@@ -16,12 +16,12 @@ import contextlib
 import logging
 import os
 import signal
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from fleet.config import FleetSettings
 from fleet.errors import ConfigError
+from fleet.files import atomic_write
 from fleet.link.acl import (
     AuthFileError,
     render_acl_file,
@@ -38,7 +38,6 @@ __all__ = [
     "DeviceCredential",
     "controller_password",
     "reload_broker",
-    "write_atomic",
     "write_auth_files",
 ]
 
@@ -68,23 +67,6 @@ class AuthFiles:
     reloaded: bool  # a broker was signalled to reload
 
 
-def write_atomic(path: Path, text: str, *, mode: int = 0o600) -> None:
-    """Replace ``path`` with ``text`` in one rename, so no reader ever sees half of it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as out:
-            os.fchmod(out.fileno(), mode)
-            out.write(text)
-            out.flush()
-            os.fsync(out.fileno())
-        Path(tmp).replace(path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            Path(tmp).unlink()
-        raise
-
-
 def controller_password(settings: FleetSettings) -> str:
     """The controller's broker password: configured, or generated once and kept (0600)."""
     if settings.broker_password is not None:
@@ -97,15 +79,13 @@ def controller_password(settings: FleetSettings) -> str:
     path.parent.mkdir(parents=True, exist_ok=True)
     password = new_password()
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        atomic_write(path, f"{password}\n".encode(), exclusive=True)
     except FileExistsError:
         # Another process (a second replica on this data_dir) won the race: use its password.
         stored = path.read_text(encoding="utf-8").strip()
         if not stored:
             raise ConfigError(f"{path} exists but is empty; delete it to generate one") from None
         return stored
-    with os.fdopen(fd, "w", encoding="utf-8") as out:
-        out.write(password + "\n")
     log.info("generated the controller's broker password into %s", path)
     return password
 
@@ -161,9 +141,10 @@ def write_auth_files(
     auth_dir = settings.resolved_auth_dir
     password_file = auth_dir / PASSWORD_FILE
     acl_file = auth_dir / ACL_FILE
+    auth_dir.mkdir(parents=True, exist_ok=True)
     # The ACL never names a device, so write it first: the new password file is what
     # lets a new device in, or shuts a revoked one out.
-    write_atomic(acl_file, acl)
-    write_atomic(password_file, passwd)
+    atomic_write(acl_file, acl.encode())
+    atomic_write(password_file, passwd.encode())
     reloaded = reload_broker(settings.broker_pid_file)
     return AuthFiles(password_file, acl_file, len(entries), reloaded)

@@ -4,9 +4,10 @@ Metadata is written with python-tuf's metadata API into ``<dir>/metadata/`` with
 consistent snapshots: ``N.root.json``, ``N.targets.json`` and ``N.snapshot.json`` are
 written once and never change; ``timestamp.json`` is the one file replaced in place,
 and it is written last, so a device (or a crash) sees the old repository or the new
-one, never a mix. Every file is written to a temporary name, fsynced and renamed.
-Snapshot pins the targets file and timestamp pins the snapshot file by version,
-length and sha256, so a device can detect any mix-and-match.
+one, never a mix. Every file is written durably (:func:`fleet.files.atomic_write`);
+metadata is public by design, so its files are 0644. Snapshot pins the targets file
+and timestamp pins the snapshot file by version, length and sha256, so a device can
+detect any mix-and-match.
 
 Keys come from a :class:`~fleet.registry.keys.KeyStore`; which ones count is decided
 by the current root alone. Snapshot, timestamp and director keys must be online. Root
@@ -61,7 +62,7 @@ from tuf.api.serialization.json import JSONSerializer
 
 from fleet.errors import ConfigError as RepositoryUnusable
 from fleet.errors import Conflict, InvalidInput, NotFound, StorageUnavailable
-from fleet.files import atomic_write
+from fleet.files import PUBLIC_FILE, atomic_write
 from fleet.registry.keys import ROLES, KeyStore, check_role
 from fleet.registry.targets import TargetDescription
 from models.director import (
@@ -236,13 +237,6 @@ def _releases(targets: Targets) -> dict[str, int]:
             name = _model_name(target)
             counters[name] = max(counters.get(name, 0), release)
     return counters
-
-
-def _write(path: Path, data: bytes) -> None:
-    try:
-        atomic_write(path, data)
-    except OSError as exc:
-        raise StorageUnavailable(f"cannot write TUF metadata {path}: {exc}") from None
 
 
 class TufRepository:
@@ -432,8 +426,12 @@ class TufRepository:
             data = md.to_bytes(_SERIALIZER)
         except SerializationError as exc:
             raise InvalidInput(f"cannot serialise {filename}: {exc.__cause__ or exc}") from None
-        directory.mkdir(mode=0o755, parents=True, exist_ok=True)
-        _write(directory / filename, data)
+        path = directory / filename
+        try:
+            directory.mkdir(mode=0o755, parents=True, exist_ok=True)
+            atomic_write(path, data, mode=PUBLIC_FILE)
+        except OSError as exc:
+            raise StorageUnavailable(f"cannot write TUF metadata {path}: {exc}") from None
         return data
 
     def _stage(self, md: Metadata[Any]) -> None:

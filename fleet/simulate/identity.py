@@ -3,7 +3,7 @@
 Enrolling is the expensive part of a simulation (the controller hashes a broker
 password and rewrites the broker's password file each time), so identities can be
 kept in a state directory, one small JSON file per device index, and reused by the
-next run. Files are written atomically with mode 0600: they hold private keys and
+next run. Files are written durably and atomically with mode 0600: they hold private keys and
 broker passwords. Several simulator processes may share one directory because each
 writes only the indices it runs (``--shard``).
 """
@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import base64
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
@@ -21,6 +19,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from fleet.files import atomic_write
 from models import trust
 from models.device import DeviceReport
 from models.trust import sign_enrollment
@@ -114,17 +113,9 @@ def identity_path(state_dir: Path, index: int) -> Path:
 
 
 def save_identity(state_dir: Path, identity: SimulatedIdentity) -> None:
-    """Write ``identity`` atomically (a temporary file renamed over the old one), mode 0600."""
+    """Write ``identity`` durably and atomically, mode 0600 (it holds a private key)."""
     state_dir.mkdir(parents=True, exist_ok=True)
-    target = identity_path(state_dir, identity.index)
-    fd, tmp = tempfile.mkstemp(dir=state_dir, prefix=".tmp-", suffix=".json")
-    try:
-        with os.fdopen(fd, "w") as out:
-            json.dump(identity.to_json(), out)
-        Path(tmp).replace(target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(identity_path(state_dir, identity.index), json.dumps(identity.to_json()).encode())
 
 
 def load_identity(state_dir: Path, index: int, fleet_url: str) -> SimulatedIdentity | None:

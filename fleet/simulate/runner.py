@@ -22,7 +22,6 @@ import contextlib
 import json
 import logging
 import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
@@ -31,6 +30,7 @@ from typing import Any
 
 import httpx
 
+from fleet.files import atomic_write
 from fleet.simulate.device import DeviceCounters, DeviceTiming, SimulatedDevice
 from fleet.simulate.identity import (
     SimulatedIdentity,
@@ -401,10 +401,7 @@ class Simulation:
         if path is None:
             return
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".stats-", suffix=".json")
-        with os.fdopen(fd, "w") as out:
-            json.dump(self.stats.snapshot(), out)
-        Path(tmp).replace(path)
+        atomic_write(path, json.dumps(self.stats.snapshot()).encode())
 
     async def _write_stats(self) -> None:
         while True:

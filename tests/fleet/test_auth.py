@@ -27,7 +27,6 @@ from fleet.link.broker_auth import (
     DeviceCredential,
     controller_password,
     reload_broker,
-    write_atomic,
     write_auth_files,
 )
 from fleet.link.passwords import hash_password, verify_password
@@ -160,16 +159,6 @@ def test_auth_files_leave_out_revoked_and_malformed_devices(tmp_path: Path) -> N
         assert path.parent == settings.resolved_auth_dir
         assert stat.S_IMODE(path.stat().st_mode) == 0o600
     assert {p.name for p in settings.resolved_auth_dir.iterdir()} == {PASSWORD_FILE, ACL_FILE}
-
-
-def test_write_atomic_replaces_the_file_in_one_rename(tmp_path: Path) -> None:
-    target = tmp_path / "f"
-    target.write_text("old")
-    before = target.stat().st_ino
-    write_atomic(target, "new")
-    assert target.read_text() == "new"
-    assert target.stat().st_ino != before  # a new file renamed over, never rewritten in place
-    assert list(tmp_path.iterdir()) == [target]
 
 
 def test_controller_password_is_generated_once(tmp_path: Path) -> None:
