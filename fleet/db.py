@@ -1,15 +1,16 @@
 """The database engine and its schema migrations; SQLite by default, PostgreSQL at scale.
 
 One code path for both: :func:`make_engine` picks the driver and the settings each
-needs (SQLite: WAL so readers never block the writer, a busy timeout so writers wait
-instead of failing, foreign keys on; PostgreSQL: psycopg 3 and pre-ping so a
-restarted server costs no failed request). :func:`migrate` brings any database to
-the latest Alembic revision at start-up; with PostgreSQL an advisory lock makes
-replicas that start together migrate one at a time.
+needs (SQLite: the file created owner-only, WAL so readers never block the writer, a
+busy timeout so writers wait instead of failing, foreign keys on; PostgreSQL:
+psycopg 3 and pre-ping so a restarted server costs no failed request). :func:`migrate`
+brings any database to the latest Alembic revision at start-up; with PostgreSQL an
+advisory lock makes replicas that start together migrate one at a time.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
 from typing import Any
@@ -25,9 +26,11 @@ from sqlalchemy.exc import ArgumentError, NoSuchModuleError, OperationalError
 from sqlalchemy.pool import StaticPool
 
 from fleet.errors import ConfigError, DatabaseUnavailable
+from fleet.files import private_file
 
 __all__ = [
     "SQLITE_BUSY_TIMEOUT_MS",
+    "SQLITE_SIDE_FILES",
     "alembic_config",
     "current_revision",
     "head_revision",
@@ -39,6 +42,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 SQLITE_BUSY_TIMEOUT_MS = 10_000  # how long a writer waits for the lock before failing
+SQLITE_SIDE_FILES = ("-wal", "-shm", "-journal")  # what SQLite may add beside the database
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 _MIGRATION_LOCK = 0x45_46_4C_54  # "EFLT": pg_advisory_lock key serialising migrations
 
@@ -73,6 +77,23 @@ def _on_sqlite_connect(dbapi_connection: Any, _record: Any) -> None:
         cursor.close()
 
 
+def _private_sqlite_files(database: Path) -> None:
+    """Create the database file owner-only before SQLite does (it would make it 0644).
+
+    It holds credential hashes. SQLite gives the files it adds beside it (``-wal``,
+    ``-shm``, ``-journal``) the database file's permissions; ones left by an older
+    controller are tightened here, as is an existing database.
+    """
+    try:
+        database.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        private_file(database)
+        for suffix in SQLITE_SIDE_FILES:
+            with contextlib.suppress(FileNotFoundError):
+                private_file(database.with_name(database.name + suffix), create=False)
+    except OSError as exc:
+        raise ConfigError(f"cannot create the database file {database}: {exc}") from None
+
+
 def make_engine(url: str) -> Engine:
     """An engine for ``url``; raises :class:`ConfigError` for URLs edgefleet cannot use."""
     parsed = _url(url)
@@ -80,7 +101,7 @@ def make_engine(url: str) -> Engine:
         if parsed.get_backend_name() == "sqlite":
             memory = parsed.database in {None, "", ":memory:"}
             if not memory and parsed.database is not None:
-                Path(parsed.database).parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+                _private_sqlite_files(Path(parsed.database))
             engine = sa.create_engine(
                 parsed,
                 connect_args={"check_same_thread": False},

@@ -8,7 +8,8 @@ token, TUF metadata and keys, signed metadata the CLI writes, the simulator's
 identities and stats); model files stream into the artifact store, which fsyncs the
 same way. Files are created owner-only (0600) with ``os.open``, never written and
 then chmod-ed, so a secret is not readable by others even for an instant; folders
-are 0700.
+are 0700. :func:`private_file` gives a file something else creates (SQLite's
+database) the same mode.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ __all__ = [
     "atomic_write",
     "fsync_dir",
     "private_dir",
+    "private_file",
 ]
 
 PRIVATE_FILE = 0o600
@@ -48,6 +50,22 @@ def private_dir(path: Path) -> Path:
     mode = stat.S_IMODE(path.stat().st_mode)
     if mode & 0o077:
         path.chmod(mode & ~0o077)
+    return path
+
+
+def private_file(path: Path, *, create: bool = True) -> Path:
+    """Tighten ``path`` if group or others can read it; create it empty (0600) if missing.
+
+    With ``create`` False a missing file is :class:`FileNotFoundError`, never created.
+    """
+    flags = os.O_RDONLY | (os.O_CREAT if create else 0)
+    fd = os.open(path, flags, PRIVATE_FILE)
+    try:
+        mode = stat.S_IMODE(os.fstat(fd).st_mode)
+        if mode & 0o077:
+            os.fchmod(fd, mode & ~0o077)
+    finally:
+        os.close(fd)
     return path
 
 

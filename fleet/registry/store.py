@@ -4,7 +4,9 @@
 while hashing them in one pass, fsyncs it, and renames it into place atomically, so
 a reader sees a whole file or none, and a crash leaves only a ``.tmp-*`` to sweep.
 Identical content is stored once. Only a lower-case hex SHA-256 maps to a path, so
-no request can name a file outside the store.
+no request can name a file outside the store. Files are owner-only (0600, folders
+0700): the controller serves them itself, so a copied store or a loosened parent
+folder exposes nothing.
 """
 
 from __future__ import annotations
@@ -76,8 +78,7 @@ class _Writer:
             self._path.unlink()
             return Ingested(sha256, self.size, new=False)
         target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        self._path.chmod(0o644)
-        self._path.replace(target)  # atomic: same file system, same store
+        self._path.replace(target)  # atomic (one file system); owner-only, as mkstemp made it
         fsync_dir(target.parent)
         return Ingested(sha256, self.size, new=True)
 

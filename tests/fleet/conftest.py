@@ -6,6 +6,7 @@ the suite's ``database_url`` fixture); its client sends the admin token.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,6 +19,16 @@ from fleet.app import create_app
 from fleet.config import FleetSettings
 from tests.fakes.fleet_link import FakeLink
 from tests.fleet.helpers import ADMIN, ADMIN_TOKEN, Clock
+
+
+@pytest.fixture
+def permissive_umask() -> Iterator[None]:
+    """A umask that lets everyone read new files: modes must not depend on the caller's."""
+    before = os.umask(0)
+    try:
+        yield
+    finally:
+        os.umask(before)
 
 
 @pytest.fixture

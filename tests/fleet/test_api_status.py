@@ -126,6 +126,20 @@ def test_admin_token_is_generated_once_with_0600(tmp_path: Path, database_url: s
         assert path.read_text().strip() == token  # kept across restarts
 
 
+@pytest.mark.usefixtures("permissive_umask")
+def test_the_default_sqlite_database_is_owner_only_once_the_app_runs(tmp_path: Path) -> None:
+    settings = FleetSettings(data_dir=tmp_path / "data", admin_token=SecretStr(ADMIN_TOKEN))
+    with TestClient(create_app(settings, FakeLink().factory()), headers=ADMIN) as client:
+        assert client.post("/api/v1/groups", json={"name": "lab"}).status_code == 201
+        db = tmp_path / "data" / "fleet.db"
+        files = [db, db.with_name("fleet.db-wal"), db.with_name("fleet.db-shm")]
+        assert {p.name: stat.S_IMODE(p.stat().st_mode) for p in files} == {
+            "fleet.db": 0o600,
+            "fleet.db-wal": 0o600,
+            "fleet.db-shm": 0o600,
+        }
+
+
 def test_configured_admin_token_must_be_long(tmp_path: Path) -> None:
     short = FleetSettings(data_dir=tmp_path, admin_token=SecretStr("short"))
     with pytest.raises(ConfigError, match="16 characters"):

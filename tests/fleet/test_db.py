@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sqlite3
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -86,6 +88,41 @@ def test_sqlite_gets_wal_busy_timeout_and_foreign_keys(tmp_path: Path) -> None:
         assert conn.exec_driver_sql("PRAGMA busy_timeout").scalar_one() >= 1000
     engine.dispose()
     assert (tmp_path / "sub" / "fleet.db").is_file()  # the folder was created
+
+
+def mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+@pytest.mark.usefixtures("permissive_umask")
+def test_sqlite_files_are_created_owner_only(tmp_path: Path) -> None:
+    """fleet.db holds credential hashes: 0600, and SQLite's WAL files follow its mode."""
+    db = tmp_path / "fleet.db"
+    engine = make_engine(f"sqlite:///{db}")
+    migrate(engine)
+    with engine.connect() as conn:
+        conn.execute(sa.text("SELECT count(*) FROM devices"))
+        beside = [db.with_name(db.name + suffix) for suffix in ("-wal", "-shm")]
+        assert all(p.is_file() for p in beside)  # WAL mode: both exist while connected
+        assert [mode(p) for p in (db, *beside)] == [0o600, 0o600, 0o600]
+    engine.dispose()
+
+
+@pytest.mark.usefixtures("permissive_umask")
+def test_an_existing_sqlite_database_and_its_wal_are_tightened(tmp_path: Path) -> None:
+    db = tmp_path / "fleet.db"
+    older = sqlite3.connect(db)  # as SQLite makes them: 0644 under this umask
+    older.execute("PRAGMA journal_mode=WAL")
+    older.execute("CREATE TABLE t (x)")
+    older.commit()
+    wal = db.with_name(db.name + "-wal")
+    try:
+        assert (mode(db), mode(wal)) == (0o644, 0o644)
+        engine = make_engine(f"sqlite:///{db}")
+        assert (mode(db), mode(wal)) == (0o600, 0o600)
+        engine.dispose()
+    finally:
+        older.close()
 
 
 def test_sqlite_enforces_foreign_keys(tmp_path: Path) -> None:

@@ -4,22 +4,11 @@ from __future__ import annotations
 
 import os
 import stat
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from fleet.files import PUBLIC_FILE, atomic_write
-
-
-@pytest.fixture
-def permissive_umask() -> Iterator[None]:
-    """A umask that lets everyone read new files: modes must not depend on it."""
-    before = os.umask(0)
-    try:
-        yield
-    finally:
-        os.umask(before)
+from fleet.files import PUBLIC_FILE, atomic_write, private_file
 
 
 def mode(path: Path) -> int:
@@ -82,3 +71,14 @@ def test_exclusive_never_replaces_an_existing_file(tmp_path: Path) -> None:
         atomic_write(target, b"second", exclusive=True)
     assert target.read_bytes() == b"first"
     assert list(tmp_path.iterdir()) == [target]
+
+
+@pytest.mark.usefixtures("permissive_umask")
+def test_private_file_creates_or_tightens_without_touching_content(tmp_path: Path) -> None:
+    new = private_file(tmp_path / "new.db")
+    assert (mode(new), new.read_bytes()) == (0o600, b"")
+    loose = tmp_path / "loose.db"
+    loose.write_bytes(b"rows")
+    loose.chmod(0o644)
+    private_file(loose)
+    assert (mode(loose), loose.read_bytes()) == (0o600, b"rows")

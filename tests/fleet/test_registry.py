@@ -9,6 +9,7 @@ import asyncio
 import base64
 import hashlib
 import json
+import stat
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -202,6 +203,14 @@ def test_upload_then_list_and_show(api: TestClient, settings: FleetSettings) -> 
     assert one["artifacts"][0]["format"] == "onnx"
     assert error(api.get(f"{MODELS}/nope"))[:2] == (404, "not_found")
     assert error(api.get(f"{MODELS}/minilm/versions/9"))[:2] == (404, "not_found")
+
+
+@pytest.mark.usefixtures("permissive_umask")
+def test_a_stored_artifact_is_owner_only(api: TestClient, settings: FleetSettings) -> None:
+    uploaded(api)
+    blob = settings.resolved_artifact_dir / "sha256" / sha(GGUF)[:2] / sha(GGUF)
+    assert blob.read_bytes() == GGUF
+    assert stat.S_IMODE(blob.stat().st_mode) == 0o600
 
 
 def test_upload_needs_the_admin_token(api: TestClient) -> None:
