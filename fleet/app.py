@@ -238,7 +238,7 @@ def create_app(
         summary="Enroll devices, set what they run, read their telemetry",
         lifespan=lifespan,
     )
-    app.add_middleware(BodyLimit, unlimited=streams_body)
+    app.add_middleware(BodyLimit, unlimited=streams_body, timeout_s=settings.body_timeout_s)
     install_error_handlers(app)
     for router in ROUTERS:
         app.include_router(router)

@@ -29,6 +29,7 @@ class FleetSettings(BaseSettings):
     port: int = Field(default=8000, ge=0, le=65535)
     public_url: str | None = None  # how devices reach this API; None: http://host:port
     admin_token: SecretStr | None = None  # None: generated once into <data_dir>/admin-token
+    body_timeout_s: float = Field(default=30.0, gt=0)  # longest pause in a request body (408)
 
     # Model registry.
     artifact_dir: Path | None = None  # content-addressed model files; None: <data_dir>/artifacts

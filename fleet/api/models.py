@@ -84,6 +84,16 @@ def _version_public(rows: list[ModelArtifact], public_url: str) -> ModelVersionP
     )
 
 
+def _declared_length(request: Request) -> int | None:
+    """Content-Length, read from the headers: framing, not a parameter of the operation."""
+    raw = request.headers.get("content-length")
+    if raw is None:
+        return None
+    if not raw.isdigit():
+        raise InvalidInput(f"Content-Length {raw[:40]!r} is not a number of bytes")
+    return int(raw)
+
+
 def _parse_metadata(raw: str | None) -> ModelMetadata:
     if raw is None or not raw.strip():
         return ModelMetadata()
@@ -105,7 +115,6 @@ async def upload_model(
     format: Annotated[ModelFormat | None, Query()] = None,
     filename: Annotated[str | None, Query(max_length=255)] = None,
     content_type: Annotated[str | None, Header()] = None,
-    content_length: Annotated[int | None, Header(ge=0)] = None,
     x_edgefleet_metadata: Annotated[str | None, Header()] = None,
 ) -> ArtifactPublic:
     """Stream a model file into the registry: 201 when new, 200 when identical, 409 otherwise."""
@@ -117,7 +126,7 @@ async def upload_model(
         variant=variant,
         format=format,
         filename=filename,
-        length=content_length,
+        length=_declared_length(request),
         meta=_parse_metadata(x_edgefleet_metadata).model_dump(mode="json"),
     )
     store = registration.artifact_store(state.settings)
