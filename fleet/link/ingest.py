@@ -7,10 +7,12 @@ the same device as the topic, with every number small enough for its column. The
 result is an :class:`Accepted` (the validated message) or a :class:`Rejection` (a
 :class:`Reason` and a line saying why); nothing raises, so a hostile or broken peer
 can never stop the ingest loop. Whether the device exists and is not revoked is
-asked of a :class:`DeviceDirectory`, a cache the link refreshes from the database.
+asked of a :class:`DeviceDirectory`, a cache the ingest router
+(:mod:`fleet.link.router`) refreshes from the database.
 
-:func:`rows_for` turns accepted messages into table rows; the batch writer in
-:mod:`fleet.link.store` does the database work.
+:func:`telemetry_rows`, :func:`event_row` and :func:`presence_after` turn accepted
+messages into table rows; the batch writer (:mod:`fleet.link.writer`) stores them
+through :mod:`fleet.link.store`.
 """
 
 from __future__ import annotations
