@@ -260,8 +260,12 @@ def test_a_full_spool_reports_what_it_dropped(broker: MosquittoBroker, device: P
         async with link:
             assert link.spool is not None
             spool = link.spool
-            while spool.drops().samples < 50:  # offline: the spool fills, then evicts
+
+            async def evicted() -> bool:  # offline: the spool fills, then evicts
                 await link.sample_now()
+                return spool.drops().samples >= 50
+
+            await eventually(evicted, "the full spool to evict 50 samples", every_s=0)
             dropped = spool.drops().samples
             assert spool.stats().bytes <= 64 * 1024
             assert link.status()["dropped"] == {"samples": dropped, "events": 0}
