@@ -10,6 +10,7 @@ import json
 import sys
 import types
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -17,12 +18,14 @@ import pytest
 import typer
 from fastapi.testclient import TestClient
 from pydantic import SecretStr
+from sqlmodel import Session
 from typer.core import TyperGroup
 from typer.testing import CliRunner, Result
 
 from fleet.app import create_app
 from fleet.cli import app
 from fleet.config import FleetSettings
+from fleet.tables import EventRow
 from scripts.servers import free_port
 from tests.fakes.fleet_link import FakeLink
 from tests.fleet.helpers import ADMIN_TOKEN, Clock, DeviceKey
@@ -129,6 +132,50 @@ def test_devices_list_show_tag_move_desired_revoke(
     assert link.cleared == [first]
     revoked = json.loads(ok(http, "devices", "list", "--status", "revoked", "--json"))
     assert [d["id"] for d in revoked["items"]] == [first]
+
+
+def test_devices_events_oldest_first_and_by_kind(
+    http: TestClient, clock: Clock, link: FakeLink
+) -> None:
+    secret = json.loads(ok(http, "tokens", "create", "--json"))["secret"]
+    device_id = enroll(http, clock, secret)
+    assert link.engine is not None
+    with Session(link.engine) as session:
+        for minutes, kind, severity in [
+            (20, "update_progress", "info"),
+            (10, "update_rolled_back", "warning"),
+        ]:
+            ts = clock.now - timedelta(minutes=minutes)
+            session.add(
+                EventRow(
+                    device_id=device_id,
+                    event_id=f"ev-{minutes}",
+                    ts=ts,
+                    kind=kind,
+                    severity=severity,
+                    message=f"{kind} {minutes} minutes ago",
+                    stored_at=ts,
+                )
+            )
+        session.commit()
+    since = (clock.now - timedelta(hours=1)).isoformat()
+    lines = ok(http, "devices", "events", device_id, "--since", since).splitlines()
+    assert [line.split()[1:] for line in lines] == [
+        ["info", "update_progress", "20", "minutes", "ago"],
+        ["warning", "update_rolled_back", "10", "minutes", "ago"],
+    ]
+    only = ok(
+        http,
+        "devices",
+        "events",
+        device_id,
+        "--since",
+        since,
+        "--kind",
+        "update_rolled_back",
+        "--json",
+    )
+    assert [json.loads(line)["id"] for line in only.splitlines()] == ["ev-10"]
 
 
 def test_devices_revoke_asks_first(http: TestClient, clock: Clock, link: FakeLink) -> None:
