@@ -9,12 +9,12 @@
     │   ├── NotFound             404, no such device, group or token
     │   ├── Conflict             409, the name is taken or the state moved on
     │   ├── TooLarge             413, an upload over the configured limit
-    │   └── MessageRejected      an MQTT payload that fails validation (logged, dropped)
-    ├── Transient                may succeed later: retry with backoff
-    │   ├── BrokerUnavailable    the MQTT broker cannot be reached
-    │   ├── DatabaseUnavailable  the database cannot be reached
-    │   └── StorageUnavailable   the artifact store cannot be written (disk full, I/O error)
-    └── ConfigError              the controller cannot start as configured
+    │   ├── MessageRejected      an MQTT payload that fails validation (logged, dropped)
+    │   └── ConfigError          the controller cannot work as configured: an operator must act
+    └── Transient                may succeed later: retry with backoff
+        ├── BrokerUnavailable    the MQTT broker cannot be reached
+        ├── DatabaseUnavailable  the database cannot be reached
+        └── StorageUnavailable   the artifact store cannot be written (disk full, I/O error)
 
 Third-party exceptions (SQLAlchemy, paho, OS errors) are translated at the boundary.
 """
@@ -132,9 +132,10 @@ class DatabaseUnavailable(Transient):
     code = "database_unavailable"
 
 
-class ConfigError(FleetError):
-    """The controller cannot start as configured."""
+class ConfigError(Rejected):
+    """The controller cannot start as configured: an operator must act."""
 
+    status = 500
     code = "config_error"
 
 
