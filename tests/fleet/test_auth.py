@@ -6,7 +6,6 @@ import signal
 import stat
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -30,6 +29,7 @@ from fleet.link.broker_auth import (
     write_auth_files,
 )
 from fleet.link.passwords import hash_password, verify_password
+from tests.polling import wait_until
 
 CTL = "edgefleet-controller"
 A = "dev-aaa"
@@ -172,6 +172,7 @@ def test_controller_password_is_generated_once(tmp_path: Path) -> None:
     assert controller_password(configured) == "given"
 
 
+@pytest.mark.integration  # starts a Python child process
 def test_reload_signals_the_pid_in_the_pid_file(tmp_path: Path) -> None:
     # A child that records SIGHUP, standing in for a broker.
     marker = tmp_path / "hup"
@@ -188,10 +189,7 @@ def test_reload_signals_the_pid_in_the_pid_file(tmp_path: Path) -> None:
         pid_file = tmp_path / "broker.pid"
         pid_file.write_text(f"{child.pid}\n")
         assert reload_broker(pid_file)
-        deadline = time.monotonic() + 5
-        while not marker.exists():
-            assert time.monotonic() < deadline, "SIGHUP never arrived"
-            time.sleep(0.01)
+        wait_until(marker.exists, "the child to record SIGHUP", within_s=5, every_s=0.01)
     finally:
         child.send_signal(signal.SIGTERM)
         child.wait(timeout=5)
@@ -199,6 +197,7 @@ def test_reload_signals_the_pid_in_the_pid_file(tmp_path: Path) -> None:
         child.stdout.close()
 
 
+@pytest.mark.integration  # starts a Python child process, to have a dead pid
 def test_reload_without_a_broker_is_a_warning_not_an_error(tmp_path: Path) -> None:
     assert not reload_broker(None)
     assert not reload_broker(tmp_path / "missing.pid")
