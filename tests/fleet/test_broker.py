@@ -2,7 +2,9 @@
 
 Every test runs against both brokers, configured the way the controller configures
 them: the same password file, the same rules (Mosquitto from the rendered acl_file,
-the embedded broker from fleet.link.acl directly).
+the embedded broker from fleet.link.acl directly). Every test starts a broker, so the
+module is integration (the ``broker`` fixture is reached through ``getfixturevalue``,
+which the suite's marking hook cannot see, and the embedded broker is no fixture).
 """
 
 from __future__ import annotations
@@ -23,6 +25,9 @@ from fleet.link.broker_auth import PASSWORD_FILE, DeviceCredential, write_auth_f
 from fleet.link.embedded import EmbeddedBroker
 from fleet.link.passwords import hash_password
 from scripts.servers import MosquittoBroker, free_port
+from tests.polling import eventually
+
+pytestmark = pytest.mark.integration
 
 CTL = "edgefleet-controller"
 A = "dev-aaa"
@@ -111,15 +116,18 @@ def client(port: int, user: str, **options: object) -> aiomqtt.Client:
 
 async def wait_until_login_works(port: int, user: str) -> None:
     """Mosquitto reloads its files on SIGHUP, asynchronously: poll with a deadline."""
-    deadline = time.monotonic() + DEADLINE_S
-    while True:
-        try:
-            async with client(port, user):
-                return
-        except aiomqtt.MqttError:
-            if time.monotonic() > deadline:
-                raise
-            await asyncio.sleep(0.05)
+
+    async def logs_in() -> bool:
+        async with client(port, user):
+            return True
+
+    await eventually(
+        logs_in,
+        f"{user} to log in (Mosquitto reloading its files)",
+        within_s=DEADLINE_S,
+        every_s=0.05,
+        ignoring=(aiomqtt.MqttError,),
+    )
 
 
 async def next_message(
