@@ -11,7 +11,6 @@ import socket
 import sqlite3
 import subprocess
 import sys
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import AsyncExitStack, contextmanager
@@ -48,6 +47,7 @@ from models.wire import (
     utc_now,
 )
 from scripts.servers import MosquittoBroker, free_port
+from tests.polling import eventually
 
 A = "dev-aaa"
 B = "dev-bbb"
@@ -155,27 +155,25 @@ class Fleet:
 
     async def connect(self, stack: AsyncExitStack, user: str, **options: Any) -> aiomqtt.Client:
         """Log in as ``user``, retrying while the broker reloads its files."""
-        deadline = time.monotonic() + DEADLINE_S
-        while True:
-            candidate = self.client(user, **options)
-            try:
-                return await stack.enter_async_context(candidate)
-            except aiomqtt.MqttError:
-                if time.monotonic() > deadline:
-                    raise
-                await asyncio.sleep(0.05)
+
+        async def logged_in() -> aiomqtt.Client:
+            return await stack.enter_async_context(self.client(user, **options))
+
+        return await eventually(
+            logged_in,
+            f"{user} to log in (the broker reloading its files)",
+            within_s=DEADLINE_S,
+            every_s=0.05,
+            ignoring=(aiomqtt.MqttError,),
+        )
 
 
-async def eventually(check: Callable[[], Any], what: str, within: float = DEADLINE_S) -> Any:
-    """Poll ``check`` (in a thread: it may query the database) until it is truthy."""
-    deadline = time.monotonic() + within
-    while True:
-        value = await asyncio.to_thread(check)
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"never happened: {what}")
-        await asyncio.sleep(0.02)
+async def until(check: Callable[[], Any], what: str) -> Any:
+    """Wait for ``check`` to be truthy (:func:`tests.polling.eventually`, ``DEADLINE_S``).
+
+    ``check`` runs in a thread: it may query the database.
+    """
+    return await eventually(check, what, within_s=DEADLINE_S, in_thread=True)
 
 
 async def disconnected(client: aiomqtt.Client) -> None:
@@ -231,12 +229,12 @@ def test_ingest_stores_a_batch_once_even_when_replayed(fleet: Fleet) -> None:
             await a.publish(topic(A, "telemetry"), encode(batch), qos=1)
             await a.publish(topic(A, "events"), encode(ev), qos=1)
             await a.publish(topic(A, "reported"), encode(reported()), qos=1, retain=True)
-            await eventually(lambda: link.status().stored == 4, "4 rows stored")
-            await eventually(lambda: fleet.device(A).reported is not None, "reported stored")
+            await until(lambda: link.status().stored == 4, "4 rows stored")
+            await until(lambda: fleet.device(A).reported is not None, "reported stored")
             # The agent's spool replays after a reconnect: nothing is stored twice.
             await a.publish(topic(A, "telemetry"), encode(batch), qos=1)
             await a.publish(topic(A, "events"), encode(ev), qos=1)
-            await eventually(lambda: link.status().duplicates == 4, "4 duplicates")
+            await until(lambda: link.status().duplicates == 4, "4 duplicates")
             status = link.status()
             assert (status.stored, status.rejected) == (4, 0)
             assert status.received == 5
@@ -274,8 +272,8 @@ def test_bad_input_is_rejected_counted_and_survived(fleet: Fleet) -> None:
                 (topic(A, "telemetry"), encode(good)),
             ]:
                 await forger.publish(where, payload, qos=1)
-            await eventually(lambda: link.status().stored == 1, "the good batch stored")
-            await eventually(lambda: link.status().rejected == 7, "7 rejections")
+            await until(lambda: link.status().stored == 1, "the good batch stored")
+            await until(lambda: link.status().rejected == 7, "7 rejections")
             assert link.status().rejected_by_reason == {
                 "invalid": 4,
                 "oversized": 1,
@@ -362,13 +360,13 @@ def test_a_restarted_controller_keeps_its_state_and_gets_what_it_missed(fleet: F
                     topic(A, "reported"), encode(reported(version="2.0")), qos=1, retain=True
                 )
                 await a.publish(topic(A, "telemetry"), encode(telemetry()), qos=1)
-                await eventually(lambda: link.status().stored == 2, "first batch stored")
+                await until(lambda: link.status().stored == 2, "first batch stored")
             # The controller is away: the broker queues QoS 1 messages for its session.
             await a.publish(topic(A, "telemetry"), encode(telemetry(samples=3)), qos=1)
             fleet.update(A, reported=None, reported_at=None)  # forget, to see it re-read
             async with fleet.link() as link:
-                await eventually(lambda: link.status().stored == 3, "the queued batch")
-                await eventually(
+                await until(lambda: link.status().stored == 3, "the queued batch")
+                await until(
                     lambda: (fleet.device(A).reported or {}).get("agent_version") == "2.0",
                     "the retained reported state re-read",
                 )
@@ -384,15 +382,15 @@ def test_the_link_rides_out_a_broker_restart(fleet: Fleet, broker: MosquittoBrok
         async with AsyncExitStack() as stack:
             link = await up(stack, fleet.link())
             await asyncio.to_thread(broker.stop)
-            await eventually(lambda: not link.status().connected, "the link notices")
+            await until(lambda: not link.status().connected, "the link notices")
             with pytest.raises(BrokerUnavailable):
                 await link.publish_desired(DesiredState(device_id=A, version=1))
             assert link.status().last_error
             await asyncio.to_thread(broker.start)
-            await eventually(lambda: link.status().connected, "the link reconnects")
+            await until(lambda: link.status().connected, "the link reconnects")
             a = await fleet.connect(stack, A)
             await a.publish(topic(A, "telemetry"), encode(telemetry()), qos=1)
-            await eventually(lambda: fleet.count(TelemetryRow) == 2, "ingest goes on")
+            await until(lambda: fleet.count(TelemetryRow) == 2, "ingest goes on")
             await link.publish_desired(DesiredState(device_id=A, version=1))
 
     asyncio.run(scenario())
@@ -406,7 +404,7 @@ def test_a_broker_that_is_down_at_start_does_not_stop_the_controller(
 
         async def scenario() -> None:
             async with fleet.link() as link:
-                await eventually(lambda: link.status().last_error, "a connection error")
+                await until(lambda: link.status().last_error, "a connection error")
                 status = link.status()
                 assert not status.connected
                 assert status.broker_url == dead
@@ -434,11 +432,11 @@ def test_silent_devices_are_marked_offline(
                 await up(stack, fleet.link())
                 a = await fleet.connect(stack, A)
                 await a.publish(topic(A, "telemetry"), encode(telemetry()), qos=1)
-                await eventually(lambda: fleet.device(A).online, "online")
-                await eventually(lambda: not fleet.device(A).online, "offline after 3 beats")
+                await until(lambda: fleet.device(A).online, "online")
+                await until(lambda: not fleet.device(A).online, "offline after 3 beats")
                 offline = Event(device_id=A, id=uid(), kind=EventKind.ONLINE)
                 await a.publish(topic(A, "events"), encode(offline), qos=1)
-                await eventually(lambda: fleet.device(A).online, "online again")
+                await until(lambda: fleet.device(A).online, "online again")
 
         asyncio.run(scenario())
 
@@ -453,7 +451,7 @@ def test_shared_subscriptions_on_mosquitto(fleet: Fleet) -> None:
             assert (status.protocol, status.shared_subscription) == ("5", True)
             a = await fleet.connect(stack, A)
             await a.publish(topic(A, "telemetry"), encode(telemetry()), qos=1)
-            await eventually(lambda: link.status().stored == 2, "stored through $share")
+            await until(lambda: link.status().stored == 2, "stored through $share")
 
     asyncio.run(scenario())
 
@@ -467,7 +465,7 @@ def test_revoking_a_device_cuts_it_off(fleet: Fleet) -> None:
             a = await fleet.connect(stack, A)
             await a.subscribe(topic(A, "desired"), qos=1)
             await a.publish(topic(A, "reported"), encode(reported()), qos=1, retain=True)
-            await eventually(lambda: fleet.device(A).reported, "reported stored")
+            await until(lambda: fleet.device(A).reported, "reported stored")
             # What the API does on revocation: mark it, sync the broker, clear its retained.
             fleet.update(A, revoked_at=datetime.now(UTC))
             await link.sync_auth()
@@ -501,7 +499,7 @@ def test_a_device_enrolled_by_another_replica_is_found_on_its_first_message(
             fleet.enroll(B)  # no sync_auth here: the link's device cache does not know B
             forger = await fleet.connect(stack, fleet.settings.broker_username)
             await forger.publish(topic(B, "telemetry"), encode(telemetry(B)), qos=1)
-            await eventually(lambda: link.status().stored == 2, "stored after a re-read")
+            await until(lambda: link.status().stored == 2, "stored after a re-read")
             assert link.status().rejected == 0
 
     asyncio.run(scenario())
@@ -530,7 +528,7 @@ def test_old_telemetry_is_pruned_at_start(fleet: Fleet) -> None:
 
     async def scenario() -> None:
         async with fleet.link():
-            await eventually(lambda: fleet.count(TelemetryRow) == 1, "the old sample pruned")
+            await until(lambda: fleet.count(TelemetryRow) == 1, "the old sample pruned")
 
     asyncio.run(scenario())
 
@@ -570,6 +568,7 @@ def test_a_start_that_fails_stops_what_had_started(embedded_fleet: Fleet) -> Non
     asyncio.run(scenario())
 
 
+@pytest.mark.integration  # starts the embedded broker
 def test_leaving_the_link_stops_every_task_it_started(embedded_fleet: Fleet) -> None:
     async def scenario() -> None:
         async with AsyncExitStack() as stack:
@@ -581,6 +580,7 @@ def test_leaving_the_link_stops_every_task_it_started(embedded_fleet: Fleet) -> 
     asyncio.run(scenario())
 
 
+@pytest.mark.integration  # starts the embedded broker
 def test_the_embedded_broker_end_to_end(embedded_fleet: Fleet) -> None:
     fleet = embedded_fleet
     fleet.enroll(A, B)
@@ -600,7 +600,7 @@ def test_the_embedded_broker_end_to_end(embedded_fleet: Fleet) -> None:
                 assert (await anext(a.messages)).retain
             await a.publish(topic(A, "telemetry"), encode(telemetry()), qos=1)
             await a.publish(topic(B, "telemetry"), encode(telemetry(B)), qos=1)  # refused
-            await eventually(lambda: link.status().stored == 2, "stored")
+            await until(lambda: link.status().stored == 2, "stored")
             fleet.update(A, revoked_at=datetime.now(UTC))
             await link.sync_auth()
             await link.clear_desired(A)
@@ -613,6 +613,7 @@ def test_the_embedded_broker_end_to_end(embedded_fleet: Fleet) -> None:
     asyncio.run(scenario())
 
 
+@pytest.mark.integration  # starts the embedded broker
 def test_an_mqtt_311_only_broker_gets_plain_subscriptions(
     database_url: str, tmp_path: Path
 ) -> None:
@@ -644,7 +645,7 @@ def test_an_mqtt_311_only_broker_gets_plain_subscriptions(
                 assert (status.protocol, status.shared_subscription) == ("3.1.1", False)
                 a = await fleet.connect(stack, A)
                 await a.publish(topic(A, "telemetry"), encode(telemetry()), qos=1)
-                await eventually(lambda: link.status().stored == 2, "stored")
+                await until(lambda: link.status().stored == 2, "stored")
 
         asyncio.run(scenario())
 
@@ -676,13 +677,13 @@ def test_a_locked_database_delays_ingest_but_loses_nothing(
             try:
                 blocker.execute("BEGIN EXCLUSIVE")
                 await a.publish(topic(A, "telemetry"), encode(telemetry(samples=4)), qos=1)
-                await eventually(lambda: link.status().db_retries >= 2, "retries")
+                await until(lambda: link.status().db_retries >= 2, "retries")
                 assert link.status().stored == 0
                 assert link.status().backlog == 1
             finally:
                 blocker.execute("ROLLBACK")
                 blocker.close()
-            await eventually(lambda: link.status().stored == 4, "stored after the lock")
+            await until(lambda: link.status().stored == 4, "stored after the lock")
 
     try:
         asyncio.run(scenario())
@@ -690,6 +691,7 @@ def test_a_locked_database_delays_ingest_but_loses_nothing(
         engine.dispose()
 
 
+@pytest.mark.integration  # runs a Python child process
 def test_importing_the_port_loads_no_mqtt_stack() -> None:
     """The API imports fleet.link.port; aiomqtt and amqtt load only with DeviceLink."""
     code = (
