@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import signal
-import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -25,6 +24,7 @@ from models.topics import Channel, DeviceTopic
 from models.wire import DesiredState, utc_now
 from scripts.servers import Controller, MosquittoBroker, free_port, running_controller
 from tests.fleet.helpers import DeviceKey
+from tests.polling import wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -64,39 +64,35 @@ def _login_and_read_desired(enrolled: dict[str, Any], port: int) -> DesiredState
     """
     creds, device_id = enrolled["broker"], enrolled["device_id"]
     director = director_keys_from_root(json.loads(enrolled["tuf_root"])["signed"])
-    got: list[bytes] = []
-    deadline = time.monotonic() + DEADLINE_S
-    while True:
+
+    def desired_after_login() -> DesiredState:
+        """One try: log in, subscribe, verify the retained desired state."""
+        got: list[bytes] = []
         client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=creds["client_id"])
         client.username_pw_set(creds["username"], creds["password"])
         client.on_message = lambda _c, _u, message: got.append(bytes(message.payload))
-        try:
-            client.connect("127.0.0.1", port)
-        except OSError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.1)  # polling the broker's reload
-            continue
+        client.connect("127.0.0.1", port)
         client.loop_start()
         try:
-            connected = time.monotonic() + 5
-            while not client.is_connected() and time.monotonic() < connected:
-                time.sleep(0.02)  # waiting for CONNACK on paho's thread
-            if client.is_connected():
-                client.subscribe(str(DeviceTopic(device_id, Channel.DESIRED)), qos=1)
-                received = time.monotonic() + 10
-                while not got and time.monotonic() < received:
-                    time.sleep(0.02)  # waiting for the retained message
-                if got:
-                    return verify_desired(
-                        got[0], director, device_id=device_id, last_version=None, now=utc_now()
-                    )
+            wait_until(client.is_connected, "the broker's CONNACK (on paho's thread)", within_s=5)
+            client.subscribe(str(DeviceTopic(device_id, Channel.DESIRED)), qos=1)
+            wait_until(lambda: got, "the retained desired state", within_s=10)
+            return verify_desired(
+                got[0], director, device_id=device_id, last_version=None, now=utc_now()
+            )
         finally:
             client.loop_stop()
             client.disconnect()
-        if time.monotonic() > deadline:
-            raise AssertionError("the device never logged in and got its desired state")
-        time.sleep(0.1)  # the broker may not have reloaded its password file yet
+
+    # A try fails while the broker has not reloaded its password file yet: the connection
+    # is refused (OSError), or no CONNACK or no retained message comes (a timed-out wait).
+    return wait_until(
+        desired_after_login,
+        "the device to log in and get its desired state",
+        within_s=DEADLINE_S,
+        every_s=0.1,
+        ignoring=(OSError, AssertionError),
+    )
 
 
 def test_serve_end_to_end(controller: Controller, broker: MosquittoBroker) -> None:
