@@ -10,11 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
 import subprocess
-import sys
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,21 +23,26 @@ import sqlalchemy as sa
 
 from fleet.simulate import Simulation, SimulationConfig
 from fleet.simulate.identity import load_identity
-from scripts.servers import MosquittoBroker, free_port
+from scripts import servers
+from scripts.servers import MosquittoBroker, running_controller
+from tests.polling import eventually, wait_until
 
 pytestmark = pytest.mark.integration
 
-EDGEFLEET = Path(sys.executable).parent / "edgefleet"
 ADMIN_TOKEN = "simulate-admin-token-0123456789abcdef"
 DEADLINE_S = 30.0
 
 
 @dataclass
 class Controller:
-    url: str
+    """A running ``edgefleet serve`` and the database it writes."""
+
+    running: servers.Controller
     database_url: str
-    process: subprocess.Popen[bytes]
-    log: Path
+
+    @property
+    def url(self) -> str:
+        return self.running.url
 
     def api(self) -> httpx.AsyncClient:
         return httpx.AsyncClient(
@@ -51,64 +53,22 @@ class Controller:
 @pytest.fixture
 def controller(tmp_path: Path, broker: MosquittoBroker) -> Iterator[Controller]:
     """``edgefleet serve`` on SQLite, against the test's Mosquitto, as an operator runs it."""
-    port = free_port()
     database_url = f"sqlite:///{tmp_path / 'fleet.db'}"
-    log = tmp_path / "controller.log"
-    env = dict(os.environ, EDGEFLEET_FLEET_ADMIN_TOKEN=ADMIN_TOKEN, PYTHONUNBUFFERED="1")
-    command = [
-        str(EDGEFLEET),
-        "serve",
-        "--data-dir",
-        str(tmp_path / "data"),
-        "--db",
+    with running_controller(
+        tmp_path,
         database_url,
-        "--port",
-        str(port),
-        "--broker",
-        broker.url,
-        "--broker-auth-dir",
-        str(broker.auth_dir),
-        "--broker-pid-file",
-        str(broker.pid_file),
-        "--log-level",
-        "warning",
-    ]
-    with log.open("wb") as out:
-        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
-    running = Controller(f"http://127.0.0.1:{port}", database_url, process, log)
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert process.poll() is None, log.read_text(errors="replace")
-            try:
-                if httpx.get(f"{running.url}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, log.read_text(errors="replace")
-            time.sleep(0.1)  # polling another process
-        yield running
-    finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        "--broker", broker.url,
+        "--broker-auth-dir", str(broker.auth_dir),
+        "--broker-pid-file", str(broker.pid_file),
+        env={"EDGEFLEET_FLEET_ADMIN_TOKEN": ADMIN_TOKEN},
+        ready_s=60,
+    ) as running:  # fmt: skip
+        yield Controller(running, database_url)
 
 
-async def eventually(check: Callable[[], Any], what: str, within: float = DEADLINE_S) -> Any:
-    """Await ``check()`` (sync or async) until it is truthy."""
-    deadline = time.monotonic() + within
-    while True:
-        value = check()
-        if asyncio.iscoroutine(value):
-            value = await value
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"never happened: {what}")
-        await asyncio.sleep(0.05)
+async def until(check: Callable[[], Any], what: str) -> Any:
+    """Wait for ``check()`` (sync or async) to be truthy (:func:`tests.polling.eventually`)."""
+    return await eventually(check, what, within_s=DEADLINE_S, every_s=0.05)
 
 
 def query(database_url: str, sql: str, **params: Any) -> list[Any]:
@@ -143,16 +103,16 @@ def test_simulated_devices_speak_the_protocol_to_a_real_controller(
             )
             run = asyncio.create_task(simulation.run())
             try:
-                await eventually(lambda: simulation.stats.phase == "running", "all connected")
+                await until(lambda: simulation.stats.phase == "running", "all connected")
                 assert simulation.stats.enrolled == devices
 
                 async def online() -> bool:
                     status = (await api.get("/api/v1/status")).json()
                     return bool(status["devices"]["online"] == devices)
 
-                await eventually(online, "the controller sees every device online")
+                await until(online, "the controller sees every device online")
                 ids = [d.identity.device_id for d in simulation.devices]
-                await eventually(
+                await until(
                     lambda: (
                         all(
                             n >= 3
@@ -186,7 +146,7 @@ def test_simulated_devices_speak_the_protocol_to_a_real_controller(
                         return dict(reported)
                     return None
 
-                reported = await eventually(converged, "the device reports the desired state")
+                reported = await until(converged, "the device reports the desired state")
                 assert reported["converged"] is True
                 assert [(m["name"], m["state"]) for m in reported["models"]] == [
                     ("gemma3-270m", "ready")
@@ -196,7 +156,7 @@ def test_simulated_devices_speak_the_protocol_to_a_real_controller(
                 reports = simulation.stats.counters.reports
                 sent = await api.post(f"/api/v1/devices/{ids[1]}/commands", json={"kind": "report"})
                 assert sent.status_code == 202, sent.text
-                await eventually(
+                await until(
                     lambda: simulation.stats.counters.reports > reports, "a report on command"
                 )
                 assert simulation.stats.counters.commands == 1
@@ -211,7 +171,7 @@ def test_simulated_devices_speak_the_protocol_to_a_real_controller(
                 status = (await api.get("/api/v1/status")).json()
                 return bool(status["devices"]["online"] == 0)
 
-            await eventually(offline, "every device offline after a clean stop")
+            await until(offline, "every device offline after a clean stop")
 
     asyncio.run(first_run())
     kinds = dict(query(controller.database_url, "SELECT kind, count(*) FROM events GROUP BY kind"))
@@ -237,10 +197,8 @@ def test_simulated_devices_speak_the_protocol_to_a_real_controller(
         )
         run = asyncio.create_task(simulation.run())
         try:
-            await eventually(lambda: simulation.stats.phase == "running", "reconnected")
-            await eventually(
-                lambda: simulation.stats.counters.published >= devices * 2, "new samples"
-            )
+            await until(lambda: simulation.stats.phase == "running", "reconnected")
+            await until(lambda: simulation.stats.counters.published >= devices * 2, "new samples")
         finally:
             simulation.stop()
             stats = await run
@@ -269,7 +227,7 @@ def test_the_cli_enrolls_reports_and_stops_cleanly_on_ctrl_c(
     ).json()["secret"]
     stats_file = tmp_path / "stats.json"
     command = [
-        str(EDGEFLEET),
+        str(servers.EDGEFLEET),
         "simulate",
         "--devices",
         "2",
@@ -286,14 +244,21 @@ def test_the_cli_enrolls_reports_and_stops_cleanly_on_ctrl_c(
     ]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
-        deadline = time.monotonic() + DEADLINE_S
-        while True:
+        stats: dict[str, Any] = {}
+
+        def published() -> bool:
+            nonlocal stats
             assert process.poll() is None, process.communicate()[0].decode(errors="replace")
             stats = json.loads(stats_file.read_text()) if stats_file.exists() else {}
-            if stats.get("published", 0) >= 4:
-                break
-            assert time.monotonic() < deadline, f"no telemetry published: {stats}"
-            time.sleep(0.1)  # polling another process
+            return bool(stats.get("published", 0) >= 4)
+
+        wait_until(
+            published,
+            "the simulator to publish 4 samples (its stats file)",
+            within_s=DEADLINE_S,
+            every_s=0.1,
+            detail=lambda: f"no telemetry published: {stats}",
+        )
         process.send_signal(signal.SIGINT)
         output, _ = process.communicate(timeout=DEADLINE_S)
     finally:
@@ -328,13 +293,13 @@ def test_devices_reconnect_after_a_broker_restart(
         run = asyncio.create_task(simulation.run())
         counters = simulation.stats.counters
         try:
-            await eventually(lambda: simulation.stats.phase == "running", "all connected")
+            await until(lambda: simulation.stats.phase == "running", "all connected")
             await asyncio.to_thread(broker.stop)
-            await eventually(lambda: counters.connected == 0, "sessions lost")
+            await until(lambda: counters.connected == 0, "sessions lost")
             published = counters.published
             await asyncio.to_thread(broker.start)
-            await eventually(lambda: counters.connected == 2, "reconnected")
-            await eventually(lambda: counters.published >= published + 2, "telemetry resumes")
+            await until(lambda: counters.connected == 2, "reconnected")
+            await until(lambda: counters.published >= published + 2, "telemetry resumes")
         finally:
             simulation.stop()
             stats = await run
