@@ -30,6 +30,7 @@ from fleet.app import create_app
 from fleet.config import FleetSettings
 from tests.fakes.fleet_link import FakeLink
 from tests.fleet.helpers import ADMIN, ADMIN_TOKEN
+from tests.polling import wait_until
 
 TIMEOUT_S = 1.0
 GGUF_CHUNK = b"GGUF" + b"\x01" * 996
@@ -43,11 +44,14 @@ def serving(app: Any) -> Iterator[tuple[str, int]]:
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
-    deadline = time.monotonic() + 60
-    while not server.started:
+
+    def started() -> bool:
         assert thread.is_alive(), "uvicorn stopped while starting"
-        assert time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.01)  # waiting for another thread to start the app
+        return server.started
+
+    wait_until(
+        started, "uvicorn to start (the app's lifespan on its thread)", within_s=60, every_s=0.01
+    )
     try:
         yield sock.getsockname()
     finally:
