@@ -24,7 +24,7 @@ from agent.api.limits import BodyLimit
 from agent.config import AgentSettings
 from tests.polling import wait_until
 
-TIMEOUT_S = 1.0
+TIMEOUT_S = 0.5
 
 
 def make_app() -> FastAPI:
@@ -93,7 +93,7 @@ def test_a_body_that_never_arrives_gets_408_and_others_are_served(
         assert served.json() == {"received": 2}
         answer = read_response(stalled)
     assert answer.startswith(b"HTTP/1.1 408 ")
-    assert b"Request body not received within 1 s" in answer
+    assert b"Request body not received within 0.5 s" in answer
 
 
 def test_a_slow_body_that_arrives_in_time_is_served(server: tuple[str, int]) -> None:

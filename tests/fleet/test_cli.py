@@ -16,11 +16,11 @@ from typing import Annotated, Any
 
 import pytest
 import typer
+from click.testing import CliRunner, Result
 from fastapi.testclient import TestClient
 from pydantic import SecretStr
 from sqlmodel import Session
 from typer.core import TyperGroup
-from typer.testing import CliRunner, Result
 
 from fleet.app import create_app
 from fleet.cli import app
@@ -31,6 +31,7 @@ from tests.fakes.fleet_link import FakeLink
 from tests.fleet.helpers import ADMIN_TOKEN, Clock, DeviceKey
 
 runner = CliRunner()
+EDGEFLEET = typer.main.get_command(app)  # built once: typer builds it anew on every invoke
 
 
 @pytest.fixture
@@ -49,7 +50,7 @@ def http(tmp_path: Path, link: FakeLink, clock: Clock) -> Iterator[TestClient]:
 def cli(http: TestClient | None, *args: str, token: str | None = ADMIN_TOKEN) -> Result:
     extra = ["--admin-token", token] if token else []
     return runner.invoke(
-        app, [*args, *extra], obj={"http": http} if http else None, catch_exceptions=False
+        EDGEFLEET, [*args, *extra], obj={"http": http} if http else None, catch_exceptions=False
     )
 
 
@@ -182,7 +183,7 @@ def test_devices_revoke_asks_first(http: TestClient, clock: Clock, link: FakeLin
     secret = json.loads(ok(http, "tokens", "create", "--json"))["secret"]
     device_id = enroll(http, clock, secret)
     result = runner.invoke(
-        app,
+        EDGEFLEET,
         ["devices", "revoke", device_id, "--admin-token", ADMIN_TOKEN],
         obj={"http": http},
         input="n\n",
@@ -220,7 +221,7 @@ def test_wrong_or_missing_admin_token_says_how_to_pass_it(http: TestClient, tmp_
     assert "rejected the admin token" in wrong.output
     assert "--admin-token" in wrong.output
     missing = runner.invoke(
-        app,
+        EDGEFLEET,
         ["devices", "list", "--data-dir", str(tmp_path / "nowhere")],
         obj={"http": http},
         env={"EDGEFLEET_ADMIN_TOKEN": "", "EDGEFLEET_FLEET_ADMIN_TOKEN": ""},
@@ -234,7 +235,7 @@ def test_admin_token_is_read_from_the_data_dir(http: TestClient, tmp_path: Path)
     data.mkdir()
     (data / "admin-token").write_text(ADMIN_TOKEN + "\n")
     result = runner.invoke(
-        app,
+        EDGEFLEET,
         ["groups", "list", "--data-dir", str(data)],
         obj={"http": http},
         env={"EDGEFLEET_ADMIN_TOKEN": "", "EDGEFLEET_FLEET_ADMIN_TOKEN": ""},
@@ -244,19 +245,22 @@ def test_admin_token_is_read_from_the_data_dir(http: TestClient, tmp_path: Path)
 
 def test_admin_token_from_the_environment(http: TestClient) -> None:
     result = runner.invoke(
-        app, ["groups", "list"], obj={"http": http}, env={"EDGEFLEET_ADMIN_TOKEN": ADMIN_TOKEN}
+        EDGEFLEET,
+        ["groups", "list"],
+        obj={"http": http},
+        env={"EDGEFLEET_ADMIN_TOKEN": ADMIN_TOKEN},
     )
     assert result.exit_code == 0, result.output
 
 
 def test_unreachable_controller(tmp_path: Path) -> None:
     url = f"http://127.0.0.1:{free_port()}"
-    result = runner.invoke(app, ["devices", "list", "--url", url, "--admin-token", "x"])
+    result = runner.invoke(EDGEFLEET, ["devices", "list", "--url", url, "--admin-token", "x"])
     assert result.exit_code == 1
     assert result.output.strip() == (
         f"error: cannot reach the controller at {url}: is `edgefleet serve` running?"
     )
-    via_env = runner.invoke(app, ["groups", "list"], env={"EDGEFLEET_URL": url})
+    via_env = runner.invoke(EDGEFLEET, ["groups", "list"], env={"EDGEFLEET_URL": url})
     assert via_env.exit_code == 1
     assert url in via_env.output
 
@@ -281,20 +285,21 @@ def test_status(http: TestClient) -> None:
 def test_serve_refuses_bad_settings_with_status_2(
     tmp_path: Path, args: list[str], message: str
 ) -> None:
-    result = runner.invoke(app, ["serve", "--data-dir", str(tmp_path), *args])
+    result = runner.invoke(EDGEFLEET, ["serve", "--data-dir", str(tmp_path), *args])
     assert result.exit_code == 2, result.output
     assert message in result.output
 
 
 def test_serve_reports_startup_failures_in_one_line(tmp_path: Path) -> None:
     down = runner.invoke(
-        app,
+        EDGEFLEET,
         ["serve", "--data-dir", str(tmp_path), "--db", "postgresql://x@127.0.0.1:1/none"],
     )
     assert down.exit_code == 1
     assert down.output.startswith("error: the database does not answer")
     no_ca = runner.invoke(
-        app, ["serve", "--data-dir", str(tmp_path), "--broker-ca-file", str(tmp_path / "ca.pem")]
+        EDGEFLEET,
+        ["serve", "--data-dir", str(tmp_path), "--broker-ca-file", str(tmp_path / "ca.pem")],
     )
     assert no_ca.exit_code == 2
     assert "broker_ca_file" in no_ca.output
@@ -302,7 +307,7 @@ def test_serve_reports_startup_failures_in_one_line(tmp_path: Path) -> None:
 
 
 def test_serve_help_lists_the_important_settings() -> None:
-    out = runner.invoke(app, ["serve", "--help"], env={"COLUMNS": "200"}).output
+    out = runner.invoke(EDGEFLEET, ["serve", "--help"], env={"COLUMNS": "200"}).output
     for flag in [
         "--data-dir",
         "--db",
@@ -333,21 +338,21 @@ def test_simulate_is_loaded_lazily_and_gets_its_arguments(monkeypatch: pytest.Mo
     monkeypatch.setitem(sys.modules, "fleet.simulate", package)
     monkeypatch.setitem(sys.modules, "fleet.simulate.cli", module)
 
-    result = runner.invoke(app, ["simulate", "--devices", "5", "--fleet", "http://x:1"])
+    result = runner.invoke(EDGEFLEET, ["simulate", "--devices", "5", "--fleet", "http://x:1"])
     assert result.exit_code == 0, result.output
     assert seen == {"devices": 5, "fleet": "http://x:1"}
     assert "simulating" in result.output
-    helped = runner.invoke(app, ["simulate", "--help"])
+    helped = runner.invoke(EDGEFLEET, ["simulate", "--help"])
     assert helped.exit_code == 0
     assert "--devices" in helped.output
-    wrong = runner.invoke(app, ["simulate", "--devices", "many"])
+    wrong = runner.invoke(EDGEFLEET, ["simulate", "--devices", "many"])
     assert wrong.exit_code == 2
     assert "--devices" in wrong.output
 
 
 def test_simulate_missing_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "fleet.simulate.cli", None)
-    result = runner.invoke(app, ["simulate", "--devices", "5"])
+    result = runner.invoke(EDGEFLEET, ["simulate", "--devices", "5"])
     assert result.exit_code == 2
     assert "the fleet simulator is not available" in result.output
 
@@ -368,7 +373,7 @@ def test_every_help_renders_as_plain_text() -> None:
     paths = list(_command_paths(root))
     assert len(paths) > 30
     for path in paths:
-        result = runner.invoke(app, [*path, "--help"], env={"COLUMNS": "200"})
+        result = runner.invoke(EDGEFLEET, [*path, "--help"], env={"COLUMNS": "200"})
         assert result.exit_code == 0, (path, result.output)
         assert "Usage: " in result.output, path
         for markup in ("``", ":func:", ":class:", ":mod:", ":meth:"):
