@@ -1,4 +1,4 @@
-"""``edgefleet-agent``: serve models on this device, manage its model store, show the probe."""
+"""edgefleet-agent: serve models on this device, manage its model store, show the probe."""
 
 from __future__ import annotations
 
