@@ -165,10 +165,6 @@ class ModelController:
         self._reconciling = asyncio.Lock()
 
     @property
-    def registry(self) -> ModelRegistry:
-        return self.context.registry
-
-    @property
     def desired_version(self) -> int | None:
         return self.desired.version if self.desired is not None else None
 
