@@ -34,6 +34,7 @@ class GpuInfo(BaseModel):
     power_w: float | None = Field(default=None, ge=0)  # watts, instantaneous
     driver_version: str | None = None  # e.g. "580.82.07"
     cuda_version: str | None = None  # highest CUDA the driver supports, e.g. "13.0"
+    compute_capability: str | None = None  # e.g. "8.7" (Orin), "8.9" (Ada); variant requirements
     source: GpuSource
 
 
