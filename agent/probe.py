@@ -2,9 +2,10 @@
 
 Two layers, kept apart so the hard part can be tested without the hardware:
 
-- pure parsers (``parse_*``, ``format_cuda_version``) take the text a source
-  produced (``/proc/cpuinfo``, ``/etc/nv_tegra_release``, a ``tegrastats`` line,
-  jetson-stats' dictionary) and return values or ``None``;
+- pure parsers (``parse_*``, ``format_cuda_version``, ``jetson_compute_capability``)
+  take the text a source produced (``/proc/cpuinfo``, ``/etc/nv_tegra_release``, a
+  ``tegrastats`` line, jetson-stats' dictionary, a board's name) and return values or
+  ``None``;
 - a thin I/O shell (``probe_device``, ``GpuSampler``) reads the files, asks NVML,
   jetson-stats or ``tegrastats``, and feeds the parsers.
 
@@ -39,6 +40,7 @@ from models.device import DeviceReport, GpuInfo, GpuSample, GpuSource
 __all__ = [
     "GpuSampler",
     "format_cuda_version",
+    "jetson_compute_capability",
     "parse_cpuinfo_model",
     "parse_device_tree_model",
     "parse_jtop_stats",
@@ -110,6 +112,29 @@ def parse_device_tree_model(data: bytes) -> str | None:
 def format_cuda_version(version: int) -> str:
     """NVML's integer CUDA driver version as ``"major.minor"``: 13000 -> ``"13.0"``."""
     return f"{version // 1000}.{version % 1000 // 10}"
+
+
+# Most specific first: an "Orin Nano" is an Orin, not the first Nano. Thor is 11.0 from
+# CUDA 13 on (JetPack 7); AGX Xavier's device tree has said just "Jetson-AGX".
+_JETSON_COMPUTE_CAPABILITY = (
+    ("thor", "11.0"),
+    ("orin", "8.7"),
+    ("xavier", "7.2"),
+    ("jetson-agx", "7.2"),
+    ("tx2", "6.2"),
+    ("tx1", "5.3"),
+    ("nano", "5.3"),
+)
+
+
+def jetson_compute_capability(model: str | None) -> str | None:
+    """A Jetson GPU's CUDA compute capability from the board's name, or ``None`` if unknown.
+
+    ``model`` is ``/proc/device-tree/model``, e.g. "NVIDIA Jetson Orin Nano Developer Kit"
+    (8.7); Xavier is 7.2, TX2 6.2, TX1 and the first Nano 5.3, Thor 11.0.
+    """
+    name = (model or "").lower()
+    return next((cc for key, cc in _JETSON_COMPUTE_CAPABILITY if key in name), None)
 
 
 _GR3D = re.compile(r"\bGR3D_FREQ\s+(\d+(?:\.\d+)?)%")
@@ -282,8 +307,25 @@ def _nvml_sample(nvml: Any, index: int, handle: Any) -> GpuSample:
     )
 
 
-def _nvml_gpus(nvml: Any, *, shared_ram_bytes: int | None) -> list[GpuInfo]:
+def _nvml_compute_capability(nvml: Any, handle: Any) -> str | None:
+    """``"8.6"`` from NVML, or ``None`` (an older pynvml without the call, or an error)."""
+    call = getattr(nvml, "nvmlDeviceGetCudaComputeCapability", None)
+    pair = _guard(partial(call, handle), nvml.NVMLError) if call is not None else None
+    if pair is None:
+        return None
+    try:
+        major, minor = pair
+        return f"{int(major)}.{int(minor)}"
+    except (TypeError, ValueError):
+        return None
+
+
+def _nvml_gpus(
+    nvml: Any, *, shared_ram_bytes: int | None, jetson_model: str | None = None
+) -> list[GpuInfo]:
+    """Every GPU NVML sees; on a Jetson (``shared_ram_bytes`` set) the board names the CC."""
     err = nvml.NVMLError
+    board_cc = jetson_compute_capability(jetson_model) if shared_ram_bytes is not None else None
     driver = _guard(nvml.nvmlSystemGetDriverVersion, err)
     cuda = _guard(nvml.nvmlSystemGetCudaDriverVersion, err)
     gpus = []
@@ -303,6 +345,7 @@ def _nvml_gpus(nvml: Any, *, shared_ram_bytes: int | None) -> list[GpuInfo]:
                 power_w=sample.power_w,
                 driver_version=_text(driver) if driver is not None else None,
                 cuda_version=format_cuda_version(int(cuda)) if cuda is not None else None,
+                compute_capability=_nvml_compute_capability(nvml, handle) or board_cc,
                 source="nvml",
             )
         )
@@ -479,7 +522,9 @@ def probe_device(*, root: Path = Path("/")) -> DeviceReport:
     nvml = _nvml_open()
     if nvml is not None:
         try:
-            gpus = _nvml_gpus(nvml, shared_ram_bytes=ram_total if is_jetson else None)
+            gpus = _nvml_gpus(
+                nvml, shared_ram_bytes=ram_total if is_jetson else None, jetson_model=jetson_model
+            )
         finally:
             _nvml_close(nvml)
     if not gpus and is_jetson:
@@ -495,6 +540,7 @@ def probe_device(*, root: Path = Path("/")) -> DeviceReport:
                     utilization_percent=sample.utilization_percent,
                     temperature_c=sample.temperature_c,
                     power_w=sample.power_w,
+                    compute_capability=jetson_compute_capability(jetson_model),
                     source=source,
                 )
             ]

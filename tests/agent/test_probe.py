@@ -11,6 +11,7 @@ import agent.probe
 from agent.probe import (
     GpuSampler,
     format_cuda_version,
+    jetson_compute_capability,
     parse_cpuinfo_model,
     parse_device_tree_model,
     parse_jtop_stats,
@@ -89,6 +90,7 @@ def test_public_api() -> None:
     assert sorted(agent.probe.__all__) == [
         "GpuSampler",
         "format_cuda_version",
+        "jetson_compute_capability",
         "parse_cpuinfo_model",
         "parse_device_tree_model",
         "parse_jtop_stats",
@@ -558,3 +560,68 @@ def test_sample_gpus_without_any_gpu(no_gpu_libs: None, fake_bin: Path) -> None:
     if Path("/etc/nv_tegra_release").exists():
         pytest.skip("this machine is a Jetson")
     assert sample_gpus() == []
+
+
+# --------------------------------------------------------------------------- compute capability
+
+
+@pytest.mark.parametrize(
+    ("model", "expected"),
+    [
+        ("NVIDIA Jetson Orin Nano Developer Kit", "8.7"),  # an Orin before the first Nano
+        ("NVIDIA Jetson AGX Orin Developer Kit", "8.7"),
+        ("NVIDIA Orin NX Developer Kit", "8.7"),
+        ("NVIDIA Jetson Xavier NX Developer Kit", "7.2"),
+        ("Jetson-AGX", "7.2"),  # AGX Xavier's device tree
+        ("NVIDIA Jetson TX2", "6.2"),
+        ("NVIDIA Jetson TX1", "5.3"),
+        ("NVIDIA Jetson Nano Developer Kit", "5.3"),
+        ("NVIDIA Jetson AGX Thor Developer Kit", "11.0"),
+        ("Raspberry Pi 4 Model B Rev 1.4", None),
+        (None, None),
+    ],
+)
+def test_jetson_compute_capability(model: str | None, expected: str | None) -> None:
+    assert jetson_compute_capability(model) == expected
+
+
+class NvmlWithComputeCapability(FakeNvml):
+    """A pynvml that knows nvmlDeviceGetCudaComputeCapability: 8.9, and an error for GPU 1."""
+
+    def nvmlDeviceGetCudaComputeCapability(self, handle: str) -> tuple[int, int]:
+        if handle == "handle-1":
+            raise self.NVMLError("Not Supported")
+        return (8, 9)
+
+
+def test_probe_device_reads_the_compute_capability_from_nvml(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setitem(sys.modules, "pynvml", NvmlWithComputeCapability())
+    report = probe_device(root=tmp_path)
+    assert [g.compute_capability for g in report.gpus] == ["8.9", None]
+
+
+def test_an_older_pynvml_without_the_call_reports_no_compute_capability(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    assert not hasattr(FakeNvml(), "nvmlDeviceGetCudaComputeCapability")
+    monkeypatch.setitem(sys.modules, "pynvml", FakeNvml())
+    assert [g.compute_capability for g in probe_device(root=tmp_path).gpus] == [None, None]
+
+
+def test_on_a_jetson_the_board_names_the_compute_capability_nvml_cannot(
+    jetson_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, "pynvml", NvmlWithComputeCapability())
+    report = probe_device(root=jetson_root)
+    assert [g.compute_capability for g in report.gpus] == ["8.9", "8.7"]  # NVML first
+
+
+def test_on_a_jetson_with_jtop_the_board_names_the_compute_capability(
+    jetson_root: Path, fake_bin: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, "pynvml", None)
+    monkeypatch.setitem(sys.modules, "jtop", types.SimpleNamespace(jtop=FakeJtop))
+    [gpu] = probe_device(root=jetson_root).gpus
+    assert (gpu.source, gpu.compute_capability) == ("jtop", "8.7")
