@@ -13,6 +13,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, JsonValue, field_validator
 
+from fleet.registry.variants import VariantRequirements
 from fleet.tokens import TokenState
 from models.manifest import ModelFormat, RuntimeParams
 from models.values import ModelName, Version
@@ -290,8 +291,10 @@ class ModelMetadata(_Input):
     """What an uploader says about a model file; sent as the X-Edgefleet-Metadata header."""
 
     quantization: str | None = Field(default=None, max_length=64)  # "Q4_K_M", "int8"
+    quality: int | None = Field(default=None, ge=0, le=1000)  # overrides the quantization's rank
     ram_bytes: int | None = Field(default=None, ge=0)  # memory it needs to run on a CPU
     vram_bytes: int | None = Field(default=None, ge=0)  # GPU memory with every layer offloaded
+    requirements: VariantRequirements = Field(default_factory=VariantRequirements)  # what fits
     context_length: int | None = Field(default=None, ge=1)  # the longest context it supports
     runtime: RuntimeParams | None = None  # how the agent should run it
     golden_prompts: list[GoldenPrompt] = Field(default_factory=list, max_length=64)
