@@ -35,6 +35,7 @@ from fleet.link.port import LinkPort
 from fleet.registry.keys import KeyStore
 from fleet.registry.registration import add_missing_targets
 from fleet.registry.repository import Expiries, TufRepository
+from fleet.rollout.engine import RolloutEngine
 from fleet.tables import utc_now
 from fleet.tokens import new_admin_token
 from models.director import sign_desired
@@ -208,6 +209,9 @@ def create_app(
             factory = link_factory or _default_link(repo)
             async with factory(settings, engine) as link:
                 desired = DesiredStates(engine, link, clock)
+                rollouts = RolloutEngine(
+                    engine, desired, clock, interval_s=settings.rollout_interval_s
+                )
                 app.state.fleet = FleetState(
                     settings=settings,
                     engine=engine,
@@ -216,6 +220,7 @@ def create_app(
                     clock=clock,
                     tuf=repo,
                     desired=desired,
+                    rollouts=rollouts,
                 )
                 interval_s = settings.tuf_refresh_interval_s
                 renewals = [
@@ -223,6 +228,7 @@ def create_app(
                     asyncio.create_task(
                         _every(interval_s, "desired states", desired.renew), name="desired-renew"
                     ),
+                    asyncio.create_task(rollouts.run(), name="rollouts"),
                 ]
                 try:
                     yield

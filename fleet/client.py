@@ -7,6 +7,7 @@ traceback for an operator's mistake.
 
 from __future__ import annotations
 
+import getpass
 import json as jsonlib
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -37,6 +38,13 @@ class ClientError(Exception):
         super().__init__(message)
         self.status = status
         self.code = code
+
+
+def _login() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):  # no user name for this uid (a bare container)
+        return ""
 
 
 def read_admin_token(data_dir: Path) -> str | None:
@@ -98,6 +106,7 @@ class FleetClient:
         timeout: httpx.Timeout | None = None,
     ) -> tuple[int, Any]:
         sent = {"Authorization": f"Bearer {self._token}"} if self._token else {}
+        sent["X-Edgefleet-Actor"] = _login()  # who, for the audit log
         sent.update(headers or {})
         query = {k: v for k, v in (params or {}).items() if v is not None}
         # A client handed in (a test's TestClient) keeps its own timeouts.

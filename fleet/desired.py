@@ -39,17 +39,20 @@ from models.wire import DESIRED_LIFETIME, DesiredModel, DesiredState, TargetRef
 __all__ = [
     "RENEW_BEFORE",
     "Delivery",
+    "DesiredExtras",
     "DesiredStates",
     "WantedModel",
     "WantedState",
     "desired_of",
     "due_for_renewal",
     "resolve_models",
+    "store_desired",
 ]
 
 log = logging.getLogger(__name__)
 
 RENEW_BEFORE = DESIRED_LIFETIME / 3  # re-issue a desired state when less than this is left
+PUBLISH_CONCURRENCY = 64  # publishes in flight when one change reaches many devices
 
 
 class WantedModel(Protocol):
@@ -61,6 +64,15 @@ class WantedModel(Protocol):
     def version(self) -> str | None: ...
     @property
     def variant(self) -> str | None: ...
+
+
+class DesiredExtras(Protocol):
+    """The parts of a desired state besides its models, kept as they are by a model change."""
+
+    @property
+    def config(self) -> dict[str, JsonValue]: ...
+    @property
+    def fallback(self) -> dict[str, JsonValue]: ...
 
 
 class WantedState(Protocol):
@@ -120,14 +132,18 @@ def resolve_models(session: Session, wanted: Sequence[WantedModel]) -> list[Desi
     return resolved
 
 
-def _store(
+def store_desired(
     session: Session,
     device_id: str,
     models: list[DesiredModel],
-    wanted: WantedState | DesiredState,
+    wanted: DesiredExtras,
     now: datetime,
 ) -> DesiredState:
-    """Bump the version and store the new state, in the caller's transaction."""
+    """Bump the version and store the new state, in the caller's transaction.
+
+    Publish what it returns with :meth:`DesiredStates.apply`, which orders it with
+    every other change.
+    """
     bumped = session.exec(
         update(Device)
         .where(col(Device.id) == device_id, col(Device.revoked_at).is_(None))
@@ -161,7 +177,9 @@ def _store_for_device(
     engine: Engine, device_id: str, wanted: WantedState, now: datetime
 ) -> DesiredState:
     with Session(engine) as session:
-        state = _store(session, device_id, resolve_models(session, wanted.models), wanted, now)
+        state = store_desired(
+            session, device_id, resolve_models(session, wanted.models), wanted, now
+        )
         session.commit()
         return state
 
@@ -178,7 +196,7 @@ def _store_for_group(
             .order_by(col(Device.id))
         ).all()
         models = resolve_models(session, wanted.models)
-        states = [_store(session, device_id, models, wanted, now) for device_id in ids]
+        states = [store_desired(session, device_id, models, wanted, now) for device_id in ids]
         session.commit()
         return states
 
@@ -194,7 +212,9 @@ def _store_renewals(engine: Engine, now: datetime) -> list[DesiredState]:
             for device in devices
             if (current := desired_of(device)) is not None and due_for_renewal(current, now)
         ]
-        renewed = [_store(session, device_id, list(s.models), s, now) for device_id, s in due]
+        renewed = [
+            store_desired(session, device_id, list(s.models), s, now) for device_id, s in due
+        ]
         session.commit()
         return renewed
 
@@ -224,6 +244,16 @@ class DesiredStates:
             )
             return [await self._publish(state) for state in stored]
 
+    async def apply(self, work: Callable[[], Sequence[DesiredState]]) -> list[Delivery]:
+        """Run ``work`` (it stores states with :func:`store_desired` and commits), then publish.
+
+        For callers that change desired states inside a larger transaction of their own
+        (the rollout engine); they still queue behind every other change.
+        """
+        async with self._lock:
+            stored = await run_in_threadpool(work)
+            return await self._publish_many(stored)
+
     async def renew(self) -> int:
         """Re-issue and publish the desired states close to expiry; how many were renewed."""
         async with self._lock:
@@ -231,6 +261,16 @@ class DesiredStates:
             for state in renewed:
                 await self._publish(state)
         return len(renewed)
+
+    async def _publish_many(self, states: Sequence[DesiredState]) -> list[Delivery]:
+        """Publish states of distinct devices, many in flight (a 100% stage is thousands)."""
+        slots = asyncio.Semaphore(PUBLISH_CONCURRENCY)
+
+        async def one(state: DesiredState) -> Delivery:
+            async with slots:
+                return await self._publish(state)
+
+        return list(await asyncio.gather(*(one(state) for state in states)))
 
     async def _publish(self, state: DesiredState) -> Delivery:
         try:

@@ -55,10 +55,14 @@ class Rejected(FleetError):
 
 
 class InvalidInput(Rejected):
-    """Malformed or out of range."""
+    """Malformed or out of range; ``field`` names the offending field, dotted, when known."""
 
     status = 422
     code = "invalid_input"
+
+    def __init__(self, message: str = "", *, field: str | None = None) -> None:
+        super().__init__(f"invalid {field}: {message}" if field else message)
+        self.field = field
 
 
 class EnrollmentRejected(Rejected):

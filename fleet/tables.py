@@ -15,12 +15,16 @@ from sqlalchemy import JSON, BigInteger, Column, DateTime, Index, Integer, Strin
 from sqlmodel import Field, SQLModel
 
 __all__ = [
+    "AuditEntry",
     "Device",
     "DeviceTag",
     "EnrollmentToken",
     "EventRow",
+    "GateCheckRow",
     "Group",
     "ModelArtifact",
+    "Rollout",
+    "RolloutDevice",
     "TelemetryRow",
     "as_utc",
     "utc_now",
@@ -206,3 +210,92 @@ class ModelArtifact(SQLModel, table=True):
         default=None, sa_column=Column(DateTime(timezone=True), nullable=True)
     )
     yank_reason: str = Field(default="", sa_column=Column(String(500), nullable=False))
+
+
+def _stamp(nullable: bool = False) -> Any:
+    return Field(
+        default=None if nullable else ...,
+        sa_column=Column(DateTime(timezone=True), nullable=nullable),
+    )
+
+
+class Rollout(SQLModel, table=True):
+    """A staged rollout: its spec as asked, and where it stands (``fleet.rollout.plan``).
+
+    ``revision`` grows with every write; the engine and admin actions update the row
+    only at the revision they read, so two controllers can never both advance a stage.
+    """
+
+    __tablename__ = "rollouts"
+
+    id: str = Field(primary_key=True, max_length=32)
+    name: str = Field(default="", max_length=128)
+    change_key: str = Field(index=True, max_length=96)  # "model:<name>"
+    spec: dict[str, Any] = Field(sa_column=Column(JSON, nullable=False))  # RolloutSpec
+    status: str = Field(index=True, max_length=16)  # plan.RolloutStatus
+    stage: int = Field(default=0)
+    phase: str = Field(max_length=24)  # plan.Phase
+    stage_started_at: datetime = _stamp()
+    soak_started_at: datetime | None = _stamp(nullable=True)
+    next_check_at: datetime | None = _stamp(nullable=True)  # when the gates are checked next
+    gate_failures: list[int] = Field(default_factory=list, sa_column=Column(JSON))  # consecutive
+    revision: int = Field(default=1)
+    reason: str = Field(default="", sa_column=Column(String(2000), nullable=False))
+    created_by: str = Field(max_length=64)
+    created_at: datetime = _stamp()
+    updated_at: datetime = _stamp()
+    finished_at: datetime | None = _stamp(nullable=True)
+
+
+class RolloutDevice(SQLModel, table=True):
+    """One device in a rollout: its stage, its variant, what it had before, where it stands."""
+
+    __tablename__ = "rollout_devices"
+    __table_args__ = (Index("ix_rollout_devices_rollout_state", "rollout_id", "state"),)
+
+    rollout_id: str = Field(foreign_key="rollouts.id", primary_key=True, max_length=32)
+    device_id: str = Field(foreign_key="devices.id", primary_key=True, index=True, max_length=63)
+    rank: str = Field(max_length=16)  # plan.device_rank: the release order
+    stage: int | None = None  # the stage that released it
+    state: str = Field(max_length=16)  # plan.DeviceState
+    variant: str | None = Field(default=None, max_length=64)
+    placement: str | None = Field(default=None, max_length=8)  # "gpu" or "cpu"
+    target: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON))  # DesiredModel
+    previous: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON))  # Change.capture
+    failure: str | None = Field(default=None, max_length=24)  # spec.FailureKind
+    detail: str = Field(default="", sa_column=Column(String(2000), nullable=False))
+    desired_version: int | None = None  # the desired state that carried the change
+    since: datetime = _stamp()  # entered its state
+    issued_at: datetime | None = _stamp(nullable=True)  # the change reached its desired state
+
+
+class GateCheckRow(SQLModel, table=True):
+    """One gate check with its evidence: the numbers, thresholds and sample counts."""
+
+    __tablename__ = "rollout_gate_checks"
+    __table_args__ = (Index("ix_rollout_gate_checks_rollout_at", "rollout_id", "at"),)
+
+    id: int | None = Field(default=None, sa_column=Column(RowId, primary_key=True))
+    rollout_id: str = Field(foreign_key="rollouts.id", max_length=32)
+    stage: int
+    gate: int  # its index in the spec's gates
+    at: datetime = _stamp()
+    verdict: str = Field(max_length=16)  # pass, fail, insufficient
+    decision: str = Field(max_length=24)  # what the engine made of it: pass, wait, fail, abort
+    reasons: list[str] = Field(default_factory=list, sa_column=Column(JSON))
+    evidence: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON))
+
+
+class AuditEntry(SQLModel, table=True):
+    """Who or what did what, when and why: every admin action and automatic decision."""
+
+    __tablename__ = "audit_log"
+    __table_args__ = (Index("ix_audit_log_subject_at", "subject", "at"),)
+
+    id: int | None = Field(default=None, sa_column=Column(RowId, primary_key=True))
+    at: datetime = _stamp()
+    actor: str = Field(max_length=64)  # "admin", or "controller" for the engine's decisions
+    action: str = Field(max_length=48)  # "rollout.create", "rollout.stage_advanced", ...
+    subject: str = Field(max_length=96)  # "rollout:<id>"
+    reason: str = Field(default="", sa_column=Column(String(2000), nullable=False))
+    data: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON))

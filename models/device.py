@@ -75,4 +75,5 @@ class DeviceReport(BaseModel):
     gpus: list[GpuInfo] = Field(default_factory=list)
     runtimes: dict[str, str] = Field(default_factory=dict)  # name -> version; absent: missing
     llama_gpu_offload: bool = False  # llama.cpp was built with a GPU backend
+    timezone: str | None = None  # IANA name, e.g. "Europe/Berlin": maintenance windows
     probed_at: AwareDatetime = Field(default_factory=_utc_now)

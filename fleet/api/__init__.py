@@ -12,6 +12,7 @@ from fleet.api import (
     enroll,
     groups,
     models,
+    rollouts,
     status,
     telemetry,
     tokens,
@@ -31,6 +32,7 @@ ROUTERS: tuple[APIRouter, ...] = (
     models.router,
     artifacts.router,
     tuf.router,
+    rollouts.router,
 )
 
 

@@ -16,6 +16,7 @@ from fleet.desired import DesiredStates
 from fleet.errors import Unauthorized
 from fleet.link.port import LinkPort
 from fleet.registry.repository import TufRepository
+from fleet.rollout.engine import RolloutEngine
 from fleet.tokens import same_secret
 
 __all__ = [
@@ -44,6 +45,7 @@ class FleetState:
     clock: Callable[[], datetime]  # aware UTC; tests pass a fixed one
     tuf: TufRepository  # signs model targets; its director keys sign desired states
     desired: DesiredStates  # stores and publishes desired states, in order
+    rollouts: RolloutEngine  # runs staged rollouts; admins' actions go through it
 
 
 def get_state(request: Request) -> FleetState:

@@ -18,7 +18,7 @@ from starlette.exceptions import HTTPException
 
 from fleet.errors import DatabaseUnavailable, FleetError
 
-__all__ = ["error_response", "install_error_handlers", "validation_message"]
+__all__ = ["error_response", "install_error_handlers", "validation_field", "validation_message"]
 
 log = logging.getLogger(__name__)
 
@@ -34,10 +34,24 @@ _CODE_BY_STATUS = {
 
 
 def error_response(
-    status: int, code: str, message: str, headers: dict[str, str] | None = None
+    status: int,
+    code: str,
+    message: str,
+    headers: dict[str, str] | None = None,
+    *,
+    field: str | None = None,
 ) -> JSONResponse:
-    body = {"error": {"code": code, "message": message}}
-    return JSONResponse(body, status_code=status, headers=headers)
+    error = {"code": code, "message": message}
+    if field:
+        error["field"] = field  # dotted, e.g. "stages.percents"
+    return JSONResponse({"error": error}, status_code=status, headers=headers)
+
+
+def validation_field(errors: list[Any]) -> str | None:
+    """The dotted name of the first offending field, if the error names one."""
+    first = errors[0] if errors else {}
+    loc = [str(p) for p in first.get("loc", ()) if p not in {"body", "query", "path"}]
+    return ".".join(loc) or None
 
 
 def validation_message(errors: list[Any]) -> str:
@@ -58,11 +72,15 @@ def install_error_handlers(app: FastAPI) -> None:
         headers = None
         if exc.status == 401:
             headers = {"WWW-Authenticate": getattr(exc, "challenge", "Bearer")}
-        return error_response(exc.status, exc.code, str(exc) or exc.code, headers)
+        field = getattr(exc, "field", None)
+        return error_response(exc.status, exc.code, str(exc) or exc.code, headers, field=field)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
-        return error_response(422, "invalid_input", validation_message(list(exc.errors())))
+        errors = list(exc.errors())
+        return error_response(
+            422, "invalid_input", validation_message(errors), field=validation_field(errors)
+        )
 
     @app.exception_handler(HTTPException)
     async def http_error(_request: Request, exc: HTTPException) -> JSONResponse:

@@ -113,5 +113,11 @@ def error(response: Any) -> tuple[int, str, str]:
     """``(status, code, message)`` of an error response, checking its shape on the way."""
     body = response.json()
     assert set(body) == {"error"}, body
-    assert set(body["error"]) == {"code", "message"}, body
+    assert set(body["error"]) - {"field"} == {"code", "message"}, body
     return response.status_code, body["error"]["code"], body["error"]["message"]
+
+
+def error_field(response: Any) -> str | None:
+    """The dotted field an error response names (422s name it when they know it)."""
+    field: str | None = response.json()["error"].get("field")
+    return field

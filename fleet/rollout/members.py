@@ -1,0 +1,149 @@
+"""Who a rollout targets, and what each of them gets: the device set and its variant.
+
+The filter over reported facts and the variant choice are pure; the queries around
+them are the thin shell. A rollout re-reads its target on every engine step, so a
+device that joins the group (or starts to match the filter) mid-rollout joins it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from pydantic import ValidationError
+from sqlmodel import Session, col, or_, select
+
+from fleet.errors import InvalidInput
+from fleet.registry.targets import target_path
+from fleet.registry.variants import Chosen, candidate_of, choose_variant
+from fleet.rollout.spec import FactFilter, ModelChangeSpec, Target
+from fleet.tables import Device, DeviceTag, Group, ModelArtifact
+from models.device import DeviceReport
+from models.wire import DesiredModel, TargetRef
+
+__all__ = [
+    "Assignment",
+    "assign",
+    "device_report",
+    "live_artifacts",
+    "matches_facts",
+    "target_devices",
+    "validate_target",
+]
+
+_ARCH = {"arm64": "aarch64", "amd64": "x86_64"}
+
+
+def device_report(device: Device) -> DeviceReport | None:
+    """What the device reported of itself; None when it never did or it does not parse."""
+    if not device.device_report:
+        return None
+    try:
+        return DeviceReport.model_validate(device.device_report)
+    except ValidationError:
+        return None
+
+
+def matches_facts(facts: FactFilter, report: DeviceReport | None, agent_version: str) -> bool:
+    """Whether a device's reported facts pass the filter; unknown facts never match."""
+    if facts.agent_version is not None and not agent_version.startswith(facts.agent_version):
+        return False
+    hardware = facts.model_copy(update={"agent_version": None})
+    if hardware.is_empty():
+        return True
+    if report is None:
+        return False
+    if facts.arch and _ARCH.get(report.arch, report.arch) not in {
+        _ARCH.get(a, a) for a in facts.arch
+    }:
+        return False
+    if facts.min_ram_bytes is not None and report.ram_total_bytes < facts.min_ram_bytes:
+        return False
+    if facts.max_ram_bytes is not None and report.ram_total_bytes > facts.max_ram_bytes:
+        return False
+    return facts.gpu is None or facts.gpu == bool(report.gpus)
+
+
+def validate_target(session: Session, target: Target) -> None:
+    """Refuse names that do not exist, naming the field: a typo must not shrink a rollout."""
+    for group in target.groups:
+        if session.get(Group, group) is None:
+            raise InvalidInput(f"no group {group!r}", field="target.groups")
+    if target.devices:
+        known = set(session.exec(select(Device.id).where(col(Device.id).in_(target.devices))).all())
+        missing = sorted(set(target.devices) - known)
+        if missing:
+            more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+            raise InvalidInput(f"no device {', '.join(missing[:3])}{more}", field="target.devices")
+
+
+def target_devices(session: Session, target: Target) -> list[Device]:
+    """The non-revoked devices the target names, filtered by their reported facts."""
+    named = []
+    if target.groups:
+        named.append(col(Device.group).in_(target.groups))
+    if target.devices:
+        named.append(col(Device.id).in_(target.devices))
+    if target.tags:
+        tagged = select(DeviceTag.device_id).where(col(DeviceTag.tag).in_(target.tags))
+        named.append(col(Device.id).in_(tagged))
+    query = select(Device).where(col(Device.revoked_at).is_(None))
+    if named:
+        query = query.where(or_(*named))
+    devices = session.exec(query.order_by(col(Device.id))).all()
+    return [d for d in devices if matches_facts(target.facts, device_report(d), d.agent_version)]
+
+
+def live_artifacts(session: Session, change: ModelChangeSpec) -> list[ModelArtifact]:
+    """The version's variants that may be sent: a yanked variant never is."""
+    rows = session.exec(
+        select(ModelArtifact).where(
+            col(ModelArtifact.name) == change.model, col(ModelArtifact.version) == change.version
+        )
+    ).all()
+    if not rows:
+        known = session.exec(
+            select(ModelArtifact.version).where(col(ModelArtifact.name) == change.model)
+        ).all()
+        if not known:
+            raise InvalidInput(
+                f"model {change.model!r} is not in the registry", field="change.model"
+            )
+        raise InvalidInput(
+            f"model {change.model!r} has no version {change.version!r} "
+            f"(it has {', '.join(sorted(set(known)))})",
+            field="change.version",
+        )
+    live = [r for r in rows if r.yanked_at is None]
+    if not live:
+        reasons = "; ".join(sorted({r.yank_reason or "no reason given" for r in rows}))
+        raise InvalidInput(
+            f"{change.model} {change.version} is yanked ({reasons})", field="change.version"
+        )
+    return live
+
+
+@dataclass(frozen=True)
+class Assignment:
+    """What one device gets: its target, or why it cannot get any."""
+
+    entry: DesiredModel | None  # None: ineligible
+    variant: str | None
+    placement: str | None
+    reason: str  # why this variant, or why none fits
+
+
+def assign(artifacts: Sequence[ModelArtifact], report: DeviceReport | None) -> Assignment:
+    """The best variant of ``artifacts`` for a device, as the desired model it will be sent."""
+    by_variant = {row.variant: row for row in artifacts}
+    choice = choose_variant([candidate_of(row) for row in artifacts], report)
+    if not isinstance(choice, Chosen):
+        return Assignment(None, None, None, choice.summary)
+    row = by_variant[choice.variant]
+    target = TargetRef(
+        path=target_path(row.name, row.version, row.variant, row.format),
+        length=row.size_bytes,
+        sha256=row.sha256,
+    )
+    entry = DesiredModel(name=row.name, version=row.version, target=target)
+    return Assignment(entry, row.variant, choice.placement, choice.reason)
