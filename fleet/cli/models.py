@@ -7,11 +7,13 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
 
 from fleet.cli.connection import Connection, connected
 from fleet.cli.output import JsonOpt, console, fail, print_json, size, when
+from fleet.registry.variants import VariantRequirements
 
 __all__ = ["app"]
 
@@ -39,6 +41,56 @@ def _metadata(metadata_file: Path | None) -> dict[str, Any]:
     if not isinstance(metadata, dict):
         fail(f"{metadata_file} must hold a JSON object")
     return metadata
+
+
+_REQUIREMENT_OPTIONS = {
+    "arch": "--arch",
+    "gpu": "--gpu",
+    "min_compute_capability": "--min-compute-capability",
+    "min_l4t": "--min-l4t",
+    "runtimes": "--requires-runtime",
+}
+
+
+def _checked(requirements: dict[str, Any], hint: str | None) -> dict[str, Any]:
+    """``requirements`` validated and normalised, or a usage error naming the option."""
+    try:
+        return VariantRequirements.model_validate(requirements).model_dump(mode="json")
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        field = str(error["loc"][0]) if error["loc"] else ""
+        message = error["msg"].removeprefix("Value error, ")
+        where = hint or _REQUIREMENT_OPTIONS.get(field, "--gpu")  # "": gpu and compute capability
+        raise typer.BadParameter(
+            f"{field}: {message}" if hint else message, param_hint=where
+        ) from None
+
+
+def _runtimes(items: list[str]) -> dict[str, str]:
+    runtimes = {}
+    for item in items:
+        name, sep, version = item.partition("=")
+        if not sep or not name.strip() or not version.strip():
+            raise typer.BadParameter(
+                f"{item!r} is not NAME=VERSION (e.g. llama.cpp=0.3.0)",
+                param_hint="--requires-runtime",
+            )
+        runtimes[name.strip()] = version.strip()
+    return runtimes
+
+
+def _requirements(from_file: Any, options: dict[str, Any]) -> dict[str, Any] | None:
+    """The metadata file's ``requirements`` with the command line's options laid over them."""
+    if from_file is None and not any(v is not None for v in options.values()):
+        return None
+    if from_file is not None and not isinstance(from_file, dict):
+        raise typer.BadParameter("requirements must be a JSON object", param_hint="--metadata")
+    merged = _checked(from_file or {}, "--metadata")
+    for key, value in options.items():
+        if value is None:
+            continue
+        merged[key] = {**merged["runtimes"], **value} if key == "runtimes" else value
+    return _checked(merged, None)
 
 
 @app.command("push")
@@ -75,9 +127,35 @@ def push(
             exists=True,
             dir_okay=False,
             readable=True,
-            help="JSON: ram_bytes, vram_bytes, runtime, golden_prompts "
+            help="JSON: ram_bytes, vram_bytes, requirements, runtime, golden_prompts "
             '([{"prompt", "expect", "max_tokens"}]), ... (docs/updates.md)',
         ),
+    ] = None,
+    arch: Annotated[
+        list[str] | None,
+        typer.Option(help="an architecture it runs on, e.g. aarch64 (repeat; default: any)"),
+    ] = None,
+    gpu: Annotated[
+        str | None,
+        typer.Option(
+            help="required, preferred or none: where it may run (default: preferred,"
+            " docs/variants.md)"
+        ),
+    ] = None,
+    min_compute_capability: Annotated[
+        str | None, typer.Option(help="the oldest GPU it runs on, e.g. 8.7")
+    ] = None,
+    min_l4t: Annotated[
+        str | None,
+        typer.Option("--min-l4t", help="Jetsons only, the oldest L4T (JetPack), e.g. 36.0"),
+    ] = None,
+    requires_runtime: Annotated[
+        list[str] | None,
+        typer.Option(help="NAME=VERSION, a runtime it needs, e.g. llama.cpp=0.3.0 (repeat)"),
+    ] = None,
+    quality: Annotated[
+        int | None,
+        typer.Option(min=0, max=1000, help="its rank among variants (default: by quantization)"),
     ] = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -98,6 +176,20 @@ def push(
         "licence": licence,
     }
     metadata.update({k: v for k, v in options.items() if v is not None})
+    requirements = _requirements(
+        metadata.get("requirements"),
+        {
+            "arch": arch or None,
+            "gpu": gpu,
+            "min_compute_capability": min_compute_capability,
+            "min_l4t": min_l4t,
+            "runtimes": _runtimes(requires_runtime) if requires_runtime else None,
+        },
+    )
+    if requirements is not None:
+        metadata["requirements"] = requirements
+    if quality is not None:
+        metadata["quality"] = quality
     params = {"variant": variant, "format": model_format, "filename": file.name}
     path = f"/api/v1/models/{name}/versions/{version}"
     progress = Progress(

@@ -378,3 +378,78 @@ def test_every_help_renders_as_plain_text() -> None:
         assert "Usage: " in result.output, path
         for markup in ("``", ":func:", ":class:", ":mod:", ":meth:"):
             assert markup not in result.output, (path, markup)
+
+
+def test_models_push_states_variant_requirements(http: TestClient, tmp_path: Path) -> None:
+    model = tmp_path / "tiny.F16.gguf"
+    model.write_bytes(b"GGUF" + bytes(range(256)) * 4)
+    metadata = tmp_path / "metadata.json"
+    metadata.write_text(
+        json.dumps(
+            {
+                "ram_bytes": 3_000_000_000,
+                "vram_bytes": 2_600_000_000,
+                "requirements": {"min_l4t": "35.0", "runtimes": {"onnxruntime": "1.0"}},
+            }
+        )
+    )
+    push = ["models", "push", str(model), "--name", "tiny", "--version", "1.0"]
+    ok(
+        http,
+        *push,
+        "--variant", "F16", "--metadata", str(metadata),
+        "--arch", "arm64", "--arch", "x86_64", "--gpu", "required",
+        "--min-compute-capability", "8.7", "--min-l4t", "36.0",
+        "--requires-runtime", "llama.cpp=0.3.0", "--quality", "910",
+    )  # fmt: skip
+    [shown] = http.get(
+        "/api/v1/models/tiny", headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}
+    ).json()
+    meta = shown["artifacts"][0]["metadata"]
+    assert (meta["quantization"], meta["quality"], meta["ram_bytes"]) == ("F16", 910, 3_000_000_000)
+    assert meta["requirements"] == {
+        "arch": ["aarch64", "x86_64"],
+        "gpu": "required",
+        "min_compute_capability": "8.7",
+        "min_l4t": "36.0",  # the option replaces the file's
+        "runtimes": {"llama_cpp": "0.3.0", "onnxruntime": "1.0"},  # and adds to its runtimes
+    }
+    ok(http, *push, "--variant", "Q4_K_M")
+    [version] = http.get(
+        "/api/v1/models/tiny", headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}
+    ).json()
+    plain = next(a for a in version["artifacts"] if a["variant"] == "Q4_K_M")["metadata"]
+    assert plain["requirements"] == {
+        "arch": [],
+        "gpu": "preferred",
+        "min_compute_capability": None,
+        "min_l4t": None,
+        "runtimes": {},
+    }
+    assert plain["quality"] is None
+
+
+@pytest.mark.parametrize(
+    ("args", "option", "message"),
+    [
+        (["--gpu", "maybe"], "--gpu", "'required', 'preferred' or 'none'"),
+        (["--min-compute-capability", "8"], "--min-compute-capability", "MAJOR.MINOR"),
+        (["--min-l4t", "r36"], "--min-l4t", "numbers and dots"),
+        (["--requires-runtime", "llama.cpp"], "--requires-runtime", "NAME=VERSION"),
+        (["--requires-runtime", "llama.cpp=latest"], "--requires-runtime", "minimum version"),
+        (["--arch", "x86 64"], "--arch", "not an architecture"),
+        (["--gpu", "none", "--min-compute-capability", "8.0"], "--gpu", "gpu 'required'"),
+        (["--quality", "1001"], "--quality", "1000"),
+    ],
+)
+def test_models_push_refuses_bad_requirements_before_uploading(
+    http: TestClient, tmp_path: Path, args: list[str], option: str, message: str
+) -> None:
+    model = tmp_path / "tiny.gguf"
+    model.write_bytes(b"GGUF" + bytes(16))
+    result = cli(http, "models", "push", str(model), "--name", "t", "--version", "1", *args)
+    assert result.exit_code == 2, result.output
+    assert option in result.output
+    assert message in " ".join(result.output.split())
+    listed = http.get("/api/v1/models", headers={"Authorization": f"Bearer {ADMIN_TOKEN}"})
+    assert listed.json() == []
