@@ -42,6 +42,7 @@ from agent.errors import AgentError, ConfigError
 from agent.link.enroll import enroll
 from agent.link.errors import EnrollmentRejected, IdentityError, LinkUnavailable
 from agent.link.identity import Identity, StateDir
+from agent.link.outcomes import ReconcileOutcome, outcome_events
 from agent.link.session import Host, MqttSession, SessionStatus, new_event
 from agent.link.spool import EntryKind, Spool
 from agent.link.telemetry import Gauges, build_sample
@@ -81,22 +82,6 @@ class TelemetryReader(Protocol):
     """Where samples come from: :class:`agent.link.telemetry.TelemetrySource` in the app."""
 
     def read(self) -> tuple[WindowStats, Gauges]: ...
-
-
-class ReconcileOutcome(Protocol):
-    """One step of a reconcile, as :class:`agent.state.apply.Outcome` describes it."""
-
-    @property
-    def name(self) -> str: ...
-
-    @property
-    def action(self) -> str: ...  # "load", "swap", "unload"
-
-    @property
-    def error(self) -> str | None: ...
-
-    @property
-    def retry(self) -> bool: ...
 
 
 def link_enabled(settings: LinkSettings) -> bool:
@@ -543,23 +528,13 @@ class FleetLink:
         task.add_done_callback(self._background.discard)
 
     def model_outcomes(self, outcomes: Sequence[ReconcileOutcome]) -> None:
-        """Turn a reconcile's results into MODEL_READY / MODEL_FAILED events."""
-        for outcome in outcomes:
-            if outcome.action == "unload":
-                continue
-            if outcome.error is None:
-                self.emit(
-                    EventKind.MODEL_READY,
-                    f"{outcome.name} ready ({outcome.action})",
-                    data={"model": outcome.name, "action": outcome.action},
-                )
-            else:
-                self.emit(
-                    EventKind.MODEL_FAILED,
-                    f"{outcome.name}: {outcome.error}",
-                    severity=Severity.ERROR,
-                    data={"model": outcome.name, "action": outcome.action},
-                )
+        """Send what a reconcile's results call for: one event per thing that happened.
+
+        Updates are not repeated here (the updater sent their events);
+        :func:`agent.link.outcomes.outcome_events` decides.
+        """
+        for event in outcome_events(outcomes):
+            self.emit(event.kind, event.message, severity=event.severity, data=event.data)
 
     # -- status -----------------------------------------------------------------------
 

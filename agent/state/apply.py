@@ -34,7 +34,7 @@ from agent.state.plan import Unload, plan_models
 from agent.state.report import agent_version, build_report
 from agent.state.saved import SavedDesired
 from agent.store import ModelStore
-from agent.update.updater import Emit, Updater, UpdateSource
+from agent.update.updater import Emit, UpdateConfig, Updater, UpdateSource
 from models.device import DeviceReport
 from models.manifest import ModelManifest, RuntimeParams
 from models.wire import DesiredState, ReportedState, utc_now
@@ -117,12 +117,20 @@ def specs_for_desired(
 
 @dataclass(frozen=True)
 class Outcome:
-    """What one step of a reconcile did."""
+    """What one step of a reconcile did.
+
+    The action says what a failure means for serving, which the link needs to send one
+    truthful event (:mod:`agent.link.outcomes`): a failed ``load`` leaves the model
+    unserved; a failed ``swap`` leaves the previous model serving; an ``update`` (a
+    signed target) has already been reported by the updater, whatever its result.
+    """
 
     name: str
     action: str  # "load", "swap", "unload", "update"
     error: str | None = None  # None: it worked
     retry: bool = False  # a transient failure (network, disk): reconcile again later
+    version: str | None = None  # the version the step served, or tried to
+    sha256: str | None = None  # and its sha256, where known
 
 
 def _read_installed(store: ModelStore, names: Sequence[str]) -> dict[str, ModelManifest | str]:
@@ -168,12 +176,15 @@ class ModelController:
     def desired_version(self) -> int | None:
         return self.desired.version if self.desired is not None else None
 
-    def attach_updates(self, source: UpdateSource, emit: Emit) -> None:
+    def attach_updates(
+        self, source: UpdateSource, emit: Emit, config: UpdateConfig | None = None
+    ) -> None:
         """From now on, install the signed targets desired states name (the fleet link)."""
         self.updater = Updater(
             ModelStore(self.context.settings.store_dir),
             source,
             emit,
+            config,
             ram_total_bytes=self.context.device.ram_total_bytes or None
             if self.context.device is not None
             else None,
@@ -279,11 +290,21 @@ class ModelController:
                 log.error("model %s failed to load: %s", spec.name, exc.message)
                 if not step.replaces:
                     registry.fail(spec.name, exc.message)
-                outcomes.append(Outcome(spec.name, action, exc.message))
+                outcomes.append(
+                    Outcome(
+                        spec.name,
+                        action,
+                        exc.message,
+                        version=manifest.version,
+                        sha256=manifest.sha256,
+                    )
+                )
                 continue  # a failed swap keeps serving the previous model
             self.context.metrics.load_seconds.labels(spec.name).set(time.monotonic() - started)
             self._publish(spec, model)
-            outcomes.append(Outcome(spec.name, action))
+            outcomes.append(
+                Outcome(spec.name, action, version=manifest.version, sha256=manifest.sha256)
+            )
         return outcomes
 
     def _publish(self, spec: ModelSpec, model: ServedModel) -> None:
@@ -309,11 +330,21 @@ class ModelController:
                 return self._load(manifest, path, self.context.settings, self.context.registry)
 
             result = await self.updater.ensure(desired.version, wanted, load)
+            version, sha256 = result.version, wanted.target.sha256
             if result.model is not None:
                 self._publish(ModelSpec(name=wanted.name, runtime=runtime), result.model)
-                outcomes.append(Outcome(wanted.name, "update"))
+                outcomes.append(Outcome(wanted.name, "update", version=version, sha256=sha256))
             elif result.error is not None and result.result != "given_up":  # said once already
-                outcomes.append(Outcome(wanted.name, "update", result.error, result.retry))
+                outcomes.append(
+                    Outcome(
+                        wanted.name,
+                        "update",
+                        result.error,
+                        result.retry,
+                        version=version,
+                        sha256=sha256,
+                    )
+                )
         return outcomes
 
     def _set_missing(self, missing: dict[str, str]) -> None:

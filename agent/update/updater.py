@@ -18,6 +18,14 @@ at start-up (an activated but unconfirmed update is rolled back), and the next
 cannot crash it forever, each desired state gets :attr:`UpdateConfig.max_activations`
 activations of a target (counted durably in ``update.json`` beside the slots).
 
+Each update ends in exactly one event, which the controller's rollouts count:
+``update_healthy``, ``update_failed`` (with the ``phase`` it failed in) or
+``update_rolled_back`` (phase ``health``; also sent once, from the durable count, for a
+target that kept killing the agent). Every update event's data names the model, the
+version being installed, the target path and its sha256 (:func:`target_data`), so the
+controller can match it to what it asked for; nobody else reports the same update again
+(:mod:`agent.link.outcomes`).
+
 :func:`next_step` (pure) decides between up to date, give up and update. Whether a
 failure is tried again is read from the error's branch (:func:`agent.errors.retryable`),
 the same way for every step: a transient one (network, disk I/O) is retried with backoff
@@ -65,6 +73,7 @@ __all__ = [
     "Updater",
     "memory_problem",
     "next_step",
+    "target_data",
 ]
 
 log = logging.getLogger(__name__)
@@ -203,6 +212,22 @@ def memory_problem(custom: Mapping[str, Any], ram_total_bytes: int | None) -> st
     return None
 
 
+def target_data(wanted: DesiredModel) -> dict[str, Any]:
+    """What every event about updating ``wanted`` carries, so the fleet can match it (pure).
+
+    The model, the version being installed (the desired state's until the signed
+    metadata's is known), the target's path and its sha256.
+    """
+    target = wanted.target
+    assert target is not None
+    return {
+        "model": wanted.name,
+        "version": wanted.version or target.sha256[:12],
+        "target": target.path,
+        "sha256": target.sha256,
+    }
+
+
 # --- the shell ------------------------------------------------------------------------------
 
 
@@ -260,20 +285,22 @@ class Updater:
         refused = self._refused.get(wanted.name)
         if refused is not None and refused[0] == key:
             return UpdateOutcome(wanted.name, "given_up", error=refused[1])
-        outcome = await self._ensure(desired_version, wanted.name, target, load)
+        data = target_data(wanted)
+        outcome = await self._ensure(desired_version, data, target, load)
         if outcome.result == "failed" and not outcome.retry:
             self._refused[wanted.name] = (key, outcome.error or "refused")
         return outcome
 
     async def _ensure(
-        self, desired_version: int, name: str, target: TargetRef, load: Loader
+        self, desired_version: int, data: dict[str, Any], target: TargetRef, load: Loader
     ) -> UpdateOutcome:
+        name = data["model"]
         slots = self.store.slots
         try:
             state = await asyncio.to_thread(slots.state, name)
             attempts = await asyncio.to_thread(self._read_attempts, name)
         except SlotError as exc:
-            return self._failed(name, None, "read the slots", exc)
+            return self._failed(data, "read the slots", exc)
         step = next_step(
             await asyncio.to_thread(self._active_sha, name, state),
             target,
@@ -282,36 +309,39 @@ class Updater:
             self.config.max_activations,
         )
         if isinstance(step, UpToDate):
-            return UpdateOutcome(name, "current")
+            return UpdateOutcome(name, "current", data["version"])
         if isinstance(step, GiveUp):
-            return UpdateOutcome(name, "given_up", error=step.reason)
-        return await self._update(desired_version, name, target, load)
+            if attempts is not None and attempts.gave_up is None:  # not said yet: say it once
+                return await self._crashed(desired_version, data, target, step.reason)
+            return UpdateOutcome(name, "given_up", data["version"], error=step.reason)
+        return await self._update(desired_version, data, target, load)
 
     async def _update(
-        self, desired_version: int, name: str, target: TargetRef, load: Loader
+        self, desired_version: int, data: dict[str, Any], target: TargetRef, load: Loader
     ) -> UpdateOutcome:
+        name = data["model"]
         try:
             verified = await asyncio.to_thread(self.source.verified_targets, [target.path])
             check_targets([target], verified)
         except (TrustError, TufError) as exc:
-            return self._failed(name, None, "verify", exc)
+            return self._failed(data, "verify", exc)
         custom: dict[str, Any] = dict(getattr(verified[target.path], "custom", None) or {})
-        version = str(custom.get("version") or target.sha256[:12])
-        data = {"model": name, "version": version, "target": target.path, "sha256": target.sha256}
+        version = str(custom.get("version") or data["version"])
+        data = {**data, "version": version}  # the signed version from here on
         try:
             runtime = RuntimeParams.model_validate(custom.get("runtime") or {})
             fmt = ModelFormat(str(custom.get("format") or Path(target.path).suffix.lstrip(".")))
         except (ValidationError, ValueError) as exc:
             unusable = TargetRejected(f"the signed target's metadata is unusable: {exc}")
-            return self._failed(name, version, "verify", unusable)
+            return self._failed(data, "verify", unusable)
         too_big = memory_problem(custom, self.ram_total_bytes)
         if too_big is not None:
-            return self._failed(name, version, "verify", TargetRejected(too_big))
+            return self._failed(data, "verify", TargetRejected(too_big))
         slots = self.store.slots
         try:
             slot = await asyncio.to_thread(slots.begin, name, version, target.sha256)
         except SlotError as exc:
-            return self._failed(name, version, "begin", exc)
+            return self._failed(data, "begin", exc)
         dest = slot / f"{name}.{fmt.value}"
         try:
             await download(
@@ -326,7 +356,7 @@ class Updater:
         except DownloadError as exc:
             if not retryable(exc):
                 await asyncio.to_thread(self._fail_slot, name, str(exc))
-            return self._failed(name, version, "download", exc)
+            return self._failed(data, "download", exc)
         self.emit(
             EventKind.UPDATE_VERIFIED, f"{name} {version}: downloaded and verified", data=data
         )
@@ -335,7 +365,7 @@ class Updater:
             await asyncio.to_thread(self._count_activation, name, desired_version, target)
             path = await asyncio.to_thread(slots.activate, name)
         except SlotError as exc:
-            return self._failed(name, version, "install", exc)
+            return self._failed(data, "install", exc)
         self.emit(EventKind.UPDATE_INSTALLED, f"{name} {version}: installed, activated", data=data)
         model, problem = await self._check(load, manifest, path, custom)
         if problem is None:
@@ -371,39 +401,63 @@ class Updater:
         data: dict[str, Any],
     ) -> UpdateOutcome:
         log.error("update of %s to %s: %s; rolling back", name, version, reason)
+        serving: Path | None = None
         try:
-            await asyncio.to_thread(self.store.slots.rollback, name, reason, allow_empty=True)
+            serving = await asyncio.to_thread(
+                self.store.slots.rollback, name, reason, allow_empty=True
+            )
             await asyncio.to_thread(self._give_up, name, desired_version, target, reason)
         except SlotError as exc:
             reason = f"{reason}; and the rollback failed: {exc}"
+        after = "the previous version serves" if serving is not None else "nothing else to serve"
         self.emit(
             EventKind.UPDATE_ROLLED_BACK,
-            f"{name} {version}: {reason}; the previous version serves",
+            f"{name} {version}: {reason}; {after}",
             severity=Severity.ERROR,
-            data={**data, "reason": reason},
+            data={**data, "phase": "health", "reason": reason},
         )
         return UpdateOutcome(name, "rolled_back", version, error=reason)
 
+    async def _crashed(
+        self, desired_version: int, data: dict[str, Any], target: TargetRef, reason: str
+    ) -> UpdateOutcome:
+        """The agent died checking this target too often; start-up rolled it back. Say so once.
+
+        Recorded as given up first, so a restart does not say it again.
+        """
+        name = data["model"]
+        try:
+            await asyncio.to_thread(self._give_up, name, desired_version, target, reason)
+        except SlotError as exc:
+            log.warning("cannot record that the update of %s was given up: %s", name, exc)
+        log.error("update of %s to %s: %s", name, data["version"], reason)
+        self.emit(
+            EventKind.UPDATE_ROLLED_BACK,
+            f"{name} {data['version']}: {reason}",
+            severity=Severity.ERROR,
+            data={**data, "phase": "health", "reason": reason},
+        )
+        return UpdateOutcome(name, "rolled_back", data["version"], error=reason)
+
     def _failed(
-        self, name: str, version: str | None, phase: str, exc: AgentError | TrustError
+        self, data: dict[str, Any], phase: str, exc: AgentError | TrustError
     ) -> UpdateOutcome:
         """Report a failure once; whether to try again is the error's branch."""
-        reason, retry = str(exc), retryable(exc)
+        name, reason, retry = data["model"], str(exc), retryable(exc)
         log.error("update of %s failed while trying to %s: %s", name, phase, reason)
         self.emit(
             EventKind.UPDATE_FAILED,
             f"{name}: update failed ({phase}): {reason}",
             severity=Severity.ERROR,
             data={
-                "model": name,
-                "version": version,
+                **data,
                 "phase": phase,
                 "reason": reason,
                 "rejected": not retry,
                 "retry": retry,
             },
         )
-        return UpdateOutcome(name, "failed", version, error=reason, retry=retry)
+        return UpdateOutcome(name, "failed", data["version"], error=reason, retry=retry)
 
     # blocking helpers (worker threads)
 

@@ -10,73 +10,32 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import json
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from agent.config import AgentSettings, ModelSpec
-from agent.errors import ModelLoadError
-from agent.metrics import AgentMetrics
-from agent.runtime.base import ServedModel
-from agent.serving.registry import ModelRegistry
-from agent.state.apply import ExecutorContext, ModelController
+from agent.config import ModelSpec
 from agent.store import ModelStore
 from agent.store.slots import Phase
 from agent.update import updater as updater_module
-from agent.update.download import DownloadConfig
 from agent.update.tuf_client import TufRejected, TufUnavailable
-from agent.update.updater import UpdateConfig, UpdateOutcome, Updater
-from models.manifest import ModelManifest, RuntimeParams
+from agent.update.updater import UpdateOutcome, Updater
 from models.wire import DesiredModel, DesiredState, EventKind, Severity, TargetRef
-from tests.fakes.models import FakeEmbedder
-from tests.fakes.update_source import FakeUpdateSource
-
-NAME = "emb"
-OLD = b"ONNX weights, version 1"
-NEW = b"ONNX weights, version 2, a little longer"
-QUICK = UpdateConfig(
-    download=DownloadConfig(max_attempts=1, min_free_bytes=0), progress_every_s=0.0
+from tests.agent.update_support import (
+    NAME,
+    NEW,
+    OLD,
+    QUICK,
+    Events,
+    Loader,
+    executor,
+    make_store,
+    publish,
 )
-
-
-@dataclass
-class Events:
-    """What the updater reported, in order."""
-
-    seen: list[tuple[EventKind, Severity, dict[str, Any]]] = field(default_factory=list)
-
-    def __call__(
-        self,
-        kind: EventKind,
-        message: str = "",
-        *,
-        severity: Severity = Severity.INFO,
-        data: dict[str, Any] | None = None,
-    ) -> None:
-        self.seen.append((kind, severity, data or {}))
-
-    def kinds(self) -> list[EventKind]:
-        return [kind for kind, _, _ in self.seen if kind is not EventKind.UPDATE_PROGRESS]
-
-    def failures(self) -> list[dict[str, Any]]:
-        return [data for kind, _, data in self.seen if kind is EventKind.UPDATE_FAILED]
-
-
-class Loader:
-    """Loads every file as an embedder, healthy unless told otherwise."""
-
-    def __init__(self) -> None:
-        self.healthy = True
-        self.loaded: list[Path] = []
-
-    def __call__(self, manifest: ModelManifest, path: Path) -> ServedModel:
-        self.loaded.append(path)
-        if path.read_bytes()[:4] != b"ONNX":
-            raise ModelLoadError(f"{path} is not an ONNX model")
-        return FakeEmbedder(manifest, healthy=self.healthy)
+from tests.fakes.update_source import FakeUpdateSource
 
 
 @pytest.fixture
@@ -88,11 +47,7 @@ def source() -> Iterator[FakeUpdateSource]:
 
 @pytest.fixture
 def store(tmp_path: Path) -> ModelStore:
-    store = ModelStore(tmp_path / "store")
-    old = tmp_path / "emb.onnx"
-    old.write_bytes(OLD)
-    store.install(old, name=NAME, version="1", runtime=RuntimeParams())
-    return store
+    return make_store(tmp_path / "store")
 
 
 @pytest.fixture
@@ -103,12 +58,6 @@ def events() -> Events:
 @pytest.fixture
 def updater(store: ModelStore, source: FakeUpdateSource, events: Events) -> Updater:
     return Updater(store, source, events, QUICK, ram_total_bytes=8 << 30)
-
-
-def publish(source: FakeUpdateSource, data: bytes = NEW, **custom: Any) -> TargetRef:
-    fields: dict[str, Any] = {"version": "2", "format": "onnx"}
-    fields.update(custom)
-    return source.publish(f"{NAME}/2/emb.onnx", data, **fields)
 
 
 def ensure(updater: Updater, target: TargetRef, loader: Loader, version: int = 1) -> UpdateOutcome:
@@ -308,15 +257,8 @@ def test_a_new_desired_state_tries_a_refused_target_again(
 def test_a_corrupt_slot_state_fails_the_update_once_and_the_served_model_keeps_serving(
     store: ModelStore, source: FakeUpdateSource, events: Events
 ) -> None:
-    registry = ModelRegistry()
-    metrics = AgentMetrics(registry.models)
-    context = ExecutorContext(AgentSettings(store_dir=store.root), registry, metrics)
-    loader = Loader()
-    controller = ModelController(
-        context,
-        [ModelSpec(name=NAME)],
-        load=lambda manifest, path, _settings, _registry: loader(manifest, path),
-    )
+    controller = executor(store, Loader(), [ModelSpec(name=NAME)])
+    registry = controller.context.registry
     target = publish(source)
     desired = DesiredState(
         device_id="dev-updater-1", version=1, models=[DesiredModel(name=NAME, target=target)]
@@ -337,3 +279,59 @@ def test_a_corrupt_slot_state_fails_the_update_once_and_the_served_model_keeps_s
     asyncio.run(scenario())
     assert len(events.failures()) == 1
     assert source.requests == []
+
+
+# -- what each event carries ---------------------------------------------------------------
+
+
+def test_every_update_event_names_the_model_the_version_and_the_target(
+    updater: Updater, source: FakeUpdateSource, events: Events
+) -> None:
+    target = publish(source)
+    assert ensure(updater, target, Loader()).result == "updated"
+    sick = Loader()
+    sick.healthy = False
+    other = publish(source, NEW + b"!", version="3")
+    assert ensure(updater, other, sick).result == "rolled_back"
+    versions = {target.sha256: ("2", target.path), other.sha256: ("3", other.path)}
+    assert len(events.seen) > 4
+    for _, _, data in events.seen:
+        assert data["model"] == NAME
+        assert (data["version"], data["target"]) == versions[data["sha256"]]
+    [(severity, rolled)] = events.of(EventKind.UPDATE_ROLLED_BACK)
+    assert (severity, rolled["phase"]) == (Severity.ERROR, "health")
+
+
+def test_a_failure_before_the_signed_metadata_names_the_desired_version(
+    updater: Updater, source: FakeUpdateSource, events: Events
+) -> None:
+    target = publish(source)
+    source.verify_error = TufUnavailable("the controller did not answer")
+    wanted = DesiredModel(name=NAME, version="2", target=target)
+    assert asyncio.run(updater.ensure(1, wanted, Loader())).result == "failed"
+    [failure] = events.failures()
+    assert failure["phase"] == "verify"
+    assert (failure["model"], failure["version"], failure["sha256"]) == (NAME, "2", target.sha256)
+
+
+def test_an_update_that_kept_killing_the_agent_is_reported_once_as_rolled_back(
+    updater: Updater, source: FakeUpdateSource, store: ModelStore, events: Events
+) -> None:
+    target = publish(source)
+    # Three activations under desired state 1, each ended by the agent dying (start-up
+    # recovery rolled the last one back): update.json is all that is left of them.
+    attempts = {"desired_version": 1, "sha256": target.sha256, "activations": 3}
+    (store.slots.folder(NAME) / "update.json").write_text(json.dumps(attempts))
+    first = ensure(updater, target, Loader())
+    assert first.result == "rolled_back"
+    assert first.error is not None
+    assert "stopped 3 times" in first.error
+    assert events.kinds() == [EventKind.UPDATE_ROLLED_BACK]
+    [(_, data)] = events.of(EventKind.UPDATE_ROLLED_BACK)
+    assert (data["phase"], data["sha256"]) == ("health", target.sha256)
+
+    restarted = Updater(store, source, events, QUICK)  # what it decided survives a restart
+    assert ensure(restarted, target, Loader()).result == "given_up"
+    assert events.kinds() == [EventKind.UPDATE_ROLLED_BACK]
+    assert source.requests == []
+    assert active(store) == OLD
