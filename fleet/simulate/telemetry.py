@@ -8,6 +8,14 @@ the previous :class:`LoadState` and a seeded :class:`random.Random`. Load drifts
 to first token, queue depth, memory, GPU use, temperature and power follow the
 load, so charts of a simulated fleet look like a real one's rather than like noise.
 
+A served model version that a regression rule matches (:mod:`.regress`) changes the
+numbers through :class:`~fleet.simulate.regress.Effects`: latency and time to first
+token multiplied, tokens/s multiplied, a share of requests failing. The load itself
+(requests, utilisation, queue) does not change, so the same device before and after an
+update differs by exactly those effects, as a rollout's gate should see it.
+
+Hardware profiles other than these three defaults come from :mod:`.hardware`.
+
 Samples are plain dicts ready for ``json.dumps`` (building pydantic models for 400
 messages a second would cost more than sending them); ``tests/fleet`` checks that
 each one validates as :class:`models.wire.TelemetrySample`.
@@ -22,6 +30,7 @@ from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any, Literal
 
+from fleet.simulate.regress import NO_EFFECTS, Effects
 from models.device import DeviceReport, GpuInfo
 from models.wire import SCHEMA_VERSION
 
@@ -46,7 +55,7 @@ PROFILE_KINDS: tuple[ProfileKind, ...] = ("jetson-orin-nano", "rtx-desktop", "cp
 class DeviceProfile:
     """The fixed traits of one simulated device; rates are for one stream alone."""
 
-    kind: ProfileKind
+    kind: str  # a ProfileKind, or the name of a hardware profile (.hardware)
     base_rate_rps: float  # requests per second at an average moment
     latency_ms: float  # p50 of one request with nothing else running
     ttft_ms: float  # time to first token, alone
@@ -166,8 +175,12 @@ def next_sample(
     seq: int,
     ts: datetime,
     window_s: float,
+    effects: Effects = NO_EFFECTS,
 ) -> tuple[dict[str, Any], LoadState]:
-    """One window's sample (a :class:`~models.wire.TelemetrySample`, as a dict), next state."""
+    """One window's sample (a :class:`~models.wire.TelemetrySample`, as a dict), next state.
+
+    ``effects`` are those of the model versions served in the window (a regression).
+    """
     level = 0.85 * state.level + rng.gauss(0.0, 0.25)  # mean-reverting, about e^±0.5
     rate = profile.base_rate_rps * math.exp(level)
     requests = _poisson(rng, rate * window_s)
@@ -180,7 +193,8 @@ def next_sample(
     rejections = 0  # 429s, counted among the requests
     if utilization > 1.0:
         rejections = _binomial(rng, requests, 1 - 1 / utilization)
-    errors = _binomial(rng, requests - rejections, 0.002)
+    error_rate = 0.002 if effects.error_rate is None else effects.error_rate
+    errors = _binomial(rng, requests - rejections, error_rate)
     sample: dict[str, Any] = {
         "schema_version": SCHEMA_VERSION,
         "id": sample_id,
@@ -196,14 +210,16 @@ def next_sample(
         # Slower under contention (batching shares the decoder), with a jittery tail.
         slowdown = 1.0 + 0.8 * busy * busy
         p50 = profile.latency_ms * slowdown * rng.uniform(0.9, 1.1)
-        sample["latency_p50_ms"] = round(p50, 1)
-        sample["latency_p95_ms"] = round(p50 * rng.uniform(1.3, 1.8 + busy), 1)
+        slower = effects.latency
+        sample["latency_p50_ms"] = round(p50 * slower, 1)
+        sample["latency_p95_ms"] = round(p50 * rng.uniform(1.3, 1.8 + busy) * slower, 1)
         sample["ttft_p50_ms"] = round(
-            profile.ttft_ms * (1.0 + 2.0 * busy * busy) * rng.uniform(0.85, 1.15), 1
+            profile.ttft_ms * (1.0 + 2.0 * busy * busy) * rng.uniform(0.85, 1.15) * slower, 1
         )
         tokens = (requests - rejections) * rng.uniform(40, 90)  # per served request
         ceiling = profile.slots * profile.tokens_per_s * 1.2  # batching beats one stream
-        sample["tokens_per_s"] = math.floor(min(tokens / window_s, ceiling) * 100) / 100
+        produced = min(tokens / window_s, ceiling) * effects.tps
+        sample["tokens_per_s"] = math.floor(produced * 100) / 100
     else:
         sample["tokens_per_s"] = 0.0
     extra = max(0, state.process_extra_bytes + int(rng.gauss(0, 2 * MB)))
@@ -254,6 +270,7 @@ def device_report(profile: DeviceProfile, name: str, agent_version: str) -> Devi
                 index=0,
                 name="Orin (nvgpu)",
                 memory_total_bytes=profile.gpu_memory_total_bytes,
+                compute_capability="8.7",
                 source="tegrastats",
             )
         )
@@ -282,6 +299,7 @@ def device_report(profile: DeviceProfile, name: str, agent_version: str) -> Devi
                 memory_total_bytes=profile.gpu_memory_total_bytes,
                 driver_version="580.82.07",
                 cuda_version="13.0",
+                compute_capability="8.9",
                 source="nvml",
             )
         )
