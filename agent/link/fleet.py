@@ -10,9 +10,11 @@ controller and broker are doing. The tasks:
   a numbered sample to the spool (a FLUSH command takes one at once);
 - *apply*: verify each desired state received (signed by the director key named in
   the trusted TUF root, for this device, newer than the last one accepted, unexpired:
-  :func:`models.director.verify_desired`), then act on the newest through the host's
-  executor, which installs signed model updates with the :class:`Updater` the link
-  attaches; a transient update failure is retried with backoff;
+  :func:`models.director.verify_desired`), then hand the newest to the host's
+  executor at once, even while it still applies an older one (it pre-empts a download
+  only the older state wanted: :mod:`agent.link.applier`); the executor installs signed
+  model updates with the :class:`Updater` the link attaches; a transient update failure
+  is retried with backoff;
 - *session*: the MQTT connection (:mod:`agent.link.session`).
 
 Leaving sends an OFFLINE event (best effort, bounded), disconnects and closes the
@@ -39,6 +41,7 @@ import httpx
 from agent.backoff import Backoff, Retry
 from agent.config import LinkSettings
 from agent.errors import AgentError, ConfigError
+from agent.link.applier import Applier
 from agent.link.enroll import enroll
 from agent.link.errors import EnrollmentRejected, IdentityError, LinkUnavailable
 from agent.link.identity import Identity, StateDir
@@ -350,31 +353,41 @@ class FleetLink:
             self._flush.set()
 
     async def _apply_loop(self) -> None:
-        while True:
-            await self._apply_due.wait()
-            self._apply_due.clear()
-            received, self._inbox = self._inbox, []
-            reconcile, self._reconcile_due = self._reconcile_due, False
-            outcomes: Sequence[ReconcileOutcome] = ()
-            try:
-                desired = await self._newest_verified(received)
+        """Verify what arrived and hand it to the host, never waiting for the host to finish.
+
+        A newer desired state goes to the host at once, even mid-update, so that it can
+        pre-empt a download only the older state wanted (:mod:`agent.link.applier`).
+        """
+        applier = Applier(self.host, self._reconciled, self._reconcile_failed)
+        try:
+            while True:
+                await self._apply_due.wait()
+                self._apply_due.clear()
+                received, self._inbox = self._inbox, []
+                reconcile, self._reconcile_due = self._reconcile_due, False
+                try:
+                    desired = await self._newest_verified(received)
+                except Exception as exc:  # each refusal is reported; this is a bug
+                    self._reconcile_failed(exc)
+                    continue
                 if desired is not None:
                     self._newest = desired.version
                     if self.session is not None:
                         self.session.status.received_desired_version = desired.version
-                    outcomes = await self.host.apply_desired(desired)
+                    applier.apply(desired)
                 elif reconcile:
-                    outcomes = await self.host.reconcile()
-            except Exception as exc:  # the executor reports per model; this is a bug
-                log.exception("reconcile failed")
-                self.emit(
-                    EventKind.RECONCILE_FAILED,
-                    f"reconcile failed: {exc!r}",
-                    severity=Severity.ERROR,
-                )
-            self._schedule_retry(any(o.retry for o in outcomes))
-            if self.session is not None:
-                self.session.report_changed()
+                    applier.reconcile()
+        finally:
+            await applier.aclose()
+
+    def _reconciled(self, outcomes: Sequence[ReconcileOutcome]) -> None:
+        self._schedule_retry(any(o.retry for o in outcomes))
+        if self.session is not None:
+            self.session.report_changed()
+
+    def _reconcile_failed(self, exc: Exception) -> None:
+        log.error("reconcile failed", exc_info=exc)
+        self.emit(EventKind.RECONCILE_FAILED, f"reconcile failed: {exc!r}", severity=Severity.ERROR)
 
     def _schedule_retry(self, needed: bool) -> None:
         """Reconcile again after a backoff when an update failed for a passing reason."""

@@ -34,6 +34,7 @@ from agent.state.plan import Unload, plan_models
 from agent.state.report import agent_version, build_report
 from agent.state.saved import SavedDesired
 from agent.store import ModelStore
+from agent.update.preempt import Preemption
 from agent.update.updater import Emit, UpdateConfig, Updater, UpdateSource
 from models.device import DeviceReport
 from models.manifest import ModelManifest, RuntimeParams
@@ -148,7 +149,14 @@ class ModelController:
 
     ``on_change`` is called whenever what :meth:`report` would say may have changed
     (a reconcile began or ended); ``on_outcomes`` gets each reconcile's results. The
-    link sets both; without a fleet they stay None. Reconciles run one at a time.
+    link sets both; without a fleet they stay None.
+
+    Reconciles run one at a time, each on the newest desired state when it starts. A
+    newer desired state pre-empts the running reconcile's download
+    (:mod:`agent.update.preempt`): the download stops within a chunk, keeps its
+    ``.part``, the update says ``update_failed`` once (``superseded``), the reconcile
+    leaves its remaining updates, and the next one starts. Install, activation and the
+    health check are never interrupted; the old model serves throughout.
     """
 
     def __init__(
@@ -171,6 +179,8 @@ class ModelController:
         self.updater: Updater | None = None  # set by the fleet link once enrolled
         self._load = load
         self._reconciling = asyncio.Lock()
+        self._saving = asyncio.Lock()  # saves in order, so the newest state is the one kept
+        self._running: tuple[int | None, Preemption] | None = None  # (its desired version, ...)
 
     @property
     def desired_version(self) -> int | None:
@@ -199,24 +209,26 @@ class ModelController:
     async def reconcile(self) -> list[Outcome]:
         """Serve what the current source (desired state, else the config) asks for."""
         async with self._reconciling:
+            desired, preemption = self.desired, Preemption()
+            self._running = (desired.version if desired is not None else None, preemption)
             self._changed()
             try:
-                outcomes = await self._apply()
+                outcomes = await self._apply(desired, preemption)
             finally:
+                self._running = None
                 self._changed()
         if self.on_outcomes is not None and outcomes:
             self.on_outcomes(outcomes)
         return outcomes
 
-    async def _apply(self) -> list[Outcome]:
-        desired = self.desired
+    async def _apply(self, desired: DesiredState | None, preemption: Preemption) -> list[Outcome]:
         if desired is None:
             self._set_missing({})
             return await self._serve_specs(self.configured, ())
         served = await self._serve(desired, {})  # what is installed serves at once...
-        updates = await self._update(desired)  # ...while signed targets are installed
-        if not updates:
-            return served
+        updates = await self._update(desired, preemption)  # ...while targets are installed
+        if not updates or preemption.requested is not None:
+            return served + updates  # (pre-empted: the newer state's reconcile does the rest)
         why_not = {o.name: o.error for o in updates if o.error is not None}
         return served + updates + await self._serve(desired, why_not)
 
@@ -311,8 +323,11 @@ class ModelController:
         self.context.registry.publish(spec.name, model)
         self.loaded[spec.name] = (spec, model.manifest)
 
-    async def _update(self, desired: DesiredState) -> list[Outcome]:
-        """Install the signed targets the desired state names; publish each healthy one."""
+    async def _update(self, desired: DesiredState, preemption: Preemption) -> list[Outcome]:
+        """Install the signed targets the desired state names; publish each healthy one.
+
+        Once pre-empted, no further update begins (nothing to report for those).
+        """
         outcomes: list[Outcome] = []
         tuned = {spec.name: spec.runtime for spec in self.configured if spec.runtime is not None}
         for wanted in desired.models:
@@ -320,6 +335,8 @@ class ModelController:
                 continue
             if self.updater is None:
                 continue  # reported missing until the fleet link attaches the updater
+            if preemption.requested is not None:
+                break
             runtime = tuned.get(wanted.name)
 
             def load(
@@ -329,7 +346,7 @@ class ModelController:
                     manifest = manifest.model_copy(update={"runtime": runtime})
                 return self._load(manifest, path, self.context.settings, self.context.registry)
 
-            result = await self.updater.ensure(desired.version, wanted, load)
+            result = await self.updater.ensure(desired.version, wanted, load, preemption)
             version, sha256 = result.version, wanted.target.sha256
             if result.model is not None:
                 self._publish(ModelSpec(name=wanted.name, runtime=runtime), result.model)
@@ -354,15 +371,40 @@ class ModelController:
         self.missing = missing
 
     async def apply_desired(self, desired: DesiredState) -> list[Outcome]:
-        """Act on a new desired state: save it (it wins from now on), then reconcile."""
-        if self.saved is not None:
+        """Act on a new desired state: it wins from now on; save it, then reconcile.
+
+        May be called while a reconcile runs (the link does not wait): a reconcile for an
+        older desired state is pre-empted, and this call's reconcile follows it.
+        """
+        self.desired = desired
+        self._preempt_older(desired)
+        log.info("applying desired state %d: %s", desired.version, [m.name for m in desired.models])
+        await self._save(desired)
+        return await self.reconcile()
+
+    def _preempt_older(self, desired: DesiredState) -> None:
+        running = self._running
+        if running is None:
+            return
+        version, preemption = running
+        if version is None or version < desired.version:
+            log.info(
+                "desired state %d pre-empts the reconcile of %s",
+                desired.version,
+                f"desired state {version}" if version is not None else "the configured models",
+            )
+            preemption.request(desired.version)
+
+    async def _save(self, desired: DesiredState) -> None:
+        if self.saved is None:
+            return
+        async with self._saving:
+            if self.desired is not desired:
+                return  # a newer one arrived meanwhile: its own call saves it
             try:
                 await asyncio.to_thread(self.saved.save, desired)
             except OSError as exc:
                 log.error("cannot save the desired state in %s: %s", self.saved.path, exc)
-        self.desired = desired
-        log.info("applying desired state %d: %s", desired.version, [m.name for m in desired.models])
-        return await self.reconcile()
 
     async def reload_config(self, configured: Sequence[ModelSpec]) -> list[Outcome]:
         """SIGHUP: take the file's new model list; it is served only without a desired state."""

@@ -6,6 +6,9 @@ length and hash. :meth:`Updater.ensure` makes the model's active slot hold exact
 1. refresh TUF metadata and check the target is listed with the same length and hash;
 2. download it into the spare slot, resuming a ``.part`` left by a cut or a restart,
    hashing while writing and stopping at the signed length (:mod:`agent.update.download`);
+   a newer desired state pre-empts this step (:mod:`agent.update.preempt`): the download
+   stops, its ``.part`` stays for a resume, and one ``update_failed`` says ``superseded``
+   (severity info);
 3. install it (hashed again as it enters the slot) and activate it: one atomic switch;
 4. load it beside the model still being served and ask its golden prompts
    (:mod:`agent.update.health`); only a healthy model is handed back to be published,
@@ -53,8 +56,9 @@ from agent.files import atomic_write
 from agent.runtime.base import ServedModel
 from agent.store import ModelStore
 from agent.store.slots import SlotError, SlotState, SlotUnavailable
-from agent.update.download import DownloadConfig, DownloadError, download
+from agent.update.download import DownloadConfig, DownloadError, download, part_path
 from agent.update.health import health_spec, judge, run_checks
+from agent.update.preempt import Preempted, Preemption, preemptible
 from agent.update.tuf_client import TufError
 from models.director import TrustError, check_targets
 from models.manifest import ModelFormat, ModelManifest, RuntimeParams
@@ -125,7 +129,7 @@ class Emit(Protocol):
 
 Loader = Callable[[ModelManifest, Path], ServedModel]
 
-Result = Literal["current", "updated", "rolled_back", "failed", "given_up"]
+Result = Literal["current", "updated", "rolled_back", "failed", "given_up", "superseded"]
 
 
 @dataclass
@@ -272,12 +276,19 @@ class Updater:
         self._refused: dict[str, tuple[tuple[int, str], str]] = {}
 
     async def ensure(
-        self, desired_version: int, wanted: DesiredModel, load: Loader
+        self,
+        desired_version: int,
+        wanted: DesiredModel,
+        load: Loader,
+        preemption: Preemption | None = None,
     ) -> UpdateOutcome:
         """Make ``wanted.target`` the active, healthy version of ``wanted.name``.
 
         A rejected failure is final for this desired state and target: later calls for
-        them answer ``given_up`` without trying (or reporting) again.
+        them answer ``given_up`` without trying (or reporting) again. Once ``preemption``
+        is requested (a newer desired state waits) the update stops before or during its
+        download, keeping the ``.part``, and answers ``superseded``; from activation on
+        it always runs to its end.
         """
         target = wanted.target
         assert target is not None
@@ -286,13 +297,18 @@ class Updater:
         if refused is not None and refused[0] == key:
             return UpdateOutcome(wanted.name, "given_up", error=refused[1])
         data = target_data(wanted)
-        outcome = await self._ensure(desired_version, data, target, load)
+        outcome = await self._ensure(desired_version, data, target, load, preemption)
         if outcome.result == "failed" and not outcome.retry:
             self._refused[wanted.name] = (key, outcome.error or "refused")
         return outcome
 
     async def _ensure(
-        self, desired_version: int, data: dict[str, Any], target: TargetRef, load: Loader
+        self,
+        desired_version: int,
+        data: dict[str, Any],
+        target: TargetRef,
+        load: Loader,
+        preemption: Preemption | None,
     ) -> UpdateOutcome:
         name = data["model"]
         slots = self.store.slots
@@ -314,10 +330,15 @@ class Updater:
             if attempts is not None and attempts.gave_up is None:  # not said yet: say it once
                 return await self._crashed(desired_version, data, target, step.reason)
             return UpdateOutcome(name, "given_up", data["version"], error=step.reason)
-        return await self._update(desired_version, data, target, load)
+        return await self._update(desired_version, data, target, load, preemption)
 
     async def _update(
-        self, desired_version: int, data: dict[str, Any], target: TargetRef, load: Loader
+        self,
+        desired_version: int,
+        data: dict[str, Any],
+        target: TargetRef,
+        load: Loader,
+        preemption: Preemption | None,
     ) -> UpdateOutcome:
         name = data["model"]
         try:
@@ -337,6 +358,8 @@ class Updater:
         too_big = memory_problem(custom, self.ram_total_bytes)
         if too_big is not None:
             return self._failed(data, "verify", TargetRejected(too_big))
+        if preemption is not None and (preempted := preemption.requested) is not None:
+            return self._superseded(data, preempted)  # before the slot is touched
         slots = self.store.slots
         try:
             slot = await asyncio.to_thread(slots.begin, name, version, target.sha256)
@@ -344,19 +367,24 @@ class Updater:
             return self._failed(data, "begin", exc)
         dest = slot / f"{name}.{fmt.value}"
         try:
-            await download(
-                self.source.http,
-                self.source.artifact_url(target.sha256),
-                dest,
-                length=target.length,
-                sha256=target.sha256,
-                config=self.config.download,
-                progress=_Progress(self.emit, data, self.config.progress_every_s),
+            fetched = await preemptible(
+                download(
+                    self.source.http,
+                    self.source.artifact_url(target.sha256),
+                    dest,
+                    length=target.length,
+                    sha256=target.sha256,
+                    config=self.config.download,
+                    progress=_Progress(self.emit, data, self.config.progress_every_s),
+                ),
+                preemption,
             )
         except DownloadError as exc:
             if not retryable(exc):
                 await asyncio.to_thread(self._fail_slot, name, str(exc))
             return self._failed(data, "download", exc)
+        if isinstance(fetched, Preempted):
+            return self._superseded(data, fetched, part_path(dest))
         self.emit(
             EventKind.UPDATE_VERIFIED, f"{name} {version}: downloaded and verified", data=data
         )
@@ -438,6 +466,38 @@ class Updater:
             data={**data, "phase": "health", "reason": reason},
         )
         return UpdateOutcome(name, "rolled_back", data["version"], error=reason)
+
+    def _superseded(
+        self, data: dict[str, Any], preempted: Preempted, part: Path | None = None
+    ) -> UpdateOutcome:
+        """A newer desired state took over: one calm event; a download keeps its ``.part``.
+
+        Not a failure of the update, so nothing is remembered as refused: a later desire
+        for the same target resumes from the ``.part``. ``part`` is None when the
+        download had not begun (pre-empted while the metadata was being verified).
+        """
+        reason = f"superseded by desired version {preempted.by}"
+        stopped: dict[str, Any] = {"phase": "verify"}
+        if part is not None:
+            try:
+                stopped = {"phase": "download", "bytes": part.stat().st_size}
+            except OSError:
+                stopped = {"phase": "download", "bytes": 0}
+        log.info("update of %s to %s: %s (%s)", data["model"], data["version"], reason, stopped)
+        self.emit(
+            EventKind.UPDATE_FAILED,
+            f"{data['model']} {data['version']}: stopped ({stopped['phase']}), {reason}",
+            data={
+                **data,
+                **stopped,
+                "reason": reason,
+                "superseded": True,
+                "superseded_by": preempted.by,
+                "rejected": False,
+                "retry": False,
+            },
+        )
+        return UpdateOutcome(data["model"], "superseded", data["version"], error=reason)
 
     def _failed(
         self, data: dict[str, Any], phase: str, exc: AgentError | TrustError

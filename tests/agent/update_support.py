@@ -4,15 +4,19 @@ A real model store and the real downloader run on a temporary folder; only the
 controller (:class:`tests.fakes.update_source.FakeUpdateSource`) and model loading are
 faked. :class:`Events` records what the updater emits and, through the link's own
 mapping (:func:`agent.link.outcomes.outcome_events`), what a reconcile's outcomes add,
-so a test sees every event the fleet would get.
+so a test sees every event the fleet would get. :class:`SlowSource` puts the fake
+behind a link that stalls mid-artifact until the test lets it flow.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import asyncio
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import httpx
 
 from agent.config import AgentSettings, ModelSpec
 from agent.errors import ModelLoadError
@@ -112,3 +116,60 @@ def executor(
         configured,
         load=lambda manifest, path, _settings, _registry: loader(manifest, path),
     )
+
+
+class SlowSource:
+    """The fake update source behind a slow link: every artifact stalls after ``head`` bytes.
+
+    Each response sends its first ``head`` bytes, then waits until ``flowing`` is set
+    before sending the rest; ``stalled`` counts the responses waiting now and ``sent``
+    the body bytes each response sent. Build it inside the test's event loop.
+    """
+
+    def __init__(self, fake: FakeUpdateSource, head: int) -> None:
+        self.fake = fake
+        self.head = head
+        self.flowing = asyncio.Event()
+        self.stalled = 0
+        self.sent: list[int] = []
+        self._http = httpx.AsyncClient(transport=httpx.MockTransport(self._answer))
+
+    def verified_targets(self, paths: list[str]) -> Mapping[str, Any]:
+        return self.fake.verified_targets(paths)
+
+    def artifact_url(self, sha256: str) -> str:
+        return self.fake.artifact_url(sha256)
+
+    @property
+    def http(self) -> httpx.AsyncClient:
+        return self._http
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def _answer(self, request: httpx.Request) -> httpx.Response:
+        answer = await self.fake.http.send(request)  # the fake's status, headers and body
+        self.sent.append(0)
+        return httpx.Response(
+            answer.status_code,
+            headers=answer.headers,
+            stream=_Trickle(self, answer.content, len(self.sent) - 1),
+        )
+
+
+class _Trickle(httpx.AsyncByteStream):
+    def __init__(self, source: SlowSource, body: bytes, index: int) -> None:
+        self._source, self._body, self._index = source, body, index
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        source = self._source
+        for part, last in ((self._body[: source.head], False), (self._body[source.head :], True)):
+            if last and part and not source.flowing.is_set():
+                source.stalled += 1
+                try:
+                    await source.flowing.wait()
+                finally:
+                    source.stalled -= 1
+            if part:
+                source.sent[self._index] += len(part)
+                yield part
