@@ -13,8 +13,10 @@ plausible telemetry on a staggered schedule. See docs/simulator.md.
 - :mod:`.cli`: the ``edgefleet simulate`` command.
 """
 
-from fleet.simulate.device import DeviceCounters, DeviceTiming, SimulatedDevice
+from fleet.simulate.device import DeviceCounters, DeviceTiming, OfflineMode, SimulatedDevice
+from fleet.simulate.hardware import HARDWARE, Hardware, HardwareMix
 from fleet.simulate.identity import SimulatedIdentity, load_identity, save_identity
+from fleet.simulate.regress import Effects, ModelRef, Regression, RegressionRules
 from fleet.simulate.runner import (
     EnrollmentFailed,
     NoToken,
@@ -23,12 +25,22 @@ from fleet.simulate.runner import (
     SimulationError,
     SimulationStats,
 )
+from fleet.simulate.update import ServedModel
 
 __all__ = [
+    "HARDWARE",
     "DeviceCounters",
     "DeviceTiming",
+    "Effects",
     "EnrollmentFailed",
+    "Hardware",
+    "HardwareMix",
+    "ModelRef",
     "NoToken",
+    "OfflineMode",
+    "Regression",
+    "RegressionRules",
+    "ServedModel",
     "SimulatedDevice",
     "SimulatedIdentity",
     "Simulation",

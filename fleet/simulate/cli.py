@@ -6,6 +6,9 @@ limit (one socket per device), runs a :class:`~fleet.simulate.runner.Simulation`
 on one asyncio loop with a rich progress display, stops cleanly on Ctrl-C or
 SIGTERM (a second Ctrl-C aborts), and prints a summary. The exit status is 0 when
 every device enrolled and connected, 1 otherwise.
+
+``--model``, ``--regress`` and ``--hardware`` take text that :mod:`.regress` and
+:mod:`.hardware` parse; a mistake is a usage error naming the bad part.
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from fleet.simulate.hardware import HARDWARE, HardwareMix
+from fleet.simulate.regress import ModelRef, RegressionRules
 from fleet.simulate.runner import (
     DEFAULT_AGENT_VERSION,
     NoToken,
@@ -31,8 +36,16 @@ from fleet.simulate.runner import (
     SimulationConfig,
     SimulationStats,
 )
+from fleet.simulate.update import ServedModel
 
-__all__ = ["parse_shard", "raise_open_files_limit", "simulate"]
+__all__ = [
+    "parse_hardware",
+    "parse_models",
+    "parse_regressions",
+    "parse_shard",
+    "raise_open_files_limit",
+    "simulate",
+]
 
 
 def raise_open_files_limit(wanted: int) -> int:
@@ -55,6 +68,36 @@ def parse_shard(value: str) -> tuple[int, int]:
     if shards < 1 or not 0 <= shard < shards:
         raise typer.BadParameter(f"{value!r}: need 0 <= I < K")
     return shard, shards
+
+
+def parse_models(values: list[str] | None) -> tuple[ServedModel, ...]:
+    """``--model NAME@VERSION[/VARIANT]`` options as the models every device starts with."""
+    try:
+        models = tuple(ServedModel.initial(ModelRef.parse(value)) for value in values or ())
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--model") from None
+    names = [model.name for model in models]
+    if len(set(names)) != len(names):
+        raise typer.BadParameter("one version of each model", param_hint="--model")
+    return models
+
+
+def parse_regressions(values: list[str] | None) -> RegressionRules:
+    """``--regress`` options as rules."""
+    try:
+        return RegressionRules.parse(values or ())
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--regress") from None
+
+
+def parse_hardware(values: list[str] | None) -> HardwareMix | None:
+    """``--hardware`` options as a mix; None (the default mix) without any."""
+    if not values:
+        return None
+    try:
+        return HardwareMix.parse(values)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--hardware") from None
 
 
 def simulate(
@@ -100,6 +143,36 @@ def simulate(
         float, typer.Option(min=0.0, max=1.0, help="Share of devices with a GPU.")
     ] = 0.3,
     seed: Annotated[int, typer.Option(help="Fixes device profiles and telemetry draws.")] = 0,
+    hardware: Annotated[
+        list[str] | None,
+        typer.Option(
+            metavar="PROFILES",
+            help="Hardware profiles instead of --gpu-share, NAME or NAME:WEIGHT, round-robin "
+            f"by weight, comma-separated or repeated: {', '.join(HARDWARE)}.",
+        ),
+    ] = None,
+    model: Annotated[
+        list[str] | None,
+        typer.Option(
+            metavar="NAME@VERSION",
+            help="NAME@VERSION (or NAME@VERSION/VARIANT) every device serves before a "
+            "desired state says otherwise; repeatable.",
+        ),
+    ] = None,
+    regress: Annotated[
+        list[str] | None,
+        typer.Option(
+            metavar="RULE",
+            help="NAME@VERSION(/VARIANT):EFFECT,... makes that version worse while served: "
+            "latency=F, tps=F, errors=R, golden=fail, install=fail, restart; repeatable.",
+        ),
+    ] = None,
+    update_time: Annotated[
+        float, typer.Option(min=0.0, help="Seconds one update takes (0: at once).")
+    ] = 0.2,
+    update_jitter: Annotated[
+        float, typer.Option(min=0.0, max=1.0, help="Each update takes --update-time x (1 ± F).")
+    ] = 0.5,
     agent_version: Annotated[
         str, typer.Option(help="The agent version devices report.")
     ] = DEFAULT_AGENT_VERSION,
@@ -111,6 +184,11 @@ def simulate(
     """Simulate a fleet: N devices enroll, connect over MQTT and report telemetry."""
     first, shards = parse_shard(shard)
     config = SimulationConfig(
+        hardware=parse_hardware(hardware),
+        models=parse_models(model),
+        regressions=parse_regressions(regress),
+        update_s=update_time,
+        update_jitter=update_jitter,
         devices=devices,
         fleet_url=fleet_url,
         token=token,
@@ -214,6 +292,12 @@ def _summary(console: Console, stats: SimulationStats) -> None:
         ("reported states", counters.reports),
         ("desired states", counters.desired),
         ("commands", counters.commands),
+        ("events", counters.events),
+        ("updates started", counters.updates_started),
+        ("updated (healthy)", counters.updated),
+        ("rolled back", counters.rolled_back),
+        ("install failed", counters.update_failed),
+        ("superseded", counters.superseded),
     ]
     for name, value in rows:
         table.add_row(name, str(value))

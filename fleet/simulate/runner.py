@@ -7,6 +7,22 @@ on the running loop, keeps counters (and writes them to ``stats_file`` once a
 second, for scripts such as ``scripts/bench_fleet.py``), and on :meth:`stop`
 disconnects every device cleanly and saves each device's next sequence number.
 
+In a test, use it as an async context manager: entering enrolls, connects every
+device and returns once each has reported; leaving stops them::
+
+    config = SimulationConfig(
+        devices=20, fleet_url=url, token=token,
+        hardware=HardwareMix.parse(["pi4-4g:3,orin-nano-8g"]),
+        models=(ServedModel.initial(ModelRef.parse("gemma3-270m@1.0")),),
+        regressions=RegressionRules.parse(["gemma3-270m@2.0:golden=fail"]),
+        update_s=0.2,
+    )
+    async with Simulation(config) as sim:
+        await sim.take_offline(0, 1)             # indices, device ids or devices
+        ...                                      # start a rollout, watch it time out
+        await sim.bring_online(0, 1)             # back; they reconcile and update
+        sim.device(2).served["gemma3-270m"]      # what device 2 serves now
+
 Errors, as the rest of the code base draws them::
 
     SimulationError
@@ -31,7 +47,8 @@ from typing import Any
 import httpx
 
 from fleet.files import atomic_write
-from fleet.simulate.device import DeviceCounters, DeviceTiming, SimulatedDevice
+from fleet.simulate.device import DeviceCounters, DeviceTiming, OfflineMode, SimulatedDevice
+from fleet.simulate.hardware import HardwareMix
 from fleet.simulate.identity import (
     SimulatedIdentity,
     device_name,
@@ -40,8 +57,11 @@ from fleet.simulate.identity import (
     new_private_key,
     save_identity,
 )
+from fleet.simulate.regress import RegressionRules
 from fleet.simulate.schedule import aligned_base, shard_indices, start_offset
-from fleet.simulate.telemetry import device_report, profile_for
+from fleet.simulate.telemetry import DeviceProfile, device_report, profile_for
+from fleet.simulate.update import ServedModel
+from models.device import DeviceReport
 from models.paths import ENROLL_PATH
 from models.wire import EnrollmentResponse
 
@@ -53,7 +73,9 @@ __all__ = [
     "SimulationConfig",
     "SimulationError",
     "SimulationStats",
+    "device_profile",
     "enroll",
+    "enrollment_report",
 ]
 
 _log = logging.getLogger(__name__)
@@ -97,6 +119,11 @@ class SimulationConfig:
     connect_concurrency: int = 100  # MQTT CONNECTs in flight
     keepalive_s: int = 60
     gpu_share: float = 0.3  # share of devices with a GPU (Jetson or desktop RTX)
+    hardware: HardwareMix | None = None  # named profiles instead of the gpu_share mix
+    models: tuple[ServedModel, ...] = ()  # what every device serves before a desired state
+    regressions: RegressionRules = field(default_factory=RegressionRules)  # versions made worse
+    update_s: float = 0.2  # seconds one update takes (download, install, health check)
+    update_jitter: float = 0.5  # each takes update_s x (1 ± this); 0: exactly update_s
     seed: int = 0  # fixes profiles and telemetry draws per device index
     agent_version: str = DEFAULT_AGENT_VERSION
     stats_file: Path | None = None  # a JSON snapshot of the counters, rewritten every second
@@ -109,6 +136,11 @@ class SimulationConfig:
             raise ValueError("interval must be positive")
         if not 0 <= self.shard < self.shards:
             raise ValueError(f"shard {self.shard} is not in 0..{self.shards - 1}")
+        if self.update_s < 0 or not 0 <= self.update_jitter <= 1:
+            raise ValueError("update_s must be at least 0 and update_jitter between 0 and 1")
+        names = [model.name for model in self.models]
+        if len(set(names)) != len(names):
+            raise ValueError(f"a device serves one version of each model: {names}")
 
     @property
     def indices(self) -> range:
@@ -186,9 +218,8 @@ async def enroll(
     config: SimulationConfig,
 ) -> SimulatedIdentity:
     """Enroll device ``index`` with ``private_key``; retry transient failures with backoff."""
-    profile = profile_for(index, gpu_share=config.gpu_share, seed=config.seed)
     name = device_name(index)
-    report = device_report(profile, name, config.agent_version)
+    report = enrollment_report(index, config)
     delay = 0.5
     for attempt in range(1, config.enroll_attempts + 1):
         request = enrollment_request(
@@ -228,8 +259,31 @@ async def enroll(
     raise AssertionError("unreachable")
 
 
+def device_profile(index: int, config: SimulationConfig) -> DeviceProfile:
+    """Device ``index``'s serving traits: from its hardware profile, else the default mix."""
+    if config.hardware is not None:
+        return config.hardware.pick(index).profile(index, seed=config.seed)
+    return profile_for(index, gpu_share=config.gpu_share, seed=config.seed)
+
+
+def enrollment_report(index: int, config: SimulationConfig) -> DeviceReport:
+    """What device ``index`` reports about its hardware when it enrolls."""
+    name = device_name(index)
+    if config.hardware is not None:
+        return config.hardware.pick(index).report(name, config.agent_version)
+    return device_report(device_profile(index, config), name, config.agent_version)
+
+
+DeviceRef = SimulatedDevice | int | str
+"""A device of a simulation: itself, its index, or its device id."""
+
+
 class Simulation:
-    """Run ``config``'s share of a simulated fleet on the current event loop."""
+    """Run ``config``'s share of a simulated fleet on the current event loop.
+
+    Either :meth:`run` it (until :meth:`stop` or ``duration_s``) or use it as an async
+    context manager (see the module docstring).
+    """
 
     def __init__(self, config: SimulationConfig) -> None:
         self.config = config
@@ -237,10 +291,86 @@ class Simulation:
         self.stats = SimulationStats(devices=len(config.indices))
         self.devices: list[SimulatedDevice] = []
         self._stop = asyncio.Event()
+        self._started = asyncio.Event()  # self.devices is filled and running
+        self._run: asyncio.Task[SimulationStats] | None = None
 
     def stop(self) -> None:
         """Disconnect every device and let :meth:`run` return (safe from a signal handler)."""
         self._stop.set()
+
+    # --- in-process use ----------------------------------------------------------------------
+
+    async def __aenter__(self) -> Simulation:
+        """Enroll (or load), connect every device and wait until each has reported."""
+        if self.config.duration_s is not None:
+            raise ValueError("a simulation used with 'async with' runs until it is left")
+        self._run = asyncio.create_task(self.run())
+        started = asyncio.ensure_future(self._started.wait())
+        try:
+            await asyncio.wait([self._run, started], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            started.cancel()
+        if self._run.done():
+            await self._run  # raises what ended it (NoToken, ...)
+            raise SimulationError("the simulation ended before its devices started")
+        try:
+            await self.wait_ready()
+        except BaseException:
+            await self.__aexit__(None, None, None)
+            raise
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        """Stop every device (cleanly) and wait for :meth:`run` to return."""
+        self.stop()
+        if self._run is not None:
+            await self._run
+
+    def device(self, ref: DeviceRef) -> SimulatedDevice:
+        """A running device by index or device id (:class:`KeyError` if not in this run)."""
+        if isinstance(ref, SimulatedDevice):
+            return ref
+        for device in self.devices:
+            if ref in (device.identity.index, device.identity.device_id):
+                return device
+        raise KeyError(f"no simulated device {ref!r} in this run")
+
+    async def wait_ready(self, *refs: DeviceRef) -> None:
+        """Wait until every device (or those named) is connected and has reported.
+
+        :class:`SimulationError` when some cannot be (enrollment failed, credentials
+        refused, the simulation stopped).
+        """
+        devices = [self.device(ref) for ref in refs] if refs else list(self.devices)
+        ready = await asyncio.gather(*(device.wait_ready() for device in devices))
+        missing = len(self.config.indices) - len(self.devices) if not refs else 0
+        pairs = zip(devices, ready, strict=True)
+        late = [device.identity.device_id for device, ok in pairs if not ok]
+        if late or missing:
+            raise SimulationError(
+                f"{len(late) + missing} devices are not running: "
+                f"{missing} could not enroll, {', '.join(late[:5]) or 'none'} stopped"
+            )
+
+    async def take_offline(
+        self, *refs: DeviceRef, mode: OfflineMode | str = OfflineMode.DROP
+    ) -> None:
+        """Take devices off the broker (:class:`OfflineMode`) and wait until they are.
+
+        They stay off until :meth:`bring_online`; with the default ``drop`` the broker
+        publishes each one's last will, as on a power cut or a network loss.
+        """
+        devices = [self.device(ref) for ref in refs]
+        for device in devices:
+            device.go_offline(mode)
+        await asyncio.gather(*(device.wait_down() for device in devices))
+
+    async def bring_online(self, *refs: DeviceRef) -> None:
+        """Bring devices back and wait until each has connected and reported again."""
+        devices = [self.device(ref) for ref in refs]
+        for device in devices:
+            device.go_online()
+        await self.wait_ready(*devices)
 
     async def run(self) -> SimulationStats:
         writer = asyncio.create_task(self._write_stats()) if self.config.stats_file else None
@@ -347,24 +477,29 @@ class Simulation:
         self.devices = [
             SimulatedDevice(
                 identity,
-                profile_for(identity.index, gpu_share=config.gpu_share, seed=config.seed),
+                device_profile(identity.index, config),
                 timing=DeviceTiming(
                     base=base,
                     offset=start_offset(identity.index, config.devices, config.interval_s),
                     interval=config.interval_s,
                     keepalive=config.keepalive_s,
+                    update_s=config.update_s,
+                    update_jitter=config.update_jitter,
                 ),
                 counters=counters,
                 connect_gate=gate,
                 agent_version=config.agent_version,
                 broker_url=config.broker_url,
                 seed=config.seed,
+                models=config.models,
+                rules=config.regressions,
             )
             for identity in identities
         ]
         self.stats.stage = "devices"
         self.stats.running_since = time.time()
         tasks = [asyncio.create_task(device.run()) for device in self.devices]
+        self._started.set()
         try:
             if config.duration_s is None:
                 await self._stop.wait()

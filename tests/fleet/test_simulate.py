@@ -7,13 +7,18 @@ import json
 import random
 import stat
 from collections import Counter
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import httpx
 import pytest
+import typer
+from typer.testing import CliRunner
 
 import fleet.simulate
+from fleet.simulate.cli import parse_hardware, parse_models, parse_regressions, simulate
+from fleet.simulate.hardware import HardwareMix
 from fleet.simulate.identity import (
     SimulatedIdentity,
     enrollment_request,
@@ -28,7 +33,9 @@ from fleet.simulate.runner import (
     NoToken,
     Simulation,
     SimulationConfig,
+    device_profile,
     enroll,
+    enrollment_report,
 )
 from fleet.simulate.schedule import aligned_base, next_send, shard_indices, start_offset
 from fleet.simulate.telemetry import (
@@ -55,9 +62,18 @@ FLEET = "http://fleet.test:8000"
 
 def test_public_api() -> None:
     assert set(fleet.simulate.__all__) == {
+        "HARDWARE",
         "DeviceCounters",
         "DeviceTiming",
+        "Effects",
         "EnrollmentFailed",
+        "Hardware",
+        "HardwareMix",
+        "ModelRef",
+        "OfflineMode",
+        "Regression",
+        "RegressionRules",
+        "ServedModel",
         "SimulatedIdentity",
         "NoToken",
         "SimulatedDevice",
@@ -384,3 +400,63 @@ def test_config_checks() -> None:
     with pytest.raises(ValueError, match="shard"):
         SimulationConfig(devices=5, fleet_url=FLEET, shard=2, shards=2)
     assert list(SimulationConfig(devices=5, fleet_url=FLEET, shard=1, shards=2).indices) == [1, 3]
+
+
+def test_the_config_picks_reports_and_profiles_by_hardware_else_the_default() -> None:
+    default = SimulationConfig(devices=4, fleet_url="http://x")
+    assert device_profile(2, default) == profile_for(2)
+    mixed = SimulationConfig(
+        devices=4, fleet_url="http://x", hardware=HardwareMix.of("pi4-4g", "x86-rtx3060-16g")
+    )
+    assert device_profile(0, mixed).kind == "pi4-4g"
+    assert device_profile(1, mixed).kind == "x86-rtx3060-16g"
+    report = enrollment_report(1, mixed)
+    assert report.hostname == "sim-00001"
+    assert report.gpus[0].name == "NVIDIA GeForce RTX 3060"
+    assert enrollment_report(0, mixed).gpus == []
+
+
+# --- command-line options -------------------------------------------------------------------
+
+
+def test_cli_options_parse_models_rules_and_hardware() -> None:
+    models = parse_models(["gemma3-270m@1.0", "minilm@6/int8"])
+    assert [(m.name, m.version, m.variant) for m in models] == [
+        ("gemma3-270m", "1.0", None),
+        ("minilm", "6", "int8"),
+    ]
+    assert parse_models(None) == ()
+    rules = parse_regressions(["gemma3@2.0:latency=3.0", "gemma3@2.0/Q8_0:errors=0.2,golden=fail"])
+    assert [str(rule) for rule in rules.rules] == [
+        "gemma3@2.0:latency=3",
+        "gemma3@2.0/Q8_0:errors=0.2,golden=fail",
+    ]
+    mix = parse_hardware(["pi4-4g:2", "orin-nano-8g"])
+    assert mix is not None
+    assert str(mix) == "pi4-4g:2,orin-nano-8g:1"
+    assert parse_hardware(None) is None
+
+
+@pytest.mark.parametrize(
+    ("parse", "value", "complaint"),
+    [
+        (parse_models, ["gemma3"], "NAME@VERSION"),
+        (parse_models, ["gemma3@1", "gemma3@2"], "one version of each model"),
+        (parse_regressions, ["gemma3@2.0:fast"], "is not an effect"),
+        (parse_hardware, ["cray-1"], "unknown hardware profile"),
+    ],
+)
+def test_cli_options_refuse_nonsense_as_usage_errors(
+    parse: Callable[[list[str]], object], value: list[str], complaint: str
+) -> None:
+    with pytest.raises(typer.BadParameter, match=complaint):
+        parse(value)
+
+
+def test_cli_help_lists_the_new_options() -> None:
+    app = typer.Typer()
+    app.command()(simulate)
+    result = CliRunner().invoke(app, ["--help"], terminal_width=200)
+    assert result.exit_code == 0, result.output
+    for option in ("--model", "--regress", "--hardware", "--update-time", "--update-jitter"):
+        assert option in result.output
