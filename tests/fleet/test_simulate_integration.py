@@ -2,13 +2,17 @@
 
 A few simulated devices enroll over HTTP, connect with the credentials they were
 given, report telemetry that the controller stores, answer a desired state and a
-command, and say offline when stopped; a second run reuses their identities.
-Waits poll with a deadline; nothing sleeps a fixed time hoping something happened.
+command, and say offline when stopped; a second run reuses their identities. Others
+update to a registered model version the way an agent does (events, then the new
+version reported), roll back when a regression rule fails the health check, and go
+offline and come back. Waits poll with a deadline; nothing sleeps a fixed time hoping
+something happened.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import signal
 import subprocess
@@ -21,7 +25,15 @@ import httpx
 import pytest
 import sqlalchemy as sa
 
-from fleet.simulate import Simulation, SimulationConfig
+from fleet.simulate import (
+    HardwareMix,
+    ModelRef,
+    OfflineMode,
+    RegressionRules,
+    ServedModel,
+    Simulation,
+    SimulationConfig,
+)
 from fleet.simulate.identity import load_identity
 from scripts import servers
 from scripts.servers import MosquittoBroker, running_controller
@@ -305,5 +317,210 @@ def test_devices_reconnect_after_a_broker_restart(
             stats = await run
         assert stats.counters.disconnects == 2
         assert stats.counters.ever_connected == 2
+
+    asyncio.run(scenario())
+
+
+# --- updates, regressions, offline devices ----------------------------------------------------
+
+GGUF_2_0 = b"GGUF" + bytes(range(256)) * 40  # starts like a GGUF file; the registry checks that
+GGUF_2_1 = b"GGUF" + bytes(range(255, -1, -1)) * 40
+OLD_MODEL = ServedModel.initial(ModelRef.parse("gemma3-270m@1.0"))
+
+
+async def register(api: httpx.AsyncClient, version: str, data: bytes) -> str:
+    """Upload a model version to the controller's registry; its sha256."""
+    response = await api.post(
+        f"/api/v1/models/gemma3-270m/versions/{version}",
+        content=data,
+        headers={"Content-Type": "application/octet-stream"},
+    )
+    assert response.status_code == 201, response.text
+    return hashlib.sha256(data).hexdigest()
+
+
+async def set_desired(api: httpx.AsyncClient, device_id: str, version: str) -> int:
+    put = await api.put(
+        f"/api/v1/devices/{device_id}/desired",
+        json={"models": [{"name": "gemma3-270m", "version": version}]},
+    )
+    assert put.status_code == 202, put.text
+    return int(put.json()["version"])
+
+
+async def reported(api: httpx.AsyncClient, device_id: str) -> dict[str, Any]:
+    body = (await api.get(f"/api/v1/devices/{device_id}")).json()
+    return dict(body["reported"] or {})
+
+
+def events_of(database_url: str, device_id: str) -> list[tuple[str, str, dict[str, Any]]]:
+    rows = query(
+        database_url,
+        "SELECT kind, severity, data FROM events WHERE device_id = :device ORDER BY id",
+        device=device_id,
+    )
+    return [(kind, severity, data if isinstance(data, dict) else json.loads(data or "{}"))
+            for kind, severity, data in rows]  # fmt: skip
+
+
+def update_kinds(database_url: str, device_id: str) -> list[str]:
+    return [kind for kind, _, _ in events_of(database_url, device_id) if kind.startswith("update")]
+
+
+async def token_for(controller: Controller, uses: int) -> str:
+    async with controller.api() as api:
+        created = await api.post("/api/v1/tokens", json={"uses": uses})
+        assert created.status_code in {200, 201}, created.text
+        return str(created.json()["secret"])
+
+
+def test_devices_update_like_agents_and_an_offline_one_updates_when_back(
+    controller: Controller,
+) -> None:
+    async def scenario() -> None:
+        config = SimulationConfig(
+            devices=3,
+            fleet_url=controller.url,
+            token=await token_for(controller, 3),
+            interval_s=0.5,
+            hardware=HardwareMix.parse(["orin-nano-8g,pi4-4g,x86-rtx3060-16g"]),
+            models=(OLD_MODEL,),
+            update_s=0.2,
+        )
+        async with controller.api() as api, Simulation(config) as sim:
+            ids = [device.identity.device_id for device in sim.devices]
+            online, updating, offline = ids
+            # enrolled with their hardware profiles
+            device = (await api.get(f"/api/v1/devices/{updating}")).json()
+            assert device["device_report"]["arch"] == "aarch64"  # the Raspberry Pi
+            assert device["device_report"]["gpus"] == []
+            first = await until(lambda: reported(api, online), "a first report")
+            assert [(m["name"], m["version"], m["state"]) for m in first["models"]] == [
+                ("gemma3-270m", "1.0", "ready")
+            ]
+            sha = await register(api, "2.0", GGUF_2_0)
+
+            # one device updates: the agent's events, then the new version reported
+            version = await set_desired(api, updating, "2.0")
+
+            async def updated(device_id: str, want: int) -> dict[str, Any] | None:
+                state = await reported(api, device_id)
+                done = state.get("desired_version") == want and state.get("converged")
+                return state if done else None
+
+            state = await until(lambda: updated(updating, version), "the update reported")
+            assert [(m["version"], m["sha256"], m["state"]) for m in state["models"]] == [
+                ("2.0", sha, "ready")
+            ]
+            await until(
+                lambda: len(update_kinds(controller.database_url, updating)) >= 3,
+                "three update events stored",
+            )
+            events = [e for e in events_of(controller.database_url, updating)
+                      if e[0].startswith("update")]  # fmt: skip
+            assert [kind for kind, _, _ in events] == [
+                "update_verified",
+                "update_installed",
+                "update_healthy",
+            ]
+            for _, _, data in events:
+                assert (data["model"], data["version"], data["sha256"]) == (
+                    "gemma3-270m",
+                    "2.0",
+                    sha,
+                )
+            assert (await reported(api, online))["models"][0]["version"] == "1.0"
+
+            # one device drops off (its last will says offline), misses its desired state...
+            await sim.take_offline(offline)
+
+            async def seen_offline() -> bool:
+                body = (await api.get(f"/api/v1/devices/{offline}")).json()
+                return body["online"] is False
+
+            await until(seen_offline, "the controller sees the dropped device offline")
+            wills = query(
+                controller.database_url,
+                "SELECT message FROM events WHERE device_id = :device AND kind = 'offline'",
+                device=offline,
+            )
+            assert wills == [("connection lost (last will)",)]  # the broker published it
+            late = await set_desired(api, offline, "2.0")
+            assert sim.device(offline).desired_version is None
+            assert (await reported(api, offline)).get("desired_version") is None
+            # ... and updates when it is back (the retained desired state waits for it)
+            await sim.bring_online(offline)
+            state = await until(lambda: updated(offline, late), "the returned device updated")
+            assert state["models"][0]["sha256"] == sha
+            counters = sim.stats.counters
+            assert (counters.updated, counters.rolled_back, counters.superseded) == (2, 0, 0)
+            assert counters.offline == 0
+
+    asyncio.run(scenario())
+
+
+def test_a_regression_that_fails_the_health_check_rolls_back(controller: Controller) -> None:
+    async def scenario() -> None:
+        config = SimulationConfig(
+            devices=1,
+            fleet_url=controller.url,
+            token=await token_for(controller, 1),
+            interval_s=0.5,
+            models=(OLD_MODEL,),
+            regressions=RegressionRules.parse(["gemma3-270m@2.1:golden=fail,latency=3"]),
+            update_s=0.1,
+        )
+        async with controller.api() as api, Simulation(config) as sim:
+            [device_id] = [device.identity.device_id for device in sim.devices]
+            await register(api, "2.1", GGUF_2_1)
+            version = await set_desired(api, device_id, "2.1")
+            await until(
+                lambda: "update_rolled_back" in update_kinds(controller.database_url, device_id),
+                "the rollback event stored",
+            )
+            assert update_kinds(controller.database_url, device_id) == [
+                "update_verified",
+                "update_installed",
+                "update_rolled_back",
+            ]
+            _, severity, data = events_of(controller.database_url, device_id)[-1]
+            assert severity == "error"
+            assert data["reason"].startswith("health check failed: golden prompt")
+            assert data["version"] == "2.1"
+
+            async def acted_on() -> dict[str, Any] | None:
+                state = await reported(api, device_id)
+                return state if state.get("desired_version") == version else None
+
+            state = await until(acted_on, "a report for the desired state")
+            assert state["converged"] is False
+            assert [(m["version"], m["sha256"], m["state"]) for m in state["models"]] == [
+                ("1.0", OLD_MODEL.sha256, "ready")
+            ]
+            assert sim.device(device_id).effects.latency == 1.0  # 2.1 never served
+
+            # offline with a goodbye, then without a word: the will fires in neither case,
+            # and the refused update is not tried again on return (same desired state)
+            await sim.take_offline(device_id, mode=OfflineMode.CLEAN)
+            await sim.bring_online(device_id)
+            await sim.take_offline(device_id, mode="silent")
+            await sim.bring_online(device_id)
+
+            def said(kind: str) -> list[str]:
+                return [
+                    message
+                    for (message,) in query(
+                        controller.database_url,
+                        "SELECT message FROM events WHERE device_id = :device AND kind = :kind",
+                        device=device_id,
+                        kind=kind,
+                    )
+                ]
+
+            await until(lambda: len(said("online")) == 3, "three online events")
+            assert said("offline") == ["simulated agent stopped"]
+            assert sim.stats.counters.rolled_back == 1
+            assert sim.stats.counters.updates_started == 1
+            assert sim.stats.counters.disconnects == 0
 
     asyncio.run(scenario())
