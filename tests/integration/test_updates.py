@@ -90,6 +90,11 @@ def test_update_installs_health_checks_and_rolls_back_a_broken_model(
     )
     assert "lacks 'Zanzibar'" in rolled[0]["data"]["reason"]
     assert fleet.served_version() == "1.1"
+    # Each rollback was said once, as a rollback: 1.1 kept serving, so no model failed.
+    assert not fleet.events("model_failed")
+    rolled_back = fleet.events("update_rolled_back")
+    assert sorted(e["data"]["version"] for e in rolled_back) == ["1.2", "9.1", "9.2"]
+    assert all(e["data"]["phase"] == "health" and e["data"]["sha256"] for e in rolled_back)
     drift = fleet.reported()["drift"]
     assert not drift["in_sync"], "a rolled-back update is drift the admin sees"
 
@@ -134,5 +139,7 @@ def test_an_artifact_changed_on_the_server_is_refused_and_nothing_is_installed(
         every_s=EVERY_S,
     )
     assert "sha256" in failed[0]["data"]["reason"]
+    assert failed[0]["data"]["sha256"] == sha
     assert fleet.served_version() != "1.2"
     assert fleet.chat()
+    assert not fleet.events("model_failed"), "a refused update is not a failed model"
