@@ -8,6 +8,7 @@ naming the field. The option parsers are pure, so they are tested without a cont
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 from typing import Annotated, Any
@@ -43,19 +44,26 @@ _GATE_KEYS = {
 
 def _number(text: str, option: str) -> float:
     try:
-        return float(text)
+        value = float(text)
     except ValueError:
         raise typer.BadParameter(f"{text!r} is not a number", param_hint=option) from None
+    if not math.isfinite(value):
+        raise typer.BadParameter(f"{text!r} is not a finite number", param_hint=option)
+    return value
+
+
+def _whole(text: str, option: str) -> int:
+    value = _number(text, option)
+    if value != int(value):
+        raise typer.BadParameter(f"{text!r}: a count is a whole number", param_hint=option)
+    return int(value)
 
 
 def parse_canary(text: str) -> dict[str, Any]:
     """``5`` devices or ``2%`` of the target."""
     if text.endswith("%"):
         return {"percent": _number(text[:-1], "--canary")}
-    count = _number(text, "--canary")
-    if count != int(count):
-        raise typer.BadParameter("a count of devices is a whole number", param_hint="--canary")
-    return {"count": int(count)}
+    return {"count": _whole(text, "--canary")}
 
 
 def parse_gate(text: str) -> dict[str, Any]:
@@ -83,12 +91,12 @@ def parse_abort(text: str) -> dict[str, Any]:
     if threshold.endswith("%"):
         rule["threshold_percent"] = _number(threshold[:-1], "--abort")
     else:
-        rule["threshold_count"] = int(_number(threshold, "--abort"))
+        rule["threshold_count"] = _whole(threshold, "--abort")
     for option in options:
         key, sep, value = option.partition("=")
         if key != "min" or not sep:
             raise typer.BadParameter(f"{option!r}: the only option is min=N", param_hint="--abort")
-        rule["min_devices"] = int(_number(value, "--abort"))
+        rule["min_devices"] = _whole(value, "--abort")
     return rule
 
 

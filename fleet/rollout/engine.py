@@ -681,15 +681,25 @@ class RolloutEngine:
     async def run(self) -> None:
         """Step every live rollout, then wait for the interval or a wake-up; until cancelled."""
         while True:
+            steps = asyncio.ensure_future(self._step_all_logged())
             try:
-                await self.step_all()
-            except FleetError as exc:
-                log.error("rollout step failed: %s", exc)
-            except Exception:
-                log.exception("rollout step failed")
+                await asyncio.shield(steps)
+            except asyncio.CancelledError:
+                # A step runs in a worker thread: let it end its transaction before the
+                # app disposes of the database engine under it.
+                await asyncio.wait([steps])
+                raise
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self._interval_s)
             self._wake.clear()
+
+    async def _step_all_logged(self) -> None:
+        try:
+            await self.step_all()
+        except FleetError as exc:
+            log.error("rollout step failed: %s", exc)
+        except Exception:
+            log.exception("rollout step failed")
 
     async def step_all(self) -> None:
         ids = await asyncio.to_thread(self._live_ids)

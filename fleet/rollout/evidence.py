@@ -62,8 +62,13 @@ def _sample(row: TelemetryRow) -> Sample:
     )
 
 
+_FAILURES = {EventKind.MODEL_FAILED, EventKind.UPDATE_FAILED, EventKind.UPDATE_ROLLED_BACK}
+
+
 def _is_oom(event: EventRow) -> bool:
-    return event.kind == EventKind.MODEL_FAILED and "memory" in event.message.lower()
+    """A model that did not load for lack of memory: a failed load, swap or health check."""
+    text = f"{event.message} {(event.data or {}).get('reason', '')}".lower()
+    return event.kind in _FAILURES and "memory" in text
 
 
 def gather(
@@ -107,7 +112,7 @@ def gather(
             select(EventRow).where(
                 col(EventRow.device_id).in_(chunk),
                 col(EventRow.ts) >= start,
-                col(EventRow.kind).in_([EventKind.ONLINE.value, EventKind.MODEL_FAILED.value]),
+                col(EventRow.kind).in_([EventKind.ONLINE.value, *(k.value for k in _FAILURES)]),
             )
         ).all()
         for event in events:

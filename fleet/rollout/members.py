@@ -15,7 +15,7 @@ from sqlmodel import Session, col, or_, select
 
 from fleet.errors import InvalidInput
 from fleet.registry.targets import target_path
-from fleet.registry.variants import Chosen, candidate_of, choose_variant
+from fleet.registry.variants import Chosen, candidate_of, choose_variant, normalise_arch
 from fleet.rollout.spec import FactFilter, ModelChangeSpec, Target
 from fleet.tables import Device, DeviceTag, Group, ModelArtifact
 from models.device import DeviceReport
@@ -31,8 +31,6 @@ __all__ = [
     "validate_target",
 ]
 
-_ARCH = {"arm64": "aarch64", "amd64": "x86_64"}
-
 
 def device_report(device: Device) -> DeviceReport | None:
     """What the device reported of itself; None when it never did or it does not parse."""
@@ -46,16 +44,19 @@ def device_report(device: Device) -> DeviceReport | None:
 
 def matches_facts(facts: FactFilter, report: DeviceReport | None, agent_version: str) -> bool:
     """Whether a device's reported facts pass the filter; unknown facts never match."""
-    if facts.agent_version is not None and not agent_version.startswith(facts.agent_version):
+    wanted = facts.agent_version
+    if (
+        wanted is not None
+        and agent_version != wanted
+        and not agent_version.startswith(wanted.rstrip(".") + ".")
+    ):
         return False
     hardware = facts.model_copy(update={"agent_version": None})
     if hardware.is_empty():
         return True
     if report is None:
         return False
-    if facts.arch and _ARCH.get(report.arch, report.arch) not in {
-        _ARCH.get(a, a) for a in facts.arch
-    }:
+    if facts.arch and normalise_arch(report.arch) not in {normalise_arch(a) for a in facts.arch}:
         return False
     if facts.min_ram_bytes is not None and report.ram_total_bytes < facts.min_ram_bytes:
         return False

@@ -139,7 +139,8 @@ def stage_quotas(spec: RolloutSpec, eligible: int) -> list[int]:
 
 def _share(eligible: int, percent: float) -> int:
     """A percent of the devices, rounded up, at least one (when there is one)."""
-    return min(eligible, max(1, math.ceil(eligible * percent / 100)))
+    exact = round(eligible * percent / 100, 9)  # 3000 * 1.1 / 100 is 33.000000000000004
+    return min(eligible, max(1, math.ceil(exact)))
 
 
 def allowed_released(
@@ -157,12 +158,12 @@ def allowed_released(
         return quota
     before = quotas[stage - 1] if stage > 0 else 0
     minutes = int(max(stage_elapsed_s, 0) // 60) + 1
-    released, per_minute = 0, float(rate.start_per_minute)
+    released, per_minute = 0, float(min(rate.start_per_minute, rate.max_per_minute))
     for _ in range(minutes):
-        released += min(int(per_minute), rate.max_per_minute)
+        released += int(per_minute)
         if before + released >= quota:
             return quota
-        per_minute *= rate.factor
+        per_minute = min(per_minute * rate.factor, rate.max_per_minute)
     return before + released
 
 

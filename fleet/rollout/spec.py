@@ -17,7 +17,15 @@ from itertools import pairwise
 from typing import Annotated, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    field_validator,
+    model_validator,
+)
 
 from models.values import ModelName, Version
 
@@ -40,7 +48,7 @@ _NAME = r"^[A-Za-z0-9][A-Za-z0-9_.:=/-]{0,63}$"  # group, tag and device names s
 
 
 class _Spec(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
 
 class FactFilter(_Spec):
@@ -50,7 +58,9 @@ class FactFilter(_Spec):
     min_ram_bytes: int | None = Field(default=None, ge=0)
     max_ram_bytes: int | None = Field(default=None, ge=0)
     gpu: bool | None = None  # True: has an NVIDIA GPU; False: has none
-    agent_version: str | None = Field(default=None, max_length=64)  # a prefix, e.g. "0.4"
+    agent_version: str | None = Field(
+        default=None, max_length=64
+    )  # "0.4" matches 0.4 and 0.4.x, not 0.41
 
     def is_empty(self) -> bool:
         return (
@@ -224,6 +234,13 @@ class MaintenanceWindow(_Spec):
         return time.fromisoformat(self.start), time.fromisoformat(self.end)
 
 
+def _stage_kind(value: object) -> str:
+    """Waves unless it says otherwise, so ``{"percents": [...]}`` is enough."""
+    if isinstance(value, dict):
+        return str(value.get("kind", "waves"))
+    return str(getattr(value, "kind", "waves"))
+
+
 class ModelChangeSpec(_Spec):
     """The change: serve this version of this model (the variant is chosen per device)."""
 
@@ -239,9 +256,10 @@ class RolloutSpec(_Spec):
     change: ModelChangeSpec
     target: Target
     canary: Canary | None = None
-    stages: Annotated[Waves | ExponentialRate, Field(discriminator="kind")] = Field(
-        default_factory=lambda: Waves(percents=[100])
-    )
+    stages: Annotated[
+        Annotated[Waves, Tag("waves")] | Annotated[ExponentialRate, Tag("exponential")],
+        Discriminator(_stage_kind),
+    ] = Field(default_factory=lambda: Waves(percents=[100]))
     soak_s: float = Field(default=600, ge=0, le=30 * 86_400)  # after a stage's last install
     check_interval_s: float = Field(default=60, gt=0, le=86_400)  # gate checks while soaking
     approval: bool = False  # each stage after the canary waits for an admin's approval
