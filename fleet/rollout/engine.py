@@ -445,7 +445,10 @@ class _Step:
             failed = result.verdict == "fail" or (
                 result.verdict == "insufficient" and gate.on_insufficient_data == "fail"
             )
-            streaks[index] = streaks[index] + 1 if failed else 0
+            if failed:
+                streaks[index] += 1
+            elif result.verdict == "pass":
+                streaks[index] = 0  # waiting for data neither breaks nor extends a streak
             if failed and streaks[index] >= gate.max_consecutive_failures:
                 decision = "abort"
             elif failed:
