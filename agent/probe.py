@@ -41,6 +41,7 @@ __all__ = [
     "GpuSampler",
     "format_cuda_version",
     "jetson_compute_capability",
+    "local_zone",
     "parse_cpuinfo_model",
     "parse_device_tree_model",
     "parse_jtop_stats",
@@ -52,6 +53,7 @@ __all__ = [
     "probe_runtimes",
     "read_tegrastats_line",
     "sample_gpus",
+    "zone_from_localtime",
 ]
 
 _log = logging.getLogger(__name__)
@@ -564,7 +566,31 @@ def probe_device(*, root: Path = Path("/")) -> DeviceReport:
         gpus=gpus,
         runtimes=runtimes,
         llama_gpu_offload=gpu_offload,
+        timezone=local_zone(root),
     )
+
+
+def zone_from_localtime(target: str) -> str | None:
+    """The IANA name in an ``/etc/localtime`` link target (``.../zoneinfo/Europe/Berlin``)."""
+    _, found, name = target.partition("zoneinfo/")
+    name = name.removeprefix("posix/").removeprefix("right/")
+    return name if found and name and not name.startswith("/") else None
+
+
+def local_zone(root: Path = Path("/")) -> str | None:
+    """The device's time zone as an IANA name, for rollout maintenance windows; None if unsure."""
+    name = os.environ.get("TZ", "").removeprefix(":")
+    if "/" in name and not name.startswith("/"):
+        return name
+    try:
+        link = str((root / "etc/localtime").readlink())
+    except OSError:
+        link = ""
+    from_link = zone_from_localtime(link)
+    if from_link:
+        return from_link
+    text = (_read_text(root / "etc/timezone") or "").strip()  # Debian's older spelling
+    return text or None
 
 
 # --------------------------------------------------------------------------- live sampling

@@ -91,6 +91,7 @@ def test_public_api() -> None:
         "GpuSampler",
         "format_cuda_version",
         "jetson_compute_capability",
+        "local_zone",
         "parse_cpuinfo_model",
         "parse_device_tree_model",
         "parse_jtop_stats",
@@ -102,6 +103,7 @@ def test_public_api() -> None:
         "probe_runtimes",
         "read_tegrastats_line",
         "sample_gpus",
+        "zone_from_localtime",
     ]
 
 
@@ -625,3 +627,32 @@ def test_on_a_jetson_with_jtop_the_board_names_the_compute_capability(
     monkeypatch.setitem(sys.modules, "jtop", types.SimpleNamespace(jtop=FakeJtop))
     [gpu] = probe_device(root=jetson_root).gpus
     assert (gpu.source, gpu.compute_capability) == ("jtop", "8.7")
+
+
+@pytest.mark.parametrize(
+    ("target", "zone"),
+    [
+        ("/usr/share/zoneinfo/Europe/Berlin", "Europe/Berlin"),
+        ("../usr/share/zoneinfo/America/New_York", "America/New_York"),
+        ("/usr/share/zoneinfo/posix/Asia/Tokyo", "Asia/Tokyo"),
+        ("/usr/share/zoneinfo/", None),
+        ("/etc/somewhere-else", None),
+        ("", None),
+    ],
+)
+def test_the_time_zone_comes_from_the_localtime_link(target: str, zone: str | None) -> None:
+    assert agent.probe.zone_from_localtime(target) == zone
+
+
+def test_local_zone_reads_the_link_then_etc_timezone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("TZ", raising=False)
+    (tmp_path / "etc").mkdir()
+    assert agent.probe.local_zone(tmp_path) is None
+    (tmp_path / "etc/timezone").write_text("Europe/Lisbon\n")
+    assert agent.probe.local_zone(tmp_path) == "Europe/Lisbon"
+    (tmp_path / "etc/localtime").symlink_to("/usr/share/zoneinfo/Africa/Nairobi")
+    assert agent.probe.local_zone(tmp_path) == "Africa/Nairobi"
+    monkeypatch.setenv("TZ", ":Pacific/Auckland")
+    assert agent.probe.local_zone(tmp_path) == "Pacific/Auckland"
