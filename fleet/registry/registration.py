@@ -28,6 +28,7 @@ from fleet.errors import Conflict, InvalidInput, NotFound
 from fleet.registry.repository import TargetsChange, TufRepository
 from fleet.registry.store import ArtifactStore
 from fleet.registry.targets import TargetDescription, describe_target
+from fleet.registry.variants import VariantRequirements
 from fleet.tables import ModelArtifact, as_utc
 from models.manifest import ModelFormat
 
@@ -122,8 +123,12 @@ def _find(session: Session, name: str, version: str, variant: str) -> ModelArtif
     ).first()
 
 
+_UNSTATED = (None, {}, [], VariantRequirements().model_dump(mode="json"))
+
+
 def _comparable(meta: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in meta.items() if k != "card"}
+    """Metadata as stated: a field at its default (one added after an upload) is left out."""
+    return {k: v for k, v in meta.items() if k != "card" and v not in _UNSTATED}
 
 
 def _same_or_conflict(existing: ModelArtifact, sha256: str, meta: dict[str, Any]) -> None:

@@ -17,12 +17,15 @@ from typing import Any
 import httpx
 import pytest
 from fastapi.testclient import TestClient
+from sqlalchemy.engine import Engine
+from sqlmodel import Session, select
 
 from fleet.api.limits import MAX_BODY_BYTES
 from fleet.config import FleetSettings
 from fleet.errors import InvalidInput, TooLarge
 from fleet.registry.store import ArtifactStore, check_digest
 from fleet.registry.targets import describe_target
+from fleet.tables import ModelArtifact
 from tests.fleet.helpers import Clock, enroll, error
 
 GGUF = b"GGUF" + bytes(range(256)) * 40  # 10,244 bytes that start like a GGUF file
@@ -237,6 +240,21 @@ def test_identical_reupload_is_idempotent(api: TestClient) -> None:
     again = upload(api, GGUF, metadata={"licence": "mit"})
     assert again.status_code == 200, again.text
     assert again.json() == first
+
+
+def test_reupload_of_a_row_stored_before_new_metadata_fields_is_idempotent(
+    api: TestClient, engine: Engine
+) -> None:
+    """A row from before ``requirements`` and ``quality`` existed lacks them; it is the same."""
+    first = uploaded(api)
+    with Session(engine) as session:
+        row = session.exec(select(ModelArtifact)).one()
+        row.meta = {k: v for k, v in row.meta.items() if k not in {"requirements", "quality"}}
+        session.add(row)
+        session.commit()
+    again = upload(api, GGUF)
+    assert again.status_code == 200, again.text
+    assert again.json()["sha256"] == first["sha256"]
 
 
 def test_conflicting_reupload_is_refused(api: TestClient) -> None:
