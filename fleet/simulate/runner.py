@@ -301,7 +301,11 @@ class Simulation:
     # --- in-process use ----------------------------------------------------------------------
 
     async def __aenter__(self) -> Simulation:
-        """Enroll (or load), connect every device and wait until each has reported."""
+        """Enroll (or load), connect every device and wait until each has reported.
+
+        Devices retry a broker they cannot reach without end, so a test bounds this (and
+        :meth:`bring_online`) with its own deadline (``tests.polling.in_time``).
+        """
         if self.config.duration_s is not None:
             raise ValueError("a simulation used with 'async with' runs until it is left")
         self._run = asyncio.create_task(self.run())
