@@ -22,6 +22,7 @@ import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from functools import partial
 from typing import Protocol
 
 from pydantic import JsonValue, ValidationError
@@ -33,7 +34,9 @@ from fleet.errors import BrokerUnavailable, Conflict, NotFound
 from fleet.link.port import LinkPort
 from fleet.registry.select import choose_artifact
 from fleet.registry.targets import target_path
+from fleet.registry.variants import Ineligible, candidate_of, choose_variant
 from fleet.tables import Device, Group, ModelArtifact
+from models.device import DeviceReport
 from models.wire import DESIRED_LIFETIME, DesiredModel, DesiredState, TargetRef
 
 __all__ = [
@@ -45,6 +48,7 @@ __all__ = [
     "WantedState",
     "desired_of",
     "due_for_renewal",
+    "report_of",
     "resolve_models",
     "store_desired",
 ]
@@ -110,8 +114,14 @@ def due_for_renewal(state: DesiredState, now: datetime) -> bool:
     return state.expires - now < RENEW_BEFORE
 
 
-def resolve_models(session: Session, wanted: Sequence[WantedModel]) -> list[DesiredModel]:
-    """The wire models for ``wanted``: registered models get their signed target."""
+def resolve_models(
+    session: Session, wanted: Sequence[WantedModel], report: DeviceReport | None = None
+) -> list[DesiredModel]:
+    """The wire models for ``wanted``: registered models get their signed target.
+
+    A version with several variants and none named gets the one that best fits the
+    device's ``report`` (docs/variants.md); ``Conflict`` when none fits.
+    """
     resolved = []
     for model in wanted:
         rows = session.exec(
@@ -122,7 +132,7 @@ def resolve_models(session: Session, wanted: Sequence[WantedModel]) -> list[Desi
                 raise NotFound(f"model {model.name!r} is not in the registry")
             resolved.append(DesiredModel(name=model.name, version=model.version))
             continue
-        row = choose_artifact(rows, model.version, model.variant)
+        row = choose_artifact(rows, model.version, model.variant, partial(_best_fit, report))
         target = TargetRef(
             path=target_path(row.name, row.version, row.variant, row.format),
             length=row.size_bytes,
@@ -130,6 +140,23 @@ def resolve_models(session: Session, wanted: Sequence[WantedModel]) -> list[Desi
         )
         resolved.append(DesiredModel(name=row.name, version=row.version, target=target))
     return resolved
+
+
+def _best_fit(report: DeviceReport | None, rows: Sequence[ModelArtifact]) -> ModelArtifact:
+    choice = choose_variant([candidate_of(row) for row in rows], report)
+    if isinstance(choice, Ineligible):
+        raise Conflict(f"{rows[0].name} {rows[0].version}: {choice.summary}")
+    return next(row for row in rows if row.variant == choice.variant)
+
+
+def report_of(device: Device | None) -> DeviceReport | None:
+    """What the device reported of itself; None when it never did or it does not parse."""
+    if device is None or not device.device_report:
+        return None
+    try:
+        return DeviceReport.model_validate(device.device_report)
+    except ValidationError:
+        return None
 
 
 def store_desired(
@@ -190,13 +217,17 @@ def _store_for_group(
     with Session(engine) as session:
         if session.get(Group, group) is None:
             raise NotFound(f"no group {group!r}")
-        ids = session.exec(
-            select(Device.id)
+        devices = session.exec(
+            select(Device)
             .where(col(Device.group) == group, col(Device.revoked_at).is_(None))
             .order_by(col(Device.id))
         ).all()
-        models = resolve_models(session, wanted.models)
-        states = [store_desired(session, device_id, models, wanted, now) for device_id in ids]
+        states = [
+            store_desired(
+                session, d.id, resolve_models(session, wanted.models, report_of(d)), wanted, now
+            )
+            for d in devices
+        ]
         session.commit()
         return states
 

@@ -123,7 +123,7 @@ def _find(session: Session, name: str, version: str, variant: str) -> ModelArtif
     ).first()
 
 
-_UNSTATED = (None, {}, [], VariantRequirements().model_dump(mode="json"))
+_UNSTATED: tuple[Any, ...] = (None, {}, [], VariantRequirements().model_dump(mode="json"))
 
 
 def _comparable(meta: dict[str, Any]) -> dict[str, Any]:

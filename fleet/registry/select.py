@@ -4,12 +4,12 @@ An admin names a model and perhaps a version and a variant; the device must get
 exactly one signed target. The latest version is the newest upload that is not
 yanked; a yanked version is never sent to devices, even by name (upload it again
 under a new version to bring it back). A version with several variants needs one
-chosen, unless one of them is called ``default``.
+chosen, by the admin, by the device's fit, or by being called ``default``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import Protocol, TypeVar
 
@@ -45,8 +45,17 @@ class Registered(Protocol):
 R = TypeVar("R", bound=Registered)
 
 
-def choose_artifact(rows: Sequence[R], version: str | None, variant: str | None) -> R:
-    """The one artifact of ``rows`` (all of one model name) that the admin means."""
+def choose_artifact(
+    rows: Sequence[R],
+    version: str | None,
+    variant: str | None,
+    pick: Callable[[Sequence[R]], R] | None = None,
+) -> R:
+    """The one artifact of ``rows`` (all of one model name) that the admin means.
+
+    ``pick`` chooses among several live variants when none is named (the device's best
+    fit, :mod:`fleet.registry.variants`); without it a ``default`` variant is needed.
+    """
     name = rows[0].name if rows else "?"
     if version is None:
         live = [r for r in rows if r.yanked_at is None]
@@ -65,6 +74,8 @@ def choose_artifact(rows: Sequence[R], version: str | None, variant: str | None)
         row = chosen[0]
     elif len(candidates) == 1:
         row = candidates[0]
+    elif pick is not None:
+        row = pick([r for r in candidates if r.yanked_at is None] or candidates)
     else:
         defaults = [r for r in candidates if r.variant == DEFAULT_VARIANT]
         if not defaults:

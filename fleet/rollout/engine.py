@@ -32,7 +32,7 @@ from sqlalchemy import Engine, update
 from sqlmodel import Session, col, select
 
 from fleet.audit import ENGINE, record
-from fleet.desired import DesiredStates, desired_of, store_desired
+from fleet.desired import DesiredStates, desired_of, report_of, store_desired
 from fleet.errors import Conflict, FleetError, InvalidInput, NotFound
 from fleet.registry.targets import target_path
 from fleet.rollout.change import Change, ModelChange
@@ -40,7 +40,6 @@ from fleet.rollout.evidence import Cohorts, gather
 from fleet.rollout.gates import check_gate
 from fleet.rollout.members import (
     assign,
-    device_report,
     live_artifacts,
     target_devices,
     validate_target,
@@ -333,7 +332,7 @@ class _Step:
         for member in queued:
             if cap is not None and busy >= cap:
                 break
-            report = device_report(self.devices[member.device_id])
+            report = report_of(self.devices[member.device_id])
             zone = report.timezone if report is not None else None
             if not in_window(self.spec.maintenance_window, zone, self.now):
                 continue
@@ -519,7 +518,7 @@ def _live_rows(session: Session, spec: RolloutSpec) -> list[ModelArtifact]:
 def _new_member(
     rollout_id: str, device: Device, artifacts: Sequence[ModelArtifact], now: datetime
 ) -> RolloutDevice:
-    assignment = assign(artifacts, device_report(device)) if artifacts else None
+    assignment = assign(artifacts, report_of(device)) if artifacts else None
     eligible = assignment is not None and assignment.entry is not None
     return RolloutDevice(
         rollout_id=rollout_id,

@@ -10,9 +10,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from pydantic import ValidationError
 from sqlmodel import Session, col, or_, select
 
+from fleet.desired import report_of
 from fleet.errors import InvalidInput
 from fleet.registry.targets import target_path
 from fleet.registry.variants import Chosen, candidate_of, choose_variant, normalise_arch
@@ -24,22 +24,11 @@ from models.wire import DesiredModel, TargetRef
 __all__ = [
     "Assignment",
     "assign",
-    "device_report",
     "live_artifacts",
     "matches_facts",
     "target_devices",
     "validate_target",
 ]
-
-
-def device_report(device: Device) -> DeviceReport | None:
-    """What the device reported of itself; None when it never did or it does not parse."""
-    if not device.device_report:
-        return None
-    try:
-        return DeviceReport.model_validate(device.device_report)
-    except ValidationError:
-        return None
 
 
 def matches_facts(facts: FactFilter, report: DeviceReport | None, agent_version: str) -> bool:
@@ -92,7 +81,7 @@ def target_devices(session: Session, target: Target) -> list[Device]:
     if named:
         query = query.where(or_(*named))
     devices = session.exec(query.order_by(col(Device.id))).all()
-    return [d for d in devices if matches_facts(target.facts, device_report(d), d.agent_version)]
+    return [d for d in devices if matches_facts(target.facts, report_of(d), d.agent_version)]
 
 
 def live_artifacts(session: Session, change: ModelChangeSpec) -> list[ModelArtifact]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 
@@ -12,11 +13,12 @@ from sqlalchemy.engine import Engine
 from sqlmodel import Session
 
 from fleet.desired import RENEW_BEFORE
-from fleet.tables import Device
+from fleet.tables import Device, ModelArtifact
 from models.wire import DESIRED_LIFETIME, DesiredState
 from tests.fakes.fleet_link import FakeLink
 from tests.fleet.helpers import Clock, create_group, enroll, error
 
+GB = 2**30
 BODY = {
     "models": [{"name": "gemma3-270m", "version": "1.0.0"}, {"name": "minilm"}],
     "config": {"max_queue": 16},
@@ -184,3 +186,48 @@ def test_desired_states_are_reissued_before_they_expire(
         issued.fallback,
     )
     assert asyncio.run(state.desired.renew()) == 0  # renewed once, not again
+
+
+def test_a_version_with_several_variants_goes_to_each_device_as_its_best_fit(
+    api: TestClient, clock: Clock, engine: Engine, link: FakeLink
+) -> None:
+    """No variant named: an 8 GB device gets Q8_0, a 2 GB one Q4_K_M (docs/variants.md)."""
+    create_group(api, "lab")
+    big, small = (enroll(api, clock, group="lab")["device_id"] for _ in range(2))
+    with Session(engine) as session:
+        device = session.get(Device, small)
+        assert device is not None
+        device.device_report = {**device.device_report, "ram_total_bytes": 2 * GB}
+        session.add(device)
+        for variant, ram in (("Q4_K_M", 1 * GB), ("Q8_0", 4 * GB)):
+            session.add(
+                ModelArtifact(
+                    name="gemma3",
+                    version="2.0",
+                    variant=variant,
+                    format="gguf",
+                    sha256=hashlib.sha256(variant.encode()).hexdigest(),
+                    size_bytes=100,
+                    meta={"quantization": variant, "ram_bytes": ram},
+                )
+            )
+        session.commit()
+    response = api.put(
+        "/api/v1/groups/lab/desired", json={"models": [{"name": "gemma3", "version": "2.0"}]}
+    )
+    assert response.status_code == 202, response.text
+    paths = {s.device_id: s.models[0].target.path for s in link.published if s.models[0].target}
+    assert paths == {big: "gemma3/2.0/Q8_0.gguf", small: "gemma3/2.0/Q4_K_M.gguf"}
+    # A device too small for every variant is told why, and nothing is stored for it.
+    with Session(engine) as session:
+        device = session.get(Device, small)
+        assert device is not None
+        device.device_report = {**device.device_report, "ram_total_bytes": GB // 2}
+        session.add(device)
+        session.commit()
+    refused = api.put(
+        f"/api/v1/devices/{small}/desired", json={"models": [{"name": "gemma3", "version": "2.0"}]}
+    )
+    status, _, message = error(refused)
+    assert status == 409
+    assert "no variant fits" in message
