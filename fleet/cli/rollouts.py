@@ -331,6 +331,30 @@ def status(
                 live.update(render_status(detail))
 
 
+@app.command("devices")
+@connected
+def devices(
+    connection: Connection,
+    rollout_id: RolloutArg,
+    state: Annotated[str | None, typer.Option(help="only devices in this state")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Each device's stage, variant and state in the rollout, with why (in release order)."""
+    with connection.client() as client:
+        rows = client.get(f"/api/v1/rollouts/{rollout_id}/devices", state=state)
+    if as_json:
+        print_json(rows)
+        return
+    table = Table("device", "stage", "state", "variant", "since", "detail", box=None)
+    for row in rows:
+        stage = "-" if row["stage"] is None else str(row["stage"])
+        variant = f"{row['variant']} ({row['placement']})" if row["variant"] else "-"
+        table.add_row(
+            row["device_id"], stage, row["state"], variant, when(row["since"]), row["detail"]
+        )
+    console().print(table)
+
+
 def _act(connection: Connection, rollout_id: str, action: str, reason: str, as_json: bool) -> None:
     with connection.client() as client:
         detail = client.post(f"/api/v1/rollouts/{rollout_id}/{action}", {"reason": reason})
