@@ -14,8 +14,8 @@ import pytest
 from sqlmodel import Session
 
 from fleet.errors import Conflict, InvalidInput
-from fleet.rollout.engine import _Step  # the step itself, to run two from one revision
 from fleet.rollout.spec import RolloutSpec
+from fleet.rollout.step import Step  # the step itself, to run two from one revision
 from fleet.tables import Rollout
 from models.wire import EventKind
 from tests.fleet.rollout_world import GB, MODEL, World, report, sha
@@ -394,7 +394,7 @@ def test_a_stale_step_loses_to_the_writer_that_moved_first(world: World) -> None
         row_a, row_b = a.get(Rollout, rollout), b.get(Rollout, rollout)
         assert row_a is not None
         assert row_b is not None
-        step_a, step_b = _Step(a, row_a, world.clock()), _Step(b, row_b, world.clock())
+        step_a, step_b = Step(a, row_a, world.clock()), Step(b, row_b, world.clock())
         step_a.run()
         assert step_a.write()
         a.commit()

@@ -1,0 +1,620 @@
+"""One step of one rollout, inside one transaction: observe, decide, collect what to write.
+
+The engine (:mod:`fleet.rollout.engine`) opens the transaction, locks the rollout's row
+and commits; a :class:`Step` reads the rollout's devices, moves them on with the pure
+decisions of :mod:`fleet.rollout.plan` and :mod:`fleet.rollout.gates`, stores the
+desired states it changes (:func:`fleet.desired.store_desired`) and the audit entries
+that explain them, and holds the rollout row's new values until :meth:`Step.write`
+writes them at the revision read.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import update
+from sqlmodel import Session, col, select
+
+from fleet.audit import ENGINE, record
+from fleet.desired import desired_of, report_of, store_desired
+from fleet.errors import InvalidInput
+from fleet.registry.targets import target_path
+from fleet.rollout.change import Change, ModelChange
+from fleet.rollout.evidence import Cohorts, gather
+from fleet.rollout.gates import check_gate
+from fleet.rollout.members import assign, live_artifacts, target_devices
+from fleet.rollout.plan import (
+    CHANGED,
+    FINISHED,
+    LIVE,
+    DeviceState,
+    Observation,
+    Phase,
+    RolloutStatus,
+    abort_reason,
+    allowed_released,
+    device_rank,
+    in_window,
+    judge_device,
+    stage_count,
+    stage_names,
+    stage_quotas,
+)
+from fleet.rollout.spec import FailureKind, Gate, RolloutSpec
+from fleet.tables import (
+    Device,
+    EventRow,
+    GateCheckRow,
+    ModelArtifact,
+    Rollout,
+    RolloutDevice,
+    as_utc,
+)
+from models.wire import (
+    DesiredModel,
+    DesiredState,
+    EventKind,
+    ReportedState,
+    TargetRef,
+    runs_wanted,
+)
+
+__all__ = ["Step", "busy_elsewhere", "change_of", "new_member", "subject"]
+
+_UPDATE_EVENTS = [
+    EventKind.UPDATE_HEALTHY.value,
+    EventKind.UPDATE_FAILED.value,
+    EventKind.UPDATE_ROLLED_BACK.value,
+]
+
+
+def change_of(spec: RolloutSpec) -> Change:
+    return ModelChange(spec.change.model, spec.change.version)
+
+
+def subject(rollout_id: str) -> str:
+    return f"rollout:{rollout_id}"
+
+
+@dataclass(frozen=True)
+class _Extras:
+    """Config and fallback of a device that has no desired state yet."""
+
+    config: dict[str, Any]
+    fallback: dict[str, Any]
+
+
+_NO_EXTRAS = _Extras({}, {})
+
+
+class Step:
+    """One step of one rollout inside one transaction; collects what to write."""
+
+    def __init__(self, session: Session, row: Rollout, now: datetime) -> None:
+        self.session = session
+        self.row = row
+        self.now = now
+        self.spec = RolloutSpec.model_validate(row.spec)
+        self.change = change_of(self.spec)
+        self.updates: dict[str, Any] = {}
+        self.states: list[DesiredState] = []
+        self.members = list(
+            session.exec(select(RolloutDevice).where(col(RolloutDevice.rollout_id) == row.id)).all()
+        )
+        ids = [m.device_id for m in self.members]
+        self.devices = {
+            d.id: d
+            for chunk in _chunks(ids)
+            for d in session.exec(select(Device).where(col(Device.id).in_(chunk))).all()
+        }
+
+    # -- helpers --------------------------------------------------------------------
+
+    def get(self, field: str) -> Any:
+        return self.updates.get(field, getattr(self.row, field))
+
+    def set(self, **values: Any) -> None:
+        self.updates.update(values)
+
+    def audit(self, action: str, reason: str = "", actor: str = ENGINE, **data: Any) -> None:
+        record(
+            self.session,
+            at=self.now,
+            actor=actor,
+            action=f"rollout.{action}",
+            subject=subject(self.row.id),
+            reason=reason,
+            data=data,
+        )
+
+    def move(
+        self,
+        member: RolloutDevice,
+        state: DeviceState,
+        detail: str,
+        failure: FailureKind | None = None,
+    ) -> None:
+        member.state = state.value
+        member.detail = detail[:2000]
+        member.failure = failure.value if failure is not None else member.failure
+        member.since = self.now
+        self.session.add(member)
+
+    def _store(self, member: RolloutDevice, models: list[DesiredModel]) -> DesiredState | None:
+        device = self.devices.get(member.device_id)
+        if device is None or device.revoked_at is not None:
+            return None
+        current = desired_of(device)
+        state = store_desired(self.session, device.id, models, current or _NO_EXTRAS, self.now)
+        device.desired = state.model_dump(mode="json")  # later reads in this step see it
+        device.desired_version = state.version
+        self.states.append(state)
+        return state
+
+    def _current_models(self, member: RolloutDevice) -> list[DesiredModel]:
+        device = self.devices.get(member.device_id)
+        current = desired_of(device) if device is not None else None
+        return list(current.models) if current is not None else []
+
+    def _reported(self, member: RolloutDevice) -> ReportedState | None:
+        device = self.devices.get(member.device_id)
+        if device is None or not device.reported:
+            return None
+        try:
+            return ReportedState.model_validate(device.reported)
+        except ValueError:
+            return None
+
+    def _serves(self, member: RolloutDevice, entry: DesiredModel) -> bool:
+        reported = self._reported(member)
+        if reported is None:
+            return False
+        return any(
+            m.name == entry.name and m.state == "ready" and runs_wanted(entry, m)
+            for m in reported.models
+        )
+
+    # -- the step -------------------------------------------------------------------
+
+    def run(self) -> None:
+        self.refresh_members()
+        self.observe()
+        if self.check_abort_rules():
+            return
+        if self.get("status") == RolloutStatus.PAUSED:
+            return
+        phase = Phase(self.get("phase"))
+        if phase is Phase.ROLLING:
+            self.release()
+            self.issue()
+            self.finish_installs()
+        if Phase(self.get("phase")) is Phase.SOAKING:
+            self.soak()
+
+    def refresh_members(self) -> None:
+        """Add devices that joined the target; one live rollout per change per device."""
+        known = {m.device_id for m in self.members}
+        joined = [d for d in target_devices(self.session, self.spec.target) if d.id not in known]
+        if not joined:
+            return
+        busy = busy_elsewhere(self.session, self.row.id, self.change.key, [d.id for d in joined])
+        joined = [d for d in joined if d.id not in busy]
+        if not joined:
+            return
+        artifacts = _live_rows(self.session, self.spec)
+        stage = self.get("stage")
+        released = stage > 0 or self.spec.canary is None
+        for device in joined:
+            member = new_member(self.row.id, device, artifacts, self.now)
+            if member.state == DeviceState.PENDING and released:
+                member.state, member.stage = DeviceState.QUEUED.value, stage
+                member.detail = f"joined the target during stage {stage}: released into it"
+            self.session.add(member)
+            self.members.append(member)
+            self.devices[device.id] = device
+        self.audit(
+            "devices_joined", f"{len(joined)} device(s) joined the target", count=len(joined)
+        )
+
+    def observe(self) -> None:
+        """Move updating devices on, by what they reported and the events they sent."""
+        watched = [
+            m
+            for m in self.members
+            if m.state in (DeviceState.UPDATING, DeviceState.TIMED_OUT) and m.target is not None
+        ]
+        if not watched:
+            return
+        events = _update_events(self.session, watched)
+        for member in watched:
+            entry = DesiredModel.model_validate(member.target)
+            seen = _observation(
+                entry,
+                events.get(member.device_id, []),
+                self._serves(member, entry),
+                member.issued_at,
+            )
+            since = as_utc(member.since) or self.now
+            moved = judge_device(
+                DeviceState(member.state), seen, since, self.now, self.spec.device_timeout_s
+            )
+            if moved is None:
+                continue
+            state, failure, detail = moved
+            self.move(member, state, detail, failure)
+            if failure is not None:
+                self.audit("device_failed", detail, device=member.device_id, failure=failure.value)
+
+    def check_abort_rules(self) -> bool:
+        finished = [
+            m for m in self.members if m.state in FINISHED and m.state != DeviceState.INELIGIBLE
+        ]
+        failures: dict[FailureKind, int] = {}
+        for member in finished:
+            if member.failure is not None and member.state != DeviceState.UPDATED:
+                kind = FailureKind(member.failure)
+                failures[kind] = failures.get(kind, 0) + 1
+        reason = abort_reason(self.spec.abort_rules, failures, len(finished))
+        if reason is None:
+            return False
+        self.abort(reason, ENGINE)
+        return True
+
+    def abort(self, reason: str, actor: str) -> None:
+        """Restore every device this rollout changed to its previous model, and stop."""
+        restored = []
+        for member in self.members:
+            if member.state not in CHANGED:
+                continue
+            models = self.change.restore(self._current_models(member), member.previous)
+            state = self._store(member, models)
+            if state is not None:
+                member.desired_version = state.version
+            previous = (member.previous or {}).get("version") or "nothing (the model removed)"
+            self.move(member, DeviceState.ROLLED_BACK, f"rollout aborted: restored {previous}")
+            restored.append(member.device_id)
+        self.set(status=RolloutStatus.ABORTED.value, reason=reason, finished_at=self.now)
+        self.audit(
+            "aborted",
+            f"{reason}; {len(restored)} device(s) rolled back to their previous model",
+            actor=actor,
+            rolled_back=len(restored),
+            devices=restored[:100],
+        )
+
+    def release(self) -> None:
+        """Release devices into the current stage, up to its quota (or its rate)."""
+        eligible = [m for m in self.members if m.state != DeviceState.INELIGIBLE]
+        stage = self.get("stage")
+        quotas = stage_quotas(self.spec, len(eligible))
+        elapsed = (self.now - (as_utc(self.get("stage_started_at")) or self.now)).total_seconds()
+        allowed = allowed_released(self.spec, stage, quotas, elapsed)
+        released = sum(1 for m in eligible if m.stage is not None)
+        pending = sorted(
+            (m for m in eligible if m.state == DeviceState.PENDING), key=lambda m: m.rank
+        )
+        for member in pending[: max(0, allowed - released)]:
+            member.stage = stage
+            self.move(member, DeviceState.QUEUED, f"released in stage {stage}")
+
+    def issue(self) -> None:
+        """Give queued devices the change: within the concurrency cap and their window."""
+        cap = self.spec.max_concurrent
+        busy = sum(
+            1 for m in self.members if m.state == DeviceState.UPDATING and self._online(m.device_id)
+        )
+        queued = sorted(
+            (m for m in self.members if m.state == DeviceState.QUEUED), key=lambda m: m.rank
+        )
+        for member in queued:
+            if cap is not None and busy >= cap:
+                break
+            report = report_of(self.devices[member.device_id])
+            zone = report.timezone if report is not None else None
+            if not in_window(self.spec.maintenance_window, zone, self.now):
+                continue
+            self._issue(member)
+            if member.state == DeviceState.UPDATING and self._online(member.device_id):
+                busy += 1
+
+    def _online(self, device_id: str) -> bool:
+        device = self.devices.get(device_id)
+        return device is not None and device.online
+
+    def _issue(self, member: RolloutDevice) -> None:
+        assert member.target is not None
+        entry = DesiredModel.model_validate(member.target)
+        models = self._current_models(member)
+        member.previous = self.change.capture(models) or _previous_from_reported(
+            self.session, self._reported(member), entry.name
+        )
+        state = self._store(member, self.change.apply(models, entry))
+        if state is None:
+            self.move(member, DeviceState.INELIGIBLE, "revoked during the rollout")
+            return
+        member.desired_version = state.version
+        member.issued_at = self.now
+        if self._serves(member, entry):
+            self.move(member, DeviceState.UPDATED, "already served the new version")
+        else:
+            self.move(member, DeviceState.UPDATING, f"desired state {state.version} issued")
+
+    def finish_installs(self) -> None:
+        stage = self.get("stage")
+        eligible = [m for m in self.members if m.state != DeviceState.INELIGIBLE]
+        quota = stage_quotas(self.spec, len(eligible))[stage]
+        released = [m for m in eligible if m.stage is not None]
+        if len(released) < quota or any(m.state not in FINISHED for m in released):
+            return
+        self.set(phase=Phase.SOAKING.value, soak_started_at=self.now, next_check_at=self.now)
+        updated = sum(1 for m in released if m.state == DeviceState.UPDATED)
+        self.audit(
+            "stage_installed",
+            f"stage {stage} ({self.stage_name(stage)}): every released device finished "
+            f"({updated} of {len(released)} updated); soaking {self.spec.soak_s:g} s",
+            stage=stage,
+        )
+
+    def stage_name(self, stage: int) -> str:
+        return stage_names(self.spec)[stage]
+
+    def soak(self) -> None:
+        """Check the gates while the stage soaks; move on when the soak ends and they pass."""
+        next_check = as_utc(self.get("next_check_at")) or self.now
+        soak_start = as_utc(self.get("soak_started_at")) or self.now
+        soak_end = soak_start + timedelta(seconds=self.spec.soak_s)
+        if self.now < next_check:
+            return
+        passed = self.check_gates()
+        if self.get("status") == RolloutStatus.ABORTED:
+            return
+        interval = timedelta(seconds=self.spec.check_interval_s)
+        self.set(
+            next_check_at=min(self.now + interval, soak_end)
+            if self.now < soak_end
+            else (self.now + interval)
+        )
+        if self.now < soak_end or not passed:
+            return
+        stage = self.get("stage")
+        if stage == stage_count(self.spec) - 1:
+            self.set(status=RolloutStatus.COMPLETED.value, finished_at=self.now)
+            self.audit("completed", f"every stage passed; the last was {self.stage_name(stage)}")
+        elif self.spec.approval:
+            self.set(phase=Phase.AWAITING_APPROVAL.value)
+            self.audit(
+                "awaiting_approval",
+                f"stage {stage} ({self.stage_name(stage)}) passed; "
+                f"stage {stage + 1} waits for an admin's approval",
+                stage=stage,
+            )
+        else:
+            self.advance(ENGINE, f"stage {stage} ({self.stage_name(stage)}) passed its gates")
+
+    def advance(self, actor: str, reason: str) -> None:
+        stage = self.get("stage") + 1
+        self.set(
+            stage=stage,
+            phase=Phase.ROLLING.value,
+            stage_started_at=self.now,
+            soak_started_at=None,
+            next_check_at=None,
+            gate_failures=[0] * len(self.spec.gates),
+        )
+        self.audit(
+            "stage_started",
+            f"{reason}; stage {stage} ({self.stage_name(stage)}) starts",
+            actor=actor,
+            stage=stage,
+        )
+
+    def check_gates(self) -> bool:
+        """Check every gate now, store each check; True when all of them pass."""
+        stage = self.get("stage")
+        streaks = list(self.get("gate_failures") or [0] * len(self.spec.gates))
+        streaks += [0] * (len(self.spec.gates) - len(streaks))
+        all_pass = True
+        for index, gate in enumerate(self.spec.gates):
+            cohorts = gather(self.session, self.members, gate.window_s, self.now)
+            result = check_gate(gate, cohorts.updated, cohorts.baseline, cohorts.control)
+            self._fail_devices(index, gate, cohorts)
+            failed = result.verdict == "fail" or (
+                result.verdict == "insufficient" and gate.on_insufficient_data == "fail"
+            )
+            if failed:
+                streaks[index] += 1
+            elif result.verdict == "pass":
+                streaks[index] = 0  # waiting for data neither breaks nor extends a streak
+            if failed and streaks[index] >= gate.max_consecutive_failures:
+                decision = "abort"
+            elif failed:
+                decision = "fail"
+            else:
+                decision = "pass" if result.verdict == "pass" else "wait"
+            all_pass = all_pass and decision == "pass"
+            self.session.add(
+                GateCheckRow(
+                    rollout_id=self.row.id,
+                    stage=stage,
+                    gate=index,
+                    at=self.now,
+                    verdict=result.verdict,
+                    decision=decision,
+                    reasons=result.reasons,
+                    evidence=result.evidence,
+                )
+            )
+            if decision == "abort":
+                self.set(gate_failures=streaks)
+                why = "; ".join(result.reasons)
+                self.abort(
+                    f"gate {index} ({gate.metric.value}) failed {streaks[index]} consecutive "
+                    f"check(s): {why}",
+                    ENGINE,
+                )
+                return False
+        self.set(gate_failures=streaks)
+        return all_pass
+
+    def _fail_devices(self, index: int, gate: Gate, cohorts: Cohorts) -> None:
+        """A device whose own numbers fail the gate counts as ``gate_failed``."""
+        for device_id, (after, before) in cohorts.per_device.items():
+            result = check_gate(gate, after, before, cohorts.control)
+            if result.verdict != "fail":
+                continue
+            member = next(m for m in self.members if m.device_id == device_id)
+            detail = f"gate {index} ({gate.metric.value}): " + "; ".join(result.reasons)
+            self.move(member, DeviceState.FAILED, detail, FailureKind.GATE_FAILED)
+            self.audit(
+                "device_failed", detail, device=device_id, failure=FailureKind.GATE_FAILED.value
+            )
+
+    def write(self) -> bool:
+        """Write the rollout row at the revision read; False when another writer won."""
+        values = {**self.updates, "revision": self.row.revision + 1, "updated_at": self.now}
+        written = self.session.exec(
+            update(Rollout)
+            .where(col(Rollout.id) == self.row.id, col(Rollout.revision) == self.row.revision)
+            .values(**values)
+            .execution_options(synchronize_session=False)
+        )
+        return written.rowcount == 1
+
+
+def _chunks(items: Sequence[str], size: int = 500) -> list[Sequence[str]]:
+    return [items[i : i + size] for i in range(0, len(items), size)]
+
+
+def _live_rows(session: Session, spec: RolloutSpec) -> list[ModelArtifact]:
+    try:
+        return live_artifacts(session, spec.change)
+    except InvalidInput:
+        return []  # yanked since: devices that join now are ineligible
+
+
+def new_member(
+    rollout_id: str, device: Device, artifacts: Sequence[ModelArtifact], now: datetime
+) -> RolloutDevice:
+    assignment = assign(artifacts, report_of(device)) if artifacts else None
+    eligible = assignment is not None and assignment.entry is not None
+    return RolloutDevice(
+        rollout_id=rollout_id,
+        device_id=device.id,
+        rank=device_rank(rollout_id, device.id),
+        state=(DeviceState.PENDING if eligible else DeviceState.INELIGIBLE).value,
+        variant=assignment.variant if assignment else None,
+        placement=assignment.placement if assignment else None,
+        target=(
+            assignment.entry.model_dump(mode="json")
+            if assignment is not None and assignment.entry is not None
+            else None
+        ),
+        detail=assignment.reason if assignment else "the version has no live variant",
+        since=now,
+    )
+
+
+def busy_elsewhere(
+    session: Session, rollout_id: str, key: str, device_ids: Sequence[str]
+) -> dict[str, str]:
+    """Devices of ``device_ids`` that another live rollout of the same change holds."""
+    busy: dict[str, str] = {}
+    for chunk in _chunks(device_ids):
+        rows = session.exec(
+            select(RolloutDevice.device_id, Rollout.id)
+            .join(Rollout, col(Rollout.id) == col(RolloutDevice.rollout_id))
+            .where(
+                col(Rollout.change_key) == key,
+                col(Rollout.status).in_([s.value for s in LIVE]),
+                col(Rollout.id) != rollout_id,
+                col(RolloutDevice.device_id).in_(chunk),
+                col(RolloutDevice.state).not_in(
+                    [DeviceState.INELIGIBLE.value, DeviceState.ROLLED_BACK.value]
+                ),
+            )
+        ).all()
+        busy.update({device_id: other for device_id, other in rows})
+    return busy
+
+
+def _update_events(session: Session, members: Sequence[RolloutDevice]) -> dict[str, list[EventRow]]:
+    issued = [as_utc(m.issued_at) for m in members if m.issued_at is not None]
+    since = min((t for t in issued if t is not None), default=None)
+    found: dict[str, list[EventRow]] = {}
+    for chunk in _chunks([m.device_id for m in members]):
+        query = select(EventRow).where(
+            col(EventRow.device_id).in_(chunk), col(EventRow.kind).in_(_UPDATE_EVENTS)
+        )
+        if since is not None:
+            query = query.where(col(EventRow.stored_at) >= since)
+        for event in session.exec(query).all():
+            found.setdefault(event.device_id, []).append(event)
+    return found
+
+
+def _observation(
+    entry: DesiredModel, events: Sequence[EventRow], serves: bool, issued_at: datetime | None
+) -> Observation:
+    """Read the events about this target since it was issued, oldest first."""
+    issued = as_utc(issued_at)
+    healthy = False
+    install_failed = health_failed = None
+    for event in sorted(events, key=lambda e: as_utc(e.stored_at) or e.ts):
+        stored = as_utc(event.stored_at)
+        if issued is not None and stored is not None and stored < issued:
+            continue
+        data = event.data or {}
+        if data.get("model") != entry.name or not _about(entry, data):
+            continue
+        if event.kind == EventKind.UPDATE_HEALTHY:
+            healthy = True
+        elif event.kind == EventKind.UPDATE_ROLLED_BACK:
+            health_failed = str(data.get("reason") or event.message)
+        elif not data.get("superseded"):
+            install_failed = (
+                f"{data.get('phase', 'install')}: {data.get('reason') or event.message}"
+            )
+    return Observation(
+        serves_target=serves,
+        healthy=healthy,
+        install_failed=install_failed,
+        health_failed=health_failed,
+    )
+
+
+def _about(entry: DesiredModel, data: dict[str, Any]) -> bool:
+    sha = data.get("sha256")
+    if sha is not None and entry.target is not None:
+        return bool(sha == entry.target.sha256)
+    return data.get("version") == entry.version
+
+
+def _previous_from_reported(
+    session: Session, reported: ReportedState | None, name: str
+) -> dict[str, Any] | None:
+    """What a device with no desired entry for the model served: its artifact, if registered."""
+    if reported is None:
+        return None
+    for model in reported.models:
+        if model.name != name:
+            continue
+        if model.sha256 is not None:
+            row = session.exec(
+                select(ModelArtifact).where(
+                    col(ModelArtifact.name) == name, col(ModelArtifact.sha256) == model.sha256
+                )
+            ).first()
+            if row is not None:
+                target = TargetRef(
+                    path=target_path(row.name, row.version, row.variant, row.format),
+                    length=row.size_bytes,
+                    sha256=row.sha256,
+                )
+                entry = DesiredModel(name=name, version=row.version, target=target)
+                return entry.model_dump(mode="json")
+        if model.version is not None:
+            return DesiredModel(name=name, version=model.version).model_dump(mode="json")
+    return None
