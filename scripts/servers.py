@@ -162,6 +162,12 @@ class Controller:
     def output(self) -> str:
         return self.log.read_text(errors="replace")
 
+    def kill(self) -> int:
+        """SIGKILL the process, as a crash or the OOM killer would; its exit status."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+        return self.proc.wait(timeout=10)
+
     def cli(self, *args: str) -> str:
         result = subprocess.run(
             [str(EDGEFLEET), *args, "--url", self.url, "--data-dir", str(self.data_dir)],
@@ -195,15 +201,19 @@ def running_controller(
     *args: str,
     env: Mapping[str, str] | None = None,
     ready_s: float = CONTROLLER_READY_S,
+    name: str = "controller",
+    data_dir: Path | None = None,
 ) -> Iterator[Controller]:
     """``edgefleet serve *args`` on a free port, ready; stopped (SIGTERM) on the way out.
 
     Only ``args`` and ``env`` configure it: ``EDGEFLEET_FLEET_*`` variables of the caller's
-    environment are left out.
+    environment are left out. Its data folder is ``tmp_path/<name>`` and its log
+    ``tmp_path/<name>.log``; give replicas (or a controller restarted after a crash) one
+    ``data_dir`` and a ``name`` each. One killed (:meth:`Controller.kill`) is left dead.
     """
     port = free_port()
-    data_dir = tmp_path / "controller"
-    log = tmp_path / "controller.log"
+    data_dir = data_dir or tmp_path / name
+    log = tmp_path / f"{name}.log"
     inherited = {k: v for k, v in os.environ.items() if not k.startswith("EDGEFLEET_FLEET_")}
     command = [
         str(EDGEFLEET), "serve", "--data-dir", str(data_dir), "--db", database_url,
