@@ -371,13 +371,12 @@ class Step:
         passed = self.check_gates()
         if self.get("status") == RolloutStatus.ABORTED:
             return
-        interval = timedelta(seconds=self.spec.check_interval_s)
-        self.set(
-            next_check_at=min(self.now + interval, soak_end)
-            if self.now < soak_end
-            else (self.now + interval)
-        )
-        if self.now < soak_end or not passed:
+        later = self.now + timedelta(seconds=self.spec.check_interval_s)
+        if self.now < soak_end:
+            self.set(next_check_at=min(later, soak_end))  # always one check at the soak's end
+            return
+        self.set(next_check_at=later)
+        if not passed:
             return
         stage = self.get("stage")
         if stage == stage_count(self.spec) - 1:
