@@ -412,3 +412,22 @@ def test_the_spec_is_stored_as_given(world: World) -> None:
     assert stored.gates[0].max_increase_percent == 20
     created = world.audit(rollout)[0]
     assert (created.action, created.actor) == ("rollout.created", "admin:test")
+
+
+def test_an_exponential_stage_releases_more_each_minute(world: World) -> None:
+    """After a canary of 1: 2 in the stage's first minute, 4 in the second, then 5 (the cap)."""
+    fleet_of(world, 20)
+    rollout = world.create(
+        canary={"count": 1},
+        stages={"kind": "exponential", "start_per_minute": 2, "factor": 2, "max_per_minute": 5},
+        soak_s=0,
+    )
+    world.step(rollout)
+    install_all(world, rollout)  # the canary passes, the rate stage starts; a minute passes
+    released = []
+    for _ in range(4):
+        world.step(rollout)
+        released.append(sum(1 for m in world.members(rollout).values() if m.stage is not None))
+        world.clock.advance(seconds=60)
+    assert world.rollout(rollout).stage == 1
+    assert released == [1 + 2 + 4, 1 + 2 + 4 + 5, 1 + 2 + 4 + 5 + 5, 20]
