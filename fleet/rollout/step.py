@@ -186,12 +186,12 @@ class Step:
             return
         if self.get("status") == RolloutStatus.PAUSED:
             return
-        phase = Phase(self.get("phase"))
-        if phase is Phase.ROLLING:
+        if self.get("phase") == Phase.ROLLING:
             self.release()
-            self.issue()
+        self.issue()  # also devices that joined a stage already soaking
+        if self.get("phase") == Phase.ROLLING:
             self.finish_installs()
-        if Phase(self.get("phase")) is Phase.SOAKING:
+        if self.get("phase") == Phase.SOAKING:
             self.soak()
 
     def refresh_members(self) -> None:
@@ -342,13 +342,18 @@ class Step:
         else:
             self.move(member, DeviceState.UPDATING, f"desired state {state.version} issued")
 
+    def _installs_done(self) -> bool:
+        """Every device the stage should have released was, and each one is final."""
+        eligible = [m for m in self.members if m.state != DeviceState.INELIGIBLE]
+        quota = stage_quotas(self.spec, len(eligible))[self.get("stage")]
+        released = [m for m in eligible if m.stage is not None]
+        return len(released) >= quota and all(m.state in FINISHED for m in released)
+
     def finish_installs(self) -> None:
         stage = self.get("stage")
-        eligible = [m for m in self.members if m.state != DeviceState.INELIGIBLE]
-        quota = stage_quotas(self.spec, len(eligible))[stage]
-        released = [m for m in eligible if m.stage is not None]
-        if len(released) < quota or any(m.state not in FINISHED for m in released):
+        if not self._installs_done():
             return
+        released = [m for m in self.members if m.stage is not None]
         self.set(phase=Phase.SOAKING.value, soak_started_at=self.now, next_check_at=self.now)
         updated = sum(1 for m in released if m.state == DeviceState.UPDATED)
         self.audit(
@@ -366,8 +371,8 @@ class Step:
         next_check = as_utc(self.get("next_check_at")) or self.now
         soak_start = as_utc(self.get("soak_started_at")) or self.now
         soak_end = soak_start + timedelta(seconds=self.spec.soak_s)
-        if self.now < next_check:
-            return
+        if self.now < next_check or not self._installs_done():
+            return  # (a device that joined while the stage soaked is updating)
         passed = self.check_gates()
         if self.get("status") == RolloutStatus.ABORTED:
             return

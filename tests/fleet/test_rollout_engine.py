@@ -431,3 +431,23 @@ def test_an_exponential_stage_releases_more_each_minute(world: World) -> None:
         world.clock.advance(seconds=60)
     assert world.rollout(rollout).stage == 1
     assert released == [1 + 2 + 4, 1 + 2 + 4 + 5, 1 + 2 + 4 + 5 + 5, 20]
+
+
+def test_a_device_that_joins_the_last_stage_while_it_soaks_is_updated_before_it_completes(
+    world: World,
+) -> None:
+    fleet_of(world, 2)
+    rollout = world.create(soak_s=600)
+    world.step(rollout)
+    install_all(world, rollout)
+    assert world.rollout(rollout).phase == "soaking"
+    world.device("dev-late")
+    world.step(rollout)
+    assert world.states(rollout)["dev-late"] == "updating"  # released and issued at once
+    world.clock.advance(seconds=600)
+    world.step(rollout)
+    assert world.rollout(rollout).status == "active"  # not complete without it
+    world.install("dev-late")
+    world.step(rollout)
+    assert world.rollout(rollout).status == "completed"
+    assert world.states(rollout)["dev-late"] == "updated"
