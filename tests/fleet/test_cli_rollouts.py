@@ -73,6 +73,8 @@ def test_create_status_devices_and_abort(http: TestClient, link: FakeLink, clock
     aborted = ok(http, "rollouts", "abort", rollout, "--reason", "wrong build")
     assert "aborted" in aborted
     assert "wrong build" in aborted
+    watched = ok(http, "rollouts", "status", rollout, "--watch")  # ends with the rollout
+    assert "rolled back" in watched
 
 
 def test_bad_options_and_refusals_are_one_line(
