@@ -355,49 +355,35 @@ def devices(
     console().print(table)
 
 
-def _act(connection: Connection, rollout_id: str, action: str, reason: str, as_json: bool) -> None:
-    with connection.client() as client:
-        detail = client.post(f"/api/v1/rollouts/{rollout_id}/{action}", {"reason": reason})
-    if as_json:
-        print_json(detail)
-        return
-    console().print(render_status(detail))
-
-
 ReasonOpt = Annotated[str, typer.Option(help="why, for the audit log")]
+ACTIONS = {
+    "pause": "Stop releasing devices and advancing stages; devices already updating finish.",
+    "resume": "Carry on a paused rollout.",
+    "approve": "Start the next stage of a rollout waiting for approval.",
+    "abort": "Stop, and roll every device it changed back to its previous model.",
+}
 
 
-@app.command("pause")
-@connected
-def pause(
-    connection: Connection, rollout_id: RolloutArg, reason: ReasonOpt = "", as_json: JsonOpt = False
-) -> None:
-    """Stop releasing devices and advancing stages; devices already updating finish."""
-    _act(connection, rollout_id, "pause", reason, as_json)
+def _action_command(action: str, summary: str) -> None:
+    """``edgefleet rollouts <action> ID [--reason ...]``: the four actions take the same options."""
+
+    def command(
+        connection: Connection,
+        rollout_id: RolloutArg,
+        reason: ReasonOpt = "",
+        as_json: JsonOpt = False,
+    ) -> None:
+        with connection.client() as client:
+            detail = client.post(f"/api/v1/rollouts/{rollout_id}/{action}", {"reason": reason})
+        if as_json:
+            print_json(detail)
+            return
+        console().print(render_status(detail))
+
+    command.__doc__ = summary
+    command.__name__ = action
+    app.command(action)(connected(command))
 
 
-@app.command("resume")
-@connected
-def resume(
-    connection: Connection, rollout_id: RolloutArg, reason: ReasonOpt = "", as_json: JsonOpt = False
-) -> None:
-    """Carry on a paused rollout."""
-    _act(connection, rollout_id, "resume", reason, as_json)
-
-
-@app.command("approve")
-@connected
-def approve(
-    connection: Connection, rollout_id: RolloutArg, reason: ReasonOpt = "", as_json: JsonOpt = False
-) -> None:
-    """Start the next stage of a rollout waiting for approval."""
-    _act(connection, rollout_id, "approve", reason, as_json)
-
-
-@app.command("abort")
-@connected
-def abort(
-    connection: Connection, rollout_id: RolloutArg, reason: ReasonOpt = "", as_json: JsonOpt = False
-) -> None:
-    """Stop, and roll every device it changed back to its previous model."""
-    _act(connection, rollout_id, "abort", reason, as_json)
+for _action, _summary in ACTIONS.items():
+    _action_command(_action, _summary)
