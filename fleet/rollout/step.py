@@ -155,9 +155,18 @@ class Step:
         return state
 
     def _current_models(self, member: RolloutDevice) -> list[DesiredModel]:
+        """The device's desired models; with none set yet, what it reports serving.
+
+        A device that never had a desired state runs its local configuration; its first
+        one must keep the models the rollout does not change, not drop them.
+        """
         device = self.devices.get(member.device_id)
         current = desired_of(device) if device is not None else None
-        return list(current.models) if current is not None else []
+        if current is not None:
+            return list(current.models)
+        reported = self._reported(member)
+        served = reported.models if reported is not None else []
+        return [DesiredModel(name=m.name) for m in served if m.state == "ready"]
 
     def _reported(self, member: RolloutDevice) -> ReportedState | None:
         device = self.devices.get(member.device_id)
@@ -327,11 +336,12 @@ class Step:
     def _issue(self, member: RolloutDevice) -> None:
         assert member.target is not None
         entry = DesiredModel.model_validate(member.target)
-        models = self._current_models(member)
-        member.previous = self.change.capture(models) or _previous_from_reported(
+        desired = desired_of(self.devices[member.device_id])
+        captured = self.change.capture(desired.models) if desired is not None else None
+        member.previous = captured or _previous_from_reported(
             self.session, self._reported(member), entry.name
         )
-        state = self._store(member, self.change.apply(models, entry))
+        state = self._store(member, self.change.apply(self._current_models(member), entry))
         if state is None:
             self.move(member, DeviceState.INELIGIBLE, "revoked during the rollout")
             return

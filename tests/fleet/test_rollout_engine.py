@@ -16,7 +16,7 @@ from sqlmodel import Session
 from fleet.errors import Conflict, InvalidInput
 from fleet.rollout.spec import RolloutSpec
 from fleet.rollout.step import Step  # the step itself, to run two from one revision
-from fleet.tables import Rollout
+from fleet.tables import Device, Rollout
 from models.wire import EventKind
 from tests.fleet.rollout_world import GB, MODEL, World, report, sha
 
@@ -451,3 +451,25 @@ def test_a_device_that_joins_the_last_stage_while_it_soaks_is_updated_before_it_
     world.step(rollout)
     assert world.rollout(rollout).status == "completed"
     assert world.states(rollout)["dev-late"] == "updated"
+
+
+def test_a_device_with_no_desired_state_keeps_the_models_it_serves(world: World) -> None:
+    """Its first desired state changes the rolled-out model and leaves the others."""
+    world.device("local")
+    with Session(world.db) as session:
+        device = session.get(Device, "local")
+        assert device is not None
+        reported = dict(device.reported or {})
+        reported["models"] = [
+            *reported["models"],
+            {"name": "minilm", "version": "bundled", "state": "ready"},
+        ]
+        device.reported = reported
+        session.add(device)
+        session.commit()
+    rollout = world.create()
+    world.step(rollout)
+    state = world.desired_of("local")
+    assert state is not None
+    assert [(m.name, m.version) for m in state.models] == [(MODEL, "2.0"), ("minilm", None)]
+    assert world.members(rollout)["local"].previous is not None  # 1.0, from what it reported
