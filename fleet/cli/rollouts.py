@@ -266,11 +266,12 @@ def render_status(detail: dict[str, Any]) -> Group:
     if detail["reason"]:
         parts.append(Text(detail["reason"], style="red"))
     stages = Table(
-        "stage", "quota", "progress", "updated", "updating", "failed", "timed out", box=None
-    )
+        "stage", "quota", "progress", "updated", "updating", "failed", "timed out",
+        "rolled back", box=None,
+    )  # fmt: skip
     for stage in detail["stage_progress"]:
         counts = stage["devices"]
-        done = sum(counts.get(s, 0) for s in ("updated", "failed", "timed_out"))
+        done = sum(counts.get(s, 0) for s in ("updated", "failed", "timed_out", "rolled_back"))
         total = max(sum(counts.values()), 1)
         stages.add_row(
             stage["name"],
@@ -280,6 +281,7 @@ def render_status(detail: dict[str, Any]) -> Group:
             str(counts.get("updating", 0) + counts.get("queued", 0)),
             str(counts.get("failed", 0)),
             str(counts.get("timed_out", 0)),
+            str(counts.get("rolled_back", 0)),
         )
     parts.append(stages)
     overall = ", ".join(f"{n} {s}" for s, n in sorted(detail["devices"].items()))
