@@ -364,18 +364,18 @@ def test_render_status_heading() -> None:
 
 
 def test_render_status_stages_and_counts() -> None:
-    """One row per stage: name, quota, updated, updating (queued included), failed, timed out."""
+    """One row per stage: quota, updated, updating (queued included), failed, timed out, back."""
     text = render(detail())
     rows = {}
     for name in ("canary", "10%", "50%", "100%"):
         (line,) = [row for row in lines_with(text, name) if row.split()[0] == name]
         words = line.split()
-        rows[name] = [words[1], *words[-4:]]  # the bar between has no words
+        rows[name] = [words[1], *words[-5:]]  # the bar between has no words
     assert rows == {
-        "canary": ["2", "2", "0", "0", "0"],
-        "10%": ["8", "7", "0", "1", "0"],
-        "50%": ["40", "21", "13", "2", "3"],
-        "100%": ["80", "0", "0", "0", "0"],
+        "canary": ["2", "2", "0", "0", "0", "0"],
+        "10%": ["8", "7", "0", "1", "0", "0"],
+        "50%": ["40", "21", "13", "2", "3", "0"],
+        "100%": ["80", "0", "0", "0", "0", "0"],
     }
 
 
