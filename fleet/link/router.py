@@ -7,6 +7,11 @@ an id the directory does not know yet is parked until the next refresh, which co
 once (at most one a second): the device may have enrolled a moment ago, or on another
 replica. Rejections are counted by reason and logged at a bounded rate.
 
+Each message comes with a *settle* callback (the session's acknowledgement to the
+broker, None when none is awaited). A rejected message is settled at once: it will
+never be stored. An accepted one hands it to the writer, which settles it after the
+transaction that stored it has committed; a parked one keeps it until then.
+
 Entering the router starts the writer's flusher and the directory refresh; leaving it
 stores what was buffered, trying for a bounded time.
 """
@@ -30,7 +35,7 @@ from fleet.link.broker_auth import DeviceCredential
 from fleet.link.ingest import Accepted, DeviceDirectory, Reason, Rejection, Standing, parse
 from fleet.link.logs import RateLimitedLog
 from fleet.link.tasks import cancel, spawn
-from fleet.link.writer import BatchWriter
+from fleet.link.writer import BatchWriter, Settle
 from models.topics import Channel, DeviceTopic
 
 __all__ = ["IngestRouter"]
@@ -58,7 +63,7 @@ class IngestRouter:
         self._engine = engine
         self._warn = warn
         self._directory = DeviceDirectory()
-        self._parked: list[Accepted] = []
+        self._parked: list[tuple[Accepted, Settle | None]] = []
         self._refresh_now = asyncio.Event()
         self._reject_log = RateLimitedLog(log, REJECT_LOG_EVERY_S)
         self.writer = BatchWriter(
@@ -90,33 +95,45 @@ class IngestRouter:
             await cancel(self._refresher)
         self.writer.shutdown()
 
-    def handle(self, topic: str, payload: Any, retained: bool) -> None:
-        """Route one message; never raises (a bug is logged and counted, the session goes on)."""
+    def handle(
+        self, topic: str, payload: Any, retained: bool, settle: Settle | None = None
+    ) -> None:
+        """Route one message; never raises (a bug is logged and counted, the session goes on).
+
+        ``settle`` is called once the message is stored, or at once when it is rejected.
+        """
         try:
-            self._route(topic, payload, retained)
+            kept = self._route(topic, payload, retained, settle)
         except Exception:
             log.exception("ingest failed on a message on %s", topic)
             self.rejected[Reason.INTERNAL_ERROR.value] += 1
+            kept = False
+        if not kept and settle is not None:
+            settle()
 
-    def _route(self, topic: str, payload: Any, retained: bool) -> None:
+    def _route(self, topic: str, payload: Any, retained: bool, settle: Settle | None) -> bool:
+        """True when the message was buffered or parked (and ``settle`` handed on with it)."""
         self.received += 1
         data = payload if isinstance(payload, bytes) else bytes(payload or b"")
         if not data and topic.endswith("/" + Channel.REPORTED.value):
-            return  # a retained reported state being cleared (clear_desired): nothing to store
+            return False  # a retained reported state being cleared (clear_desired)
         result = parse(topic, data, received_at=datetime.now(UTC), retained=retained)
         if isinstance(result, Rejection):
             self.reject(result)
-            return
+            return False
         standing = self._directory.standing(result.device_id)
         if standing is Standing.ACTIVE:
-            self.writer.add(result)
-        elif standing is Standing.REVOKED:
+            self.writer.add(result, settle)
+            return True
+        if standing is Standing.REVOKED:
             self.reject(Rejection(Reason.REVOKED_DEVICE, "the device is revoked", topic))
-        elif len(self._parked) < MAX_PARKED:
-            self._parked.append(result)
+            return False
+        if len(self._parked) < MAX_PARKED:
+            self._parked.append((result, settle))
             self._refresh_now.set()
-        else:
-            self.reject(Rejection(Reason.UNKNOWN_DEVICE, "no such device", topic))
+            return True
+        self.reject(Rejection(Reason.UNKNOWN_DEVICE, "no such device", topic))
+        return False
 
     def reject(self, rejection: Rejection) -> None:
         """Count a dropped message and log it (rate-limited per reason)."""
@@ -133,16 +150,18 @@ class IngestRouter:
         """Replace the directory; parked messages go to the writer or are rejected now."""
         self._directory.replace({c.device_id: c.revoked for c in credentials})
         parked, self._parked = self._parked, []
-        for item in parked:
+        for item, settle in parked:
             standing = self._directory.standing(item.device_id)
             if standing is Standing.ACTIVE:
-                self.writer.add(item)
+                self.writer.add(item, settle)
                 continue
             topic = str(DeviceTopic(item.device_id, item.channel))
             if standing is Standing.REVOKED:
                 self.reject(Rejection(Reason.REVOKED_DEVICE, "the device is revoked", topic))
             else:
                 self.reject(Rejection(Reason.UNKNOWN_DEVICE, "no such device", topic))
+            if settle is not None:
+                settle()
 
     async def _refresh_loop(self) -> None:
         while True:

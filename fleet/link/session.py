@@ -9,9 +9,21 @@ does not speak MQTT 5 gets MQTT 3.1.1 instead. On every connect it subscribes (Q
 MQTT 5 shared subscriptions when a group is set) and runs ``on_connect`` for as long
 as that connection lasts.
 
-Each message goes to ``on_message`` and is acknowledged to the broker only when that
-returns (the message is buffered by then), not when paho reads it: so a clean
-shutdown loses nothing, and what was not yet taken is redelivered on the next session.
+Each message goes to ``on_message`` with a *settle* callback, and a QoS 1 message is
+acknowledged to the broker (PUBACK) only once the ingest settles it: after the database
+transaction that stored it, found it a duplicate or refused it for good has committed,
+or at once when it is rejected before it is buffered. paho's own acknowledgement on
+receipt is switched off (manual acks). A retained message (sent again on every
+subscribe) is acknowledged at once. PUBACKs go out in the order the messages came
+(MQTT 3.1.1 and 5, section 4.6), each on the connection that received its message:
+what a lost connection (or a killed controller) did not acknowledge, the broker sends
+again to the persistent session, and ingest finds it a duplicate if it was stored.
+
+A broker sends a client only so many unacknowledged messages at a time: on MQTT 5 the
+session asks for :data:`RECEIVE_MAXIMUM` (a broker may grant fewer); on MQTT 3.1.1 the
+broker decides (Mosquitto: ``max_inflight_messages``, 20 by default). So a small window
+does not throttle ingest, the batch writer writes early once a few messages wait for
+their acknowledgement (:data:`fleet.link.writer.FLUSH_AT_UNSETTLED`).
 """
 
 from __future__ import annotations
@@ -19,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
+from collections import deque
 from collections.abc import Callable, Coroutine
 from typing import Any
 from urllib.parse import urlsplit
@@ -33,17 +46,76 @@ from fleet.link.backoff import ReconnectPolicy
 from fleet.link.ingest import INGEST_CHANNELS
 from fleet.link.logs import RateLimitedLog
 from fleet.link.tasks import cancel, spawn
+from fleet.link.writer import Settle
 from models.topics import shared_subscription, subscription
 
-__all__ = ["SESSION_EXPIRY_S", "MqttSession", "OnMessage"]
+__all__ = ["RECEIVE_MAXIMUM", "SESSION_EXPIRY_S", "MqttSession", "OnMessage"]
 
 log = logging.getLogger(__name__)
 
 SESSION_EXPIRY_S = 7 * 24 * 3600  # MQTT 5: how long the broker keeps our session while away
+RECEIVE_MAXIMUM = 1000  # MQTT 5: unacknowledged QoS 1 messages the broker may send us at once
 _UNSUPPORTED_PROTOCOL = {1, 0x84}  # MQTT 3.1.1 and MQTT 5 "unsupported protocol version"
 _SHARED_NOT_SUPPORTED = {0x9E, 0x8F}  # MQTT 5 "shared subs not supported", "filter invalid"
 
-OnMessage = Callable[[str, Any, bool], None]  # (topic, payload, retained); must not raise
+# (topic, payload, retained, settle); must not raise. ``settle`` (None when the broker
+# awaits no acknowledgement) must be called once, on the event loop, when the message is
+# stored or will never be: only then is it acknowledged.
+OnMessage = Callable[[str, Any, bool, Settle | None], None]
+
+
+class _Pending:
+    __slots__ = ("mid", "qos", "settled")
+
+    def __init__(self, mid: int, qos: int) -> None:
+        self.mid = mid
+        self.qos = qos
+        self.settled = False
+
+
+class Acknowledger:
+    """The PUBACKs one connection owes, sent in the order their messages came.
+
+    ``ack`` is paho's ``Client.ack`` of that connection; after :meth:`close` (the
+    connection is gone) nothing more is sent: the broker redelivers what is left.
+    """
+
+    def __init__(self, ack: Callable[[int, int], object]) -> None:
+        self._ack = ack
+        self._pending: deque[_Pending] = deque()
+        self._open = True
+
+    @property
+    def waiting(self) -> int:
+        """Messages received and not yet acknowledged."""
+        return len(self._pending)
+
+    def expect(self, mid: int, qos: int) -> Settle:
+        """Owe a PUBACK for ``mid``: sent once the returned callback was called.
+
+        And once every message received before this one was acknowledged.
+        """
+        entry = _Pending(mid, qos)
+        self._pending.append(entry)
+
+        def settle() -> None:
+            entry.settled = True
+            self._send_settled()
+
+        return settle
+
+    def close(self) -> None:
+        self._open = False
+        self._pending.clear()
+
+    def _send_settled(self) -> None:
+        pending = self._pending
+        while self._open and pending and pending[0].settled:
+            entry = pending.popleft()
+            try:
+                self._ack(entry.mid, entry.qos)
+            except Exception:  # a connection going away; the broker redelivers
+                log.debug("acknowledging message %d failed", entry.mid, exc_info=True)
 
 
 def _is_unsupported_protocol(exc: aiomqtt.MqttError) -> bool:
@@ -141,6 +213,7 @@ class MqttSession:
         if self._protocol is aiomqtt.ProtocolVersion.V5:
             properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
             properties.SessionExpiryInterval = SESSION_EXPIRY_S
+            properties.ReceiveMaximum = RECEIVE_MAXIMUM
             client = aiomqtt.Client(
                 **common,
                 protocol=aiomqtt.ProtocolVersion.V5,
@@ -151,8 +224,8 @@ class MqttSession:
             client = aiomqtt.Client(
                 **common, protocol=aiomqtt.ProtocolVersion.V311, clean_session=False
             )
-        # Acknowledge a message only once it is buffered: aiomqtt has no switch for
-        # this, paho (its engine) does. See the module docstring for why.
+        # Acknowledge a message only once it is stored: aiomqtt has no switch for this,
+        # paho (its engine) does. See the module docstring for why.
         client._client.manual_ack_set(True)
         return client
 
@@ -230,13 +303,18 @@ class MqttSession:
             ", shared subscriptions" if self.shared else "",
         )
         on_connect = spawn(self._on_connect(), "on-connect")
-        paho = client._client  # for manual acknowledgements
+        acks = Acknowledger(client._client.ack)  # paho's manual acknowledgements
         try:
             async for message in messages:
-                self._on_message(message.topic.value, message.payload, message.retain)
+                settle: Settle | None = None
                 if message.qos:
-                    paho.ack(message.mid, message.qos)
+                    settle = acks.expect(message.mid, message.qos)
+                    if message.retain:  # sent again on every subscribe: acknowledge it now
+                        settle()
+                        settle = None
+                self._on_message(message.topic.value, message.payload, message.retain, settle)
         finally:
+            acks.close()
             failure = await cancel(on_connect)
             if failure is not None:
                 log.warning("the on-connect work of the session failed: %s", failure)

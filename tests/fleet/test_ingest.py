@@ -2,18 +2,28 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
 from sqlmodel import Session, SQLModel, select
 
+from fleet.config import FleetSettings
 from fleet.db import make_engine
+from fleet.errors import DatabaseUnavailable
 from fleet.link import store
 from fleet.link.ingest import Accepted, Reason, Rejection, parse
+from fleet.link.logs import RateLimitedLog
 from fleet.link.passwords import hash_password
+from fleet.link.router import IngestRouter
+from fleet.link.session import Acknowledger
+from fleet.link.writer import BatchWriter
 from fleet.tables import Device, EventRow, TelemetryRow, as_utc
 from models.topics import Channel
 from models.wire import (
@@ -26,10 +36,12 @@ from models.wire import (
     WireModel,
     encode,
 )
+from tests.polling import eventually, in_time
 
 A = "dev-aaa"
 B = "dev-bbb"
 NOW = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
+log = logging.getLogger(__name__)
 
 
 def uid() -> str:
@@ -286,3 +298,162 @@ def test_desired_and_credentials_reads(engine: sa.Engine) -> None:
     assert store.load_desired(engine) == [(A, {"device_id": A, "version": 1})]
     revoked = {c.device_id: c.revoked for c in store.load_credentials(engine)}
     assert revoked == {A: False, B: True}
+
+
+# --- acknowledging only what is stored ------------------------------------------------------
+
+
+class Acks:
+    """What a fake paho client was asked to acknowledge, and what the database held then."""
+
+    def __init__(self, engine: sa.Engine) -> None:
+        self.engine = engine
+        self.sent: list[int] = []
+        self.events_stored_then: list[int] = []
+        self.acknowledger = Acknowledger(self.ack)
+
+    def ack(self, mid: int, qos: int) -> None:
+        assert qos == 1
+        self.sent.append(mid)
+        self.events_stored_then.append(count(self.engine, EventRow))  # another connection
+
+
+def writer_for(engine: sa.Engine, rejected: list[Rejection] | None = None) -> BatchWriter:
+    return BatchWriter(
+        engine,
+        batch_rows=500,
+        flush_s=0.001,
+        retry_delay=lambda _attempt: 0.0,
+        reject=(rejected if rejected is not None else []).append,
+        warn=lambda *_args: None,
+    )
+
+
+def run_writer(scenario: Callable[[BatchWriter], Awaitable[None]], engine: sa.Engine) -> None:
+    async def main() -> None:
+        writer = writer_for(engine)
+        flusher = asyncio.create_task(writer.run())
+        try:
+            await scenario(writer)
+        finally:
+            writer.close(0.0)
+            await in_time(flusher, "the writer to stop")
+            writer.shutdown()
+
+    asyncio.run(main())
+
+
+def test_no_message_is_acknowledged_before_the_write_that_stores_it_commits(
+    engine: sa.Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    acks = Acks(engine)
+    writing, release = threading.Event(), threading.Event()
+    real_write = store.write_batch
+
+    def held_write(*args: Any) -> store.WriteResult:
+        writing.set()
+        release.wait(60)  # a safety net only: the test releases it
+        return real_write(*args)
+
+    monkeypatch.setattr(store, "write_batch", held_write)
+
+    async def scenario(writer: BatchWriter) -> None:
+        for mid in (1, 2):
+            writer.add(accept(event(), "events"), acks.acknowledger.expect(mid, 1))
+        await in_time(asyncio.to_thread(writing.wait, 60), "the write to start")
+        assert acks.sent == []  # taken, written in a transaction not yet committed
+        assert writer.backlog == 2
+        release.set()
+        await eventually(lambda: acks.sent == [1, 2], "both acknowledged")
+
+    run_writer(scenario, engine)
+    assert acks.events_stored_then == [2, 2]  # each PUBACK went out after the commit
+
+
+def test_a_write_retried_while_the_database_is_down_acknowledges_after_the_retry(
+    engine: sa.Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    acks = Acks(engine)
+    attempts: list[list[int]] = []  # what was acknowledged when each attempt began
+    down = threading.Event()
+    down.set()
+    real_write = store.write_batch
+
+    def flaky_write(*args: Any) -> store.WriteResult:
+        attempts.append(list(acks.sent))
+        if down.is_set():
+            raise DatabaseUnavailable("database unavailable: connection refused")
+        return real_write(*args)
+
+    monkeypatch.setattr(store, "write_batch", flaky_write)
+
+    async def scenario(writer: BatchWriter) -> None:
+        writer.add(accept(event(), "events"), acks.acknowledger.expect(7, 1))
+        await eventually(lambda: len(attempts) >= 3, "the write retried")
+        assert acks.sent == []
+        assert count(engine, EventRow) == 0
+        down.clear()
+        await eventually(lambda: acks.sent == [7], "acknowledged after the retry")
+        assert writer.db_retries >= 3
+
+    run_writer(scenario, engine)
+    assert all(sent == [] for sent in attempts)  # nothing before the write that succeeded
+    assert acks.events_stored_then == [1]
+
+
+def test_duplicates_and_messages_refused_for_good_are_acknowledged_after_their_write(
+    engine: sa.Engine,
+) -> None:
+    acks = Acks(engine)
+    stored = accept(event(), "events")
+
+    async def scenario(writer: BatchWriter) -> None:
+        writer.add(stored, acks.acknowledger.expect(1, 1))
+        await eventually(lambda: acks.sent == [1], "the first copy acknowledged")
+        writer.add(stored, acks.acknowledger.expect(2, 1))  # redelivered: a duplicate
+        await eventually(lambda: acks.sent == [1, 2], "the duplicate acknowledged")
+        assert writer.duplicates == 1
+
+    run_writer(scenario, engine)
+
+
+def test_acknowledgements_go_out_in_the_order_the_messages_came(engine: sa.Engine) -> None:
+    acks = Acks(engine)
+    first = acks.acknowledger.expect(1, 1)
+    second = acks.acknowledger.expect(2, 1)
+    third = acks.acknowledger.expect(3, 1)
+    second()
+    third()
+    assert acks.sent == []  # 1 is not settled yet: MQTT wants PUBACKs in order
+    first()
+    assert acks.sent == [1, 2, 3]
+    late = acks.acknowledger.expect(4, 1)
+    acks.acknowledger.close()  # the connection is gone: the broker redelivers 4
+    late()
+    assert acks.sent == [1, 2, 3]
+    assert acks.acknowledger.waiting == 0
+
+
+def test_the_router_acknowledges_rejections_at_once_and_parked_messages_once_stored(
+    engine: sa.Engine, settings: FleetSettings
+) -> None:
+    acks = Acks(engine)
+
+    async def scenario() -> None:
+        router = IngestRouter(
+            engine, settings, retry_delay=lambda _attempt: 0.0, warn=RateLimitedLog(log, 10)
+        )
+        async with router:
+            # B is not in the directory yet: parked until it is re-read (at once).
+            router.handle(
+                topic(B, "events"), encode(event(B)), False, acks.acknowledger.expect(1, 1)
+            )
+            router.handle(topic(A, "events"), b"{not json", False, acks.acknowledger.expect(2, 1))
+            assert acks.sent == []  # the rejection waits for the parked message before it
+            await eventually(lambda: acks.sent == [1, 2], "the parked message stored")
+            assert acks.events_stored_then == [1, 1]
+            router.handle(topic(A, "events"), b"", False, acks.acknowledger.expect(3, 1))
+            assert acks.sent == [1, 2, 3]  # nothing buffered: nothing to wait for
+            assert router.rejected == {Reason.INVALID.value: 2}
+
+    asyncio.run(scenario())

@@ -7,15 +7,17 @@ deadline; nothing sleeps a fixed time hoping something happened.
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 import sqlite3
 import subprocess
 import sys
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import AsyncExitStack, contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import aiomqtt
@@ -29,7 +31,10 @@ from fleet.db import make_engine
 from fleet.errors import BrokerUnavailable, ConfigError
 from fleet.link import DeviceLink, ReconnectPolicy
 from fleet.link.embedded import EmbeddedBroker
+from fleet.link.logs import RateLimitedLog
 from fleet.link.passwords import hash_password
+from fleet.link.session import MqttSession
+from fleet.link.writer import Settle
 from fleet.tables import Device, EventRow, TelemetryRow
 from models.director import DirectorKeys, sign_desired, verify_desired
 from models.wire import (
@@ -47,7 +52,7 @@ from models.wire import (
     utc_now,
 )
 from scripts.servers import MosquittoBroker, free_port
-from tests.polling import eventually
+from tests.polling import eventually, in_time
 
 A = "dev-aaa"
 B = "dev-bbb"
@@ -648,6 +653,100 @@ def test_an_mqtt_311_only_broker_gets_plain_subscriptions(
                 await until(lambda: link.status().stored == 2, "stored")
 
         asyncio.run(scenario())
+
+
+# --- acknowledgements -----------------------------------------------------------------------
+
+
+class FakePaho:
+    """paho's side of a fake connection: the PUBACKs the session sends."""
+
+    def __init__(self) -> None:
+        self.acked: list[tuple[int, int]] = []
+
+    def ack(self, mid: int, qos: int) -> int:
+        self.acked.append((mid, qos))
+        return 0
+
+
+class FakeConnection:
+    """Just enough of an ``aiomqtt.Client`` for ``MqttSession._run``: messages, then a hang-up."""
+
+    def __init__(self, messages: list[SimpleNamespace]) -> None:
+        self._client = FakePaho()
+        self._queue = messages
+        self.hang_up = asyncio.Event()
+        self.delivered = asyncio.Event()
+
+    async def subscribe(self, filters: list[tuple[str, int]]) -> list[int]:
+        return [1 for _ in filters]
+
+    @property
+    def messages(self) -> AsyncIterator[SimpleNamespace]:
+        async def stream() -> AsyncIterator[SimpleNamespace]:
+            for message in self._queue:
+                yield message
+            self.delivered.set()
+            await self.hang_up.wait()
+
+        return stream()
+
+
+def message(mid: int, qos: int = 1, *, retain: bool = False) -> SimpleNamespace:
+    return SimpleNamespace(
+        topic=SimpleNamespace(value=topic(A, "events")),
+        payload=b"{}",
+        retain=retain,
+        qos=qos,
+        mid=mid,
+    )
+
+
+def test_the_session_acknowledges_a_message_only_once_ingest_settles_it(tmp_path: Path) -> None:
+    """No PUBACK when ``on_message`` returns: only once the message is settled, in order."""
+    settles: dict[int, Settle | None] = {}
+
+    def on_message(_topic: str, _payload: Any, _retained: bool, settle: Settle | None) -> None:
+        settles[len(settles) + 1] = settle
+
+    async def nothing() -> None:
+        return None
+
+    connection = FakeConnection(
+        [message(1), message(2, retain=True), message(3, qos=0), message(4), message(5)]
+    )
+    session = MqttSession(
+        FleetSettings(data_dir=tmp_path / "data"),
+        broker_url="mqtt://broker.test:1883",
+        password="x",
+        mqtt5=False,
+        reconnect=ReconnectPolicy(),
+        on_message=on_message,
+        on_connect=nothing,
+        warn=RateLimitedLog(logging.getLogger(__name__), 10),
+    )
+
+    async def scenario() -> None:
+        run = asyncio.create_task(session._run(connection))  # type: ignore[arg-type]
+        await in_time(connection.delivered.wait(), "every message handed to ingest")
+        acked = connection._client.acked
+        assert acked == []  # handed in, buffered at most: not stored
+        assert settles[2] is None  # retained: sent again on every subscribe
+        assert settles[3] is None  # QoS 0: no acknowledgement at all
+        settle_1, settle_4, settle_5 = settles[1], settles[4], settles[5]
+        assert settle_1 is not None
+        assert settle_4 is not None
+        assert settle_5 is not None
+        settle_4()
+        assert acked == []  # message 1 came first: its PUBACK goes first
+        settle_1()
+        assert acked == [(1, 1), (2, 1), (4, 1)]  # the retained copy's was owed since it came
+        connection.hang_up.set()
+        await in_time(run, "the session's run to end")
+        settle_5()  # stored after the connection was lost: the broker sends it again
+        assert acked == [(1, 1), (2, 1), (4, 1)]
+
+    asyncio.run(scenario())
 
 
 # --- the database going away ------------------------------------------------------------

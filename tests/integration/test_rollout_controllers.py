@@ -432,12 +432,6 @@ def test_a_controller_killed_mid_rollout_resumes_with_no_stage_skipped_or_repeat
         db.dispose()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: fleet/link/session.py MqttSession._run acknowledges (PUBACK) a device's "
-    "message once it is buffered in memory, not once stored; a SIGKILL loses the buffered "
-    "update_healthy event, and the rollout engine times the updated device out",
-)
 def test_an_update_event_a_killed_controller_had_acknowledged_still_counts(
     tmp_path: Path, broker: MosquittoBroker
 ) -> None:
