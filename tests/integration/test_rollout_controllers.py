@@ -6,10 +6,10 @@ and writes the rollout's row only at the revision it read, after taking it with
 again resumes with no stage skipped or repeated, and two controllers stepping the same
 rollout never advance a stage twice. These tests run the real thing: ``edgefleet serve``
 processes, a real Mosquitto and simulated devices that update like agents; the last one
-drives two engines from two threads at one PostgreSQL database, without devices. Two
-``xfail`` tests show what the link (not the engine) loses on the way: a device event
-acknowledged by a controller that is then killed, and a device's newest report when
-replicas share ingest.
+drives two engines from two threads at one PostgreSQL database, without devices. A
+device event held by a controller that is then killed still counts (the controller
+acknowledges a message only once it is stored); an ``xfail`` test shows what the link
+still loses when replicas share ingest: a device's newest report.
 
 What is checked is read from the database: the audit log (``rollout.stage_started``,
 ``rollout.stage_installed``, ``rollout.completed``), ``rollout_devices``, the devices'
@@ -435,13 +435,12 @@ def test_a_controller_killed_mid_rollout_resumes_with_no_stage_skipped_or_repeat
 def test_an_update_event_a_killed_controller_had_acknowledged_still_counts(
     tmp_path: Path, broker: MosquittoBroker
 ) -> None:
-    """A device's ``update_healthy``, acknowledged to the broker and then lost with a SIGKILL.
+    """A device's ``update_healthy``, buffered by a controller that is then SIGKILLed.
 
-    The controller acknowledges a device's message once it is buffered for the database,
-    not once it is stored (``fleet/link/session.py``; docs/broker.md says a crash loses
-    up to ``ingest_flush_ms`` of messages). The broker never sends it again and the
-    device, acknowledged, never resends it; the rollout engine needs that event to count
-    the device updated. Here the buffer is held for 60 s (``ingest_flush_ms``) so the
+    The controller acknowledges a device's message only once it is stored
+    (``fleet/link/session.py``, docs/broker.md), so the broker sends the unacknowledged
+    event again to the next controller, and the rollout engine, which needs it to count
+    the device updated, sees it. The buffer is held for 60 s (``ingest_flush_ms``) so the
     kill lands inside it every time; by default the window is 200 ms plus a write.
     """
     database_url = f"sqlite:///{tmp_path / 'fleet.db'}"
