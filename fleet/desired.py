@@ -26,7 +26,7 @@ from functools import partial
 from typing import Protocol
 
 from pydantic import JsonValue, ValidationError
-from sqlalchemy import Engine, update
+from sqlalchemy import Engine, bindparam, update
 from sqlmodel import Session, col, select
 from starlette.concurrency import run_in_threadpool
 
@@ -51,6 +51,7 @@ __all__ = [
     "report_of",
     "resolve_models",
     "store_desired",
+    "store_desired_many",
 ]
 
 log = logging.getLogger(__name__)
@@ -200,6 +201,62 @@ def store_desired(
     return state
 
 
+def store_desired_many(
+    session: Session,
+    wanted: Sequence[tuple[str, list[DesiredModel], DesiredExtras]],
+    now: datetime,
+) -> list[DesiredState]:
+    """:func:`store_desired` for many devices at once, in a few statements per 500.
+
+    A 100% rollout stage gives thousands of devices their next state in one step; one
+    statement per device would hold the database for seconds. Rows are locked and written
+    in device id order, the one order every bulk writer of devices uses. A revoked
+    device is left out, so the result may be shorter than ``wanted``.
+    """
+    asked = {device_id: (models, extras) for device_id, models, extras in wanted}
+    table = Device.__table__  # type: ignore[attr-defined]
+    conn = session.connection()
+    states: list[DesiredState] = []
+    for chunk in _chunks(sorted(asked)):
+        conn.execute(
+            select(table.c.id)
+            .where(table.c.id.in_(chunk))
+            .order_by(table.c.id)
+            .with_for_update(key_share=True)
+        ).all()
+        bumped = conn.execute(
+            update(table)
+            .where(table.c.id.in_(chunk), table.c.revoked_at.is_(None))
+            .values(desired_version=table.c.desired_version + 1)
+            .returning(table.c.id, table.c.desired_version)
+        ).all()
+        for device_id, version in sorted(bumped):
+            models, extras = asked[device_id]
+            states.append(
+                DesiredState(
+                    device_id=device_id,
+                    version=version,
+                    issued_at=now,
+                    expires=now + DESIRED_LIFETIME,
+                    models=models,
+                    config=extras.config,
+                    fallback=extras.fallback,
+                )
+            )
+    if states:
+        conn.execute(
+            update(table)
+            .where(table.c.id == bindparam("b_id"))
+            .values(desired=bindparam("b_desired")),
+            [{"b_id": s.device_id, "b_desired": s.model_dump(mode="json")} for s in states],
+        )
+    return states
+
+
+def _chunks(items: Sequence[str], size: int = 500) -> list[Sequence[str]]:
+    return [items[i : i + size] for i in range(0, len(items), size)]
+
+
 def _store_for_device(
     engine: Engine, device_id: str, wanted: WantedState, now: datetime
 ) -> DesiredState:
@@ -222,12 +279,10 @@ def _store_for_group(
             .where(col(Device.group) == group, col(Device.revoked_at).is_(None))
             .order_by(col(Device.id))
         ).all()
-        states = [
-            store_desired(
-                session, d.id, resolve_models(session, wanted.models, report_of(d)), wanted, now
-            )
-            for d in devices
+        wanted_by_device = [
+            (d.id, resolve_models(session, wanted.models, report_of(d)), wanted) for d in devices
         ]
+        states = store_desired_many(session, wanted_by_device, now)
         session.commit()
         return states
 
@@ -243,9 +298,7 @@ def _store_renewals(engine: Engine, now: datetime) -> list[DesiredState]:
             for device in devices
             if (current := desired_of(device)) is not None and due_for_renewal(current, now)
         ]
-        renewed = [
-            store_desired(session, device_id, list(s.models), s, now) for device_id, s in due
-        ]
+        renewed = store_desired_many(session, [(d, list(s.models), s) for d, s in due], now)
         session.commit()
         return renewed
 
@@ -289,8 +342,7 @@ class DesiredStates:
         """Re-issue and publish the desired states close to expiry; how many were renewed."""
         async with self._lock:
             renewed = await run_in_threadpool(_store_renewals, self._engine, self._clock())
-            for state in renewed:
-                await self._publish(state)
+            await self._publish_many(renewed)
         return len(renewed)
 
     async def _publish_many(self, states: Sequence[DesiredState]) -> list[Delivery]:

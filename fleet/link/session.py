@@ -53,6 +53,8 @@ __all__ = ["RECEIVE_MAXIMUM", "SESSION_EXPIRY_S", "MqttSession", "OnMessage"]
 
 log = logging.getLogger(__name__)
 
+PENDING_CALLS_WARN = 256  # publishes in flight before aiomqtt logs that the broker lags
+
 SESSION_EXPIRY_S = 7 * 24 * 3600  # MQTT 5: how long the broker keeps our session while away
 RECEIVE_MAXIMUM = 1000  # MQTT 5: unacknowledged QoS 1 messages the broker may send us at once
 _UNSUPPORTED_PROTOCOL = {1, 0x84}  # MQTT 3.1.1 and MQTT 5 "unsupported protocol version"
@@ -227,6 +229,9 @@ class MqttSession:
         # Acknowledge a message only once it is stored: aiomqtt has no switch for this,
         # paho (its engine) does. See the module docstring for why.
         client._client.manual_ack_set(True)
+        # Publishing one change to thousands of devices keeps 64 publishes in flight
+        # (fleet.desired, fleet.link.publish) by design; aiomqtt warns above 10.
+        client.pending_calls_threshold = PENDING_CALLS_WARN
         return client
 
     async def _loop(self) -> None:

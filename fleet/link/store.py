@@ -201,11 +201,13 @@ def _write(
         new_events = conn.execute(stmt, list(events.values())).all()
         result.stored += len(new_events)
         result.duplicates += len(events) - len(new_events)
+    # Device rows are written in id order, as every bulk writer of devices does, so two
+    # transactions never wait on each other's rows in opposite orders (a deadlock).
     if presence:
-        conn.execute(_SET_PRESENCE, list(presence.values()))
+        conn.execute(_SET_PRESENCE, [presence[d] for d in sorted(presence)])
     live_reports: list[dict[str, Any]] = []
     retained_reports: list[dict[str, Any]] = []
-    for device_id, (state, live) in reported.items():
+    for device_id, (state, live) in sorted(reported.items()):
         params = {
             "b_id": device_id,
             "b_reported": state.model_dump(mode="json", exclude_none=True),

@@ -19,7 +19,7 @@ from sqlalchemy import update
 from sqlmodel import Session, col, select
 
 from fleet.audit import ENGINE, record
-from fleet.desired import desired_of, report_of, store_desired
+from fleet.desired import desired_of, report_of, store_desired_many
 from fleet.errors import InvalidInput
 from fleet.registry.targets import target_path
 from fleet.rollout.change import Change, ModelChange
@@ -100,7 +100,8 @@ class Step:
         self.spec = RolloutSpec.model_validate(row.spec)
         self.change = change_of(self.spec)
         self.updates: dict[str, Any] = {}
-        self.states: list[DesiredState] = []
+        self.states: list[DesiredState] = []  # stored by write(); published after the commit
+        self._stores: dict[str, tuple[RolloutDevice, list[DesiredModel]]] = {}
         self.members = list(
             session.exec(select(RolloutDevice).where(col(RolloutDevice.rollout_id) == row.id)).all()
         )
@@ -143,16 +144,24 @@ class Step:
         member.since = self.now
         self.session.add(member)
 
-    def _store(self, member: RolloutDevice, models: list[DesiredModel]) -> DesiredState | None:
+    def _store(self, member: RolloutDevice, models: list[DesiredModel]) -> bool:
+        """Queue the device's next desired models; :meth:`write` stores them all at once."""
         device = self.devices.get(member.device_id)
         if device is None or device.revoked_at is not None:
-            return None
-        current = desired_of(device)
-        state = store_desired(self.session, device.id, models, current or _NO_EXTRAS, self.now)
-        device.desired = state.model_dump(mode="json")  # later reads in this step see it
-        device.desired_version = state.version
-        self.states.append(state)
-        return state
+            return False
+        self._stores[device.id] = (member, models)
+        return True
+
+    def _store_queued(self) -> None:
+        wanted = [
+            (device_id, models, desired_of(self.devices[device_id]) or _NO_EXTRAS)
+            for device_id, (_member, models) in self._stores.items()
+        ]
+        self.states = store_desired_many(self.session, wanted, self.now)
+        versions = {state.device_id: state.version for state in self.states}
+        for device_id, (member, _models) in self._stores.items():
+            member.desired_version = versions.get(device_id)
+            self.session.add(member)
 
     def _current_models(self, member: RolloutDevice) -> list[DesiredModel]:
         """The device's desired models; with none set yet, what it reports serving.
@@ -160,6 +169,8 @@ class Step:
         A device that never had a desired state runs its local configuration; its first
         one must keep the models the rollout does not change, not drop them.
         """
+        if member.device_id in self._stores:
+            return list(self._stores[member.device_id][1])
         device = self.devices.get(member.device_id)
         current = desired_of(device) if device is not None else None
         if current is not None:
@@ -278,10 +289,7 @@ class Step:
         for member in self.members:
             if member.state not in CHANGED:
                 continue
-            models = self.change.restore(self._current_models(member), member.previous)
-            state = self._store(member, models)
-            if state is not None:
-                member.desired_version = state.version
+            self._store(member, self.change.restore(self._current_models(member), member.previous))
             previous = (member.previous or {}).get("version") or "nothing (the model removed)"
             self.move(member, DeviceState.ROLLED_BACK, f"rollout aborted: restored {previous}")
             restored.append(member.device_id)
@@ -341,16 +349,14 @@ class Step:
         member.previous = captured or _previous_from_reported(
             self.session, self._reported(member), entry.name
         )
-        state = self._store(member, self.change.apply(self._current_models(member), entry))
-        if state is None:
+        if not self._store(member, self.change.apply(self._current_models(member), entry)):
             self.move(member, DeviceState.INELIGIBLE, "revoked during the rollout")
             return
-        member.desired_version = state.version
         member.issued_at = self.now
         if self._serves(member, entry):
             self.move(member, DeviceState.UPDATED, "already served the new version")
         else:
-            self.move(member, DeviceState.UPDATING, f"desired state {state.version} issued")
+            self.move(member, DeviceState.UPDATING, "its desired state names the new version")
 
     def _installs_done(self) -> bool:
         """Every device the stage should have released was, and each one is final."""
@@ -487,7 +493,12 @@ class Step:
             )
 
     def write(self) -> bool:
-        """Write the rollout row at the revision read; False when another writer won."""
+        """Store the queued desired states, then the rollout row at the revision read.
+
+        False when another writer moved the rollout first: the caller rolls back.
+        """
+        if self._stores:
+            self._store_queued()
         values = {**self.updates, "revision": self.row.revision + 1, "updated_at": self.now}
         written = self.session.exec(
             update(Rollout)
