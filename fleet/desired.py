@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from functools import partial
@@ -48,6 +48,7 @@ __all__ = [
     "WantedState",
     "desired_of",
     "due_for_renewal",
+    "registered_rows",
     "report_of",
     "resolve_models",
     "store_desired",
@@ -116,18 +117,20 @@ def due_for_renewal(state: DesiredState, now: datetime) -> bool:
 
 
 def resolve_models(
-    session: Session, wanted: Sequence[WantedModel], report: DeviceReport | None = None
+    session: Session,
+    wanted: Sequence[WantedModel],
+    report: DeviceReport | None = None,
+    registered: Mapping[str, Sequence[ModelArtifact]] | None = None,
 ) -> list[DesiredModel]:
     """The wire models for ``wanted``: registered models get their signed target.
 
     A version with several variants and none named gets the one that best fits the
-    device's ``report`` (docs/variants.md); ``Conflict`` when none fits.
+    device's ``report`` (docs/variants.md); ``Conflict`` when none fits. ``registered``
+    (from :func:`registered_rows`) saves the registry queries when resolving for many.
     """
     resolved = []
     for model in wanted:
-        rows = session.exec(
-            select(ModelArtifact).where(col(ModelArtifact.name) == model.name)
-        ).all()
+        rows = (registered or registered_rows(session, [model]))[model.name]
         if not rows:
             if model.variant is not None:
                 raise NotFound(f"model {model.name!r} is not in the registry")
@@ -141,6 +144,18 @@ def resolve_models(
         )
         resolved.append(DesiredModel(name=row.name, version=row.version, target=target))
     return resolved
+
+
+def registered_rows(
+    session: Session, wanted: Sequence[WantedModel]
+) -> dict[str, Sequence[ModelArtifact]]:
+    """Every registry row of each wanted model, by name."""
+    return {
+        model.name: session.exec(
+            select(ModelArtifact).where(col(ModelArtifact.name) == model.name)
+        ).all()
+        for model in wanted
+    }
 
 
 def _best_fit(report: DeviceReport | None, rows: Sequence[ModelArtifact]) -> ModelArtifact:
@@ -279,8 +294,10 @@ def _store_for_group(
             .where(col(Device.group) == group, col(Device.revoked_at).is_(None))
             .order_by(col(Device.id))
         ).all()
+        rows = registered_rows(session, wanted.models)
         wanted_by_device = [
-            (d.id, resolve_models(session, wanted.models, report_of(d)), wanted) for d in devices
+            (d.id, resolve_models(session, wanted.models, report_of(d), rows), wanted)
+            for d in devices
         ]
         states = store_desired_many(session, wanted_by_device, now)
         session.commit()

@@ -49,7 +49,14 @@ from fleet.link.tasks import cancel, spawn
 from fleet.link.writer import Settle
 from models.topics import shared_subscription, subscription
 
-__all__ = ["RECEIVE_MAXIMUM", "SESSION_EXPIRY_S", "MqttSession", "OnMessage"]
+__all__ = [
+    "PENDING_CALLS_WARN",
+    "RECEIVE_MAXIMUM",
+    "SESSION_EXPIRY_S",
+    "Acknowledger",
+    "MqttSession",
+    "OnMessage",
+]
 
 log = logging.getLogger(__name__)
 

@@ -61,6 +61,7 @@ def test_every_router_module_exports_just_its_router() -> None:
         "enroll",
         "groups",
         "models",
+        "rollouts",
         "status",
         "telemetry",
         "tokens",
