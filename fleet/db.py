@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,17 +30,27 @@ from fleet.errors import ConfigError, DatabaseUnavailable
 from fleet.files import private_file
 
 __all__ = [
+    "IN_CHUNK",
     "SQLITE_BUSY_TIMEOUT_MS",
     "SQLITE_SIDE_FILES",
     "alembic_config",
     "current_revision",
     "head_revision",
+    "in_chunks",
     "make_engine",
     "migrate",
     "ping",
 ]
 
 log = logging.getLogger(__name__)
+
+IN_CHUNK = 500  # values per SQL IN list: well under every driver's parameter limit
+
+
+def in_chunks(items: Sequence[str], size: int = IN_CHUNK) -> list[Sequence[str]]:
+    """``items`` cut into IN lists a statement can take, in order."""
+    return [items[i : i + size] for i in range(0, len(items), size)]
+
 
 SQLITE_BUSY_TIMEOUT_MS = 10_000  # how long a writer waits for the lock before failing
 SQLITE_SIDE_FILES = ("-wal", "-shm", "-journal")  # what SQLite may add beside the database

@@ -30,6 +30,7 @@ from sqlalchemy import Engine, bindparam, update
 from sqlmodel import Session, col, select
 from starlette.concurrency import run_in_threadpool
 
+from fleet.db import in_chunks
 from fleet.errors import BrokerUnavailable, Conflict, NotFound
 from fleet.link.port import LinkPort
 from fleet.registry.select import choose_artifact
@@ -232,7 +233,7 @@ def store_desired_many(
     table = Device.__table__  # type: ignore[attr-defined]
     conn = session.connection()
     states: list[DesiredState] = []
-    for chunk in _chunks(sorted(asked)):
+    for chunk in in_chunks(sorted(asked)):
         conn.execute(
             select(table.c.id)
             .where(table.c.id.in_(chunk))
@@ -266,10 +267,6 @@ def store_desired_many(
             [{"b_id": s.device_id, "b_desired": s.model_dump(mode="json")} for s in states],
         )
     return states
-
-
-def _chunks(items: Sequence[str], size: int = 500) -> list[Sequence[str]]:
-    return [items[i : i + size] for i in range(0, len(items), size)]
 
 
 def _store_for_device(

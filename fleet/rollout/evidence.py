@@ -15,6 +15,7 @@ from datetime import datetime, timedelta
 
 from sqlmodel import Session, col, select
 
+from fleet.db import in_chunks
 from fleet.rollout.gates import Cohort, Sample
 from fleet.rollout.plan import DeviceState
 from fleet.rollout.spec import FailureKind
@@ -97,7 +98,7 @@ def gather(
             return None
         return rest if ts >= now - window else None
 
-    for chunk in _chunks(ids, 500):
+    for chunk in in_chunks(ids):
         rows = session.exec(
             select(TelemetryRow).where(
                 col(TelemetryRow.device_id).in_(chunk), col(TelemetryRow.ts) >= start
@@ -142,7 +143,3 @@ def gather(
         control=rest.cohort(),
         per_device={d: (after[d].cohort(), before[d].cohort()) for d in updated},
     )
-
-
-def _chunks(items: Sequence[str], size: int) -> list[Sequence[str]]:
-    return [items[i : i + size] for i in range(0, len(items), size)]

@@ -19,6 +19,7 @@ from sqlalchemy import update
 from sqlmodel import Session, col, select
 
 from fleet.audit import ENGINE, record
+from fleet.db import in_chunks
 from fleet.desired import desired_of, report_of, store_desired_many
 from fleet.errors import InvalidInput
 from fleet.registry.targets import target_path
@@ -108,7 +109,7 @@ class Step:
         ids = [m.device_id for m in self.members]
         self.devices = {
             d.id: d
-            for chunk in _chunks(ids)
+            for chunk in in_chunks(ids)
             for d in session.exec(select(Device).where(col(Device.id).in_(chunk))).all()
         }
 
@@ -509,10 +510,6 @@ class Step:
         return written.rowcount == 1
 
 
-def _chunks(items: Sequence[str], size: int = 500) -> list[Sequence[str]]:
-    return [items[i : i + size] for i in range(0, len(items), size)]
-
-
 def _live_rows(session: Session, spec: RolloutSpec) -> list[ModelArtifact]:
     try:
         return live_artifacts(session, spec.change)
@@ -547,7 +544,7 @@ def busy_elsewhere(
 ) -> dict[str, str]:
     """Devices of ``device_ids`` that another live rollout of the same change holds."""
     busy: dict[str, str] = {}
-    for chunk in _chunks(device_ids):
+    for chunk in in_chunks(device_ids):
         rows = session.exec(
             select(RolloutDevice.device_id, Rollout.id)
             .join(Rollout, col(Rollout.id) == col(RolloutDevice.rollout_id))
@@ -569,7 +566,7 @@ def _update_events(session: Session, members: Sequence[RolloutDevice]) -> dict[s
     issued = [as_utc(m.issued_at) for m in members if m.issued_at is not None]
     since = min((t for t in issued if t is not None), default=None)
     found: dict[str, list[EventRow]] = {}
-    for chunk in _chunks([m.device_id for m in members]):
+    for chunk in in_chunks([m.device_id for m in members]):
         query = select(EventRow).where(
             col(EventRow.device_id).in_(chunk), col(EventRow.kind).in_(_UPDATE_EVENTS)
         )
