@@ -68,3 +68,16 @@ def engine(api: TestClient, link: FakeLink) -> Engine:
     """The running app's engine, for inserting rows the MQTT ingest would write."""
     assert link.engine is not None
     return link.engine
+
+
+@pytest.fixture
+def http(tmp_path: Path, link: FakeLink, clock: Clock) -> Iterator[TestClient]:
+    """An app's client (SQLite) that sends no credentials of its own: the CLI must add them."""
+    settings = FleetSettings(
+        data_dir=tmp_path / "data",
+        database_url=f"sqlite:///{tmp_path / 'fleet.db'}",
+        admin_token=SecretStr(ADMIN_TOKEN),
+        public_url="https://fleet.example.com",
+    )
+    with TestClient(create_app(settings, link.factory(), clock=clock)) as client:
+        yield client

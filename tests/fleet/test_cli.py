@@ -16,54 +16,16 @@ from typing import Annotated, Any
 
 import pytest
 import typer
-from click.testing import CliRunner, Result
 from fastapi.testclient import TestClient
-from pydantic import SecretStr
 from sqlmodel import Session
 from typer.core import TyperGroup
 
-from fleet.app import create_app
 from fleet.cli import app
-from fleet.config import FleetSettings
 from fleet.tables import EventRow
 from scripts.servers import free_port
 from tests.fakes.fleet_link import FakeLink
-from tests.fleet.helpers import ADMIN_TOKEN, Clock, DeviceKey
-
-runner = CliRunner()
-EDGEFLEET = typer.main.get_command(app)  # built once: typer builds it anew on every invoke
-
-
-@pytest.fixture
-def http(tmp_path: Path, link: FakeLink, clock: Clock) -> Iterator[TestClient]:
-    """An app's client that sends no credentials of its own: the CLI must add them."""
-    settings = FleetSettings(
-        data_dir=tmp_path / "data",
-        database_url=f"sqlite:///{tmp_path / 'fleet.db'}",
-        admin_token=SecretStr(ADMIN_TOKEN),
-        public_url="https://fleet.example.com",
-    )
-    with TestClient(create_app(settings, link.factory(), clock=clock)) as client:
-        yield client
-
-
-def cli(http: TestClient | None, *args: str, token: str | None = ADMIN_TOKEN) -> Result:
-    extra = ["--admin-token", token] if token else []
-    return runner.invoke(
-        EDGEFLEET, [*args, *extra], obj={"http": http} if http else None, catch_exceptions=False
-    )
-
-
-def ok(http: TestClient, *args: str) -> str:
-    result = cli(http, *args)
-    assert result.exit_code == 0, result.output
-    return result.output
-
-
-def enroll(http: TestClient, clock: Clock, secret: str) -> str:
-    response = http.post("/api/v1/enroll", json=DeviceKey().request(secret, clock.now))
-    assert response.status_code == 200, response.text
-    return str(response.json()["device_id"])
+from tests.fleet.cli_support import EDGEFLEET, cli, enroll, ok, runner
+from tests.fleet.helpers import ADMIN_TOKEN, Clock
 
 
 def test_tokens_create_prints_the_secret_and_the_agent_command(http: TestClient) -> None:

@@ -9,11 +9,9 @@ from sqlmodel import Session
 
 from fleet.tables import ModelArtifact
 from tests.fakes.fleet_link import FakeLink
+from tests.fleet.cli_support import cli, enroll, ok
 from tests.fleet.helpers import Clock
 from tests.fleet.rollout_world import GB, sha
-from tests.fleet.test_cli import cli, enroll, http, ok
-
-__all__ = ["http"]  # the fixture, shared with test_cli
 
 
 def fleet(http: TestClient, link: FakeLink, clock: Clock) -> list[str]:
