@@ -47,6 +47,7 @@ __all__ = [
     "DesiredStates",
     "WantedModel",
     "WantedState",
+    "desired_model_of",
     "desired_of",
     "due_for_renewal",
     "registered_rows",
@@ -138,13 +139,18 @@ def resolve_models(
             resolved.append(DesiredModel(name=model.name, version=model.version))
             continue
         row = choose_artifact(rows, model.version, model.variant, partial(_best_fit, report))
-        target = TargetRef(
-            path=target_path(row.name, row.version, row.variant, row.format),
-            length=row.size_bytes,
-            sha256=row.sha256,
-        )
-        resolved.append(DesiredModel(name=row.name, version=row.version, target=target))
+        resolved.append(desired_model_of(row))
     return resolved
+
+
+def desired_model_of(row: ModelArtifact) -> DesiredModel:
+    """A registered artifact as the desired model that sends a device its signed target."""
+    target = TargetRef(
+        path=target_path(row.name, row.version, row.variant, row.format),
+        length=row.size_bytes,
+        sha256=row.sha256,
+    )
+    return DesiredModel(name=row.name, version=row.version, target=target)
 
 
 def registered_rows(
@@ -188,33 +194,12 @@ def store_desired(
     Publish what it returns with :meth:`DesiredStates.apply`, which orders it with
     every other change.
     """
-    bumped = session.exec(
-        update(Device)
-        .where(col(Device.id) == device_id, col(Device.revoked_at).is_(None))
-        .values(desired_version=col(Device.desired_version) + 1)
-        .execution_options(synchronize_session=False)
-    )
-    if bumped.rowcount != 1:
+    stored = store_desired_many(session, [(device_id, models, wanted)], now)
+    if not stored:
         if session.get(Device, device_id) is None:
             raise NotFound(f"no device {device_id!r}")
         raise Conflict(f"device {device_id} is revoked")
-    version = session.exec(select(Device.desired_version).where(col(Device.id) == device_id)).one()
-    state = DesiredState(
-        device_id=device_id,
-        version=version,
-        issued_at=now,
-        expires=now + DESIRED_LIFETIME,
-        models=models,
-        config=wanted.config,
-        fallback=wanted.fallback,
-    )
-    session.exec(
-        update(Device)
-        .where(col(Device.id) == device_id)
-        .values(desired=state.model_dump(mode="json"))
-        .execution_options(synchronize_session=False)
-    )
-    return state
+    return stored[0]
 
 
 def store_desired_many(

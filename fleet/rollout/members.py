@@ -12,14 +12,13 @@ from dataclasses import dataclass
 
 from sqlmodel import Session, col, or_, select
 
-from fleet.desired import report_of
+from fleet.desired import desired_model_of, report_of
 from fleet.errors import InvalidInput
-from fleet.registry.targets import target_path
 from fleet.registry.variants import Chosen, candidate_of, choose_variant, normalise_arch
 from fleet.rollout.spec import FactFilter, ModelChangeSpec, Target
 from fleet.tables import Device, DeviceTag, Group, ModelArtifact
 from models.device import DeviceReport
-from models.wire import DesiredModel, TargetRef
+from models.wire import DesiredModel
 
 __all__ = [
     "Assignment",
@@ -132,10 +131,5 @@ def assign(artifacts: Sequence[ModelArtifact], report: DeviceReport | None) -> A
     if not isinstance(choice, Chosen):
         return Assignment(None, None, None, choice.summary)
     row = by_variant[choice.variant]
-    target = TargetRef(
-        path=target_path(row.name, row.version, row.variant, row.format),
-        length=row.size_bytes,
-        sha256=row.sha256,
-    )
-    entry = DesiredModel(name=row.name, version=row.version, target=target)
+    entry = desired_model_of(row)
     return Assignment(entry, row.variant, choice.placement, choice.reason)

@@ -20,9 +20,8 @@ from sqlmodel import Session, col, select
 
 from fleet.audit import ENGINE, record
 from fleet.db import in_chunks
-from fleet.desired import desired_of, report_of, store_desired_many
+from fleet.desired import desired_model_of, desired_of, report_of, store_desired_many
 from fleet.errors import InvalidInput
-from fleet.registry.targets import target_path
 from fleet.rollout.change import Change, ModelChange
 from fleet.rollout.evidence import Cohorts, gather
 from fleet.rollout.gates import check_gate
@@ -59,7 +58,6 @@ from models.wire import (
     DesiredState,
     EventKind,
     ReportedState,
-    TargetRef,
     runs_wanted,
 )
 
@@ -630,13 +628,7 @@ def _previous_from_reported(
                 )
             ).first()
             if row is not None:
-                target = TargetRef(
-                    path=target_path(row.name, row.version, row.variant, row.format),
-                    length=row.size_bytes,
-                    sha256=row.sha256,
-                )
-                entry = DesiredModel(name=name, version=row.version, target=target)
-                return entry.model_dump(mode="json")
+                return desired_model_of(row).model_dump(mode="json")
         if model.version is not None:
             return DesiredModel(name=name, version=model.version).model_dump(mode="json")
     return None

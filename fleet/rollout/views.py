@@ -7,6 +7,7 @@ from datetime import datetime
 from typing import Any
 
 from pydantic import BaseModel
+from sqlalchemy import func
 from sqlmodel import Session, col, select
 
 from fleet.rollout.plan import stage_names, stage_quotas
@@ -108,7 +109,7 @@ def _counts(members: list[RolloutDevice]) -> dict[str, int]:
     return dict(Counter(m.state for m in members))
 
 
-def _summary(row: Rollout, members: list[RolloutDevice]) -> RolloutSummary:
+def _summary(row: Rollout, devices: dict[str, int]) -> RolloutSummary:
     spec = RolloutSpec.model_validate(row.spec)
     names = stage_names(spec)
     return RolloutSummary(
@@ -121,7 +122,7 @@ def _summary(row: Rollout, members: list[RolloutDevice]) -> RolloutSummary:
         stage_name=names[min(row.stage, len(names) - 1)],
         stages=len(names),
         phase=row.phase,
-        devices=_counts(members),
+        devices=devices,
         reason=row.reason,
         created_by=row.created_by,
         created_at=as_utc(row.created_at) or row.created_at,
@@ -140,7 +141,16 @@ def rollout_summaries(session: Session, status: str | None = None) -> list[Rollo
     query = select(Rollout).order_by(col(Rollout.created_at).desc())
     if status is not None:
         query = query.where(col(Rollout.status) == status)
-    return [_summary(row, _members(session, row.id)) for row in session.exec(query).all()]
+    rows = session.exec(query).all()
+    counted = session.exec(
+        select(RolloutDevice.rollout_id, RolloutDevice.state, func.count())
+        .where(col(RolloutDevice.rollout_id).in_([row.id for row in rows]))
+        .group_by(col(RolloutDevice.rollout_id), col(RolloutDevice.state))
+    ).all()
+    counts: dict[str, dict[str, int]] = {}
+    for rollout_id, state, count in counted:
+        counts.setdefault(rollout_id, {})[state] = count
+    return [_summary(row, counts.get(row.id, {})) for row in rows]
 
 
 def audit_entries(session: Session, subject: str | None, limit: int = 200) -> list[AuditPublic]:
@@ -181,7 +191,7 @@ def rollout_detail(session: Session, row: Rollout, checks: int = 50) -> RolloutD
         .limit(checks)
     ).all()
     return RolloutDetail(
-        **_summary(row, members).model_dump(),
+        **_summary(row, _counts(members)).model_dump(),
         spec=row.spec,
         stage_progress=stages,
         failures=dict(Counter(m.failure for m in members if m.failure and m.state == "failed"))
