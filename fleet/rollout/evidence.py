@@ -77,7 +77,13 @@ def gather(
 ) -> Cohorts:
     """Read the three cohorts for a gate whose window is ``window_s`` seconds, ending now."""
     window = timedelta(seconds=window_s)
-    updated = {m.device_id: m for m in members if m.state == DeviceState.UPDATED}
+    # Every device that serves the new version, a device failed by a gate included:
+    # leaving it out would hide the regression from the next check of the same gate.
+    updated = {
+        m.device_id: m
+        for m in members
+        if m.state == DeviceState.UPDATED or m.failure == FailureKind.GATE_FAILED
+    }
     control = {m.device_id for m in members if m.state in (DeviceState.PENDING, DeviceState.QUEUED)}
     issued = [as_utc(m.issued_at) for m in updated.values() if m.issued_at is not None]
     start = min([now - window, *[t - window for t in issued if t is not None]])

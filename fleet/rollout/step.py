@@ -485,6 +485,8 @@ class Step:
             if result.verdict != "fail":
                 continue
             member = next(m for m in self.members if m.device_id == device_id)
+            if member.state != DeviceState.UPDATED:
+                continue  # failed by an earlier check
             detail = f"gate {index} ({gate.metric.value}): " + "; ".join(result.reasons)
             self.move(member, DeviceState.FAILED, detail, FailureKind.GATE_FAILED)
             self.audit(

@@ -14,9 +14,10 @@ import pytest
 from sqlmodel import Session
 
 from fleet.errors import Conflict, InvalidInput
+from fleet.rollout.evidence import gather
 from fleet.rollout.spec import RolloutSpec
 from fleet.rollout.step import Step  # the step itself, to run two from one revision
-from fleet.tables import Device, Rollout
+from fleet.tables import Device, Rollout, RolloutDevice
 from models.wire import EventKind
 from tests.fleet.rollout_world import GB, MODEL, World, report, sha
 
@@ -473,3 +474,22 @@ def test_a_device_with_no_desired_state_keeps_the_models_it_serves(world: World)
     assert state is not None
     assert [(m.name, m.version) for m in state.models] == [(MODEL, "2.0"), ("minilm", None)]
     assert world.members(rollout)["local"].previous is not None  # 1.0, from what it reported
+
+
+def test_a_device_failed_by_a_gate_still_counts_in_the_next_check(world: World) -> None:
+    """Leaving it out would let the check pass on the devices that hide the regression."""
+    fleet_of(world, 3)
+    rollout = world.create(canary={"count": 1}, soak_s=600)
+    world.step(rollout)
+    (canary,) = install_all(world, rollout, p95_ms=300.0)
+    with Session(world.db) as session:
+        member = session.get(RolloutDevice, (rollout, canary))
+        assert member is not None
+        member.state, member.failure = "failed", "gate_failed"
+        session.add(member)
+        session.commit()
+    with Session(world.db) as session:
+        members = list(world.members(rollout).values())
+        cohorts = gather(session, members, 120, world.clock())
+    assert cohorts.updated.devices == 1
+    assert canary in cohorts.per_device

@@ -19,7 +19,14 @@ import httpx
 import pytest
 import sqlalchemy as sa
 
-from fleet.simulate import ModelRef, RegressionRules, ServedModel, Simulation, SimulationConfig
+from fleet.simulate import (
+    HardwareMix,
+    ModelRef,
+    RegressionRules,
+    ServedModel,
+    Simulation,
+    SimulationConfig,
+)
 from scripts import servers
 from scripts.servers import MosquittoBroker, running_controller
 from tests.polling import eventually
@@ -155,7 +162,8 @@ def test_a_canary_slower_on_the_new_version_fails_its_gate_and_is_rolled_back(
             await ok(await client.post("/api/v1/groups", json={"name": "lab"}))
             secret = await token(client, 6)
             slower = RegressionRules.parse([f"{LLM}@2.0:latency=3"])
-            async with simulation(controller, secret, 6, regressions=slower) as sim:
+            same = HardwareMix.of("x86-cpu-8g")  # the control group is comparable hardware
+            async with simulation(controller, secret, 6, regressions=slower, hardware=same) as sim:
                 ids = [d.identity.device_id for d in sim.devices]
                 await fleet_on_v1(client, sim.config)
                 await until(lambda: all_serve(client, ids, SHA1), "every device on 1.0")
