@@ -15,6 +15,7 @@ from sqlalchemy import JSON, BigInteger, Column, DateTime, Index, Integer, Strin
 from sqlmodel import Field, SQLModel
 
 __all__ = [
+    "Alert",
     "AuditEntry",
     "Device",
     "DeviceTag",
@@ -23,6 +24,8 @@ __all__ = [
     "GateCheckRow",
     "Group",
     "ModelArtifact",
+    "PolicyAssignment",
+    "PolicyRow",
     "Rollout",
     "RolloutDevice",
     "TelemetryRow",
@@ -153,6 +156,8 @@ class TelemetryRow(SQLModel, table=True):
     gpu_memory_used_bytes: int | None = Field(default=None, sa_column=Column(BigInteger))
     gpu_temperature_c: float | None = None
     gpu_power_w: float | None = None
+    fallbacks: int | None = Field(default=None, sa_column=Column(BigInteger))  # None: not sent
+    fallbacks_by_tier: dict[str, int] | None = Field(default=None, sa_column=Column(JSON))
     sent_at: datetime = Field(sa_column=Column(DateTime(timezone=True), nullable=False))
     stored_at: datetime = Field(sa_column=Column(DateTime(timezone=True), nullable=False))
 
@@ -299,3 +304,49 @@ class AuditEntry(SQLModel, table=True):
     subject: str = Field(max_length=96)  # "rollout:<id>"
     reason: str = Field(default="", sa_column=Column(String(2000), nullable=False))
     data: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON))
+
+
+class PolicyRow(SQLModel, table=True):
+    """One version of a degraded-mode fallback policy (``models.policy.FallbackPolicy``)."""
+
+    __tablename__ = "fallback_policies"
+    __table_args__ = (UniqueConstraint("name", "version", name="uq_fallback_policies_version"),)
+
+    id: int | None = Field(default=None, sa_column=Column(RowId, primary_key=True))
+    name: str = Field(index=True, max_length=64)
+    version: int
+    body: dict[str, Any] = Field(sa_column=Column(JSON, nullable=False))  # FallbackPolicy
+    digest: str = Field(max_length=64)  # models.policy.policy_digest
+    description: str = Field(default="", sa_column=Column(String(2000), nullable=False))
+    created_by: str = Field(max_length=64)
+    created_at: datetime = _stamp()
+
+
+class PolicyAssignment(SQLModel, table=True):
+    """Which policy a group or a device gets; a device's own assignment wins over its group's."""
+
+    __tablename__ = "policy_assignments"
+
+    scope: str = Field(primary_key=True, max_length=8)  # "group" or "device"
+    target: str = Field(primary_key=True, max_length=128)  # the group name or device id
+    policy: str = Field(index=True, max_length=64)
+    version: int
+    assigned_by: str = Field(max_length=64)
+    assigned_at: datetime = _stamp()
+
+
+class Alert(SQLModel, table=True):
+    """A condition an admin should see, open until it clears (``cleared_at``)."""
+
+    __tablename__ = "alerts"
+    __table_args__ = (Index("ix_alerts_open", "kind", "subject", "cleared_at"),)
+
+    id: int | None = Field(default=None, sa_column=Column(RowId, primary_key=True))
+    kind: str = Field(max_length=32)  # "group_degraded"
+    subject: str = Field(max_length=160)  # "group:<name>"
+    severity: str = Field(max_length=16)  # models.wire.Severity
+    message: str = Field(sa_column=Column(String(2000), nullable=False))
+    data: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON))
+    raised_at: datetime = _stamp()
+    updated_at: datetime = _stamp()
+    cleared_at: datetime | None = _stamp(nullable=True)

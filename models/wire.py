@@ -21,6 +21,7 @@ from typing import Annotated, Any, Literal, TypeVar
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, JsonValue, ValidationError
 
 from models.device import DeviceReport
+from models.policy import FailureKind, PolicyRef
 from models.topics import Channel, DeviceId
 from models.values import ModelName, Sha256, Version
 
@@ -30,9 +31,11 @@ __all__ = [
     "MAX_PAYLOAD_BYTES",
     "MAX_SAMPLES_PER_BATCH",
     "SCHEMA_VERSION",
+    "BreakerState",
     "BrokerCredentials",
     "Command",
     "CommandKind",
+    "DegradedModel",
     "DesiredModel",
     "DesiredState",
     "EnrollmentRequest",
@@ -125,8 +128,10 @@ class DesiredState(WireModel):
     key (:mod:`models.director`). ``version`` grows by one with every change and the agent
     keeps the last one it accepted, so a replayed or reordered older state is refused;
     ``expires`` stops a captured state being held back and delivered much later.
-    ``config`` and ``fallback`` are filled in by later issues (agent settings overrides,
-    degraded-mode policy); agents ignore keys they do not know.
+    ``fallback`` is a :class:`models.policy.FallbackPolicy` as JSON (empty: none). It is
+    kept loose here so that an agent can refuse a malformed policy on its own, with an
+    event, while still acting on the rest of a state it verified. ``config`` is for
+    agent settings overrides (a later issue); agents ignore keys they do not know.
     """
 
     device_id: DeviceId
@@ -160,11 +165,30 @@ class ReportedModel(WireModel):
     error: ShortText | None = None
 
 
+class BreakerState(StrEnum):
+    """A served model's circuit breaker (degraded mode)."""
+
+    CLOSED = "closed"  # the model answers
+    OPEN = "open"  # requests go to the fallback chain until wait_in_open ends
+    HALF_OPEN = "half_open"  # a few probe requests decide between closed and open
+
+
+class DegradedModel(WireModel):
+    """A served model whose breaker is not closed: requests are answered by its fallbacks."""
+
+    name: ModelName
+    breaker: BreakerState
+    kind: FailureKind  # what opened it
+    reason: ShortText
+    since: AwareDatetime
+
+
 class ReportedState(WireModel):
     """What the device actually runs. Published retained on ``reported`` after each change.
 
     ``desired_version`` is the last desired state the agent acted on (None: it has
-    never received one, and runs its local configuration).
+    never received one, and runs its local configuration). ``policy`` is the fallback
+    policy it enforces, ``degraded`` the models answered by their fallbacks right now.
     """
 
     device_id: DeviceId
@@ -173,6 +197,8 @@ class ReportedState(WireModel):
     models: list[ReportedModel] = Field(default_factory=list, max_length=64)
     agent_version: str = Field(max_length=64)
     device: DeviceReport | None = None
+    policy: PolicyRef | None = None
+    degraded: list[DegradedModel] = Field(default_factory=list, max_length=64)
     reported_at: AwareDatetime = Field(default_factory=utc_now)
 
 
@@ -211,6 +237,8 @@ class TelemetrySample(WireModel):
     gpu_memory_used_bytes: int | None = Field(default=None, ge=0)
     gpu_temperature_c: float | None = None
     gpu_power_w: float | None = Field(default=None, ge=0)
+    fallbacks: int | None = Field(default=None, ge=0)  # requests a fallback tier answered
+    fallbacks_by_tier: dict[str, int] = Field(default_factory=dict, max_length=32)  # "cache": 3
 
 
 class TelemetryBatch(WireModel):
@@ -239,6 +267,11 @@ class EventKind(StrEnum):
     UPDATE_HEALTHY = "update_healthy"  # health check passed: the new version serves
     UPDATE_FAILED = "update_failed"  # data: phase, reason; nothing changed
     UPDATE_ROLLED_BACK = "update_rolled_back"  # health check failed: previous version serves
+    BREAKER_OPENED = "breaker_opened"  # data: model, kind, reason; its fallbacks answer
+    BREAKER_HALF_OPEN = "breaker_half_open"  # data: model; probe requests go to it
+    BREAKER_CLOSED = "breaker_closed"  # data: model; it answers again
+    POLICY_APPLIED = "policy_applied"  # data: name, version, digest
+    POLICY_REJECTED = "policy_rejected"  # data: reason; the last good policy stays
 
 
 class Severity(StrEnum):
