@@ -20,6 +20,7 @@ from pydantic_settings import (
 
 from agent.errors import ConfigError
 from models.manifest import RuntimeParams
+from models.policy import FallbackPolicy
 from models.values import ModelName
 
 __all__ = [
@@ -113,6 +114,8 @@ class AgentSettings(BaseSettings):
     cache_entries: int = Field(default=256, ge=0)  # response cache; 0 disables it
     log: LogSettings = Field(default_factory=LogSettings)
     fleet: LinkSettings = Field(default_factory=LinkSettings)
+    fallback: FallbackPolicy | None = None  # degraded mode without a fleet; the fleet's wins
+    fault_injection: bool = False  # /v1/faults for drills and tests; never in production
 
     @model_validator(mode="after")
     def _refuse_open_binding(self) -> AgentSettings:

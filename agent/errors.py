@@ -19,6 +19,8 @@
         ├── Overloaded           429, queue full; carries retry_after seconds
         ├── RequestTimeout       504, the request ran past its deadline
         ├── ModelNotReady        503, the model is still loading or swapping
+        ├── ModelFailed          503, the model failed this call; carries a FailureKind
+        ├── Degraded             503, the model and every fallback tier failed; Retry-After
         ├── LinkUnavailable      the controller or broker did not answer (agent.link.errors)
         ├── SlotUnavailable      an OS error under the slots (agent.store.slots)
         ├── TufUnavailable       TUF metadata could not be fetched (agent.update.tuf_client)
@@ -36,11 +38,15 @@ into these where they are met, so the API layer maps one tree to HTTP.
 
 from __future__ import annotations
 
+from models.policy import FailureKind
+
 __all__ = [
     "AgentError",
     "ConfigError",
     "ContextOverflow",
+    "Degraded",
     "InvalidRequest",
+    "ModelFailed",
     "ModelLoadError",
     "ModelNotFound",
     "ModelNotReady",
@@ -141,6 +147,26 @@ class ModelNotReady(Transient):
     """The model is loading or being swapped."""
 
     code = "model_not_ready"
+
+
+class ModelFailed(Transient):
+    """The runtime failed this call (error, out of memory, GPU fault); its breaker counts it."""
+
+    code = "model_failed"
+
+    def __init__(self, message: str, *, failure: FailureKind = FailureKind.ERROR) -> None:
+        super().__init__(message)
+        self.failure = failure
+
+
+class Degraded(Transient):
+    """Neither the model nor any tier of its fallback chain could answer; come back later."""
+
+    code = "degraded_unavailable"
+
+    def __init__(self, message: str, *, retry_after: int = 30) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 class ConfigError(Rejected):

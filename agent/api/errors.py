@@ -10,7 +10,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
-from agent.errors import AgentError, Overloaded
+from agent.errors import AgentError, Degraded, Overloaded
 
 __all__ = ["error_body", "install_error_handlers"]
 
@@ -54,7 +54,11 @@ def _describe(errors: list[Any]) -> tuple[str, str | None]:
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(AgentError)
     async def agent_error(request: Request, exc: AgentError) -> JSONResponse:
-        headers = {"Retry-After": str(exc.retry_after)} if isinstance(exc, Overloaded) else None
+        headers = (
+            {"Retry-After": str(exc.retry_after)}
+            if isinstance(exc, Overloaded | Degraded)
+            else None
+        )
         return _respond(request, exc.status, error_body(exc), headers)
 
     @app.exception_handler(RequestValidationError)
