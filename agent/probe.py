@@ -14,6 +14,11 @@ there or a driver that refuses is reported as absent (``None``, an empty list, a
 missing key), never raised: the agent must start on a CPU-only box. Third-party
 exceptions (``pynvml.NVMLError``, jetson-stats' errors, ``OSError``) stop here.
 Optional libraries are imported inside functions for the same reason.
+
+Throttling (``GpuSample.throttled``, which degraded mode may open a breaker on) comes
+from NVML's clock event reasons (:data:`NVML_THROTTLE_REASONS`). On a Jetson it stays
+``None``: neither ``tegrastats`` nor jetson-stats reports whether a thermal or power
+limit is holding the clocks down (only temperatures, which ``max_temperature_c`` uses).
 """
 
 from __future__ import annotations
@@ -306,7 +311,34 @@ def _nvml_sample(nvml: Any, index: int, handle: Any) -> GpuSample:
         memory_used_bytes=int(memory.used) if memory is not None else None,
         temperature_c=float(temperature) if temperature is not None else None,
         power_w=int(power_mw) / 1000 if power_mw is not None else None,
+        throttled=_nvml_throttled(nvml, handle),
     )
+
+
+# NVML's clock event ("throttle") reason bits that mean a thermal or power limit; the
+# values are NVML's ABI (nvml.h), the same in pynvml's nvmlClocksEventReason* and older
+# nvmlClocksThrottleReason* names. Idle, application clocks, sync boost and display
+# clocks are not limits.
+NVML_THROTTLE_REASONS = (
+    0x04  # SwPowerCap: the driver holds clocks down to stay under the power limit
+    | 0x08  # HwSlowdown: hardware slowdown (temperature or power brake)
+    | 0x20  # SwThermalSlowdown: the driver cools the GPU or its memory
+    | 0x40  # HwThermalSlowdown: the hardware does
+    | 0x80  # HwPowerBrakeSlowdown: an external power brake (e.g. the power supply)
+)
+
+
+def _nvml_throttled(nvml: Any, handle: Any) -> bool | None:
+    """Whether a thermal or power limit holds the clocks down; ``None`` if NVML cannot say.
+
+    ``nvmlDeviceGetCurrentClocksEventReasons`` is the current name (nvidia-ml-py 12.535
+    on); older pynvml only has ``nvmlDeviceGetCurrentClocksThrottleReasons``.
+    """
+    call = getattr(nvml, "nvmlDeviceGetCurrentClocksEventReasons", None) or getattr(
+        nvml, "nvmlDeviceGetCurrentClocksThrottleReasons", None
+    )
+    reasons = _guard(partial(call, handle), nvml.NVMLError) if call is not None else None
+    return bool(int(reasons) & NVML_THROTTLE_REASONS) if reasons is not None else None
 
 
 def _nvml_compute_capability(nvml: Any, handle: Any) -> str | None:

@@ -48,6 +48,7 @@ class GpuSample(BaseModel):
     memory_used_bytes: int | None = Field(default=None, ge=0)
     temperature_c: float | None = None  # degrees Celsius
     power_w: float | None = Field(default=None, ge=0)  # watts, instantaneous
+    throttled: bool | None = None  # clocks held down by a thermal or power limit; None: unknown
 
 
 def _utc_now() -> datetime:

@@ -656,3 +656,99 @@ def test_local_zone_reads_the_link_then_etc_timezone(
     assert agent.probe.local_zone(tmp_path) == "Africa/Nairobi"
     monkeypatch.setenv("TZ", ":Pacific/Auckland")
     assert agent.probe.local_zone(tmp_path) == "Pacific/Auckland"
+
+
+# --------------------------------------------------------------------------- throttling
+
+
+class NvmlWithClockEvents(FakeNvml):
+    """A current pynvml: clock event reasons per GPU handle (an error where none is given)."""
+
+    def __init__(self, reasons: dict[str, int]) -> None:
+        super().__init__()
+        self.reasons = reasons
+
+    def nvmlDeviceGetCurrentClocksEventReasons(self, handle: str) -> int:
+        if handle not in self.reasons:
+            raise self.NVMLError("Not Supported")
+        return self.reasons[handle]
+
+
+class NvmlWithThrottleReasons(FakeNvml):
+    """An older pynvml that only has the deprecated ...ThrottleReasons name."""
+
+    def nvmlDeviceGetCurrentClocksThrottleReasons(self, handle: str) -> int:
+        return 0x20 if handle == "handle-0" else 0
+
+
+def _sample_with(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, nvml: FakeNvml
+) -> list[bool | None]:
+    monkeypatch.setitem(sys.modules, "pynvml", nvml)
+    with GpuSampler(root=tmp_path) as sampler:
+        return [s.throttled for s in sampler.sample()]
+
+
+def test_nvml_thermal_slowdown_reads_as_throttled_and_idle_does_not(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    nvml = NvmlWithClockEvents({"handle-0": 0x40 | 0x01, "handle-1": 0x01})  # HW thermal; idle
+    assert _sample_with(monkeypatch, tmp_path, nvml) == [True, False]
+
+
+def test_an_older_pynvml_reports_throttling_under_the_old_name(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    assert _sample_with(monkeypatch, tmp_path, NvmlWithThrottleReasons()) == [True, False]
+
+
+def test_throttling_is_unknown_when_nvml_cannot_say(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    nvml = NvmlWithClockEvents({"handle-1": 0x04})  # GPU 0: "Not Supported"
+    assert _sample_with(monkeypatch, tmp_path, nvml) == [None, True]
+    assert _sample_with(monkeypatch, tmp_path, FakeNvml()) == [None, None]  # no such call
+
+
+@pytest.mark.parametrize(
+    ("reasons", "throttled"),
+    [
+        (0x04, True),  # SW power cap
+        (0x08, True),  # HW slowdown
+        (0x20, True),  # SW thermal slowdown
+        (0x40, True),  # HW thermal slowdown
+        (0x80, True),  # HW power brake
+        (0x00, False),
+        (0x01, False),  # GPU idle
+        (0x02, False),  # application clocks setting
+        (0x10, False),  # sync boost
+        (0x100, False),  # display clock setting
+        (0x01 | 0x02 | 0x10 | 0x100, False),
+    ],
+)
+def test_which_clock_event_reasons_are_throttling(
+    reasons: int, throttled: bool, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    nvml = NvmlWithClockEvents({"handle-0": reasons, "handle-1": reasons})
+    assert _sample_with(monkeypatch, tmp_path, nvml) == [throttled, throttled]
+
+
+def test_the_throttle_bits_are_the_installed_pynvml_names() -> None:
+    pynvml = pytest.importorskip("pynvml")  # importing needs no driver; nvmlInit would
+    names = ("SwPowerCap", "HwSlowdown", "SwThermalSlowdown", "HwThermalSlowdown")
+    expected = 0
+    for name in (*names, "HwPowerBrakeSlowdown"):
+        assert getattr(pynvml, f"nvmlClocksEventReason{name}") == getattr(
+            pynvml, f"nvmlClocksThrottleReason{name}"
+        )
+        expected |= getattr(pynvml, f"nvmlClocksEventReason{name}")
+    assert expected == agent.probe.NVML_THROTTLE_REASONS
+
+
+def test_jetson_sources_do_not_report_throttling() -> None:
+    sample = parse_tegrastats(ORIN_NANO)
+    assert sample is not None
+    assert sample.throttled is None
+    jtop_sample = parse_jtop_stats({"GPU": 99, "Temp gpu": 96.0})
+    assert jtop_sample is not None
+    assert jtop_sample.throttled is None

@@ -108,6 +108,14 @@ def test_gpu_sample_needs_only_an_index() -> None:
         "memory_used_bytes": None,
         "temperature_c": None,
         "power_w": None,
+        "throttled": None,
     }
     with pytest.raises(ValidationError):
         GpuSample(index=-1)
+
+
+def test_gpu_sample_says_whether_the_gpu_is_throttled() -> None:
+    assert GpuSample(index=0, throttled=True).throttled is True
+    assert GpuSample.model_validate_json('{"index": 0, "throttled": false}').throttled is False
+    with pytest.raises(ValidationError):
+        GpuSample.model_validate({"index": 0, "throttled": "sometimes"})
