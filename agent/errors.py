@@ -9,6 +9,7 @@
     │   │   └── Unauthorized         401, missing or wrong API key
     │   ├── ConfigError          the agent cannot work as configured: an operator must act
     │   │   ├── ModelLoadError       a model file is missing, corrupt or does not fit
+    │   │   │   └── MemoryBudgetExceeded  it would not fit the memory budget
     │   │   ├── EnrollmentRejected   the controller refused the enrollment (agent.link.errors)
     │   │   └── IdentityError        the state folder's identity is unusable (agent.link.errors)
     │   ├── SlotRejected         a slot operation that cannot succeed (agent.store.slots)
@@ -46,6 +47,7 @@ __all__ = [
     "ContextOverflow",
     "Degraded",
     "InvalidRequest",
+    "MemoryBudgetExceeded",
     "ModelFailed",
     "ModelLoadError",
     "ModelNotFound",
@@ -144,9 +146,13 @@ class RequestTimeout(Transient):
 
 
 class ModelNotReady(Transient):
-    """The model is loading or being swapped."""
+    """The model is loading or being swapped, or (``failure`` set) it failed to load."""
 
     code = "model_not_ready"
+
+    def __init__(self, message: str, *, failure: FailureKind | None = None) -> None:
+        super().__init__(message)
+        self.failure = failure
 
 
 class ModelFailed(Transient):
@@ -175,3 +181,7 @@ class ConfigError(Rejected):
 
 class ModelLoadError(ConfigError):
     """A model file is missing, corrupt or does not fit."""
+
+
+class MemoryBudgetExceeded(ModelLoadError):
+    """Loading the model would take the served models past the memory budget."""

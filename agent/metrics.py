@@ -15,8 +15,8 @@ import os
 import random
 import threading
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import psutil
@@ -39,14 +39,22 @@ _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 12
 _TPS_BUCKETS = (1, 2, 5, 10, 20, 35, 50, 75, 100, 150, 200, 300, 500, 1000)
 
 GpuReader = Callable[[], list[Any]]
+BreakerReader = Callable[[], list[tuple[str, str]]]  # (model, state) of every breaker
+_BREAKER_STATES = ("closed", "open", "half_open")
 
 
 class _StateCollector(Collector):
     """Gauges computed at scrape time from the live models and the machine."""
 
-    def __init__(self, models: Callable[[], list[ServedModel]], gpus: GpuReader | None) -> None:
+    def __init__(
+        self,
+        models: Callable[[], list[ServedModel]],
+        gpus: GpuReader | None,
+        breakers: BreakerReader | None = None,
+    ) -> None:
         self._models = models
         self._gpus = gpus
+        self._breakers = breakers
         self._process = psutil.Process(os.getpid())
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
@@ -71,6 +79,16 @@ class _StateCollector(Collector):
         yield queue
         yield active
         yield memory
+        if self._breakers is not None:
+            state = GaugeMetricFamily(
+                "edgefleet_breaker_state",
+                "Circuit breaker state of a model: 1 for the state it is in",
+                labels=["model", "state"],
+            )
+            for model_name, current in self._breakers():
+                for name in _BREAKER_STATES:
+                    state.add_metric([model_name, name], 1.0 if name == current else 0.0)
+            yield state
         rss = GaugeMetricFamily("edgefleet_process_resident_bytes", "Agent resident memory")
         rss.add_metric([], self._process.memory_info().rss)
         yield rss
@@ -103,6 +121,7 @@ class WindowStats:
     completion_tokens: int  # generated tokens
     latencies_s: tuple[float, ...]  # at most RequestWindow.max_samples, uniformly sampled
     ttfts_s: tuple[float, ...]  # likewise, for requests that generated a first token
+    fallbacks: Mapping[str, int] = field(default_factory=dict)  # answers by a fallback tier
 
 
 class _Reservoir:
@@ -143,6 +162,7 @@ class RequestWindow:
     def _reset(self, now: float) -> None:
         self._started = now
         self._requests = self._errors = self._rejections = self._tokens = 0
+        self._fallbacks: dict[str, int] = {}
         self._latency = _Reservoir(self.max_samples, self._rand)
         self._ttft = _Reservoir(self.max_samples, self._rand)
 
@@ -153,10 +173,13 @@ class RequestWindow:
         *,
         ttft_s: float | None = None,
         completion_tokens: int = 0,
+        fallback_tier: str | None = None,
     ) -> None:
-        """One finished request: its HTTP status, latency and (generation) first-token time."""
+        """One finished request: status, latency, first-token time, answering fallback tier."""
         with self._lock:
             self._requests += 1
+            if fallback_tier is not None:
+                self._fallbacks[fallback_tier] = self._fallbacks.get(fallback_tier, 0) + 1
             if status >= 500:
                 self._errors += 1
             elif status == 429:
@@ -178,6 +201,7 @@ class RequestWindow:
                 completion_tokens=self._tokens,
                 latencies_s=tuple(self._latency.values),
                 ttfts_s=tuple(self._ttft.values),
+                fallbacks=dict(self._fallbacks),
             )
             self._reset(now)
         return stats
@@ -187,7 +211,10 @@ class AgentMetrics:
     """Everything /metrics exposes; one instance per app."""
 
     def __init__(
-        self, models: Callable[[], list[ServedModel]], gpus: GpuReader | None = None
+        self,
+        models: Callable[[], list[ServedModel]],
+        gpus: GpuReader | None = None,
+        breakers: BreakerReader | None = None,
     ) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
@@ -225,10 +252,22 @@ class AgentMetrics:
         self.cache = Counter(
             "edgefleet_response_cache", "Response cache lookups", ["model", "result"], registry=r
         )
+        self.fallbacks = Counter(
+            "edgefleet_fallbacks",
+            "Requests answered by a fallback tier, by the model asked for",
+            ["model", "tier"],
+            registry=r,
+        )
+        self.breaker_transitions = Counter(
+            "edgefleet_breaker_transitions",
+            "Circuit breaker moves",
+            ["model", "to"],
+            registry=r,
+        )
         self.load_seconds = Gauge(
             "edgefleet_model_load_seconds", "Time the last load took", ["model"], registry=r
         )
-        r.register(_StateCollector(models, gpus))
+        r.register(_StateCollector(models, gpus, breakers))
         self.window = RequestWindow()
 
     def render(self) -> tuple[bytes, str]:

@@ -8,12 +8,13 @@ import signal
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
+from functools import partial
 from typing import Any
 
 from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
 
-from agent.api import kserve, openai, ops
+from agent.api import faults, kserve, openai, ops
 from agent.api.deps import AgentState
 from agent.api.errors import install_error_handlers
 from agent.api.limits import BodyLimit
@@ -25,12 +26,18 @@ from agent.link.identity import StateDir
 from agent.link.telemetry import TelemetrySource
 from agent.metrics import AgentMetrics
 from agent.probe import GpuSampler, probe_device
+from agent.serving.breaker import Transition
 from agent.serving.cache import ResponseCache
+from agent.serving.degraded import DegradedMode
+from agent.serving.faults import FaultInjector
+from agent.serving.loader import load_model
 from agent.serving.registry import ModelRegistry
+from agent.serving.thermal import thermal_verdict
 from agent.state.apply import ExecutorContext, ModelController
+from agent.state.policy import PolicyKeeper
 from agent.state.saved import SavedDesired
 from agent.store import ModelStore
-from models.wire import DesiredState
+from models.wire import DesiredState, EventKind, Severity
 
 __all__ = ["create_app"]
 
@@ -76,6 +83,28 @@ def _saved_desired(state_dir: StateDir, saved: SavedDesired) -> DesiredState | N
     return desired
 
 
+THERMAL_INTERVAL_S = 5.0  # how often the GPU temperature and throttling are checked
+
+
+async def _watch_thermal(degraded: DegradedMode, gpus: GpuSampler) -> None:
+    """Hold GPU models' breakers open while the device is too hot or throttled."""
+    while True:
+        policy = degraded.policy
+        if policy is not None:
+            verdict = thermal_verdict(await run_in_threadpool(gpus.sample), policy.breaker)
+            degraded.thermal(verdict)
+        await asyncio.sleep(THERMAL_INTERVAL_S)
+
+
+def _breaker_event(transition: Transition) -> tuple[EventKind, Severity]:
+    kinds = {
+        "open": (EventKind.BREAKER_OPENED, Severity.WARNING),
+        "half_open": (EventKind.BREAKER_HALF_OPEN, Severity.INFO),
+        "closed": (EventKind.BREAKER_CLOSED, Severity.INFO),
+    }
+    return kinds[transition.new.value]
+
+
 def create_app(
     settings: AgentSettings, *, reload: Callable[[], AgentSettings] | None = None
 ) -> FastAPI:
@@ -92,27 +121,49 @@ def create_app(
         budget = settings.memory_budget_mb * 2**20 if settings.memory_budget_mb else None
         registry = ModelRegistry(memory_budget_bytes=budget)
         gpus = GpuSampler()
+        degraded = DegradedMode()
+        metrics = AgentMetrics(
+            registry.models,
+            gpus.sample,
+            lambda: [(b.model, b.state.value) for b in degraded.breakers()],
+        )
+        degraded.listeners.append(
+            lambda t: metrics.breaker_transitions.labels(t.model, t.new.value).inc()
+        )
         state = AgentState(
             settings=settings,
             registry=registry,
-            metrics=AgentMetrics(registry.models, gpus.sample),
+            metrics=metrics,
             interactions=InteractionLog(settings.log),
             device=await run_in_threadpool(probe_device),
             cache=ResponseCache(settings.cache_entries),
             started_at=int(time.time()),
+            degraded=degraded,
+            faults=FaultInjector() if settings.fault_injection else None,
         )
         app.state.agent = state
         # A crash may have left an update half done: settle it before anything is served.
         await run_in_threadpool(ModelStore(settings.store_dir).recover)
         state_dir = StateDir(settings.fleet.state_dir) if link_enabled(settings.fleet) else None
         saved = SavedDesired(state_dir.desired_path) if state_dir is not None else None
+        desired = (
+            await run_in_threadpool(_saved_desired, state_dir, saved)
+            if state_dir is not None and saved is not None
+            else None
+        )
+        policies = PolicyKeeper(
+            degraded,
+            settings.fallback,
+            state_dir.desired_path.with_name("policy.json") if state_dir is not None else None,
+        )
+        policies.start(desired)
         controller = ModelController(
-            ExecutorContext(settings, registry, state.metrics, state.device),
+            ExecutorContext(settings, registry, state.metrics, state.device, degraded),
             settings.models,
             saved=saved,
-            desired=await run_in_threadpool(_saved_desired, state_dir, saved)
-            if state_dir is not None and saved is not None
-            else None,
+            desired=desired,
+            load=partial(load_model, faults=state.faults),
+            policies=policies,
         )
         for name in controller.expected():
             registry.expect(name)
@@ -125,8 +176,22 @@ def create_app(
                     link = FleetLink(settings.fleet, controller, telemetry, state.device)
                     controller.on_change = link.report_changed
                     controller.on_outcomes = link.model_outcomes
+
+                    def breaker_moved(t: Transition, link: FleetLink = link) -> None:
+                        kind, severity = _breaker_event(t)
+                        data = {"model": t.model, "from": t.old.value, "to": t.new.value}
+                        if t.kind is not None:
+                            data["kind"] = t.kind.value
+                        link.emit(kind, t.reason, severity=severity, data=data)
+                        link.report_changed()
+
+                    degraded.listeners.append(breaker_moved)
+                    policies.emit = lambda kind, message, severity, data: link.emit(
+                        kind, message, severity=severity, data=data
+                    )
                     state.fleet = await stack.enter_async_context(link)
                 tasks.add(asyncio.create_task(controller.reconcile()))
+                tasks.add(asyncio.create_task(_watch_thermal(degraded, gpus)))
                 if reload is not None:
                     loop.add_signal_handler(signal.SIGHUP, _on_hangup, controller, reload, tasks)
                 try:
@@ -153,4 +218,6 @@ def create_app(
     app.include_router(ops.router)
     app.include_router(openai.router)
     app.include_router(kserve.router)
+    if settings.fault_injection:
+        app.include_router(faults.router)
     return app

@@ -13,11 +13,13 @@ from agent.errors import Unauthorized
 from agent.interaction_log import InteractionLog
 from agent.metrics import AgentMetrics
 from agent.serving.cache import ResponseCache
+from agent.serving.degraded import DegradedMode
 from agent.serving.registry import ModelRegistry
 from models.device import DeviceReport
 
 if TYPE_CHECKING:
     from agent.link.fleet import FleetLink
+    from agent.serving.faults import FaultInjector
 
 __all__ = ["AgentState", "Authorized", "StateDep", "get_state", "require_api_key"]
 
@@ -33,7 +35,9 @@ class AgentState:
     device: DeviceReport
     cache: ResponseCache
     started_at: int  # unix seconds, the "created" of /v1/models
+    degraded: DegradedMode  # the fallback policy, breakers and answer cache
     fleet: FleetLink | None = None  # the link to the fleet controller, when enrolled
+    faults: FaultInjector | None = None  # /v1/faults, when settings.fault_injection
 
 
 def get_state(request: Request) -> AgentState:

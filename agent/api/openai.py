@@ -15,7 +15,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import ExitStack
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 from fastapi import APIRouter, Request, Response
@@ -34,7 +34,8 @@ from agent.errors import AgentError, ContextOverflow, InvalidRequest, Overloaded
 from agent.interaction_log import Interaction
 from agent.runtime.base import Embedder
 from agent.serving.cache import cache_key
-from agent.serving.scheduler import BatchScheduler, Generation, GenerationRequest, GenerationResult
+from agent.serving.fallback import Answer, Served, Started
+from agent.serving.scheduler import BatchScheduler, GenerationRequest, GenerationResult
 
 __all__ = ["router"]
 
@@ -82,7 +83,8 @@ async def chat_completions(
         return sched.decoder.tokenize(text, special=True)
 
     size = sum(len(m["content"]) for m in messages)
-    return await _generate(state, request, body, prompt, size, chat=True)
+    asked = next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
+    return await _generate(state, request, body, prompt, size, asked, chat=True)
 
 
 @router.post("/completions", response_model=None)
@@ -100,7 +102,8 @@ async def completions(body: CompletionRequest, request: Request, state: StateDep
         return sched.decoder.tokenize(text, special=False)
 
     size = len(raw) if isinstance(raw, str) else sum(len(str(x)) for x in raw)
-    return await _generate(state, request, body, prompt, size, chat=False)
+    asked = raw if isinstance(raw, str) else ""
+    return await _generate(state, request, body, prompt, size, asked, chat=False)
 
 
 @router.post("/embeddings")
@@ -176,6 +179,7 @@ class _Call:
         self.created = int(time.time())
         self.started = time.monotonic()
         self.bodies = state.settings.log.include_bodies
+        self.served = Served(by=body.model, tier="primary", degraded=False)
 
     def chunk(self, content: str | None, finish: str | None, role: bool = False) -> str:
         if self.chat:
@@ -196,6 +200,7 @@ class _Call:
                 "created": self.created,
                 "model": self.body.model,
                 "choices": [choice],
+                "edgefleet": self.served.mark(),
             }
         )
 
@@ -209,6 +214,7 @@ class _Call:
                 "model": self.body.model,
                 "choices": [],
                 "usage": _usage(result),
+                "edgefleet": self.served.mark(),
             }
         )
 
@@ -236,6 +242,7 @@ class _Call:
             "model": self.body.model,
             "choices": [choice],
             "usage": _usage(result),
+            "edgefleet": self.served.mark(),
         }
 
     def record(self, status: int, result: GenerationResult | None, error: str | None) -> None:
@@ -243,11 +250,15 @@ class _Call:
         elapsed = time.monotonic() - self.started
         m.requests.labels(model, self.endpoint, str(status)).inc()
         m.latency.labels(model, self.endpoint).observe(elapsed)
+        fallback = self.served.tier if self.served.degraded and status < 400 else None
+        if fallback is not None:
+            m.fallbacks.labels(model, fallback).inc()
         m.window.observe(
             status,
             elapsed,
             ttft_s=result.ttft_s if result else None,
             completion_tokens=result.completion_tokens if result else 0,
+            fallback_tier=fallback,
         )
         if result is not None:
             m.ttft.labels(model).observe(result.ttft_s)
@@ -279,10 +290,16 @@ async def _generate(
     body: GenerationFields,
     make_prompt: Callable[[BatchScheduler], list[int]],
     prompt_chars: int,
+    prompt_text: str,
     *,
     chat: bool,
 ) -> Response:
     call = _Call(state, body, chat)
+    chain = state.degraded.chain(body.model)
+    if chain is not None:
+        start = _starter(state, body, make_prompt, prompt_chars)
+        answer = Answer(body.model, chain, prompt_text, state.degraded, state.registry, start)
+        return await _answer(call, request, answer)
     stack = ExitStack()
     try:
         sched = stack.enter_context(state.registry.lease(body.model, BatchScheduler))
@@ -308,7 +325,7 @@ async def _generate(
         return StreamingResponse(
             _stream(call, gen, cached, key, stack),
             media_type="text/event-stream",
-            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+            headers={**_STREAM_HEADERS, **call.served.headers()},
         )
     with stack:
         result = cached
@@ -324,7 +341,104 @@ async def _generate(
                 return Response(status_code=CLIENT_GONE)
             state.cache.put(key, result)
     call.record(200, result, None)
-    return JSONResponse(call.full(result))
+    return JSONResponse(call.full(result), headers=call.served.headers())
+
+
+_STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+def _starter(
+    state: AgentState,
+    body: GenerationFields,
+    make_prompt: Callable[[BatchScheduler], list[int]],
+    prompt_chars: int,
+) -> Callable[[str, str], Any]:
+    """How the fallback walker begins generating on a model: a continuation when ``sent``."""
+
+    async def start(name: str, sent: str) -> Started:
+        stack = ExitStack()
+        try:
+            sched = stack.enter_context(state.registry.lease(name, BatchScheduler))
+            if prompt_chars > _INLINE_TOKENIZE_CHARS:
+                prompt = await run_in_threadpool(make_prompt, sched)
+            else:
+                prompt = make_prompt(sched)
+            if sent:
+                prompt += sched.decoder.tokenize(sent, special=False)
+            gen_request = _plan(sched, prompt, body, state.settings.request_timeout_s)
+            key = (
+                None
+                if sent
+                else cache_key(sched.manifest.name, sched.manifest.version, gen_request)
+            )
+            cached = state.cache.get(key)
+            gen = None if cached else sched.submit(gen_request)
+        except AgentError as exc:
+            stack.close()
+            if isinstance(exc, Overloaded):
+                state.metrics.rejections.labels(name, "queue_full").inc()
+            raise
+        return Started(gen, cached, stack.close, lambda result: state.cache.put(key, result))
+
+    return start
+
+
+async def _answer(call: _Call, request: Request, answer: Answer) -> Response:
+    """Serve through the fallback chain: headers name the tier that answers first."""
+    try:
+        await answer.prime()
+    except AgentError as exc:
+        call.record(exc.status, None, exc.message)
+        raise
+    assert answer.served is not None
+    call.served = answer.served
+    if call.body.stream:
+        return StreamingResponse(
+            _stream_answer(call, answer),
+            media_type="text/event-stream",
+            headers={**_STREAM_HEADERS, **answer.served.headers()},
+        )
+    try:
+        result = await _complete_unless_gone(answer, request)
+    except AgentError as exc:
+        call.record(exc.status, None, exc.message)
+        raise
+    finally:
+        await answer.aclose()
+    if result is None:
+        call.record(CLIENT_GONE, None, "client disconnected")
+        return Response(status_code=CLIENT_GONE)
+    assert answer.served is not None
+    call.served = answer.served
+    call.record(200, result, None)
+    return JSONResponse(call.full(result), headers=answer.served.headers())
+
+
+async def _stream_answer(call: _Call, answer: Answer) -> AsyncIterator[str]:
+    status, result = CLIENT_GONE, None
+    error: str | None = "client disconnected"
+    try:
+        if call.chat:
+            yield call.chunk("", None, role=True)
+        async for text in answer:
+            if answer.served is not None:
+                call.served = answer.served  # a model tier may have taken over mid-stream
+            yield call.chunk(text, None)
+        result = answer.result
+        assert result is not None
+        yield call.chunk(None, result.finish_reason)
+        if call.body.include_usage():
+            yield call.usage_chunk(result)
+        yield "data: [DONE]\n\n"
+        status, error = 200, None
+    except AgentError as exc:
+        status, error = exc.status, exc.message
+        yield _sse(error_body(exc))
+        yield "data: [DONE]\n\n"
+    finally:
+        answer.cancel()
+        await answer.aclose()
+        call.record(status, result, error)
 
 
 def _plan(
@@ -360,7 +474,13 @@ def _plan(
     )
 
 
-async def _complete_unless_gone(gen: Generation, request: Request) -> GenerationResult | None:
+class _Completable(Protocol):
+    async def complete(self) -> GenerationResult: ...
+
+    def cancel(self) -> None: ...
+
+
+async def _complete_unless_gone(gen: _Completable, request: Request) -> GenerationResult | None:
     """Wait for the result, or cancel the generation the moment the client hangs up."""
 
     async def client_gone() -> None:
@@ -382,7 +502,7 @@ async def _complete_unless_gone(gen: Generation, request: Request) -> Generation
 
 async def _stream(
     call: _Call,
-    gen: Generation | None,
+    gen: Any,
     cached: GenerationResult | None,
     key: Any,
     stack: ExitStack,

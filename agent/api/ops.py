@@ -22,14 +22,32 @@ def healthz() -> dict[str, str]:
 
 @router.get("/readyz")
 def readyz(state: StateDep) -> JSONResponse:
-    """Ready once every configured model is loaded; 503 with the reason until then."""
+    """Ready once every configured model is loaded; 503 with the reason until then.
+
+    "degraded" (200) means the agent answers, but some model's answers come from its
+    fallback chain: its breaker is open, or it failed to load and has a chain.
+    """
     loading, failed = state.registry.waiting()
     body: dict[str, Any] = {"models": state.registry.names()}
-    if loading or failed:
+    covered = {name: why for name, why in failed.items() if state.degraded.chain(name)}
+    uncovered = {name: why for name, why in failed.items() if name not in covered}
+    if loading or uncovered:
         body.update(
             status="failed" if failed and not loading else "loading", loading=loading, failed=failed
         )
         return JSONResponse(body, status_code=503)
+    degraded = [
+        {"model": d.name, "breaker": d.breaker.value, "kind": d.kind.value, "reason": d.reason}
+        for d in state.degraded.degraded()
+        if d.name not in covered
+    ]
+    degraded += [
+        {"model": name, "breaker": "open", "kind": "load_failed", "reason": why}
+        for name, why in sorted(covered.items())
+    ]
+    if degraded:
+        body.update(status="degraded", degraded=degraded)
+        return JSONResponse(body)
     body["status"] = "ready"
     return JSONResponse(body)
 

@@ -81,6 +81,8 @@ def build_sample(
         gpu_memory_used_bytes=sum(memory) if memory else None,
         gpu_temperature_c=max(temperature) if temperature else None,
         gpu_power_w=sum(power) if power else None,
+        fallbacks=sum(stats.fallbacks.values()),
+        fallbacks_by_tier=dict(stats.fallbacks),
     )
 
 

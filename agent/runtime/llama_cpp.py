@@ -34,9 +34,10 @@ import llama_cpp
 import numpy as np
 import psutil
 
-from agent.errors import ContextOverflow, InvalidRequest, ModelLoadError, Transient
+from agent.errors import ContextOverflow, InvalidRequest, ModelFailed, ModelLoadError
 from agent.runtime.base import RuntimeInfo, SamplingParams
 from models.manifest import ModelManifest, RuntimeParams
+from models.policy import FailureKind
 
 __all__ = ["BatchEntry", "LlamaModel", "load_gguf"]
 
@@ -265,8 +266,18 @@ class LlamaModel:
         batch.n_tokens = n
         rc = llama_cpp.llama_decode(self._ctx, batch)
         if rc != 0:
-            raise Transient(f"llama_decode failed with code {rc}")
+            raise ModelFailed(
+                f"llama_decode failed with code {rc}", failure=self._decode_failure(rc)
+            )
         return out
+
+    def _decode_failure(self, rc: int) -> FailureKind:
+        """llama_decode's codes: 1 no room in the KV cache, 2 aborted, < 0 a compute error."""
+        if rc == 1:
+            return FailureKind.OUT_OF_MEMORY
+        if rc < 0 and self.info.device != "cpu":
+            return FailureKind.GPU_FAULT
+        return FailureKind.ERROR
 
     def set_sampler(self, seq: int, params: SamplingParams) -> None:
         """Give ``seq`` a fresh sampler chain for a new request."""

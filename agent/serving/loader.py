@@ -12,8 +12,9 @@ from pathlib import Path
 from agent.config import AgentSettings, ModelSpec
 from agent.errors import ConfigError
 from agent.runtime.base import ServedModel
+from agent.serving.faults import FaultInjector, FaultyDecoder
 from agent.serving.registry import ModelRegistry
-from agent.serving.scheduler import BatchScheduler
+from agent.serving.scheduler import BatchDecoder, BatchScheduler
 from agent.store import ModelStore, manifest_for_file
 from models.manifest import ModelFormat, ModelManifest
 
@@ -34,15 +35,25 @@ def resolve(spec: ModelSpec, store: ModelStore) -> tuple[ModelManifest, Path]:
 
 
 def load_model(
-    manifest: ModelManifest, path: Path, settings: AgentSettings, registry: ModelRegistry
+    manifest: ModelManifest,
+    path: Path,
+    settings: AgentSettings,
+    registry: ModelRegistry,
+    faults: FaultInjector | None = None,
 ) -> ServedModel:
-    """Load a resolved model within the memory budget; blocking."""
+    """Load a resolved model within the memory budget; blocking.
+
+    With ``faults`` (fault injection on), a GGUF model's decoder takes injected faults.
+    """
     registry.check_budget(manifest.size_bytes, replacing=manifest.name)
     model: ServedModel
     if manifest.format is ModelFormat.GGUF:
         from agent.runtime.llama_cpp import load_gguf
 
-        model = BatchScheduler(load_gguf(path, manifest), queue_size=settings.queue_size)
+        decoder: BatchDecoder = load_gguf(path, manifest)
+        if faults is not None:
+            decoder = FaultyDecoder(decoder, faults)
+        model = BatchScheduler(decoder, queue_size=settings.queue_size)
     else:
         from agent.runtime.onnx import load_onnx
 

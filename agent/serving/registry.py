@@ -13,8 +13,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TypeVar
 
-from agent.errors import ConfigError, InvalidRequest, ModelNotFound, ModelNotReady
+from agent.errors import InvalidRequest, MemoryBudgetExceeded, ModelNotFound, ModelNotReady
 from agent.runtime.base import ServedModel
+from models.policy import FailureKind
 
 __all__ = ["ModelRegistry"]
 
@@ -36,6 +37,7 @@ class ModelRegistry:
     _entries: dict[str, _Entry] = field(default_factory=dict)
     _loading: set[str] = field(default_factory=set)
     _failed: dict[str, str] = field(default_factory=dict)
+    _failure: dict[str, FailureKind] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def names(self) -> list[str]:
@@ -51,11 +53,12 @@ class ModelRegistry:
         with self._lock:
             self._loading.add(name)
 
-    def fail(self, name: str, reason: str) -> None:
+    def fail(self, name: str, reason: str, kind: FailureKind = FailureKind.LOAD_FAILED) -> None:
         """Record that a configured model could not be loaded; /readyz reports the reason."""
         with self._lock:
             self._loading.discard(name)
             self._failed[name] = reason
+            self._failure[name] = kind
 
     def ready(self) -> bool:
         with self._lock:
@@ -75,7 +78,7 @@ class ModelRegistry:
                 e.model.info.memory_bytes for n, e in self._entries.items() if n != replacing
             )
         if used + extra_bytes > self.memory_budget_bytes:
-            raise ConfigError(
+            raise MemoryBudgetExceeded(
                 f"loading {extra_bytes / 2**20:.0f} MiB would exceed the memory budget "
                 f"({used / 2**20:.0f} of {self.memory_budget_bytes / 2**20:.0f} MiB in use); "
                 "raise memory_budget_mb or serve fewer models"
@@ -88,6 +91,7 @@ class ModelRegistry:
             self._entries[name] = _Entry(model)
             self._loading.discard(name)
             self._failed.pop(name, None)
+            self._failure.pop(name, None)
             close_now = old is not None and self._retire(old)
         if close_now and old is not None:
             old.model.close()
@@ -97,6 +101,7 @@ class ModelRegistry:
             old = self._entries.pop(name, None)
             self._loading.discard(name)
             self._failed.pop(name, None)
+            self._failure.pop(name, None)
             close_now = old is not None and self._retire(old)
         if close_now and old is not None:
             old.model.close()
@@ -114,7 +119,10 @@ class ModelRegistry:
                 if name in self._loading:
                     raise ModelNotReady(f"model {name!r} is still loading; retry shortly")
                 if name in self._failed:
-                    raise ModelNotReady(f"model {name!r} failed to load: {self._failed[name]}")
+                    raise ModelNotReady(
+                        f"model {name!r} failed to load: {self._failed[name]}",
+                        failure=self._failure.get(name, FailureKind.LOAD_FAILED),
+                    )
                 raise ModelNotFound(f"The model {name!r} does not exist", param="model")
             if not isinstance(entry.model, kind):
                 raise InvalidRequest(

@@ -28,9 +28,12 @@ from agent.config import AgentSettings, ModelSpec
 from agent.errors import AgentError
 from agent.metrics import AgentMetrics
 from agent.runtime.base import ServedModel
+from agent.serving.chain import load_failure
+from agent.serving.degraded import DegradedMode
 from agent.serving.loader import load_model, resolve
 from agent.serving.registry import ModelRegistry
 from agent.state.plan import Unload, plan_models
+from agent.state.policy import PolicyKeeper
 from agent.state.report import agent_version, build_report
 from agent.state.saved import SavedDesired
 from agent.store import ModelStore
@@ -62,6 +65,7 @@ class ExecutorContext:
     registry: ModelRegistry  # where loaded models are published and failures recorded
     metrics: AgentMetrics  # load times
     device: DeviceReport | None = None  # reported; its RAM bounds what an update may need
+    degraded: DegradedMode | None = None  # reported: the policy enforced, the degraded models
 
 
 @dataclass(frozen=True)
@@ -167,6 +171,7 @@ class ModelController:
         saved: SavedDesired | None = None,
         desired: DesiredState | None = None,
         load: Loader = load_model,
+        policies: PolicyKeeper | None = None,
     ) -> None:
         self.context = context
         self.configured = list(configured)
@@ -178,6 +183,7 @@ class ModelController:
         self.on_outcomes: Callable[[Sequence[Outcome]], None] | None = None
         self.updater: Updater | None = None  # set by the fleet link once enrolled
         self._load = load
+        self.policies = policies
         self._reconciling = asyncio.Lock()
         self._saving = asyncio.Lock()  # saves in order, so the newest state is the one kept
         self._running: tuple[int | None, Preemption] | None = None  # (its desired version, ...)
@@ -301,7 +307,7 @@ class ModelController:
             except AgentError as exc:
                 log.error("model %s failed to load: %s", spec.name, exc.message)
                 if not step.replaces:
-                    registry.fail(spec.name, exc.message)
+                    registry.fail(spec.name, exc.message, load_failure(exc))
                 outcomes.append(
                     Outcome(
                         spec.name,
@@ -378,6 +384,8 @@ class ModelController:
         """
         self.desired = desired
         self._preempt_older(desired)
+        if self.policies is not None:
+            self.policies.apply(desired)
         log.info("applying desired state %d: %s", desired.version, [m.name for m in desired.models])
         await self._save(desired)
         return await self.reconcile()
@@ -434,4 +442,6 @@ class ModelController:
             agent_version=agent_version(),
             device=self.context.device,
             now=utc_now(),
+            policy=degraded.ref() if (degraded := self.context.degraded) is not None else None,
+            degraded=degraded.degraded() if degraded is not None else (),
         )

@@ -16,7 +16,15 @@ from typing import Any
 
 from agent.runtime.base import ServedModel
 from models.device import DeviceReport
-from models.wire import DesiredState, ModelState, ReportedModel, ReportedState, runs_wanted
+from models.policy import PolicyRef
+from models.wire import (
+    DegradedModel,
+    DesiredState,
+    ModelState,
+    ReportedModel,
+    ReportedState,
+    runs_wanted,
+)
 
 __all__ = ["agent_version", "build_report", "report_key"]
 
@@ -47,6 +55,8 @@ def build_report(
     agent_version: str,
     device: DeviceReport | None,
     now: datetime,
+    policy: PolicyRef | None = None,
+    degraded: Sequence[DegradedModel] = (),
 ) -> ReportedState:
     """One entry per model that is served, loading, failed or missing, sorted by name.
 
@@ -92,6 +102,8 @@ def build_report(
         models=models[:_MAX_MODELS],
         agent_version=agent_version,
         device=device,
+        policy=policy,
+        degraded=list(degraded)[:_MAX_MODELS],
         reported_at=now,
     )
 

@@ -73,6 +73,7 @@ def test_a_sample_from_a_window() -> None:
         completion_tokens=250,
         latencies_s=(0.1, 0.2, 0.3, 0.4),
         ttfts_s=(0.05, 0.07),
+        fallbacks={"cache": 2, "model": 1},
     )
     gauges = Gauges(
         queue_depth=3,
@@ -104,6 +105,8 @@ def test_a_sample_from_a_window() -> None:
         gpu_memory_used_bytes=2**30,
         gpu_temperature_c=71.5,
         gpu_power_w=50.0,
+        fallbacks=3,
+        fallbacks_by_tier={"cache": 2, "model": 1},
     )
 
 
