@@ -13,6 +13,12 @@ broker is down the state is still stored (``published`` False) and the link
 republishes every stored desired state when it reconnects. Store-and-publish runs
 under one lock per controller so two quick changes to one device cannot reach the
 broker out of order and leave the older one retained.
+
+An admin's state that names no fallback policy gets the device's assigned one
+(:func:`assigned_policies`: its own assignment, else its group's; ``fleet.policy``),
+so setting models never drops the degraded-mode policy; unless the new models lack
+one that the policy's chains need, when it gets none (``edgefleet policies show``
+names what is missing). Renewals and rollouts keep a state's fallback as it is.
 """
 
 from __future__ import annotations
@@ -36,8 +42,9 @@ from fleet.link.port import LinkPort
 from fleet.registry.select import choose_artifact
 from fleet.registry.targets import target_path
 from fleet.registry.variants import Ineligible, candidate_of, choose_variant
-from fleet.tables import Device, Group, ModelArtifact
+from fleet.tables import Device, Group, ModelArtifact, PolicyAssignment, PolicyRow
 from models.device import DeviceReport
+from models.policy import FallbackPolicy
 from models.wire import DESIRED_LIFETIME, DesiredModel, DesiredState, TargetRef
 
 __all__ = [
@@ -45,8 +52,10 @@ __all__ = [
     "Delivery",
     "DesiredExtras",
     "DesiredStates",
+    "Extras",
     "WantedModel",
     "WantedState",
+    "assigned_policies",
     "desired_model_of",
     "desired_of",
     "due_for_renewal",
@@ -92,6 +101,14 @@ class WantedState(Protocol):
     def config(self) -> dict[str, JsonValue]: ...
     @property
     def fallback(self) -> dict[str, JsonValue]: ...
+
+
+@dataclass(frozen=True)
+class Extras:
+    """A desired state's config and fallback, as :class:`DesiredExtras`."""
+
+    config: dict[str, JsonValue]
+    fallback: dict[str, JsonValue]
 
 
 @dataclass(frozen=True)
@@ -254,13 +271,77 @@ def store_desired_many(
     return states
 
 
+def assigned_policies(session: Session, devices: Sequence[Device]) -> dict[str, PolicyRow]:
+    """Each device's assigned policy version, by device id: its own assignment, else its group's.
+
+    Devices with neither are left out.
+    """
+    groups = sorted({d.group for d in devices if d.group is not None})
+    wanted = [("device", chunk) for chunk in in_chunks(sorted(d.id for d in devices))]
+    wanted += [("group", chunk) for chunk in in_chunks(groups)]
+    found: dict[tuple[str, str], PolicyAssignment] = {}
+    for scope, chunk in wanted:
+        for row in session.exec(
+            select(PolicyAssignment).where(
+                col(PolicyAssignment.scope) == scope, col(PolicyAssignment.target).in_(chunk)
+            )
+        ):
+            found[(row.scope, row.target)] = row
+    picks: dict[str, tuple[str, int]] = {}
+    for device in devices:
+        assignment = found.get(("device", device.id))
+        if assignment is None and device.group is not None:
+            assignment = found.get(("group", device.group))
+        if assignment is not None:
+            picks[device.id] = (assignment.policy, assignment.version)
+    rows: dict[tuple[str, int], PolicyRow] = {}
+    for chunk in in_chunks(sorted({name for name, _ in picks.values()})):
+        for policy in session.exec(select(PolicyRow).where(col(PolicyRow.name).in_(chunk))):
+            rows[(policy.name, policy.version)] = policy
+    return {device_id: rows[pick] for device_id, pick in picks.items() if pick in rows}
+
+
+def _reported_names(device: Device) -> set[str]:
+    models = (device.reported or {}).get("models") or []
+    return {str(m["name"]) for m in models if isinstance(m, dict) and m.get("state") != "missing"}
+
+
+def _with_assigned_policy(
+    device: Device | None,
+    models: list[DesiredModel],
+    wanted: WantedState,
+    assigned: Mapping[str, PolicyRow],
+) -> DesiredExtras:
+    """``wanted``, or, when it names no fallback, ``wanted`` with the device's assigned policy.
+
+    The policy goes only where the device has every model its chains need, the rule of
+    :func:`fleet.policy.eligibility.ineligible_reasons` (a chain for a model the device
+    does not serve never applies, so it needs nothing).
+    """
+    if wanted.fallback or device is None or device.id not in assigned:
+        return wanted
+    row = assigned[device.id]
+    has = {m.name for m in models} | _reported_names(device)
+    try:
+        policy = FallbackPolicy.model_validate(row.body)
+    except ValidationError:
+        log.warning("policy %s v%d: stored body does not parse", row.name, row.version)
+        return wanted
+    fits = all(
+        set(chain.models()) <= has for served, chain in policy.chains.items() if served in has
+    )
+    return Extras(config=wanted.config, fallback=row.body if fits else {})
+
+
 def _store_for_device(
     engine: Engine, device_id: str, wanted: WantedState, now: datetime
 ) -> DesiredState:
     with Session(engine) as session:
-        state = store_desired(
-            session, device_id, resolve_models(session, wanted.models), wanted, now
-        )
+        device = session.get(Device, device_id)
+        models = resolve_models(session, wanted.models)
+        assigned = assigned_policies(session, [device]) if device is not None else {}
+        extras = _with_assigned_policy(device, models, wanted, assigned)
+        state = store_desired(session, device_id, models, extras, now)
         session.commit()
         return state
 
@@ -277,10 +358,12 @@ def _store_for_group(
             .order_by(col(Device.id))
         ).all()
         rows = registered_rows(session, wanted.models)
-        wanted_by_device = [
-            (d.id, resolve_models(session, wanted.models, report_of(d), rows), wanted)
-            for d in devices
-        ]
+        assigned = assigned_policies(session, devices)
+        wanted_by_device = []
+        for device in devices:
+            models = resolve_models(session, wanted.models, report_of(device), rows)
+            extras = _with_assigned_policy(device, models, wanted, assigned)
+            wanted_by_device.append((device.id, models, extras))
         states = store_desired_many(session, wanted_by_device, now)
         session.commit()
         return states

@@ -12,6 +12,7 @@ from fleet.api import (
     enroll,
     groups,
     models,
+    policies,
     rollouts,
     status,
     telemetry,
@@ -33,6 +34,7 @@ ROUTERS: tuple[APIRouter, ...] = (
     artifacts.router,
     tuf.router,
     rollouts.router,
+    policies.router,
 )
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import typer
 
-from fleet.cli import devices, groups, keys, models, rollouts, tokens
+from fleet.cli import devices, groups, keys, models, policies, rollouts, tokens
 from fleet.cli.serve import serve
 from fleet.cli.simulate import CONTEXT_SETTINGS, simulate
 from fleet.cli.status import status, version
@@ -29,6 +29,7 @@ app.add_typer(groups.app, name="groups")
 app.add_typer(models.app, name="models")
 app.add_typer(keys.app, name="keys")
 app.add_typer(rollouts.app, name="rollouts")
+app.add_typer(policies.app, name="policies")
 app.command()(status)
 app.command()(version)
 app.command(context_settings=CONTEXT_SETTINGS, add_help_option=False)(simulate)
