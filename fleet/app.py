@@ -22,6 +22,7 @@ from fastapi import FastAPI
 from sqlalchemy.engine import Engine
 from starlette.concurrency import run_in_threadpool
 
+from fleet import degraded
 from fleet.api import ROUTERS, streams_body
 from fleet.api.deps import FleetState
 from fleet.api.errors import install_error_handlers
@@ -229,6 +230,9 @@ def create_app(
                         _every(interval_s, "desired states", desired.renew), name="desired-renew"
                     ),
                     asyncio.create_task(rollouts.run(), name="rollouts"),
+                    asyncio.create_task(
+                        degraded.watch(engine, settings, clock), name="degraded-alerts"
+                    ),
                 ]
                 try:
                     yield

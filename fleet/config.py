@@ -66,6 +66,15 @@ class FleetSettings(BaseSettings):
     ingest_batch_rows: int = Field(default=500, ge=1)  # rows per database write
     ingest_flush_ms: int = Field(default=200, ge=1)  # at most this long before a write
 
+    # Degraded mode (docs/degraded-mode.md, "On the controller"): a group_degraded alert
+    # opens while at least this share of a group's devices that count (not revoked;
+    # online or seen within degraded_alert_seen_within_s) report degraded models, and
+    # at least degraded_alert_min_devices of them do.
+    degraded_alert_share: float = Field(default=0.2, gt=0, le=1)  # 0.2: a fifth of the group
+    degraded_alert_min_devices: int = Field(default=2, ge=1)
+    degraded_alert_interval_s: float = Field(default=10.0, gt=0, le=3600)  # between checks
+    degraded_alert_seen_within_s: float = Field(default=300.0, gt=0)  # an offline device counts
+
     @field_validator("broker_url", "broker_public_url", "public_url")
     @classmethod
     def _check_url(cls, value: str | None) -> str | None:

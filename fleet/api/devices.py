@@ -1,4 +1,9 @@
-"""Devices: list and search, detail with drift, rename/regroup/retag, revoke, one-off commands."""
+"""Devices: list and search, detail with drift, rename/regroup/retag, revoke, one-off commands.
+
+Listings and details show what a device last reported of degraded mode: the models its
+fallbacks answer (``degraded``) and the policy it enforces (``policy``);
+``?degraded=true`` lists only the non-revoked devices whose last report is degraded.
+"""
 
 from __future__ import annotations
 
@@ -24,6 +29,7 @@ from fleet.api.schemas import (
     GroupName,
     Tag,
 )
+from fleet.degraded import is_degraded
 from fleet.errors import BrokerUnavailable, Conflict, InvalidInput
 from fleet.tables import Device, DeviceTag, Group
 from models.wire import Command, CommandKind
@@ -42,6 +48,10 @@ def list_devices(
     tag: Tag | None = None,
     status: DeviceStatus | None = None,
     q: Annotated[str | None, Query(max_length=128, description="part of name or id")] = None,
+    degraded: Annotated[
+        bool | None,
+        Query(description="true: only non-revoked devices whose last report lists degraded models"),
+    ] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     offset: Annotated[int, Query(ge=0)] = 0,
 ) -> DeviceList:
@@ -59,6 +69,9 @@ def list_devices(
     elif status is not None:
         where.append(col(d.revoked_at).is_(None))
         where.append(col(d.online) == (status == "online"))
+    if degraded is not None:
+        degraded_now = col(d.revoked_at).is_(None) & is_degraded()
+        where.append(degraded_now if degraded else ~degraded_now)
     if q:
         where.append(
             col(d.name).icontains(q, autoescape=True) | col(d.id).icontains(q, autoescape=True)

@@ -16,12 +16,14 @@ from sqlalchemy import func
 from sqlmodel import Session, col, select
 
 from fleet.api.schemas import (
+    DegradedPublic,
     DeviceCounts,
     DeviceDetail,
     DevicePublic,
     DeviceStatus,
     DriftItemPublic,
     DriftPublic,
+    PolicyRefPublic,
     TokenPublic,
 )
 from fleet.desired import desired_of
@@ -128,6 +130,25 @@ def _public_fields(device: Device, tags: list[str], drift: Drift) -> dict[str, A
         "desired_version": device.desired_version,
         "applied_version": reported.desired_version if reported else None,
         "in_sync": drift.in_sync,
+        "degraded": [
+            DegradedPublic(
+                model=str(m.name),
+                breaker=m.breaker.value,
+                kind=m.kind.value,
+                reason=m.reason,
+                since=m.since,
+            )
+            for m in (reported.degraded if reported else [])
+        ],
+        "policy": (
+            PolicyRefPublic(
+                name=reported.policy.name,
+                version=reported.policy.version,
+                digest=reported.policy.digest,
+            )
+            if reported is not None and reported.policy is not None
+            else None
+        ),
     }
 
 

@@ -25,6 +25,7 @@ __all__ = [
     "ArtifactPublic",
     "CommandAccepted",
     "CommandCreate",
+    "DegradedPublic",
     "DesiredBody",
     "DesiredModelBody",
     "DesiredPublished",
@@ -44,6 +45,7 @@ __all__ = [
     "ModelMetadata",
     "ModelSummary",
     "ModelVersionPublic",
+    "PolicyRefPublic",
     "Tag",
     "TagCount",
     "TokenCreate",
@@ -147,6 +149,24 @@ class DriftPublic(BaseModel):
     items: list[DriftItemPublic]
 
 
+class DegradedPublic(BaseModel):
+    """A model the device answers with its fallbacks, as it last reported (degraded mode)."""
+
+    model: str
+    breaker: str  # "open" or "half_open"
+    kind: str  # what opened it: models.policy.FailureKind
+    reason: str
+    since: datetime
+
+
+class PolicyRefPublic(BaseModel):
+    """The fallback policy a device reports it enforces."""
+
+    name: str
+    version: int
+    digest: str
+
+
 class DevicePublic(BaseModel):
     """A device as listings show it."""
 
@@ -163,6 +183,8 @@ class DevicePublic(BaseModel):
     desired_version: int  # 0: never set
     applied_version: int | None  # the desired version the device last acted on
     in_sync: bool
+    degraded: list[DegradedPublic]  # empty: every model answers (or no report)
+    policy: PolicyRefPublic | None  # None: no report, or no policy enforced
 
 
 class DeviceDetail(DevicePublic):

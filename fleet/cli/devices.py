@@ -1,4 +1,8 @@
-"""'edgefleet devices': list, show, tag, move, revoke; set what one runs; follow its events."""
+"""'edgefleet devices': list, show, tag, move, revoke; set what one runs; follow its events.
+
+``devices list --degraded`` and ``devices show`` tell which models a device answers with
+its fallbacks (degraded mode), in which breaker state, and why.
+"""
 
 from __future__ import annotations
 
@@ -48,11 +52,17 @@ def list_devices(
     tag: Annotated[str | None, typer.Option(help="only devices with this tag")] = None,
     status: Annotated[str | None, typer.Option(help="online, offline or revoked")] = None,
     search: Annotated[str | None, typer.Option(help="part of a name or id")] = None,
+    degraded: Annotated[
+        bool,
+        typer.Option(
+            "--degraded", help="only degraded devices: each model its fallbacks answer, and why"
+        ),
+    ] = False,
     limit: Annotated[int, typer.Option(min=1, max=1000)] = 100,
     offset: Annotated[int, typer.Option(min=0)] = 0,
     as_json: JsonOpt = False,
 ) -> None:
-    """Enrolled devices, filtered."""
+    """Enrolled devices, filtered; --degraded lists the degraded ones model by model."""
     if status is not None and status not in STATUSES:
         raise typer.BadParameter("use online, offline or revoked", param_hint="--status")
     with connection.client() as client:
@@ -62,16 +72,26 @@ def list_devices(
             tag=tag,
             status=status,
             q=search,
+            degraded="true" if degraded else None,
             limit=limit,
             offset=offset,
         )
     if as_json:
         print_json(page)
         return
+    table = _degraded_table(page["items"]) if degraded else _device_table(page["items"])
+    out = console()
+    out.print(table)
+    shown = len(page["items"])
+    if shown < page["total"]:
+        out.print(f"{shown} of {page['total']} shown (use --offset {offset + shown} for more)")
+
+
+def _device_table(items: list[dict[str, Any]]) -> Table:
     table = Table(
         "id", "name", "group", "status", "last seen", "agent", "in sync", "tags", box=None
     )
-    for d in page["items"]:
+    for d in items:
         table.add_row(
             d["id"],
             d["name"],
@@ -82,11 +102,28 @@ def list_devices(
             "yes" if d["in_sync"] else "no",
             ",".join(d["tags"]),
         )
-    out = console()
-    out.print(table)
-    shown = len(page["items"])
-    if shown < page["total"]:
-        out.print(f"{shown} of {page['total']} shown (use --offset {offset + shown} for more)")
+    return table
+
+
+def _degraded_table(items: list[dict[str, Any]]) -> Table:
+    """One row per degraded model: which breaker, since when, what opened it and why."""
+    table = Table(
+        "id", "name", "group", "status", "model", "breaker", "since", "kind", "reason", box=None
+    )
+    for d in items:
+        for m in d["degraded"]:
+            table.add_row(
+                d["id"],
+                d["name"],
+                d["group"] or "-",
+                d["status"],
+                m["model"],
+                m["breaker"],
+                when(m["since"]),
+                m["kind"],
+                m["reason"],
+            )
+    return table
 
 
 @app.command("show")
@@ -134,6 +171,18 @@ def show(connection: Connection, device_id: DeviceArg, as_json: JsonOpt = False)
     )
     out.print(f"desired models: {wanted or '-'}")
     out.print(f"running models: {running or '-'}")
+    policy = d["policy"]
+    enforced = f"{policy['name']} v{policy['version']}" if policy else "-"
+    out.print(f"fallback policy: {enforced}")
+    if d["degraded"]:
+        out.print("degraded:")
+        for m in d["degraded"]:
+            out.print(
+                f"  - {m['model']}: breaker {m['breaker']} since {when(m['since'])}, "
+                f"{m['kind']}: {m['reason']}"
+            )
+    else:
+        out.print("degraded: no")
     drift = d["drift"]
     if not drift["managed"]:
         out.print("drift: none (no desired state set)")

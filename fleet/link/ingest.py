@@ -59,6 +59,7 @@ _INT64_FIELDS = (
     "model_memory_bytes",
     "process_memory_bytes",
     "gpu_memory_used_bytes",
+    "fallbacks",
 )
 _SAMPLE_FIELDS = (
     "seq",
@@ -77,6 +78,7 @@ _SAMPLE_FIELDS = (
     "gpu_memory_used_bytes",
     "gpu_temperature_c",
     "gpu_power_w",
+    "fallbacks",
 )
 
 
@@ -137,6 +139,11 @@ def _range_problem(message: WireModel) -> str | None:
                 value = getattr(sample, name)
                 if value is not None and value > _INT64_MAX:
                     return f"samples.{name} is too large"
+            for tier, n in sample.fallbacks_by_tier.items():
+                if not 0 <= n <= _INT64_MAX:
+                    return f"samples.fallbacks_by_tier[{_short(tier, 40)!r}] is out of range"
+                if "\x00" in tier:
+                    return "samples.fallbacks_by_tier names a tier with a NUL character"
     elif isinstance(message, Event):
         # PostgreSQL text cannot hold NUL characters.
         if "\x00" in message.message:
@@ -214,10 +221,16 @@ def _utc(value: datetime) -> datetime:
 
 
 def telemetry_rows(batch: TelemetryBatch, stored_at: datetime) -> Iterable[dict[str, Any]]:
-    """One ``telemetry`` row per sample (timestamps in UTC: SQLite stores them naive)."""
+    """One ``telemetry`` row per sample (timestamps in UTC: SQLite stores them naive).
+
+    ``fallbacks`` stays NULL when the agent did not count them (an agent older than
+    degraded mode), which the ``fallback_rate`` gate reads as "no data", never as 0.
+    """
     sent_at = _utc(batch.sent_at)
     for sample in batch.samples:
         row: dict[str, Any] = {name: getattr(sample, name) for name in _SAMPLE_FIELDS}
+        # An empty breakdown is stored as NULL, like every field a sample did not measure.
+        row["fallbacks_by_tier"] = dict(sample.fallbacks_by_tier) or None
         row["device_id"] = batch.device_id
         row["sample_id"] = sample.id
         row["ts"] = _utc(sample.ts)

@@ -60,6 +60,7 @@ def _sample(row: TelemetryRow) -> Sample:
         p95_ms=row.latency_p95_ms,
         ttft_ms=row.ttft_p50_ms,
         tokens_per_s=row.tokens_per_s,
+        fallbacks=row.fallbacks,
     )
 
 

@@ -7,12 +7,15 @@ A staged rollout is only worth testing against devices that can get worse. A
     gemma3-270m@2.0:latency=3.0               p50/p95 latency and TTFT three times longer
     gemma3-270m@2.0/Q8_0:errors=0.2,golden=fail
     minilm@7:tps=0.5,restart                  half the tokens/s; the agent restarts once
+    gemma3-270m@2.0:fallbacks=0.3             its fallbacks answer 30% of the requests
 
 Effects, comma-separated after the colon:
 
 - ``latency=F`` multiplies the p50 and p95 latency and the time to first token (F > 0);
 - ``tps=F`` multiplies tokens/s (F > 0);
 - ``errors=R`` makes a share R (0..1) of the served requests fail;
+- ``fallbacks=R``: a share R (0..1) of the served requests is answered by a fallback tier
+  (degraded mode), as the ``fallback_rate`` gate reads it;
 - ``golden=fail``: the health check after installing fails, the update is rolled back
   (``update_rolled_back``) and the previous version keeps serving;
 - ``install=fail``: installing fails (``update_failed``, phase ``install``);
@@ -46,16 +49,19 @@ class Effects:
     golden_fail: bool = False  # the health check after installing fails: rolled back
     install_fail: bool = False  # installing fails: update_failed, phase "install"
     restart: bool = False  # the agent restarts once while loading it: an online event
+    fallback_rate: float | None = None  # share answered by fallbacks; None: the usual few
 
     def __post_init__(self) -> None:
         if self.latency <= 0 or self.tps <= 0:
             raise ValueError("latency and tps factors must be positive")
-        if self.error_rate is not None and not 0.0 <= self.error_rate <= 1.0:
-            raise ValueError("an error rate is a share between 0 and 1")
+        for rate in (self.error_rate, self.fallback_rate):
+            if rate is not None and not 0.0 <= rate <= 1.0:
+                raise ValueError("an error or fallback rate is a share between 0 and 1")
 
     def combine(self, other: Effects) -> Effects:
-        """Both at once: factors multiply, the higher error share wins, flags add up."""
+        """Both at once: factors multiply, the higher error (fallback) share wins, flags add up."""
         rates = [r for r in (self.error_rate, other.error_rate) if r is not None]
+        fallbacks = [r for r in (self.fallback_rate, other.fallback_rate) if r is not None]
         return Effects(
             latency=self.latency * other.latency,
             tps=self.tps * other.tps,
@@ -63,6 +69,7 @@ class Effects:
             golden_fail=self.golden_fail or other.golden_fail,
             install_fail=self.install_fail or other.install_fail,
             restart=self.restart or other.restart,
+            fallback_rate=max(fallbacks) if fallbacks else None,
         )
 
     def __str__(self) -> str:
@@ -79,6 +86,8 @@ class Effects:
             parts.append("install=fail")
         if self.restart:
             parts.append("restart")
+        if self.fallback_rate is not None:
+            parts.append(f"fallbacks={self.fallback_rate:g}")
         return ",".join(parts) or "none"
 
 
@@ -137,6 +146,7 @@ def _effects(spec: str, text: str) -> Effects:
     seen: set[str] = set()
     latency = tps = 1.0
     error_rate: float | None = None
+    fallback_rate: float | None = None
     golden_fail = install_fail = restart = False
     for raw in spec.split(","):
         item = raw.strip()
@@ -153,6 +163,10 @@ def _effects(spec: str, text: str) -> Effects:
             error_rate = _number(key, value, text)
             if not 0 <= error_rate <= 1:
                 raise ValueError(f"{text!r}: errors is a share between 0 and 1, not {value}")
+        elif key == "fallbacks" and eq:
+            fallback_rate = _number(key, value, text)
+            if not 0 <= fallback_rate <= 1:
+                raise ValueError(f"{text!r}: fallbacks is a share between 0 and 1, not {value}")
         elif key == "golden" and value == "fail":
             golden_fail = True
         elif key == "install" and value == "fail":
@@ -162,9 +176,9 @@ def _effects(spec: str, text: str) -> Effects:
         else:
             raise ValueError(
                 f"{text!r}: {item!r} is not an effect (latency=F, tps=F, errors=R, "
-                "golden=fail, install=fail, restart)"
+                "fallbacks=R, golden=fail, install=fail, restart)"
             )
-    return Effects(latency, tps, error_rate, golden_fail, install_fail, restart)
+    return Effects(latency, tps, error_rate, golden_fail, install_fail, restart, fallback_rate)
 
 
 @dataclass(frozen=True)

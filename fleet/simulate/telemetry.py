@@ -10,7 +10,9 @@ load, so charts of a simulated fleet look like a real one's rather than like noi
 
 A served model version that a regression rule matches (:mod:`.regress`) changes the
 numbers through :class:`~fleet.simulate.regress.Effects`: latency and time to first
-token multiplied, tokens/s multiplied, a share of requests failing. The load itself
+token multiplied, tokens/s multiplied, a share of requests failing, a share answered
+by a fallback tier (``fallbacks``, drawn from a generator of their own seeded by one
+draw of the window's, so a fallback rate moves no other number). The load itself
 (requests, utilisation, queue) does not change, so the same device before and after an
 update differs by exactly those effects, as a rollout's gate should see it.
 
@@ -46,6 +48,7 @@ __all__ = [
 
 GB = 1_000_000_000
 MB = 1_000_000
+BASE_FALLBACK_RATE = 0.001  # requests a fallback tier answers on a healthy device
 
 ProfileKind = Literal["jetson-orin-nano", "rtx-desktop", "cpu-box"]
 PROFILE_KINDS: tuple[ProfileKind, ...] = ("jetson-orin-nano", "rtx-desktop", "cpu-box")
@@ -227,6 +230,12 @@ def next_sample(
     kv_bytes = int(busy * profile.slots * 8 * MB)
     sample["model_memory_bytes"] = profile.model_memory_bytes + kv_bytes
     sample["process_memory_bytes"] = profile.model_memory_bytes + kv_bytes + 140 * MB + extra
+    fallback_rng = random.Random(rng.random())  # noqa: S311 (simulated values)
+    fallback_rate = BASE_FALLBACK_RATE if effects.fallback_rate is None else effects.fallback_rate
+    fallbacks = _binomial(fallback_rng, requests - rejections, fallback_rate)
+    sample["fallbacks"] = fallbacks
+    if fallbacks:
+        sample["fallbacks_by_tier"] = {"model": fallbacks}
     temperature = state.temperature_c
     if profile.gpu_memory_total_bytes is not None:
         gpu_util = min(100.0, max(0.0, busy * 100 * rng.uniform(0.85, 1.0)))

@@ -62,6 +62,7 @@ def test_errors_may_be_zero() -> None:
         ("gemma3@2.0:tps=-1", "positive factor"),
         ("gemma3@2.0:latency=inf", "finite"),
         ("gemma3@2.0:errors=1.5", "between 0 and 1"),
+        ("gemma3@2.0:fallbacks=-0.1", "between 0 and 1"),
         ("gemma3@2.0:golden=pass", "is not an effect"),
         ("gemma3@2.0:install", "is not an effect"),
         ("gemma3@2.0:restart=2", "is not an effect"),
@@ -162,6 +163,30 @@ def test_an_error_rate_sets_the_share_of_failed_requests() -> None:
         valid = TelemetrySample.model_validate(sample)
         assert valid.errors + valid.rejections <= valid.requests
     assert all(s["errors"] == 0 for s in _window(profile, Effects(error_rate=0.0), seed=9))
+
+
+def test_a_fallback_rate_sets_the_share_answered_by_fallbacks_and_moves_nothing_else() -> None:
+    rule = Regression.parse("gemma3@2.0:fallbacks=0.3,latency=2")
+    assert rule.effects == Effects(latency=2.0, fallback_rate=0.3)
+    assert str(rule) == "gemma3@2.0:latency=2,fallbacks=0.3"
+    assert Effects(fallback_rate=0.1).combine(Effects(fallback_rate=0.3)).fallback_rate == 0.3
+    profile = _busy_profile()
+    baseline = _window(profile, NO_EFFECTS, seed=9, windows=400)
+    degraded = _window(profile, Effects(fallback_rate=0.3), seed=9, windows=400)
+
+    def share(samples: list[dict[str, Any]]) -> float:
+        served: int = sum(s["requests"] - s["rejections"] for s in samples)
+        assert served > 2000
+        fallbacks: int = sum(s["fallbacks"] for s in samples)
+        return fallbacks / served
+
+    assert share(baseline) < 0.01
+    assert 0.27 < share(degraded) < 0.33
+    for old, new in zip(baseline, degraded, strict=True):
+        valid = TelemetrySample.model_validate(new)
+        assert valid.fallbacks == sum(valid.fallbacks_by_tier.values())
+        for key in ("requests", "errors", "latency_p95_ms", "tokens_per_s", "gpu_power_w"):
+            assert old.get(key) == new.get(key)
 
 
 # --- hardware --------------------------------------------------------------------------------
