@@ -64,7 +64,12 @@ def _row(session: SessionDep, rollout_id: str) -> Rollout:
 async def create_rollout(
     spec: RolloutSpec, state: StateDep, session: SessionDep, actor: ActorHeader = None
 ) -> RolloutDetail:
-    """Validate the rollout against the fleet and start it; 422 names the field, 409 a rival."""
+    """Validate the rollout against the fleet and start it; 422 names the field, 409 a rival.
+
+    The change is a model version (``{"model", "version"}``, the default kind) or a
+    fallback policy (``{"kind": "policy", "policy", "version"}``; no version: the
+    latest, stored as a fixed number).
+    """
     rollout_id = await state.rollouts.create(spec, _actor(actor))
     return rollout_detail(session, _row(session, rollout_id))
 

@@ -23,9 +23,20 @@ from rich.text import Text
 from fleet.cli.connection import Connection, connected
 from fleet.cli.output import JsonOpt, console, fail, print_json, when
 
-__all__ = ["app", "parse_abort", "parse_canary", "parse_gate", "parse_window", "render_status"]
+__all__ = [
+    "app",
+    "parse_abort",
+    "parse_canary",
+    "parse_change",
+    "parse_gate",
+    "parse_policy",
+    "parse_window",
+    "render_status",
+]
 
-app = typer.Typer(no_args_is_help=True, help="Staged rollouts of a model version.")
+app = typer.Typer(
+    no_args_is_help=True, help="Staged rollouts of a model version or a fallback policy."
+)
 
 RolloutArg = Annotated[str, typer.Argument(help="the rollout's id (ro-...)")]
 WATCH_POLL_S = 2.0  # how often --watch asks the controller
@@ -100,6 +111,34 @@ def parse_abort(text: str) -> dict[str, Any]:
     return rule
 
 
+def parse_policy(text: str) -> dict[str, Any]:
+    """``edge-default:2``, or ``edge-default``: the latest, fixed when the rollout is created."""
+    name, sep, version = text.partition(":")
+    change: dict[str, Any] = {"kind": "policy", "policy": name.strip()}
+    if sep:
+        number = _whole(version, "--policy")
+        if number < 1:
+            raise typer.BadParameter(f"{version!r}: versions start at 1", param_hint="--policy")
+        change["version"] = number
+    return change
+
+
+def parse_change(model: str | None, version: str | None, policy: str | None) -> dict[str, Any]:
+    """The change: ``--model`` with ``--version``, or ``--policy``, never both."""
+    if policy is not None:
+        if model is not None or version is not None:
+            raise typer.BadParameter(
+                "--policy rolls out a fallback policy: leave out --model and --version",
+                param_hint="--policy",
+            )
+        return parse_policy(policy)
+    if model is None or version is None:
+        raise typer.BadParameter(
+            "give --model and --version, or --policy (or --spec)", param_hint="--model"
+        )
+    return {"model": model, "version": version}
+
+
 def parse_window(text: str) -> dict[str, Any]:
     """``02:00-05:00`` or ``22:00-04:00@Europe/Berlin`` (for devices that report no zone)."""
     hours, _, zone = text.partition("@")
@@ -113,8 +152,7 @@ def parse_window(text: str) -> dict[str, Any]:
 
 
 def _spec_from_options(
-    model: str,
-    version: str,
+    change: dict[str, Any],
     groups: list[str],
     tags: list[str],
     devices: list[str],
@@ -125,7 +163,7 @@ def _spec_from_options(
     options: dict[str, Any],
 ) -> dict[str, Any]:
     spec: dict[str, Any] = {
-        "change": {"model": model, "version": version},
+        "change": change,
         "target": {"groups": groups, "tags": tags, "devices": devices},
         **{k: v for k, v in options.items() if v is not None},
     }
@@ -162,6 +200,10 @@ def create(
     version: Annotated[
         str | None, typer.Option(help="its version (variants chosen per device)")
     ] = None,
+    policy: Annotated[
+        str | None,
+        typer.Option(help="a fallback policy to roll out instead: NAME or NAME:VERSION"),
+    ] = None,
     group: Annotated[list[str] | None, typer.Option(help="target this group (repeatable)")] = None,
     tag: Annotated[list[str] | None, typer.Option(help="target devices with this tag")] = None,
     device: Annotated[list[str] | None, typer.Option(help="target this device")] = None,
@@ -193,8 +235,7 @@ def create(
         except (OSError, ValueError) as exc:
             fail(f"cannot read the spec {spec_file}: {exc}")
     else:
-        if model is None or version is None:
-            raise typer.BadParameter("give --model and --version (or --spec)", param_hint="--model")
+        change = parse_change(model, version, policy)
         options = {
             "name": name or None,
             "soak_s": soak,
@@ -206,8 +247,7 @@ def create(
             "abort_rules": [parse_abort(a) for a in abort or []] or None,
         }
         spec = _spec_from_options(
-            model,
-            version,
+            change,
             group or [],
             tag or [],
             device or [],
@@ -238,13 +278,13 @@ def list_rollouts(
     if as_json:
         print_json(rows)
         return
-    table = Table("id", "name", "model", "status", "stage", "devices", "created", box=None)
+    table = Table("id", "name", "change", "status", "stage", "devices", "created", box=None)
     for r in rows:
         counts = ", ".join(f"{n} {s}" for s, n in sorted(r["devices"].items()))
         table.add_row(
             r["id"],
             r["name"] or "-",
-            f"{r['model']} {r['version']}",
+            _change_label(r),
             r["status"],
             f"{r['stage'] + 1}/{r['stages']} {r['stage_name']} ({r['phase']})",
             counts,
@@ -253,11 +293,16 @@ def list_rollouts(
     console().print(table)
 
 
+def _change_label(rollout: dict[str, Any]) -> str:
+    """``gemma3 2.0`` or ``policy edge-default v2`` (a controller before policies: the model)."""
+    return str(rollout.get("change") or f"{rollout['model']} {rollout['version']}")
+
+
 def render_status(detail: dict[str, Any]) -> Group:
     """A rollout's progress per stage, its failures, latest gate checks and audit trail."""
     head = Text.assemble(
         (f"{detail['id']} ", "bold"),
-        f"{detail['model']} {detail['version']}  ",
+        f"{_change_label(detail)}  ",
         (detail["status"], "green" if detail["status"] == "completed" else "yellow"),
         f"  stage {detail['stage'] + 1}/{detail['stages']} {detail['stage_name']}",
         f" ({detail['phase']})",
@@ -341,7 +386,7 @@ def devices(
     state: Annotated[str | None, typer.Option(help="only devices in this state")] = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Each device's stage, variant and state in the rollout, with why (in release order)."""
+    """Each device's stage, variant (a model's) and state in the rollout, with why (in order)."""
     with connection.client() as client:
         rows = client.get(f"/api/v1/rollouts/{rollout_id}/devices", state=state)
     if as_json:
@@ -362,7 +407,7 @@ ACTIONS = {
     "pause": "Stop releasing devices and advancing stages; devices already updating finish.",
     "resume": "Carry on a paused rollout.",
     "approve": "Start the next stage of a rollout waiting for approval.",
-    "abort": "Stop, and roll every device it changed back to its previous model.",
+    "abort": "Stop, and roll every device it changed back to its previous model or policy.",
 }
 
 

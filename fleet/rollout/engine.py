@@ -25,6 +25,7 @@ import secrets
 from collections.abc import Callable
 from datetime import datetime
 from functools import partial
+from typing import Any
 
 from sqlalchemy import Engine
 from sqlmodel import Session, col, select
@@ -32,11 +33,13 @@ from sqlmodel import Session, col, select
 from fleet.audit import record
 from fleet.desired import DesiredStates
 from fleet.errors import Conflict, FleetError, InvalidInput, NotFound
-from fleet.rollout.members import live_artifacts, target_devices, validate_target
+from fleet.policy.store import get_policy
+from fleet.rollout.change import Change, ModelChange, PolicyChange
+from fleet.rollout.members import target_devices, validate_target
 from fleet.rollout.plan import LIVE, DeviceState, Phase, RolloutStatus
-from fleet.rollout.spec import RolloutSpec
-from fleet.rollout.step import Step, busy_elsewhere, change_of, new_member, subject
-from fleet.tables import Rollout
+from fleet.rollout.spec import PolicyChangeSpec, RolloutSpec
+from fleet.rollout.step import Step, assigner, busy_elsewhere, change_of, new_member, subject
+from fleet.tables import Rollout, RolloutDevice
 from models.wire import DesiredState
 
 __all__ = ["RolloutEngine"]
@@ -140,8 +143,24 @@ class RolloutEngine:
         self.wake()
 
 
+def _policy_change(session: Session, spec: RolloutSpec) -> Change[Any]:
+    """The policy a new rollout sends, its version fixed; 422 naming the field when unknown."""
+    assert isinstance(spec.change, PolicyChangeSpec)
+    try:
+        return change_of(session, spec)
+    except NotFound:
+        name, version = spec.change.policy, spec.change.version
+        try:
+            latest = get_policy(session, name)
+        except NotFound:
+            raise InvalidInput(f"no fallback policy {name!r}", field="change.policy") from None
+        raise InvalidInput(
+            f"fallback policy {name!r} has no version {version} (the latest is {latest.version})",
+            field="change.version",
+        ) from None
+
+
 def _create(db: Engine, spec: RolloutSpec, actor: str, now: datetime) -> str:
-    change = change_of(spec)
     with Session(db) as session:
         validate_target(session, spec.target)
         devices = target_devices(session, spec.target)
@@ -150,25 +169,29 @@ def _create(db: Engine, spec: RolloutSpec, actor: str, now: datetime) -> str:
                 "matches no device (check the groups, tags, devices and facts filter)",
                 field="target",
             )
-        artifacts = live_artifacts(session, spec.change)
+        if isinstance(spec.change, PolicyChangeSpec):
+            change = _policy_change(session, spec)
+            assert isinstance(change, PolicyChange)
+            # Stored with the version it sends: a newer version never changes this rollout.
+            pinned = spec.change.model_copy(update={"version": change.version})
+            spec = spec.model_copy(update={"change": pinned})
+        else:
+            change = change_of(session, spec)
+        assign_to = assigner(session, spec, change, creating=True)
         busy = busy_elsewhere(session, "", change.key, [d.id for d in devices])
         if busy:
             other = sorted(set(busy.values()))[0]
             count = sum(1 for r in busy.values() if r == other)
+            what = change.name if isinstance(change, ModelChange) else "the fallback policy"
             raise Conflict(
-                f"rollout {other} is already changing {spec.change.model} on {count} of these "
+                f"rollout {other} is already changing {what} on {count} of these "
                 "devices: wait for it to finish, or abort it"
             )
         rollout_id = "ro-" + secrets.token_hex(5)
-        members = [new_member(rollout_id, d, artifacts, now) for d in devices]
+        members = [new_member(rollout_id, d, assign_to(d), now) for d in devices]
         eligible = [m for m in members if m.state == DeviceState.PENDING]
         if not eligible:
-            reasons = sorted({m.detail for m in members})
-            raise InvalidInput(
-                f"no variant of {spec.change.model} {spec.change.version} fits any targeted "
-                f"device: {'; '.join(reasons)[:1500]}",
-                field="change.version",
-            )
+            _refuse_ineligible(change, members)
         session.add(
             Rollout(
                 id=rollout_id,
@@ -193,12 +216,33 @@ def _create(db: Engine, spec: RolloutSpec, actor: str, now: datetime) -> str:
             actor=actor,
             action="rollout.created",
             subject=subject(rollout_id),
-            reason=f"{spec.change.model} {spec.change.version} to {len(eligible)} device(s) "
+            reason=f"{change.title} to {len(eligible)} device(s) "
             f"({len(members) - len(eligible)} ineligible)",
             data={"spec": spec.model_dump(mode="json")},
         )
         session.commit()
         return rollout_id
+
+
+def _refuse_ineligible(change: Change[Any], members: list[RolloutDevice]) -> None:
+    """No targeted device can take the change: 422 with each reason (and which devices)."""
+    if isinstance(change, ModelChange):
+        reasons = "; ".join(sorted({m.detail for m in members}))
+        raise InvalidInput(
+            f"no variant of {change.title} fits any targeted device: {reasons[:1500]}",
+            field="change.version",
+        )
+    by_reason: dict[str, list[str]] = {}
+    for member in members:
+        by_reason.setdefault(member.detail, []).append(member.device_id)
+    reasons = "; ".join(
+        f"{', '.join(ids[:3])}{f' and {len(ids) - 3} more' if len(ids) > 3 else ''}: {why}"
+        for why, ids in sorted(by_reason.items())
+    )
+    raise InvalidInput(
+        f"no targeted device can enforce {change.title}: {reasons[:1500]}",
+        field="change.policy",
+    )
 
 
 def _act(

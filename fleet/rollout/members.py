@@ -1,5 +1,9 @@
 """Who a rollout targets, and what each of them gets: the device set and its variant.
 
+A model rollout gives each device the variant of the version that fits it; a policy
+rollout gives every device the same policy, and leaves out the devices that do not
+serve a model the policy names (:func:`fleet.policy.eligibility.ineligible_reasons`).
+
 The filter over reported facts and the variant choice are pure; the queries around
 them are the thin shell. A rollout re-reads its target on every engine step, so a
 device that joins the group (or starts to match the filter) mid-rollout joins it.
@@ -14,15 +18,18 @@ from sqlmodel import Session, col, or_, select
 
 from fleet.desired import desired_model_of, report_of
 from fleet.errors import InvalidInput
+from fleet.policy.eligibility import device_models, ineligible_reasons
 from fleet.registry.variants import Chosen, candidate_of, choose_variant, normalise_arch
 from fleet.rollout.spec import FactFilter, ModelChangeSpec, Target
 from fleet.tables import Device, DeviceTag, Group, ModelArtifact
 from models.device import DeviceReport
+from models.policy import FallbackPolicy, PolicyRef
 from models.wire import DesiredModel
 
 __all__ = [
     "Assignment",
     "assign",
+    "assign_policy",
     "live_artifacts",
     "matches_facts",
     "target_devices",
@@ -118,7 +125,7 @@ def live_artifacts(session: Session, change: ModelChangeSpec) -> list[ModelArtif
 class Assignment:
     """What one device gets: its target, or why it cannot get any."""
 
-    entry: DesiredModel | None  # None: ineligible
+    entry: DesiredModel | PolicyRef | None  # None: ineligible
     variant: str | None
     placement: str | None
     reason: str  # why this variant, or why none fits
@@ -133,3 +140,11 @@ def assign(artifacts: Sequence[ModelArtifact], report: DeviceReport | None) -> A
     row = by_variant[choice.variant]
     entry = desired_model_of(row)
     return Assignment(entry, row.variant, choice.placement, choice.reason)
+
+
+def assign_policy(policy: FallbackPolicy, ref: PolicyRef, device: Device) -> Assignment:
+    """The policy for a device that serves every model it names; else why not."""
+    reasons = ineligible_reasons(policy, device_models(device))
+    if reasons:
+        return Assignment(None, None, None, "; ".join(reasons))
+    return Assignment(ref, None, None, f"has every model {ref.name} v{ref.version} names")

@@ -10,16 +10,18 @@ A device moves through these states (``DeviceState``)::
                                                  │  ╲
                                                  │   ╲─► failed (install, health, gate)
                                                  ╰─► timed_out ─(reports it late)─► updated
-    ineligible: no variant fits; never a failure, never changed
+    ineligible: no variant fits (a policy: the device lacks a model it names);
+                never a failure, never changed
     rolled_back: the rollout was aborted and its previous model restored
 
 A device is ``updated`` only when it reports that it serves the new target and its
 health check passed (an ``update_healthy`` event for that target), never when a
-download finished. Every waiting state has a bound: ``updating`` and its
-``device_timeout_s`` (offline devices included), ``queued`` its maintenance window,
-``pending`` the stages before it. ``timed_out``, ``failed``, ``updated`` and
-``ineligible`` are final for a stage, so an offline device never holds a wave back;
-it is still updated when it returns while the rollout is active.
+download finished; for a fallback policy, when it reports the policy's digest.
+Every waiting state has a bound: ``updating`` and its ``device_timeout_s`` (offline
+devices included), ``queued`` its maintenance window, ``pending`` the stages before it.
+``timed_out``, ``failed``, ``updated`` and ``ineligible`` are final for a stage, so an
+offline device never holds a wave back; it is still updated when it returns while the
+rollout is active.
 """
 
 from __future__ import annotations
@@ -175,6 +177,8 @@ class Observation:
     healthy: bool  # it sent update_healthy for the target (or already served it when issued)
     install_failed: str | None = None  # update_failed for the target (not superseded): reason
     health_failed: str | None = None  # update_rolled_back for the target: reason
+    rejected: str | None = None  # policy_rejected since the policy was issued: reason
+    success: str = "serves the new version and passed its health check"  # the detail when updated
 
 
 def judge_device(
@@ -185,13 +189,11 @@ def judge_device(
         return None
     if seen.serves_target and seen.healthy:
         late = " (after it had timed out)" if state is DeviceState.TIMED_OUT else ""
-        return (
-            DeviceState.UPDATED,
-            None,
-            f"serves the new version and passed its health check{late}",
-        )
+        return DeviceState.UPDATED, None, f"{seen.success}{late}"
     if state is DeviceState.TIMED_OUT:
         return None
+    if seen.rejected is not None:
+        return DeviceState.FAILED, FailureKind.POLICY_REJECTED, seen.rejected
     if seen.health_failed is not None:
         return DeviceState.FAILED, FailureKind.HEALTH_CHECK_FAILED, seen.health_failed
     if seen.install_failed is not None:

@@ -14,7 +14,7 @@ import re
 from datetime import time
 from enum import StrEnum
 from itertools import pairwise
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import (
@@ -23,6 +23,9 @@ from pydantic import (
     Discriminator,
     Field,
     Tag,
+    ValidationError,
+    ValidatorFunctionWrapHandler,
+    WrapValidator,
     field_validator,
     model_validator,
 )
@@ -32,6 +35,7 @@ from models.values import ModelName, Version
 __all__ = [
     "AbortRule",
     "Canary",
+    "ChangeSpec",
     "ExponentialRate",
     "FactFilter",
     "FailureKind",
@@ -39,6 +43,7 @@ __all__ = [
     "MaintenanceWindow",
     "Metric",
     "ModelChangeSpec",
+    "PolicyChangeSpec",
     "RolloutSpec",
     "Target",
     "Waves",
@@ -188,6 +193,7 @@ class FailureKind(StrEnum):
     HEALTH_CHECK_FAILED = "health_check_failed"  # golden prompts failed; the agent rolled back
     GATE_FAILED = "gate_failed"  # it serves the new version, and its own metrics fail a gate
     TIMED_OUT = "timed_out"  # it did not report the new version in time (offline included)
+    POLICY_REJECTED = "policy_rejected"  # the agent refused the fallback policy it was sent
 
 
 class AbortRule(_Spec):
@@ -249,11 +255,53 @@ class ModelChangeSpec(_Spec):
     version: Version
 
 
+_POLICY_NAME = r"^[a-z0-9][a-z0-9._-]{0,63}$"  # models.policy.FallbackPolicy.name
+
+
+class PolicyChangeSpec(_Spec):
+    """The change: enforce this version of this fallback policy (degraded mode).
+
+    Without a version the rollout takes the latest one when it is created, and stores
+    that number, so a version added later never changes a running rollout.
+    """
+
+    kind: Literal["policy"]
+    policy: str = Field(pattern=_POLICY_NAME)
+    version: int | None = Field(default=None, ge=1)
+
+
+def _change_kind(value: object) -> str:
+    """A model change unless it says otherwise: stored specs and older bodies have no kind."""
+    if isinstance(value, dict):
+        return str(value.get("kind", "model"))
+    return str(getattr(value, "kind", "model"))
+
+
+def _untagged(value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+    """Errors name ``change.version``, not ``change.model.version``: the kind is in the body."""
+    try:
+        return handler(value)
+    except ValidationError as exc:
+        tag = _change_kind(value)
+        errors = [
+            {**e, "loc": e["loc"][1:] if e["loc"][:1] == (tag,) else e["loc"]}
+            for e in exc.errors(include_url=False)
+        ]
+        raise ValidationError.from_exception_data(exc.title, errors) from None  # type: ignore[arg-type]
+
+
+ChangeSpec = Annotated[
+    Annotated[ModelChangeSpec, Tag("model")] | Annotated[PolicyChangeSpec, Tag("policy")],
+    Discriminator(_change_kind),
+    WrapValidator(_untagged),
+]
+
+
 class RolloutSpec(_Spec):
     """Everything a rollout is asked to do; stored as given, so a restart reads the same."""
 
     name: str = Field(default="", max_length=128)
-    change: ModelChangeSpec
+    change: ChangeSpec  # a model version (the default kind) or a fallback policy
     target: Target
     canary: Canary | None = None
     stages: Annotated[

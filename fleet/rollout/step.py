@@ -10,7 +10,7 @@ writes them at the revision read.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -21,17 +21,23 @@ from sqlmodel import Session, col, select
 from fleet.audit import ENGINE, record
 from fleet.db import in_chunks
 from fleet.desired import desired_model_of, desired_of, report_of, store_desired_many
-from fleet.errors import InvalidInput
-from fleet.rollout.change import Change, ModelChange
+from fleet.errors import InvalidInput, NotFound
+from fleet.policy.store import get_policy
+from fleet.rollout.change import Change, ModelChange, Parts, PolicyChange
 from fleet.rollout.evidence import Cohorts, gather
 from fleet.rollout.gates import check_gate
-from fleet.rollout.members import assign, live_artifacts, target_devices
+from fleet.rollout.members import (
+    Assignment,
+    assign,
+    assign_policy,
+    live_artifacts,
+    target_devices,
+)
 from fleet.rollout.plan import (
     CHANGED,
     FINISHED,
     LIVE,
     DeviceState,
-    Observation,
     Phase,
     RolloutStatus,
     abort_reason,
@@ -43,7 +49,7 @@ from fleet.rollout.plan import (
     stage_names,
     stage_quotas,
 )
-from fleet.rollout.spec import FailureKind, Gate, RolloutSpec
+from fleet.rollout.spec import FailureKind, Gate, ModelChangeSpec, PolicyChangeSpec, RolloutSpec
 from fleet.tables import (
     Device,
     EventRow,
@@ -53,25 +59,57 @@ from fleet.tables import (
     RolloutDevice,
     as_utc,
 )
-from models.wire import (
-    DesiredModel,
-    DesiredState,
-    EventKind,
-    ReportedState,
-    runs_wanted,
-)
+from models.policy import FallbackPolicy
+from models.wire import DesiredModel, DesiredState, ReportedState
 
-__all__ = ["Step", "busy_elsewhere", "change_of", "new_member", "subject"]
-
-_UPDATE_EVENTS = [
-    EventKind.UPDATE_HEALTHY.value,
-    EventKind.UPDATE_FAILED.value,
-    EventKind.UPDATE_ROLLED_BACK.value,
+__all__ = [
+    "Assigner",
+    "Step",
+    "assigner",
+    "busy_elsewhere",
+    "change_of",
+    "new_member",
+    "subject",
 ]
 
+Assigner = Callable[[Device], Assignment]  # what one device of the target gets
 
-def change_of(spec: RolloutSpec) -> Change:
-    return ModelChange(spec.change.model, spec.change.version)
+
+def change_of(session: Session, spec: RolloutSpec) -> Change[Any]:
+    """The spec's change; a policy's body read from the store (the latest without a version).
+
+    ``NotFound`` when the policy (or that version of it) is not stored.
+    """
+    change = spec.change
+    if isinstance(change, ModelChangeSpec):
+        return ModelChange(change.model, change.version)
+    row = get_policy(session, change.policy, change.version)
+    return PolicyChange(row.name, row.version, dict(row.body), row.digest)
+
+
+def assigner(
+    session: Session, spec: RolloutSpec, change: Change[Any], *, creating: bool = False
+) -> Assigner:
+    """What each device gets: its variant of the model, or the policy if it can enforce it.
+
+    Creating, a version that cannot be sent is refused (``InvalidInput`` naming the field);
+    later, one yanked since makes the devices that join ineligible.
+    """
+    if isinstance(change, PolicyChange):
+        policy = FallbackPolicy.model_validate(change.body)
+        ref = change.ref
+        return lambda device: assign_policy(policy, ref, device)
+    assert isinstance(spec.change, ModelChangeSpec)
+    if creating:
+        artifacts = live_artifacts(session, spec.change)
+    else:
+        try:
+            artifacts = live_artifacts(session, spec.change)
+        except InvalidInput:
+            artifacts = []  # yanked since: devices that join now are ineligible
+    if not artifacts:
+        return lambda device: Assignment(None, None, None, "the version has no live variant")
+    return lambda device: assign(artifacts, report_of(device))
 
 
 def subject(rollout_id: str) -> str:
@@ -80,13 +118,10 @@ def subject(rollout_id: str) -> str:
 
 @dataclass(frozen=True)
 class _Extras:
-    """Config and fallback of a device that has no desired state yet."""
+    """The parts of a desired state besides the models: its config as it was, the fallback."""
 
     config: dict[str, Any]
     fallback: dict[str, Any]
-
-
-_NO_EXTRAS = _Extras({}, {})
 
 
 class Step:
@@ -97,10 +132,19 @@ class Step:
         self.row = row
         self.now = now
         self.spec = RolloutSpec.model_validate(row.spec)
-        self.change = change_of(self.spec)
+        self.gone: str | None = None  # why the change can no longer be sent
+        try:
+            self.change: Change[Any] = change_of(session, self.spec)
+        except NotFound as exc:
+            assert isinstance(self.spec.change, PolicyChangeSpec)
+            # Deleted since: still enough to restore what was there, which is all an abort needs.
+            self.change = PolicyChange(
+                self.spec.change.policy, self.spec.change.version or 1, {}, ""
+            )
+            self.gone = str(exc)
         self.updates: dict[str, Any] = {}
         self.states: list[DesiredState] = []  # stored by write(); published after the commit
-        self._stores: dict[str, tuple[RolloutDevice, list[DesiredModel]]] = {}
+        self._stores: dict[str, tuple[RolloutDevice, Parts]] = {}
         self.members = list(
             session.exec(select(RolloutDevice).where(col(RolloutDevice.rollout_id) == row.id)).all()
         )
@@ -143,40 +187,41 @@ class Step:
         member.since = self.now
         self.session.add(member)
 
-    def _store(self, member: RolloutDevice, models: list[DesiredModel]) -> bool:
-        """Queue the device's next desired models; :meth:`write` stores them all at once."""
+    def _store(self, member: RolloutDevice, parts: Parts) -> bool:
+        """Queue the device's next desired parts; :meth:`write` stores them all at once."""
         device = self.devices.get(member.device_id)
         if device is None or device.revoked_at is not None:
             return False
-        self._stores[device.id] = (member, models)
+        self._stores[device.id] = (member, parts)
         return True
 
     def _store_queued(self) -> None:
-        wanted = [
-            (device_id, models, desired_of(self.devices[device_id]) or _NO_EXTRAS)
-            for device_id, (_member, models) in self._stores.items()
-        ]
+        wanted = []
+        for device_id, (_member, parts) in self._stores.items():
+            current = desired_of(self.devices[device_id])
+            extras = _Extras(current.config if current is not None else {}, parts.fallback)
+            wanted.append((device_id, list(parts.models), extras))
         self.states = store_desired_many(self.session, wanted, self.now)
         versions = {state.device_id: state.version for state in self.states}
-        for device_id, (member, _models) in self._stores.items():
+        for device_id, (member, _parts) in self._stores.items():
             member.desired_version = versions.get(device_id)
             self.session.add(member)
 
-    def _current_models(self, member: RolloutDevice) -> list[DesiredModel]:
-        """The device's desired models; with none set yet, what it reports serving.
+    def _current(self, member: RolloutDevice) -> Parts:
+        """The device's desired parts; with none set yet, the models it reports serving.
 
         A device that never had a desired state runs its local configuration; its first
         one must keep the models the rollout does not change, not drop them.
         """
         if member.device_id in self._stores:
-            return list(self._stores[member.device_id][1])
+            return self._stores[member.device_id][1]
         device = self.devices.get(member.device_id)
         current = desired_of(device) if device is not None else None
         if current is not None:
-            return list(current.models)
+            return Parts(tuple(current.models), dict(current.fallback))
         reported = self._reported(member)
         served = reported.models if reported is not None else []
-        return [DesiredModel(name=m.name) for m in served if m.state == "ready"]
+        return Parts(tuple(DesiredModel(name=m.name) for m in served if m.state == "ready"))
 
     def _reported(self, member: RolloutDevice) -> ReportedState | None:
         device = self.devices.get(member.device_id)
@@ -187,18 +232,12 @@ class Step:
         except ValueError:
             return None
 
-    def _serves(self, member: RolloutDevice, entry: DesiredModel) -> bool:
-        reported = self._reported(member)
-        if reported is None:
-            return False
-        return any(
-            m.name == entry.name and m.state == "ready" and runs_wanted(entry, m)
-            for m in reported.models
-        )
-
     # -- the step -------------------------------------------------------------------
 
     def run(self) -> None:
+        if self.gone is not None:
+            self.abort(f"{self.change.title} can no longer be sent: {self.gone}", ENGINE)
+            return
         self.refresh_members()
         self.observe()
         if self.check_abort_rules():
@@ -223,11 +262,11 @@ class Step:
         joined = [d for d in joined if d.id not in busy]
         if not joined:
             return
-        artifacts = _live_rows(self.session, self.spec)
+        assign_to = assigner(self.session, self.spec, self.change)
         stage = self.get("stage")
         released = stage > 0 or self.spec.canary is None
         for device in joined:
-            member = new_member(self.row.id, device, artifacts, self.now)
+            member = new_member(self.row.id, device, assign_to(device), self.now)
             if member.state == DeviceState.PENDING and released:
                 member.state, member.stage = DeviceState.QUEUED.value, stage
                 member.detail = f"joined the target during stage {stage}: released into it"
@@ -247,13 +286,13 @@ class Step:
         ]
         if not watched:
             return
-        events = _update_events(self.session, watched)
+        events = _events(self.session, watched, self.change.events)
         for member in watched:
-            entry = DesiredModel.model_validate(member.target)
-            seen = _observation(
-                entry,
+            assert member.target is not None
+            seen = self.change.observe(
+                self.change.entry_of(member.target),
+                self._reported(member),
                 events.get(member.device_id, []),
-                self._serves(member, entry),
                 member.issued_at,
             )
             since = as_utc(member.since) or self.now
@@ -283,19 +322,20 @@ class Step:
         return True
 
     def abort(self, reason: str, actor: str) -> None:
-        """Restore every device this rollout changed to its previous model, and stop."""
+        """Restore every device this rollout changed to what it had before, and stop."""
         restored = []
         for member in self.members:
             if member.state not in CHANGED:
                 continue
-            self._store(member, self.change.restore(self._current_models(member), member.previous))
-            previous = (member.previous or {}).get("version") or "nothing (the model removed)"
+            self._store(member, self.change.restore(self._current(member), member.previous))
+            previous = self.change.restored(member.previous)
             self.move(member, DeviceState.ROLLED_BACK, f"rollout aborted: restored {previous}")
             restored.append(member.device_id)
         self.set(status=RolloutStatus.ABORTED.value, reason=reason, finished_at=self.now)
         self.audit(
             "aborted",
-            f"{reason}; {len(restored)} device(s) rolled back to their previous model",
+            f"{reason}; {len(restored)} device(s) rolled back to their previous "
+            + ("model" if isinstance(self.change, ModelChange) else "fallback policy"),
             actor=actor,
             rolled_back=len(restored),
             devices=restored[:100],
@@ -342,20 +382,24 @@ class Step:
 
     def _issue(self, member: RolloutDevice) -> None:
         assert member.target is not None
-        entry = DesiredModel.model_validate(member.target)
+        entry = self.change.entry_of(member.target)
         desired = desired_of(self.devices[member.device_id])
-        captured = self.change.capture(desired.models) if desired is not None else None
-        member.previous = captured or _previous_from_reported(
-            self.session, self._reported(member), entry.name
+        captured = (
+            self.change.capture(Parts(tuple(desired.models), dict(desired.fallback)))
+            if desired is not None
+            else None
         )
-        if not self._store(member, self.change.apply(self._current_models(member), entry)):
+        if captured is None and isinstance(entry, DesiredModel):
+            captured = _previous_from_reported(self.session, self._reported(member), entry.name)
+        member.previous = captured
+        if not self._store(member, self.change.apply(self._current(member), entry)):
             self.move(member, DeviceState.INELIGIBLE, "revoked during the rollout")
             return
         member.issued_at = self.now
-        if self._serves(member, entry):
-            self.move(member, DeviceState.UPDATED, "already served the new version")
+        if self.change.satisfied(entry, self._reported(member)):
+            self.move(member, DeviceState.UPDATED, f"already ran {self.change.title}")
         else:
-            self.move(member, DeviceState.UPDATING, "its desired state names the new version")
+            self.move(member, DeviceState.UPDATING, f"its desired state names {self.change.title}")
 
     def _installs_done(self) -> bool:
         """Every device the stage should have released was, and each one is final."""
@@ -510,31 +554,19 @@ class Step:
         return written.rowcount == 1
 
 
-def _live_rows(session: Session, spec: RolloutSpec) -> list[ModelArtifact]:
-    try:
-        return live_artifacts(session, spec.change)
-    except InvalidInput:
-        return []  # yanked since: devices that join now are ineligible
-
-
 def new_member(
-    rollout_id: str, device: Device, artifacts: Sequence[ModelArtifact], now: datetime
+    rollout_id: str, device: Device, assignment: Assignment, now: datetime
 ) -> RolloutDevice:
-    assignment = assign(artifacts, report_of(device)) if artifacts else None
-    eligible = assignment is not None and assignment.entry is not None
+    eligible = assignment.entry is not None
     return RolloutDevice(
         rollout_id=rollout_id,
         device_id=device.id,
         rank=device_rank(rollout_id, device.id),
         state=(DeviceState.PENDING if eligible else DeviceState.INELIGIBLE).value,
-        variant=assignment.variant if assignment else None,
-        placement=assignment.placement if assignment else None,
-        target=(
-            assignment.entry.model_dump(mode="json")
-            if assignment is not None and assignment.entry is not None
-            else None
-        ),
-        detail=assignment.reason if assignment else "the version has no live variant",
+        variant=assignment.variant,
+        placement=assignment.placement,
+        target=(assignment.entry.model_dump(mode="json") if assignment.entry is not None else None),
+        detail=assignment.reason,
         since=now,
     )
 
@@ -562,56 +594,22 @@ def busy_elsewhere(
     return busy
 
 
-def _update_events(session: Session, members: Sequence[RolloutDevice]) -> dict[str, list[EventRow]]:
+def _events(
+    session: Session, members: Sequence[RolloutDevice], kinds: frozenset[str]
+) -> dict[str, list[EventRow]]:
+    """The events of these kinds the members sent since the first of them was issued."""
     issued = [as_utc(m.issued_at) for m in members if m.issued_at is not None]
     since = min((t for t in issued if t is not None), default=None)
     found: dict[str, list[EventRow]] = {}
     for chunk in in_chunks([m.device_id for m in members]):
         query = select(EventRow).where(
-            col(EventRow.device_id).in_(chunk), col(EventRow.kind).in_(_UPDATE_EVENTS)
+            col(EventRow.device_id).in_(chunk), col(EventRow.kind).in_(sorted(kinds))
         )
         if since is not None:
             query = query.where(col(EventRow.stored_at) >= since)
         for event in session.exec(query).all():
             found.setdefault(event.device_id, []).append(event)
     return found
-
-
-def _observation(
-    entry: DesiredModel, events: Sequence[EventRow], serves: bool, issued_at: datetime | None
-) -> Observation:
-    """Read the events about this target since it was issued, oldest first."""
-    issued = as_utc(issued_at)
-    healthy = False
-    install_failed = health_failed = None
-    for event in sorted(events, key=lambda e: as_utc(e.stored_at) or e.ts):
-        stored = as_utc(event.stored_at)
-        if issued is not None and stored is not None and stored < issued:
-            continue
-        data = event.data or {}
-        if data.get("model") != entry.name or not _about(entry, data):
-            continue
-        if event.kind == EventKind.UPDATE_HEALTHY:
-            healthy = True
-        elif event.kind == EventKind.UPDATE_ROLLED_BACK:
-            health_failed = str(data.get("reason") or event.message)
-        elif not data.get("superseded"):
-            install_failed = (
-                f"{data.get('phase', 'install')}: {data.get('reason') or event.message}"
-            )
-    return Observation(
-        serves_target=serves,
-        healthy=healthy,
-        install_failed=install_failed,
-        health_failed=health_failed,
-    )
-
-
-def _about(entry: DesiredModel, data: dict[str, Any]) -> bool:
-    sha = data.get("sha256")
-    if sha is not None and entry.target is not None:
-        return bool(sha == entry.target.sha256)
-    return data.get("version") == entry.version
 
 
 def _previous_from_reported(

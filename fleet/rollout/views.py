@@ -11,7 +11,7 @@ from sqlalchemy import func
 from sqlmodel import Session, col, select
 
 from fleet.rollout.plan import stage_names, stage_quotas
-from fleet.rollout.spec import RolloutSpec
+from fleet.rollout.spec import ModelChangeSpec, RolloutSpec
 from fleet.tables import AuditEntry, GateCheckRow, Rollout, RolloutDevice, as_utc
 
 __all__ = [
@@ -65,8 +65,12 @@ class RolloutSummary(BaseModel):
 
     id: str
     name: str
-    model: str
-    version: str
+    kind: str  # what it changes: "model" or "policy"
+    change: str  # the change for people: "gemma3 2.0", "policy edge-default v2"
+    model: str | None  # a model rollout's model and version
+    version: str | None
+    policy: str | None  # a policy rollout's policy and version
+    policy_version: int | None
     status: str
     stage: int
     stage_name: str
@@ -98,15 +102,41 @@ class DevicePublic(BaseModel):
     state: str
     variant: str | None
     placement: str | None
-    version: str | None
+    version: str | None  # of the model, or the policy, it gets
     failure: str | None
     detail: str
     desired_version: int | None
     since: datetime
 
 
+def _version(target: dict[str, Any] | None) -> str | None:
+    version = (target or {}).get("version")
+    return None if version is None else str(version)
+
+
 def _counts(members: list[RolloutDevice]) -> dict[str, int]:
     return dict(Counter(m.state for m in members))
+
+
+def _change_fields(spec: RolloutSpec) -> dict[str, Any]:
+    change = spec.change
+    if isinstance(change, ModelChangeSpec):
+        return {
+            "kind": change.kind,
+            "change": f"{change.model} {change.version}",
+            "model": change.model,
+            "version": change.version,
+            "policy": None,
+            "policy_version": None,
+        }
+    return {
+        "kind": change.kind,
+        "change": f"policy {change.policy} v{change.version}",
+        "model": None,
+        "version": None,
+        "policy": change.policy,
+        "policy_version": change.version,
+    }
 
 
 def _summary(row: Rollout, devices: dict[str, int]) -> RolloutSummary:
@@ -115,8 +145,7 @@ def _summary(row: Rollout, devices: dict[str, int]) -> RolloutSummary:
     return RolloutSummary(
         id=row.id,
         name=row.name,
-        model=spec.change.model,
-        version=spec.change.version,
+        **_change_fields(spec),
         status=row.status,
         stage=row.stage,
         stage_name=names[min(row.stage, len(names) - 1)],
@@ -225,7 +254,7 @@ def rollout_devices(
             state=m.state,
             variant=m.variant,
             placement=m.placement,
-            version=(m.target or {}).get("version"),
+            version=_version(m.target),
             failure=m.failure,
             detail=m.detail,
             desired_version=m.desired_version,

@@ -29,11 +29,13 @@ from fleet.tables import (
     GateCheckRow,
     Group,
     ModelArtifact,
+    PolicyRow,
     Rollout,
     RolloutDevice,
     TelemetryRow,
 )
 from models.device import DeviceReport, GpuInfo
+from models.policy import FallbackPolicy, PolicyRef, policy_digest
 from models.wire import DesiredState, EventKind, ModelState, ReportedModel, ReportedState
 from tests.fakes.fleet_link import FakeLink
 from tests.fleet.helpers import START, Clock
@@ -152,20 +154,77 @@ class World:
             self.report(device_id, serves, sha(f"{serves}/Q4_K_M"))
 
     def report(self, device_id: str, version: str, digest: str) -> None:
-        state = ReportedState(
-            device_id=device_id,
-            converged=True,
-            agent_version="0.9",
-            models=[
-                ReportedModel(name=MODEL, version=version, sha256=digest, state=ModelState.READY)
-            ],
-        )
+        """It serves ``version`` of the model (and the other models and policy it reported)."""
         with Session(self.db) as session:
             device = session.get(Device, device_id)
             assert device is not None
+            before = ReportedState.model_validate(device.reported) if device.reported else None
+            served = ReportedModel(
+                name=MODEL, version=version, sha256=digest, state=ModelState.READY
+            )
+            others = [m for m in before.models if m.name != MODEL] if before else []
+            state = ReportedState(
+                device_id=device_id,
+                converged=True,
+                agent_version="0.9",
+                models=[served, *others],
+                policy=before.policy if before else None,
+            )
             device.reported = state.model_dump(mode="json")
             session.add(device)
             session.commit()
+
+    def _edit_report(self, device_id: str, **changes: Any) -> None:
+        with Session(self.db) as session:
+            device = session.get(Device, device_id)
+            assert device is not None
+            state = ReportedState.model_validate(device.reported)
+            device.reported = state.model_copy(update=changes).model_dump(mode="json")
+            session.add(device)
+            session.commit()
+
+    def serve_also(self, device_id: str, name: str) -> None:
+        """It serves another model besides the rolled-out one (a fallback, an embedder)."""
+        with Session(self.db) as session:
+            device = session.get(Device, device_id)
+            assert device is not None
+            models = ReportedState.model_validate(device.reported).models
+        extra = ReportedModel(name=name, state=ModelState.READY)
+        self._edit_report(device_id, models=[*models, extra])
+
+    def report_policy(self, device_id: str, ref: PolicyRef | None) -> None:
+        """It enforces this fallback policy (the agent reports its name, version and digest)."""
+        self._edit_report(device_id, policy=ref)
+
+    # -- fallback policies ------------------------------------------------------------
+
+    def policy(self, name: str, version: int, chains: dict[str, Any] | None = None) -> PolicyRef:
+        """Store a version of a policy as the policy store would; its reference."""
+        policy = FallbackPolicy.model_validate(
+            {"name": name, "version": version, "chains": chains or {}}
+        )
+        body = policy.model_dump(mode="json")
+        with Session(self.db) as session:
+            session.add(
+                PolicyRow(
+                    name=name,
+                    version=version,
+                    body=body,
+                    digest=policy_digest(body),
+                    created_by="admin:test",
+                    created_at=self.clock(),
+                )
+            )
+            session.commit()
+        return policy.ref()
+
+    def enforce(self, device_id: str) -> None:
+        """Act as an agent would on its desired state's policy: enforce it and report it."""
+        state = self.desired_of(device_id)
+        assert state is not None, f"{device_id} has no desired state"
+        ref = FallbackPolicy.model_validate(state.fallback).ref()
+        self.report_policy(device_id, ref)
+        self.event(device_id, EventKind.POLICY_APPLIED, **ref.model_dump(mode="json"))
 
     def set_online(self, device_id: str, online: bool) -> None:
         with Session(self.db) as session:
@@ -222,6 +281,7 @@ class World:
         every_s: float = 10,
         requests: int = 100,
         errors: int = 0,
+        fallbacks: int | None = None,
         end: datetime | None = None,
     ) -> None:
         """``samples`` samples ending at ``end`` (now), ``every_s`` apart."""
@@ -240,6 +300,7 @@ class World:
                         errors=errors,
                         rejections=0,
                         latency_p95_ms=p95_ms,
+                        fallbacks=fallbacks,
                         sent_at=ts,
                         stored_at=ts,
                     )

@@ -11,11 +11,13 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy.engine import Engine
-from sqlmodel import Session
+from sqlmodel import Session, select
 
-from fleet.tables import ModelArtifact
+from fleet.tables import Device, ModelArtifact, PolicyRow, RolloutDevice
+from models.policy import FallbackPolicy, PolicyRef, policy_digest
+from models.wire import ModelState, ReportedModel, ReportedState
 from tests.fakes.fleet_link import FakeLink
-from tests.fleet.helpers import Clock, create_group, enroll, error, error_field
+from tests.fleet.helpers import START, Clock, create_group, enroll, error, error_field
 from tests.fleet.rollout_world import GB, sha
 
 MODEL = "gemma3"
@@ -168,3 +170,156 @@ def test_unknown_rollouts_and_actions(api: TestClient, fleet: list[str]) -> None
 def test_rollouts_need_the_admin_token(api: TestClient) -> None:
     response = api.get("/api/v1/rollouts", headers={"Authorization": "Bearer wrong"})
     assert error(response)[0] == 401
+
+
+# -- a fallback policy ----------------------------------------------------------------
+
+CHAINS: dict[str, Any] = {MODEL: {"tiers": [{"kind": "model", "model": "gemma3-small"}]}}
+
+
+def store_policy(engine: Engine, version: int, name: str = "edge-default") -> PolicyRef:
+    """A policy version as the policy store writes it."""
+    policy = FallbackPolicy.model_validate({"name": name, "version": version, "chains": CHAINS})
+    body_json = policy.model_dump(mode="json")
+    with Session(engine) as session:
+        session.add(
+            PolicyRow(
+                name=name,
+                version=version,
+                body=body_json,
+                digest=policy_digest(body_json),
+                created_by="admin",
+                created_at=START,
+            )
+        )
+        session.commit()
+    return policy.ref()
+
+
+def serve(engine: Engine, device_id: str, *models: str) -> None:
+    """The device reports serving these models (the policy's eligibility reads them)."""
+    with Session(engine) as session:
+        device = session.get(Device, device_id)
+        assert device is not None
+        device.reported = ReportedState(
+            device_id=device_id,
+            converged=True,
+            agent_version="0.9",
+            models=[ReportedModel(name=m, state=ModelState.READY) for m in models],
+        ).model_dump(mode="json")
+        session.add(device)
+        session.commit()
+
+
+def policy_body(**spec: Any) -> dict[str, Any]:
+    change = {"kind": "policy", "policy": "edge-default", "version": 2}
+    return body(change=change) | spec
+
+
+def test_a_policy_rollout_round_trip(api: TestClient, fleet: list[str], engine: Engine) -> None:
+    store_policy(engine, 1)
+    ref = store_policy(engine, 2)
+    created = api.post(
+        "/api/v1/rollouts",
+        json=policy_body(
+            canary={"count": 1},
+            stages={"percents": [50, 100]},
+            gates=[{"metric": "fallback_rate", "max_value": 0.05, "window_s": 300}],
+        ),
+    )
+    assert created.status_code == 201, created.text
+    detail = created.json()
+    assert (detail["kind"], detail["change"]) == ("policy", "policy edge-default v2")
+    assert (detail["policy"], detail["policy_version"]) == ("edge-default", 2)
+    assert (detail["model"], detail["version"]) == (None, None)
+    assert detail["spec"]["change"] == {"kind": "policy", "policy": "edge-default", "version": 2}
+    listed = api.get("/api/v1/rollouts").json()
+    assert [(r["id"], r["change"]) for r in listed] == [(detail["id"], "policy edge-default v2")]
+    devices = api.get(f"/api/v1/rollouts/{detail['id']}/devices").json()
+    assert sorted(d["device_id"] for d in devices) == sorted(fleet)
+    assert {(d["version"], d["variant"]) for d in devices} == {("2", None)}
+    with Session(engine) as session:
+        members = session.exec(select(RolloutDevice)).all()
+        assert {m.target["digest"] for m in members if m.target} == {ref.digest}
+
+
+def test_a_policy_rollout_without_a_version_takes_the_latest(
+    api: TestClient, fleet: list[str], engine: Engine
+) -> None:
+    store_policy(engine, 1)
+    store_policy(engine, 2)
+    change = {"kind": "policy", "policy": "edge-default"}
+    created = api.post("/api/v1/rollouts", json=body(change=change))
+    assert created.status_code == 201, created.text
+    assert created.json()["spec"]["change"]["version"] == 2
+    assert created.json()["change"] == "policy edge-default v2"
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        ({"kind": "policy", "policy": "nowhere"}, "change.policy"),
+        ({"kind": "policy", "policy": "edge-default", "version": 7}, "change.version"),
+        ({"kind": "policy", "policy": "Edge Default"}, "change.policy"),
+        ({"kind": "policy", "policy": "edge-default", "version": 0}, "change.version"),
+        ({"kind": "policy", "policy": "edge-default", "model": MODEL}, "change.model"),
+        ({"kind": "config", "policy": "edge-default"}, "change"),
+    ],
+)
+def test_a_bad_policy_change_is_a_422_naming_the_field(
+    api: TestClient,
+    fleet: list[str],
+    engine: Engine,
+    link: FakeLink,
+    change: dict[str, Any],
+    field: str,
+) -> None:
+    store_policy(engine, 1)
+    response = api.post("/api/v1/rollouts", json=body(change=change))
+    status, code, message = error(response)
+    assert (status, code) == (422, "invalid_input"), message
+    assert error_field(response) == field, message
+    assert api.get("/api/v1/rollouts").json() == []
+    assert link.published == []
+
+
+def test_a_policy_no_device_can_enforce_is_refused_with_the_reasons(
+    api: TestClient, fleet: list[str], engine: Engine
+) -> None:
+    store_policy(engine, 2)
+    for device_id in fleet:
+        serve(engine, device_id, MODEL)  # not its fallback gemma3-small
+    response = api.post("/api/v1/rollouts", json=policy_body())
+    status, _, message = error(response)
+    assert status == 422
+    assert error_field(response) == "change.policy"
+    assert "gemma3-small" in message
+    assert all(device_id in message for device_id in fleet)
+
+
+def test_ineligible_devices_are_left_out_with_the_reason(
+    api: TestClient, fleet: list[str], engine: Engine
+) -> None:
+    store_policy(engine, 2)
+    able, unable = fleet
+    serve(engine, able, MODEL, "gemma3-small")
+    serve(engine, unable, MODEL)
+    rollout = api.post("/api/v1/rollouts", json=policy_body()).json()["id"]
+    devices = {d["device_id"]: d for d in api.get(f"/api/v1/rollouts/{rollout}/devices").json()}
+    assert devices[unable]["state"] == "ineligible"
+    assert "gemma3-small" in devices[unable]["detail"]
+    assert devices[able]["state"] != "ineligible"
+
+
+def test_a_second_policy_rollout_is_a_409_but_a_model_rollout_beside_it_is_not(
+    api: TestClient, fleet: list[str], engine: Engine
+) -> None:
+    store_policy(engine, 1)
+    store_policy(engine, 2)
+    first = api.post("/api/v1/rollouts", json=policy_body()).json()["id"]
+    change = {"kind": "policy", "policy": "edge-default", "version": 1}
+    status, code, message = error(api.post("/api/v1/rollouts", json=body(change=change)))
+    assert (status, code) == (409, "conflict")
+    assert first in message
+    assert "fallback policy" in message
+    assert api.post("/api/v1/rollouts", json=body()).status_code == 201

@@ -7,10 +7,11 @@ import json
 from fastapi.testclient import TestClient
 from sqlmodel import Session
 
-from fleet.tables import ModelArtifact
+from fleet.tables import ModelArtifact, PolicyRow
+from models.policy import FallbackPolicy, policy_digest
 from tests.fakes.fleet_link import FakeLink
 from tests.fleet.cli_support import cli, enroll, ok
-from tests.fleet.helpers import Clock
+from tests.fleet.helpers import START, Clock
 from tests.fleet.rollout_world import GB, sha
 
 
@@ -90,3 +91,59 @@ def test_bad_options_and_refusals_are_one_line(
     unknown = cli(http, "rollouts", "status", "ro-nope")
     assert unknown.exit_code == 1
     assert "no rollout" in unknown.output
+
+
+def store_policy(link: FakeLink, version: int) -> None:
+    policy = FallbackPolicy(name="edge-default", version=version)
+    assert link.engine is not None
+    with Session(link.engine) as session:
+        session.add(
+            PolicyRow(
+                name=policy.name,
+                version=version,
+                body=policy.model_dump(mode="json"),
+                digest=policy_digest(policy),
+                created_by="admin",
+                created_at=START,
+            )
+        )
+        session.commit()
+
+
+def test_a_policy_rollout_from_create_to_abort(
+    http: TestClient, link: FakeLink, clock: Clock
+) -> None:
+    fleet(http, link, clock)
+    store_policy(link, 1)
+    store_policy(link, 2)
+    created = ok(
+        http, "rollouts", "create", "--policy", "edge-default:2", "--group", "lab",
+        "--canary", "1", "--waves", "50,100", "--gate", "fallback_rate:max=0.05,window=300",
+        "--json",
+    )  # fmt: skip
+    detail = json.loads(created)
+    assert detail["spec"]["change"] == {"kind": "policy", "policy": "edge-default", "version": 2}
+    assert detail["spec"]["gates"][0]["metric"] == "fallback_rate"
+    assert detail["spec"]["gates"][0]["max_value"] == 0.05
+    rollout = detail["id"]
+    assert "policy edge-default v2" in ok(http, "rollouts", "status", rollout)
+    assert "policy edge-default v2" in ok(http, "rollouts", "list")
+    aborted = ok(http, "rollouts", "abort", rollout, "--reason", "not today")
+    assert "aborted" in aborted
+    latest = json.loads(
+        ok(http, "rollouts", "create", "--policy", "edge-default", "--group", "lab", "--json")
+    )
+    assert latest["change"] == "policy edge-default v2"  # the latest, fixed
+
+
+def test_policy_and_model_options_do_not_mix(
+    http: TestClient, link: FakeLink, clock: Clock
+) -> None:
+    fleet(http, link, clock)
+    both = cli(http, "rollouts", "create", "--policy", "edge-default", "--model", "gemma3",
+               "--group", "lab")  # fmt: skip
+    assert both.exit_code == 2
+    assert "--policy" in both.output
+    unknown = cli(http, "rollouts", "create", "--policy", "nowhere", "--group", "lab")
+    assert unknown.exit_code == 1
+    assert "change.policy" in unknown.output

@@ -9,7 +9,15 @@ import pytest
 import typer
 from rich.console import Console
 
-from fleet.cli.rollouts import parse_abort, parse_canary, parse_gate, parse_window, render_status
+from fleet.cli.rollouts import (
+    parse_abort,
+    parse_canary,
+    parse_change,
+    parse_gate,
+    parse_policy,
+    parse_window,
+    render_status,
+)
 from fleet.rollout.gates import Cohort, Sample, check_gate
 from fleet.rollout.plan import stage_names, stage_quotas
 from fleet.rollout.spec import AbortRule, Canary, Gate, MaintenanceWindow, RolloutSpec
@@ -302,8 +310,12 @@ def detail(**changes: Any) -> dict[str, Any]:
     fields: dict[str, Any] = {
         "id": "ro-7f3a",
         "name": SPEC.name,
+        "kind": "model",
+        "change": "gemma3-270m 1.1",
         "model": "gemma3-270m",
         "version": "1.1",
+        "policy": None,
+        "policy_version": None,
         "status": "active",
         "stage": 2,
         "stage_name": names[2],
@@ -435,3 +447,51 @@ def test_render_status_without_gates_or_history() -> None:
     assert lines_with(text, "devices:") == ["devices: 1 pending"]
     assert not lines_with(text, "gate ")
     assert lines[-1].strip() == "devices: 1 pending"
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("edge-default", {"kind": "policy", "policy": "edge-default"}),
+        ("edge-default:2", {"kind": "policy", "policy": "edge-default", "version": 2}),
+        (" edge-default :3", {"kind": "policy", "policy": "edge-default", "version": 3}),
+    ],
+)
+def test_parse_policy(text: str, expected: dict[str, Any]) -> None:
+    assert parse_policy(text) == expected
+    change = RolloutSpec.model_validate({"change": expected, "target": {"groups": ["lab"]}})
+    assert change.change.kind == "policy"
+
+
+@pytest.mark.parametrize(
+    ("text", "message"), [("p:two", "not a number"), ("p:1.5", "whole"), ("p:0", "start at 1")]
+)
+def test_parse_policy_refuses(text: str, message: str) -> None:
+    with pytest.raises(typer.BadParameter, match=message):
+        parse_policy(text)
+
+
+def test_parse_change_is_a_model_or_a_policy_never_both() -> None:
+    assert parse_change("gemma3", "2.0", None) == {"model": "gemma3", "version": "2.0"}
+    assert parse_change(None, None, "p:2") == {"kind": "policy", "policy": "p", "version": 2}
+    for model, version in (("gemma3", None), (None, "2.0"), ("gemma3", "2.0")):
+        with pytest.raises(typer.BadParameter, match="--policy"):
+            parse_change(model, version, "p")
+    with pytest.raises(typer.BadParameter, match="--model and --version"):
+        parse_change("gemma3", None, None)
+
+
+def test_render_status_of_a_policy_rollout() -> None:
+    text = render(
+        detail(
+            kind="policy",
+            change="policy edge-default v2",
+            model=None,
+            version=None,
+            policy="edge-default",
+            policy_version=2,
+        )
+    )
+    assert text.splitlines()[0] == (
+        "ro-7f3a policy edge-default v2  active  stage 3/4 50% (soaking)"
+    )

@@ -626,3 +626,23 @@ def test_in_window_reads_the_instant_not_the_zone_of_now() -> None:
     assert in_window(NIGHT, None, berlin_now) is False  # 21:30 UTC
     assert in_window(NIGHT, "Europe/Berlin", berlin_now) is True
     assert in_window(BERLIN_NIGHT, None, berlin_now.astimezone(UTC)) is True
+
+
+def test_a_rejected_policy_fails_the_device_unless_it_enforces_it() -> None:
+    later = SINCE + timedelta(seconds=5)
+    rejected = Observation(serves_target=False, healthy=False, rejected="chains: bad tier")
+    assert judge_device(DeviceState.UPDATING, rejected, SINCE, later, TIMEOUT) == (
+        DeviceState.FAILED,
+        FailureKind.POLICY_REJECTED,
+        "chains: bad tier",
+    )
+    enforced = Observation(
+        serves_target=True, healthy=True, rejected="an older copy", success="enforces policy p v2"
+    )
+    assert judge_device(DeviceState.UPDATING, enforced, SINCE, later, TIMEOUT) == (
+        DeviceState.UPDATED,
+        None,
+        "enforces policy p v2",
+    )
+    # A rejection after a timeout changes nothing: only a late success does.
+    assert judge_device(DeviceState.TIMED_OUT, rejected, SINCE, later, TIMEOUT) is None

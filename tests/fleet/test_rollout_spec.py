@@ -20,6 +20,8 @@ from fleet.rollout.spec import (
     Gate,
     MaintenanceWindow,
     Metric,
+    ModelChangeSpec,
+    PolicyChangeSpec,
     RolloutSpec,
     Target,
     Waves,
@@ -604,3 +606,49 @@ def test_arch_spellings_match_as_variants_read_them(wanted: str, reported: str) 
 
 def test_agent_version_prefix_stops_at_a_dot() -> None:
     assert matches_facts(FactFilter(agent_version="0.4"), None, "0.41.0") is False
+
+
+# --------------------------------------------------------------------------- the change
+
+
+def test_a_change_without_a_kind_is_a_model_change() -> None:
+    """Stored specs and older bodies name no kind: they still parse, as model changes."""
+    parsed = RolloutSpec.model_validate(BASE)
+    assert isinstance(parsed.change, ModelChangeSpec)
+    assert parsed.change.kind == "model"
+
+
+def test_a_policy_change_parses_and_round_trips() -> None:
+    data = spec(change={"kind": "policy", "policy": "edge-default", "version": 2})
+    parsed = RolloutSpec.model_validate(data)
+    assert isinstance(parsed.change, PolicyChangeSpec)
+    assert (parsed.change.policy, parsed.change.version) == ("edge-default", 2)
+    dumped = json.loads(json.dumps(parsed.model_dump(mode="json")))
+    assert RolloutSpec.model_validate(dumped) == parsed
+    latest = RolloutSpec.model_validate(spec(change={"kind": "policy", "policy": "edge-default"}))
+    assert isinstance(latest.change, PolicyChangeSpec)
+    assert latest.change.version is None
+
+
+@pytest.mark.parametrize(
+    ("change", "loc"),
+    [
+        ({"kind": "policy", "policy": "Edge Default"}, ("change", "policy")),
+        ({"kind": "policy", "policy": "p", "version": 0}, ("change", "version")),
+        ({"kind": "policy", "policy": "p", "version": "two"}, ("change", "version")),
+        ({"kind": "policy"}, ("change", "policy")),
+        ({"kind": "policy", "policy": "p", "model": "m"}, ("change", "model")),
+        ({"kind": "model", "policy": "p"}, ("change", "model")),
+        ({"kind": "profile", "profile": "p"}, ("change",)),
+    ],
+)
+def test_a_bad_change_names_the_field_without_the_kind(
+    change: dict[str, Any], loc: tuple[str, ...]
+) -> None:
+    """``change.version``, as for the rest of the body, not ``change.policy.version``."""
+    assert loc in locs(spec(change=change))
+
+
+def test_policy_rejected_is_a_failure_kind_an_abort_rule_can_name() -> None:
+    rule = AbortRule.model_validate({"failure": "policy_rejected", "threshold_count": 1})
+    assert rule.failure is FailureKind.POLICY_REJECTED
