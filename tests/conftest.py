@@ -270,6 +270,7 @@ def start_agent(
     settings: dict[str, Any] | None = None,
     models: list[dict[str, Any]] | None = None,
     wait: bool = True,
+    env: dict[str, str] | None = None,
 ) -> AgentProcess:
     port = free_port()
     merged: dict[str, Any] = {"port": port, "store_dir": store}
@@ -280,7 +281,7 @@ def start_agent(
         models if models is not None else [{"name": "gemma3-270m"}, {"name": "minilm"}],
     )
     log = tmp / f"agent-{port}.log"
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
     with log.open("wb") as out:
         proc = subprocess.Popen(
             [str(AGENT_BIN), "serve", "--config", str(config), "--log-level", "warning"],

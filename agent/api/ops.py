@@ -8,6 +8,7 @@ from fastapi import APIRouter, Response
 from fastapi.responses import JSONResponse
 
 from agent.api.deps import Authorized, StateDep
+from models.policy import FailureKind
 
 __all__ = ["router"]
 
@@ -42,7 +43,12 @@ def readyz(state: StateDep) -> JSONResponse:
         if d.name not in covered
     ]
     degraded += [
-        {"model": name, "breaker": "open", "kind": "load_failed", "reason": why}
+        {
+            "model": name,
+            "breaker": "open",
+            "kind": (state.registry.failure(name) or FailureKind.LOAD_FAILED).value,
+            "reason": why,
+        }
         for name, why in sorted(covered.items())
     ]
     if degraded:

@@ -64,6 +64,11 @@ class ModelRegistry:
         with self._lock:
             return not self._loading and not self._failed
 
+    def failure(self, name: str) -> FailureKind | None:
+        """Why ``name`` failed to load (None: it did not)."""
+        with self._lock:
+            return self._failure.get(name) if name in self._failed else None
+
     def waiting(self) -> tuple[list[str], dict[str, str]]:
         """Models still loading, and models that failed with their reasons."""
         with self._lock:
