@@ -6,6 +6,7 @@ from fastapi import APIRouter
 from starlette.types import Scope
 
 from fleet.api import (
+    alerts,
     artifacts,
     desired,
     devices,
@@ -35,6 +36,7 @@ ROUTERS: tuple[APIRouter, ...] = (
     tuf.router,
     rollouts.router,
     policies.router,
+    alerts.router,
 )
 
 
