@@ -93,17 +93,16 @@ class _TierBase(_Strict):
 
 
 class ModelTier(_TierBase):
-    """Another served model: smaller, lower-bit, or (``device="cpu"``) a CPU copy.
+    """Another model the device serves: smaller, lower-bit, or (``device="cpu"``) a CPU copy.
 
-    ``warm`` keeps it loaded beside the primary so the first fallback answer comes
-    at once; otherwise the agent loads it when first needed and the next tiers answer
-    meanwhile.
+    It is one of the device's served models, so it is loaded and warm: the first
+    fallback answer comes at once. A CPU tier makes the agent keep a CPU copy of a
+    GPU-served model beside it (none when the model already runs on the CPU).
     """
 
     kind: Literal["model"] = "model"
     model: ModelName
-    device: Literal["cpu"] | None = None  # "cpu": load it with no GPU layers
-    warm: bool = True
+    device: Literal["cpu"] | None = None  # "cpu": its copy with no GPU layers
 
 
 class CacheTier(_TierBase):

@@ -18,11 +18,12 @@ from agent.errors import (
     RequestRejected,
     RequestTimeout,
 )
+from agent.serving.registry import COPY_MARK
 from models.policy import CacheTier, Chain, FailureKind, ModelTier, RulesTier, Tier
 
 __all__ = ["CPU_SUFFIX", "failure_kind", "load_failure", "served_name", "tier_label", "tiers_for"]
 
-CPU_SUFFIX = "@cpu"  # the registry name of a model's CPU copy: "gemma3-270m@cpu"
+CPU_SUFFIX = COPY_MARK + "cpu"  # the registry name of a model's CPU copy: "gemma3-270m@cpu"
 
 
 def failure_kind(exc: AgentError) -> FailureKind | None:

@@ -20,6 +20,7 @@ from models.policy import FailureKind
 __all__ = ["ModelRegistry"]
 
 M = TypeVar("M", bound=ServedModel)
+COPY_MARK = "@"  # in a registry name: a private copy, e.g. a model's CPU copy "gemma3-270m@cpu"
 
 
 @dataclass
@@ -41,12 +42,14 @@ class ModelRegistry:
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def names(self) -> list[str]:
+        """Names apps can ask for; a fallback's private CPU copy ("x@cpu") is not one."""
         with self._lock:
-            return sorted(self._entries)
+            return sorted(n for n in self._entries if COPY_MARK not in n)
 
     def models(self) -> list[ServedModel]:
+        """The models apps can ask for (copies are only the fallback walker's)."""
         with self._lock:
-            return [e.model for _, e in sorted(self._entries.items())]
+            return [e.model for n, e in sorted(self._entries.items()) if COPY_MARK not in n]
 
     def expect(self, name: str) -> None:
         """Mark a model as configured but not loaded yet, so requests get 503, not 404."""

@@ -28,7 +28,7 @@ from agent.config import AgentSettings, ModelSpec
 from agent.errors import AgentError
 from agent.metrics import AgentMetrics
 from agent.runtime.base import ServedModel
-from agent.serving.chain import load_failure
+from agent.serving.chain import CPU_SUFFIX, load_failure
 from agent.serving.degraded import DegradedMode
 from agent.serving.loader import load_model, resolve
 from agent.serving.registry import ModelRegistry
@@ -41,6 +41,7 @@ from agent.update.preempt import Preemption
 from agent.update.updater import Emit, UpdateConfig, Updater, UpdateSource
 from models.device import DeviceReport
 from models.manifest import ModelManifest, RuntimeParams
+from models.policy import ModelTier
 from models.wire import DesiredState, ReportedState, utc_now
 
 __all__ = [
@@ -184,6 +185,7 @@ class ModelController:
         self.updater: Updater | None = None  # set by the fleet link once enrolled
         self._load = load
         self.policies = policies
+        self.copies: dict[str, str] = {}  # CPU copies served for fallback tiers -> sha256
         self._reconciling = asyncio.Lock()
         self._saving = asyncio.Lock()  # saves in order, so the newest state is the one kept
         self._running: tuple[int | None, Preemption] | None = None  # (its desired version, ...)
@@ -223,9 +225,57 @@ class ModelController:
             finally:
                 self._running = None
                 self._changed()
+            await self.serve_cpu_copies()
         if self.on_outcomes is not None and outcomes:
             self.on_outcomes(outcomes)
         return outcomes
+
+    async def serve_cpu_copies(self) -> None:
+        """Load a CPU copy of each GPU-served model the policy's CPU tiers name; drop the rest.
+
+        A model already on the CPU needs none: its CPU tier is skipped (nothing to gain).
+        A copy that does not load is logged; the walker then skips that tier.
+        """
+        degraded, registry = self.context.degraded, self.context.registry
+        policy = degraded.policy if degraded is not None else None
+        wanted = {
+            tier.model
+            for chain in (policy.chains.values() if policy is not None else ())
+            for tier in chain.tiers
+            if isinstance(tier, ModelTier) and tier.device == "cpu"
+        }
+        served = {m.manifest.name: m for m in registry.models()}
+        for name in sorted(wanted):
+            model, current = served.get(name), self.loaded.get(name)
+            copy = name + CPU_SUFFIX
+            if model is None or current is None or model.info.device == "cpu":
+                if self.copies.pop(copy, None) is not None:
+                    registry.remove(copy)
+                continue
+            if copy in self.copies and self.copies[copy] == model.manifest.sha256:
+                continue
+            spec, manifest = current
+            runtime = (spec.runtime or manifest.runtime).model_copy(update={"gpu_layers": 0})
+            try:
+                _, path = await run_in_threadpool(
+                    resolve, spec, ModelStore(self.context.settings.store_dir)
+                )
+                loaded = await run_in_threadpool(
+                    self._load,
+                    manifest.model_copy(update={"runtime": runtime}),
+                    path,
+                    self.context.settings,
+                    registry,
+                )
+            except AgentError as exc:
+                log.error("the CPU copy of %s did not load: %s", name, exc.message)
+                continue
+            registry.publish(copy, loaded)
+            self.copies[copy] = model.manifest.sha256
+            log.info("CPU copy of %s loaded for its fallback chain", name)
+        for copy in [c for c in self.copies if c.removesuffix(CPU_SUFFIX) not in wanted]:
+            registry.remove(copy)
+            del self.copies[copy]
 
     async def _apply(self, desired: DesiredState | None, preemption: Preemption) -> list[Outcome]:
         if desired is None:

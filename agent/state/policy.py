@@ -43,8 +43,13 @@ class PolicyKeeper:
     def start(self, desired: DesiredState | None) -> None:
         """At start-up: the saved fleet policy if the saved desired state has one, else local."""
         fleet = self._load_saved() if desired is not None and desired.fallback else None
+        if fleet is None and desired is not None:
+            try:  # policy.json lost: the saved desired state was verified when it came
+                fleet = parse_policy(desired.fallback)
+            except PolicyRejected:
+                fleet = None
         if fleet is not None:
-            self.mode.set_policy(fleet, f"{self.saved} (saved)")
+            self.mode.set_policy(fleet, "the saved state")
         else:
             self.mode.set_policy(self.local, "the configuration")
 

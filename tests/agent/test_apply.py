@@ -7,15 +7,17 @@ loading is faked (the loader seam), so these tests take milliseconds.
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 
 from agent.config import AgentSettings, ModelSpec
-from agent.errors import ModelLoadError
+from agent.errors import ModelLoadError, ModelNotFound
 from agent.metrics import AgentMetrics
-from agent.runtime.base import ServedModel
+from agent.runtime.base import RuntimeInfo, ServedModel
+from agent.serving.degraded import DegradedMode
 from agent.serving.registry import ModelRegistry
 from agent.state.apply import ExecutorContext, ModelController, Outcome, specs_for_desired
 from agent.state.report import build_report, report_key
@@ -23,6 +25,7 @@ from agent.state.saved import SavedDesired
 from agent.store import ModelStore
 from models.device import DeviceReport
 from models.manifest import ModelFormat, ModelManifest, RuntimeParams
+from models.policy import Chain, FallbackPolicy, ModelTier
 from models.wire import DesiredModel, DesiredState, ModelState
 from tests.fakes.models import FakeModel
 
@@ -300,3 +303,48 @@ def test_a_model_that_fails_to_load_is_reported_failed(store: Path) -> None:
     assert [(o.name, o.error) for o in outcomes] == [("llm", None), ("emb", "emb is broken")]
     states = {m.name: (m.state, m.error) for m in controller.report(DEVICE).models}
     assert states == {"emb": (ModelState.FAILED, "emb is broken"), "llm": (ModelState.READY, None)}
+
+
+class GpuModel(FakeModel):
+    """A fake model that says it runs where its manifest's runtime puts it."""
+
+    @property
+    def info(self) -> RuntimeInfo:
+        on_gpu = self.manifest.runtime.gpu_layers != 0
+        return RuntimeInfo("fake", "0", "cuda:0" if on_gpu else "cpu", "fake", memory_bytes=1000)
+
+
+def test_a_cpu_tier_gets_a_cpu_copy_of_a_gpu_model_and_loses_it_with_the_policy(
+    store: Path,
+) -> None:
+    mode = DegradedMode()
+    state = replace(make_state(store), degraded=mode)
+    loads: list[int] = []
+
+    def load(
+        manifest: ModelManifest, path: Path, settings: AgentSettings, registry: ModelRegistry
+    ) -> ServedModel:
+        loads.append(manifest.runtime.gpu_layers)
+        return GpuModel(manifest)
+
+    controller = ModelController(state, [], load=load)
+    policy = FallbackPolicy(
+        name="p",
+        version=1,
+        chains={"llm": Chain(tiers=(ModelTier(model="llm", device="cpu"),))},
+    )
+
+    async def scenario() -> None:
+        mode.set_policy(policy, "test")
+        await controller.apply_desired(desired(1, ("llm", None)))
+        assert loads == [-1, 0]  # the model on the GPU, then its CPU copy
+        assert state.registry.names() == ["llm"]  # the copy is private to the walker
+        with state.registry.lease("llm@cpu", GpuModel) as copy:
+            assert copy.info.device == "cpu"
+        assert [r.name for r in controller.report(DEVICE).models] == ["llm"]
+        mode.set_policy(None, "test")
+        await controller.reconcile()
+        with pytest.raises(ModelNotFound):
+            state.registry.lease("llm@cpu", GpuModel).__enter__()
+
+    asyncio.run(scenario())
