@@ -148,7 +148,7 @@ class Metric(StrEnum):
     ERROR_RATE = "error_rate"  # errors / requests, 0..1
     RESTARTS = "restarts"  # agent restarts (online events) per device in the window
     OOM = "oom"  # out-of-memory model failures per device in the window
-    FALLBACK_RATE = "fallback_rate"  # degraded-mode activations / requests (once it lands)
+    FALLBACK_RATE = "fallback_rate"  # requests a fallback tier answered / requests
     GOLDEN_FAILURE_RATE = "golden_failure_rate"  # health checks failed / health checks run
 
 

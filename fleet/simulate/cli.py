@@ -164,7 +164,8 @@ def simulate(
         typer.Option(
             metavar="RULE",
             help="NAME@VERSION(/VARIANT):EFFECT,... makes that version worse while served: "
-            "latency=F, tps=F, errors=R, golden=fail, install=fail, restart; repeatable.",
+            "latency=F, tps=F, errors=R, fallbacks=R, golden=fail, install=fail, restart; "
+            "repeatable.",
         ),
     ] = None,
     update_time: Annotated[
