@@ -258,6 +258,13 @@ class AgentMetrics:
             ["model", "tier"],
             registry=r,
         )
+        self.failover = Histogram(
+            "edgefleet_failover_seconds",
+            "A model failing in a request to the next tier's first text",
+            ["model"],
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+            registry=r,
+        )
         self.breaker_transitions = Counter(
             "edgefleet_breaker_transitions",
             "Circuit breaker moves",

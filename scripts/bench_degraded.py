@@ -142,6 +142,8 @@ class Attempt:
     t_first: float | None = None  # first text
     t_first_fallback: float | None = None  # first text served by a fallback
     t_first_primary: float | None = None  # first text served by the primary
+    failover_ms: float | None = None  # the agent's own: a model failed in it, to the next text
+    t_error: float | None = None  # when this attempt's failure reached the client
     chunks: int = 0  # chunks that carried text
     finished: bool = False  # a finish_reason arrived
     error: str | None = None
@@ -166,6 +168,7 @@ class Outcome:
     t_first: float | None
     t_first_fallback: float | None
     t_first_primary: float | None
+    failover_s: float | None  # a failure in this request to the next tier's first text
     attempts: list[tuple[str, float, str]] = field(default_factory=list)  # model, start, result
     error: str | None = None
 
@@ -227,11 +230,14 @@ def absorb(attempt: Attempt, obj: dict[str, Any], now: float, fallback_model: bo
         error = obj["error"]
         message = error.get("message") if isinstance(error, dict) else error
         attempt.error = f"stream error: {str(message)[:200]}"
+        attempt.t_error = now
         return
     mark = obj.get("edgefleet")
     if isinstance(mark, dict):
         attempt.served_by = mark.get("served_by", attempt.served_by)
         attempt.tier = mark.get("tier", attempt.tier)
+        if isinstance(mark.get("failover_ms"), int | float):
+            attempt.failover_ms = float(mark["failover_ms"])
     for choice in obj.get("choices") or []:
         text = (choice.get("delta") or {}).get("content") or choice.get("text")
         if text:
@@ -247,6 +253,26 @@ def absorb(attempt: Attempt, obj: dict[str, Any], now: float, fallback_model: bo
             attempt.finished = True
 
 
+def failover_of(attempts: Sequence[Attempt]) -> float | None:
+    """From a failure in this request to the first text of the tier that took over.
+
+    The agent measures it on its own clock and says so in the mark (``failover_ms``); a
+    client-side router's failover is what its client sees: the first failed attempt's
+    error to the first text of a later attempt (its retries and backoff included).
+    """
+    marked = [a.failover_ms for a in attempts if a.failover_ms is not None]
+    if marked:
+        return marked[0] / 1000
+    errors = [a.t_error if a.t_error is not None else a.t_end for a in attempts if not a.ok]
+    if not errors:
+        return None
+    failed_at = errors[0]
+    later = [
+        a.t_first for a in attempts if a.ok and a.t_first is not None and a.t_first >= failed_at
+    ]
+    return min(later) - failed_at if later else None
+
+
 def attempt_result(attempt: Attempt) -> str:
     return "ok" if attempt.ok else (attempt.error or "unfinished")[:80]
 
@@ -256,6 +282,7 @@ def outcome_of(client: int, n: int, attempts: list[Attempt], *, fallback: bool) 
     last = attempts[-1]
     texts = [a for a in attempts if a.t_first is not None]
     return Outcome(
+        failover_s=failover_of(attempts),
         client=client,
         n=n,
         t_start=attempts[0].t_start,
@@ -381,6 +408,7 @@ def summarize(
     fallback = [o for o in answered if o.fallback]
     latencies = [o.t_end - o.t_start for o in fallback]
     primary_lat = [o.t_end - o.t_start for o in answered if not o.fallback]
+    failovers = [o.failover_s for o in answered if o.failover_s is not None]
     phases: dict[str, dict[str, Any]] = {}
     for name in ("before", "fault", "after"):
         group = [o for o in outcomes if phase_of(o.t_start, fault_at, clear_at) == name]
@@ -427,6 +455,19 @@ def summarize(
                 and o.t_first_primary >= clear_at
             ],
             clear_at,
+        ),
+        "failover_p50_s": percentile(failovers, 50),
+        "failover_max_s": max(failovers, default=None),
+        "failovers": len(failovers),
+        # the floor: the fallback's first text for requests sent while the breaker was open
+        # (or the router cooled down), when nothing failed in them
+        "fallback_ttft_p50_s": percentile(
+            [
+                o.t_first_fallback - o.t_start
+                for o in fallback
+                if o.failover_s is None and o.t_first_fallback is not None
+            ],
+            50,
         ),
         "fallback_answers_after_clear": sum(1 for o in fallback if o.t_start >= clear_at),
         "primary_attempts_during_fault": primary_attempts_in_fault,
@@ -691,6 +732,10 @@ ROWS: tuple[tuple[str, str, str, tuple[str, float] | None], ...] = (
     ("failover: fault to first fallback text", "failover_first_text_s", "ms", ("<=", 0.1)),
     ("failover: fault to first fallback answer", "failover_first_answer_s", "ms", None),
     ("fault to first answer of a later request", "first_answer_sent_after_fault_s", "ms", None),
+    ("failover in a request: failure to next text p50", "failover_p50_s", "ms", ("<=", 0.1)),
+    ("failover in a request: failure to next text max", "failover_max_s", "ms", None),
+    ("requests that failed over", "failovers", "n", None),
+    ("floor: fallback first text, nothing failed", "fallback_ttft_p50_s", "ms", None),
     ("recovery: clear to first primary text", "recovery_first_text_s", "s", None),
     ("recovery: clear to first primary answer", "recovery_first_answer_s", "s", None),
     ("fallback answers after the clear", "fallback_answers_after_clear", "n", None),

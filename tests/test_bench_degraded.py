@@ -107,7 +107,13 @@ def test_absorb_tells_fallback_text_from_primary_text() -> None:
 
 
 def outcome(
-    start: float, end: float, *, ok: bool = True, fallback: bool = False, first: float | None = None
+    start: float,
+    end: float,
+    *,
+    ok: bool = True,
+    fallback: bool = False,
+    first: float | None = None,
+    failover: float | None = None,
 ) -> bench.Outcome:
     first = start + 0.1 if first is None else first
     return bench.Outcome(
@@ -122,6 +128,7 @@ def outcome(
         t_first=first,
         t_first_fallback=first if fallback and ok else None,
         t_first_primary=None if fallback or not ok else first,
+        failover_s=failover,
         error=None if ok else "stream error: x",
     )
 
@@ -129,8 +136,8 @@ def outcome(
 def test_summarize_failover_recovery_and_share() -> None:
     outcomes = [
         outcome(0.0, 1.0),
-        outcome(9.0, 10.5, fallback=True, first=10.05),  # in flight at the fault, continued
-        outcome(10.2, 11.0, fallback=True),
+        outcome(9.0, 10.5, fallback=True, first=10.05, failover=0.04),  # continued mid-way
+        outcome(10.2, 11.0, fallback=True),  # the breaker open: straight to the fallback
         outcome(10.3, 10.4, ok=False),
         outcome(20.5, 21.0, fallback=True),  # the breaker still open after the clear
         outcome(22.0, 23.0),
@@ -145,6 +152,9 @@ def test_summarize_failover_recovery_and_share() -> None:
     assert figures["recovery_first_text_s"] == pytest.approx(2.1)
     assert figures["recovery_first_answer_s"] == pytest.approx(3.0)
     assert figures["fallback_answers_after_clear"] == 1
+    assert figures["failovers"] == 1
+    assert figures["failover_p50_s"] == pytest.approx(0.04)
+    assert figures["fallback_ttft_p50_s"] == pytest.approx(0.1)  # nothing failed in those
     assert figures["phases"]["fault"] == {
         "requests": 2,
         "answered": 1,
@@ -166,3 +176,14 @@ def test_comparison_puts_ratios_and_goals_side_by_side() -> None:
     assert by_key["failover_first_text_s"]["ratio"] == pytest.approx(0.05)
     assert by_key["failover_first_text_s"]["met"] is True
     assert by_key["requests"]["met"] is None
+
+
+def test_failover_is_the_agents_own_figure_or_what_a_client_router_sees() -> None:
+    marked = bench.Attempt(model="gemma3-270m", t_start=0.0, failover_ms=42.0)
+    assert bench.failover_of([marked]) == pytest.approx(0.042)
+    failed = bench.Attempt(model="gemma-base", t_start=0.0, t_end=1.2, t_error=1.0, status=200)
+    failed.error = "stream error: boom"
+    retried = bench.Attempt(model="gemma-small", t_start=1.5, t_end=2.0, status=200, t_first=1.7)
+    retried.finished = True
+    assert bench.failover_of([failed, retried]) == pytest.approx(0.7)
+    assert bench.failover_of([retried]) is None

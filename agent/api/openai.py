@@ -253,6 +253,8 @@ class _Call:
         fallback = self.served.tier if self.served.degraded and status < 400 else None
         if fallback is not None:
             m.fallbacks.labels(model, fallback).inc()
+        if self.served.failover_ms is not None:
+            m.failover.labels(model).observe(self.served.failover_ms / 1000)
         m.window.observe(
             status,
             elapsed,

@@ -18,7 +18,7 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from agent.errors import AgentError, Degraded, ModelNotReady, Overloaded
 from agent.runtime.base import Embedder
@@ -43,6 +43,7 @@ class Served:
     tier: str  # "primary", "model", "cpu", "cache" or "rules"
     degraded: bool
     reason: str | None = None  # why the primary did not answer
+    failover_ms: float | None = None  # a model failed in this request: until the next text
 
     def mark(self) -> dict[str, object]:
         """The ``edgefleet`` field of a response body."""
@@ -53,6 +54,8 @@ class Served:
         }
         if self.reason is not None:
             mark["reason"] = self.reason
+        if self.failover_ms is not None:
+            mark["failover_ms"] = round(self.failover_ms, 1)
         return mark
 
     def headers(self) -> dict[str, str]:
@@ -161,10 +164,12 @@ class Answer:
                 return
             if isinstance(tier, ModelTier):
                 async for delta in self._try_model(served_name(tier), tier_label(tier), tier):
+                    self._first_fallback_text()
                     yield delta
             elif not self._sent:
                 text = await self._canned(tier)
                 if text is not None:
+                    self._first_fallback_text()
                     yield text
             if self.result is not None:
                 return
@@ -180,11 +185,23 @@ class Answer:
         )
 
     _kind: FailureKind | None = None
+    _failed_at: float | None = None  # when a model first failed in this request
+    failover_s: float | None = None  # from then to the first text of a later tier
 
     def _fail(self, name: str, kind: FailureKind | None, reason: str) -> None:
         self._reasons.append(f"{name}: {reason}")
         if self._kind is None:
             self._kind = kind
+
+    def _failed(self) -> None:
+        if self._failed_at is None:
+            self._failed_at = time.monotonic()
+
+    def _first_fallback_text(self) -> None:
+        if self._failed_at is None or self.failover_s is not None or self.served is None:
+            return
+        self.failover_s = time.monotonic() - self._failed_at
+        self.served = replace(self.served, failover_ms=self.failover_s * 1000)
 
     async def _try_model(
         self, name: str, label: str, tier: Tier | None = None
@@ -220,6 +237,7 @@ class Answer:
                 if kind is None:
                     raise
                 settled = True
+                self._failed()
                 self.mode.note(breaker.failure(permit, kind, exc.message))
                 self._fail(name, kind, exc.message)
                 if self._sent and not self._model_tier_follows(tier):
@@ -252,8 +270,10 @@ class Answer:
         if isinstance(exc, Overloaded) or (isinstance(exc, ModelNotReady) and exc.failure is None):
             breaker.release(permit)  # a full queue spills over; a loading model is no failure
         elif isinstance(exc, ModelNotReady):
+            self._failed()
             self.mode.note(breaker.trip(kind, exc.message))
         else:
+            self._failed()
             self.mode.note(breaker.failure(permit, kind, exc.message))
         self._fail(name, kind, exc.message)
 

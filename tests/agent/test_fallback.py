@@ -136,6 +136,8 @@ def test_a_failing_primary_falls_back_then_its_breaker_opens_and_is_skipped(worl
             True,
         )
         assert "injected fault" in (answer.served.reason or "")
+        assert answer.served.failover_ms is not None  # the primary failed in this request
+        assert answer.served.mark()["failover_ms"] == round(answer.served.failover_ms, 1)
     assert [(m.model, m.new) for m in world.moves] == [("big", BreakerState.OPEN)]
     assert world.moves[0].kind is FailureKind.ERROR
     decoded = world.decoders["big"].decoded_tokens
@@ -143,6 +145,7 @@ def test_a_failing_primary_falls_back_then_its_breaker_opens_and_is_skipped(worl
     assert answer.served is not None
     assert answer.served.by == "small"
     assert "breaker open" in (answer.served.reason or "")
+    assert answer.served.failover_ms is None  # nothing failed in this request
     assert world.decoders["big"].decoded_tokens == decoded
     assert [d.name for d in world.mode.degraded()] == ["big"]
 
