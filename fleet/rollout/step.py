@@ -20,7 +20,13 @@ from sqlmodel import Session, col, select
 
 from fleet.audit import ENGINE, record
 from fleet.db import in_chunks
-from fleet.desired import desired_model_of, desired_of, report_of, store_desired_many
+from fleet.desired import (
+    assigned_policies,
+    desired_model_of,
+    desired_of,
+    report_of,
+    store_desired_many,
+)
 from fleet.errors import InvalidInput, NotFound
 from fleet.policy.store import get_policy
 from fleet.rollout.change import Change, ModelChange, Parts, PolicyChange
@@ -211,7 +217,8 @@ class Step:
         """The device's desired parts; with none set yet, the models it reports serving.
 
         A device that never had a desired state runs its local configuration; its first
-        one must keep the models the rollout does not change, not drop them.
+        one must keep the models the rollout does not change, not drop them, and carry the
+        fallback policy assigned to it, as any first desired state does.
         """
         if member.device_id in self._stores:
             return self._stores[member.device_id][1]
@@ -221,7 +228,13 @@ class Step:
             return Parts(tuple(current.models), dict(current.fallback))
         reported = self._reported(member)
         served = reported.models if reported is not None else []
-        return Parts(tuple(DesiredModel(name=m.name) for m in served if m.state == "ready"))
+        assigned = (
+            assigned_policies(self.session, [device]).get(device.id) if device is not None else None
+        )
+        return Parts(
+            tuple(DesiredModel(name=m.name) for m in served if m.state == "ready"),
+            dict(assigned.body) if assigned is not None else {},
+        )
 
     def _reported(self, member: RolloutDevice) -> ReportedState | None:
         device = self.devices.get(member.device_id)

@@ -14,7 +14,7 @@ from sqlmodel import Session, select
 
 from fleet.errors import Conflict, InvalidInput
 from fleet.rollout.spec import RolloutSpec
-from fleet.tables import PolicyRow
+from fleet.tables import PolicyAssignment, PolicyRow
 from models.policy import FallbackPolicy
 from models.wire import EventKind
 from tests.fleet.rollout_world import MODEL, World, sha
@@ -328,3 +328,29 @@ def test_a_policy_that_vanished_aborts_the_rollout_and_restores(world: World) ->
     state = world.desired_of(device)
     assert state is not None
     assert state.fallback == {}
+
+
+def test_a_model_rollout_gives_a_device_without_a_desired_state_its_assigned_policy(
+    world: World,
+) -> None:
+    (device,) = fleet_of(world, 1)
+    ref = world.policy("edge-default", 1, CHAINS)
+    with Session(world.db) as session:
+        session.add(
+            PolicyAssignment(
+                scope="group",
+                target="lab",
+                policy="edge-default",
+                version=1,
+                assigned_by="admin:test",
+                assigned_at=world.clock(),
+            )
+        )
+        session.commit()
+    assert world.desired_of(device) is None
+    rollout = world.create(canary={"count": 1}, stages={"kind": "waves", "percents": [100]})
+    world.step(rollout)
+    state = world.desired_of(device)
+    assert state is not None
+    assert [m.name for m in state.models] == [MODEL, SMALL]
+    assert FallbackPolicy.model_validate(state.fallback).ref() == ref
