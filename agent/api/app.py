@@ -86,14 +86,16 @@ def _saved_desired(state_dir: StateDir, saved: SavedDesired) -> DesiredState | N
 THERMAL_INTERVAL_S = 5.0  # how often the GPU temperature and throttling are checked
 
 
-async def _watch_thermal(degraded: DegradedMode, gpus: GpuSampler) -> None:
+async def _watch_thermal(
+    degraded: DegradedMode, gpus: GpuSampler, interval_s: float = THERMAL_INTERVAL_S
+) -> None:
     """Hold GPU models' breakers open while the device is too hot or throttled."""
     while True:
         policy = degraded.policy
         if policy is not None:
             verdict = thermal_verdict(await run_in_threadpool(gpus.sample), policy.breaker)
             degraded.thermal(verdict)
-        await asyncio.sleep(THERMAL_INTERVAL_S)
+        await asyncio.sleep(interval_s)
 
 
 def _breaker_event(transition: Transition) -> tuple[EventKind, Severity]:
