@@ -13,9 +13,9 @@ import base64
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import ExitStack
-from typing import Any, Protocol
+from typing import Any, TypeVar
 
 import numpy as np
 from fastapi import APIRouter, Request, Response
@@ -34,7 +34,7 @@ from agent.errors import AgentError, ContextOverflow, InvalidRequest, Overloaded
 from agent.interaction_log import Interaction
 from agent.runtime.base import Embedder
 from agent.serving.cache import cache_key
-from agent.serving.fallback import Answer, Served, Started
+from agent.serving.fallback import Answer, Served, Start, Started
 from agent.serving.scheduler import BatchScheduler, GenerationRequest, GenerationResult
 
 __all__ = ["router"]
@@ -297,56 +297,14 @@ async def _generate(
     chat: bool,
 ) -> Response:
     call = _Call(state, body, chat)
+    start = _starter(state, body, make_prompt, prompt_chars)
     chain = state.degraded.chain(body.model)
-    if chain is not None:
-        start = _starter(state, body, make_prompt, prompt_chars)
-        answer = Answer(body.model, chain, prompt_text, state.degraded, state.registry, start)
-        return await _answer(call, request, answer)
-    stack = ExitStack()
-    try:
-        sched = stack.enter_context(state.registry.lease(body.model, BatchScheduler))
-        if prompt_chars > _INLINE_TOKENIZE_CHARS:
-            prompt = await run_in_threadpool(make_prompt, sched)
-        else:
-            prompt = make_prompt(sched)
-        gen_request = _plan(sched, prompt, body, state.settings.request_timeout_s)
-        key = cache_key(sched.manifest.name, sched.manifest.version, gen_request)
-        cached = state.cache.get(key)
-        if key is not None:  # only deterministic requests are cacheable
-            state.metrics.cache.labels(body.model, "hit" if cached else "miss").inc()
-        gen = None if cached else sched.submit(gen_request)
-    except AgentError as exc:
-        stack.close()
-        if isinstance(exc, Overloaded):
-            state.metrics.rejections.labels(body.model, "queue_full").inc()
-        elif isinstance(exc, ContextOverflow):
-            state.metrics.rejections.labels(body.model, "context_overflow").inc()
-        call.record(exc.status, None, exc.message)
-        raise
-    if body.stream:
-        return StreamingResponse(
-            _stream(call, gen, cached, key, stack),
-            media_type="text/event-stream",
-            headers={**_STREAM_HEADERS, **call.served.headers()},
-        )
-    with stack:
-        result = cached
-        if result is None:
-            assert gen is not None
-            try:
-                result = await _complete_unless_gone(gen, request)
-            except AgentError as exc:
-                call.record(exc.status, None, exc.message)
-                raise
-            if result is None:
-                call.record(CLIENT_GONE, None, "client disconnected")
-                return Response(status_code=CLIENT_GONE)
-            state.cache.put(key, result)
-    call.record(200, result, None)
-    return JSONResponse(call.full(result), headers=call.served.headers())
+    answer = Answer(body.model, chain, prompt_text, state.degraded, state.registry, start)
+    return await _answer(call, request, answer)
 
 
 _STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+T = TypeVar("T")
 
 
 def _starter(
@@ -354,7 +312,7 @@ def _starter(
     body: GenerationFields,
     make_prompt: Callable[[BatchScheduler], list[int]],
     prompt_chars: int,
-) -> Callable[[str, str], Any]:
+) -> Start:
     """How the fallback walker begins generating on a model: a continuation when ``sent``."""
 
     async def start(name: str, sent: str) -> Started:
@@ -374,11 +332,15 @@ def _starter(
                 else cache_key(sched.manifest.name, sched.manifest.version, gen_request)
             )
             cached = state.cache.get(key)
+            if key is not None:  # only deterministic requests are cacheable
+                state.metrics.cache.labels(name, "hit" if cached else "miss").inc()
             gen = None if cached else sched.submit(gen_request)
         except AgentError as exc:
             stack.close()
             if isinstance(exc, Overloaded):
                 state.metrics.rejections.labels(name, "queue_full").inc()
+            elif isinstance(exc, ContextOverflow):
+                state.metrics.rejections.labels(name, "context_overflow").inc()
             raise
         return Started(gen, cached, stack.close, lambda result: state.cache.put(key, result))
 
@@ -386,12 +348,16 @@ def _starter(
 
 
 async def _answer(call: _Call, request: Request, answer: Answer) -> Response:
-    """Serve through the fallback chain: headers name the tier that answers first."""
+    """Serve the answer (through the fallback chain, if any): headers name who answers first."""
     try:
-        await answer.prime()
+        primed = await _unless_gone(answer.prime(), answer, request)
     except AgentError as exc:
         call.record(exc.status, None, exc.message)
         raise
+    if not primed:
+        await answer.aclose()
+        call.record(CLIENT_GONE, None, "client disconnected")
+        return Response(status_code=CLIENT_GONE)
     assert answer.served is not None
     call.served = answer.served
     if call.body.stream:
@@ -401,7 +367,7 @@ async def _answer(call: _Call, request: Request, answer: Answer) -> Response:
             headers={**_STREAM_HEADERS, **answer.served.headers()},
         )
     try:
-        result = await _complete_unless_gone(answer, request)
+        result = await _unless_gone(answer.complete(), answer, request)
     except AgentError as exc:
         call.record(exc.status, None, exc.message)
         raise
@@ -476,68 +442,24 @@ def _plan(
     )
 
 
-class _Completable(Protocol):
-    async def complete(self) -> GenerationResult: ...
-
-    def cancel(self) -> None: ...
-
-
-async def _complete_unless_gone(gen: _Completable, request: Request) -> GenerationResult | None:
-    """Wait for the result, or cancel the generation the moment the client hangs up."""
+async def _unless_gone(work: Awaitable[T], answer: Answer, request: Request) -> T | None:
+    """Wait for ``work``, or cancel the answer the moment the client hangs up (None)."""
 
     async def client_gone() -> None:
         while (await request.receive())["type"] != "http.disconnect":
             pass
 
-    result = asyncio.ensure_future(gen.complete())
+    task = asyncio.ensure_future(work)
     watcher = asyncio.ensure_future(client_gone())
     try:
-        done, _ = await asyncio.wait({result, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
     finally:
         watcher.cancel()
-    if result in done:
-        return result.result()
-    gen.cancel()
-    result.cancel()
+    if task in done:
+        return task.result()
+    answer.cancel()
+    task.cancel()
     return None
-
-
-async def _stream(
-    call: _Call,
-    gen: Any,
-    cached: GenerationResult | None,
-    key: Any,
-    stack: ExitStack,
-) -> AsyncIterator[str]:
-    status, result = CLIENT_GONE, None
-    error: str | None = "client disconnected"
-    try:
-        if call.chat:
-            yield call.chunk("", None, role=True)
-        if gen is not None:
-            async for text in gen:
-                yield call.chunk(text, None)
-            result = gen.result
-            assert result is not None
-            call.state.cache.put(key, result)
-        else:
-            result = cached
-            assert result is not None
-            yield call.chunk(result.text, None)
-        yield call.chunk(None, result.finish_reason)
-        if call.body.include_usage():
-            yield call.usage_chunk(result)
-        yield "data: [DONE]\n\n"
-        status, error = 200, None
-    except AgentError as exc:
-        status, error = exc.status, exc.message
-        yield _sse(error_body(exc))
-        yield "data: [DONE]\n\n"
-    finally:
-        if gen is not None:
-            gen.cancel()
-        stack.close()
-        call.record(status, result, error)
 
 
 def _usage(result: GenerationResult) -> dict[str, Any]:

@@ -8,6 +8,9 @@ prompt plus that text); a cache or rules answer cannot continue a text, so the
 stream then ends with the error. When every tier fails the request gets
 :class:`~agent.errors.Degraded` (503 with Retry-After), never silence.
 
+Without a chain (no policy for the model) the answer is the model's alone: no breaker,
+and its errors reach the client as they are (a full queue stays a 429).
+
 The route supplies :data:`Start`, which knows how to build a prompt for a model; this
 module knows nothing about HTTP.
 """
@@ -93,14 +96,15 @@ class Answer:
     def __init__(
         self,
         model: str,
-        chain: Chain,
+        chain: Chain | None,
         prompt_text: str,
         mode: DegradedMode,
         registry: ModelRegistry,
         start: Start,
     ) -> None:
         self.model = model
-        self.chain = chain
+        self.chain = chain or Chain()
+        self.alone = chain is None  # no policy for this model: no breaker, errors as they are
         self.prompt_text = prompt_text
         self.mode = mode
         self.registry = registry
@@ -119,13 +123,14 @@ class Answer:
 
     # -- for the route -----------------------------------------------------------------
 
-    async def prime(self) -> None:
+    async def prime(self) -> Answer:
         """Run until the first delta or the end; raises what the whole chain failed with."""
         self._primed = True
         try:
             self._first = await anext(self._it)
         except StopAsyncIteration:
             self._done = True
+        return self
 
     async def __aiter__(self) -> AsyncIterator[str]:
         if not self._primed:
@@ -155,6 +160,10 @@ class Answer:
     # -- the walk ----------------------------------------------------------------------
 
     async def _run(self) -> AsyncGenerator[str, None]:
+        if self.alone:
+            async for delta in self._alone():
+                yield delta
+            return
         async for delta in self._try_model(self.model, "primary"):
             yield delta
         if self.result is not None:
@@ -183,6 +192,33 @@ class Answer:
             f"{self.model} and its fallbacks could not answer: {'; '.join(self._reasons)}",
             retry_after=min(retry, self.chain.retry_after),
         )
+
+    async def _alone(self) -> AsyncGenerator[str, None]:
+        """No chain: the model answers, or its error is the answer (a 429 stays a 429)."""
+        started = await self.start(self.model, "")
+        self.served = self._served(self.model, "primary")
+        try:
+            if started.cached is not None:
+                self.result = started.cached
+                yield started.cached.text
+                return
+            gen = started.gen
+            assert gen is not None
+            self._current = gen
+            async for delta in gen:
+                yield delta
+            assert gen.result is not None
+            started.on_result(gen.result)
+            self.result = gen.result
+        finally:
+            self._let_go()
+            started.release()
+
+    def _let_go(self) -> None:
+        """Stop the generation unless it ended (a client gone mid-stream frees its slot)."""
+        if self._current is not None:
+            self._current.cancel()  # a no-op once it ended
+            self._current = None
 
     _kind: FailureKind | None = None
     _failed_at: float | None = None  # when a model first failed in this request
@@ -254,7 +290,7 @@ class Answer:
         finally:
             if not settled:  # an exact-cache answer, the client left, or the request's fault
                 breaker.release(permit)
-            self._current = None
+            self._let_go()
             started.release()
 
     def _settle_start_failure(

@@ -56,13 +56,16 @@ def fake(name: str, *, n_ctx: int = 64) -> FakeDecoder:
 class World:
     """Two fake GGUF models (big, small), a fake embedder, faults, and a policy."""
 
-    def __init__(self, chain: Chain) -> None:
+    def __init__(self, chain: Chain | None) -> None:
         self.clock = Clock()
         self.faults = FaultInjector()
         self.registry = ModelRegistry()
         self.mode = DegradedMode(clock=self.clock)
         self.mode.set_policy(
-            FallbackPolicy(name="test", version=1, breaker=BREAKER, chains={"big": chain}), "test"
+            FallbackPolicy(name="test", version=1, breaker=BREAKER, chains={"big": chain})
+            if chain is not None
+            else None,
+            "test",
         )
         self.moves: list[Transition] = []
         self.mode.listeners.append(self.moves.append)
@@ -73,6 +76,7 @@ class World:
         self.registry.publish("words", self.embedder)
         self.chain = chain
         self.asked = ""
+        self.max_tokens = 8
 
     def close(self) -> None:
         self.registry.close()
@@ -82,9 +86,9 @@ class World:
         try:
             sched = stack.enter_context(self.registry.lease(name, BatchScheduler))
             prompt = sched.decoder.tokenize(self.asked + sent, special=False)
-            if len(prompt) + 8 > sched.context_length:
+            if len(prompt) + self.max_tokens > sched.context_length:
                 raise ContextOverflow("prompt too long", param="prompt")
-            gen = sched.submit(GenerationRequest(prompt=prompt, max_tokens=8))
+            gen = sched.submit(GenerationRequest(prompt=prompt, max_tokens=self.max_tokens))
         except BaseException:
             stack.close()
             raise
@@ -92,7 +96,7 @@ class World:
 
     def answer(self, text: str = "how do I reset the router") -> Answer:
         self.asked = text.replace(" ", "")
-        return Answer("big", self.chain, text, self.mode, self.registry, self.start)
+        return Answer("big", self.mode.chain("big"), text, self.mode, self.registry, self.start)
 
     def ask(self, text: str = "how do I reset the router") -> tuple[str, Answer]:
         answer = self.answer(text)
@@ -279,3 +283,29 @@ def test_a_tier_limited_to_a_failure_kind_is_skipped_for_other_kinds(world: Worl
     _, answer = world.ask("my router")
     assert answer.served is not None
     assert answer.served.by == "small"
+
+
+@pytest.mark.parametrize("world", [None, Chain(tiers=(RULES,))], indirect=True)
+def test_a_client_leaving_mid_stream_frees_the_slot(world: World) -> None:
+    world.faults.set("big", Fault(delay_s=0.02))  # slow enough to leave in the middle
+    world.max_tokens = 40
+    answer = world.answer("leave")
+    assert answer.alone is (world.chain is None)
+
+    async def leave_after_one_delta() -> None:
+        async def read() -> None:
+            async for _ in answer:
+                await asyncio.sleep(3600)  # the client stops reading; the server cancels
+
+        task = asyncio.create_task(read())
+        while answer.served is None:
+            await asyncio.sleep(0.01)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        with world.registry.lease("big", BatchScheduler) as sched:
+            while sched.active:
+                await asyncio.sleep(0.01)
+
+    asyncio.run(asyncio.wait_for(leave_after_one_delta(), 10))
+    assert world.decoders["big"].decoded_tokens < len(world.asked) + 20  # not all 40
