@@ -35,6 +35,13 @@ MODULES = [
     "fleet.cli",
     "fleet.cli.connection",
     "fleet.cli.output",
+    "fleet.policy.store",
+    "fleet.policy.eligibility",
+    "fleet.policy.assign",
+    "fleet.policy.views",
+    "fleet.degraded",
+    "fleet.degraded.rules",
+    "fleet.degraded.alerts",
 ]
 
 
@@ -61,6 +68,8 @@ def test_every_router_module_exports_just_its_router() -> None:
         "enroll",
         "groups",
         "models",
+        "policies",
+        "alerts",
         "rollouts",
         "status",
         "telemetry",
