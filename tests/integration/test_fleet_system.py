@@ -185,7 +185,10 @@ def test_agent_killed_mid_spool_loses_nothing(
         with enrolled_agent(tmp_path, controller, model_store, []) as agent:
             assert device_id_of(tmp_path) == device  # the same identity, no new enrollment
             wait_until(lambda: drained(agent), "the spool to drain", within_s=90, every_s=EVERY_S)
-            last = max(r["seq"] for r in samples(controller, device))
+            stored = wait_until(
+                lambda: samples(controller, device), "samples stored", every_s=EVERY_S
+            )
+            last = max(r["seq"] for r in stored)
             wait_until(
                 lambda: max(r["seq"] for r in samples(controller, device)) >= last + 2,
                 "samples after the restart",
@@ -247,4 +250,8 @@ def test_controller_restart_with_the_embedded_broker_devices_reconnect_state_int
                 assert detail["desired"]["version"] == 1
                 assert [m["name"] for m in detail["reported"]["models"]] == ["minilm"]
                 wait_until(lambda: drained(agent), "the spool to drain", every_s=EVERY_S)
-                assert_exactly_once(samples(restarted, device))
+                # drained means the broker has them; the controller stores them a batch later
+                stored = wait_until(
+                    lambda: samples(restarted, device), "samples stored", every_s=EVERY_S
+                )
+                assert_exactly_once(stored)
