@@ -7,8 +7,6 @@ request's fault (a 4xx) is no failure of the model and never falls back.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 from agent.errors import (
     AgentError,
     MemoryBudgetExceeded,
@@ -16,7 +14,6 @@ from agent.errors import (
     ModelNotReady,
     Overloaded,
     RequestRejected,
-    RequestTimeout,
 )
 from agent.serving.registry import COPY_MARK
 from models.policy import CacheTier, Chain, FailureKind, ModelTier, RulesTier, Tier
@@ -40,9 +37,7 @@ def failure_kind(exc: AgentError) -> FailureKind | None:
         return exc.failure
     if isinstance(exc, Overloaded):
         return FailureKind.OVERLOADED
-    if isinstance(exc, RequestTimeout):
-        return FailureKind.ERROR
-    return FailureKind.ERROR
+    return FailureKind.ERROR  # the runtime raised, or the request timed out
 
 
 def load_failure(exc: AgentError) -> FailureKind:
@@ -78,8 +73,3 @@ def tier_label(tier: Tier) -> str:
         return "cache"
     assert isinstance(tier, RulesTier)
     return "rules"
-
-
-def first_reason(reasons: Sequence[str]) -> str:
-    """The reason a degraded answer is marked with: why the primary did not answer."""
-    return reasons[0] if reasons else "degraded"

@@ -16,7 +16,7 @@ together.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Literal
@@ -91,25 +91,15 @@ async def assign(
     ``NotFound`` for an unknown policy, version, group or device; ``Conflict`` for a
     revoked device.
     """
-    outcomes: list[Outcome] = []
 
-    def work() -> list[DesiredState]:
-        with Session(engine) as session:
-            row = get_policy(session, name, version)
-            devices = _targets(session, scope, target)
-            _upsert(session, scope, target, row, actor, now)
-            outcome = Outcome(scope, target, row.name, row.version, row.digest)
-            wanted = _eligible_states(session, row, devices, outcome)
-            states = store_desired_many(session, wanted, now)
-            outcome.updated = [s.device_id for s in states]
-            _record(session, "policy.assign", outcome, actor, now)
-            session.commit()
-            outcomes.append(outcome)
-            return states
+    def change(session: Session) -> tuple[Outcome, list[Wanted]]:
+        row = get_policy(session, name, version)
+        devices = _targets(session, scope, target)
+        _upsert(session, scope, target, row, actor, now)
+        outcome = Outcome(scope, target, row.name, row.version, row.digest)
+        return outcome, _eligible_states(session, row, devices, outcome)
 
-    deliveries = await desired.apply(work)
-    outcomes[0].deliveries = deliveries
-    return outcomes[0]
+    return await _apply(desired, engine, change, "policy.assign", actor, now)
 
 
 async def unassign(
@@ -125,22 +115,38 @@ async def unassign(
 
     ``NotFound`` when nothing is assigned there.
     """
+
+    def change(session: Session) -> tuple[Outcome, list[Wanted]]:
+        assignment = session.get(PolicyAssignment, (scope, target))
+        if assignment is None:
+            raise NotFound(f"no policy is assigned to {scope} {target!r}")
+        row = get_policy(session, assignment.policy, assignment.version)
+        devices = _targets(session, scope, target, must_exist=False)
+        session.delete(assignment)
+        session.flush()
+        outcome = Outcome(scope, target, row.name, row.version, row.digest)
+        return outcome, _states_after_removal(session, devices, outcome)
+
+    return await _apply(desired, engine, change, "policy.unassign", actor, now)
+
+
+async def _apply(
+    desired: DesiredStates,
+    engine: Engine,
+    change: Callable[[Session], tuple[Outcome, list[Wanted]]],
+    action: str,
+    actor: str,
+    now: datetime,
+) -> Outcome:
+    """Make ``change``, store the devices' new states and the audit entry, then publish."""
     outcomes: list[Outcome] = []
 
     def work() -> list[DesiredState]:
         with Session(engine) as session:
-            assignment = session.get(PolicyAssignment, (scope, target))
-            if assignment is None:
-                raise NotFound(f"no policy is assigned to {scope} {target!r}")
-            row = get_policy(session, assignment.policy, assignment.version)
-            devices = _targets(session, scope, target, must_exist=False)
-            session.delete(assignment)
-            session.flush()
-            outcome = Outcome(scope, target, row.name, row.version, row.digest)
-            wanted = _states_after_removal(session, devices, outcome)
+            outcome, wanted = change(session)
             states = store_desired_many(session, wanted, now)
             outcome.updated = [s.device_id for s in states]
-            _record(session, "policy.unassign", outcome, actor, now)
+            _record(session, action, outcome, actor, now)
             session.commit()
             outcomes.append(outcome)
             return states
