@@ -16,6 +16,12 @@ ensure_mosquitto() {
     command -v mosquitto >/dev/null || [[ -x /usr/sbin/mosquitto ]] || apt_install mosquitto
 }
 
+# The dashboard's browser tests drive Debian's Chromium through Playwright, which
+# cannot download its own browsers here (tests/browser/ launches /usr/bin/chromium).
+ensure_chromium() {
+    [[ -x /usr/bin/chromium ]] || apt_install chromium
+}
+
 # Exports EDGEFLEET_TEST_POSTGRES_URL, pointing at a server the suite may create
 # databases on: $EDGEFLEET_TEST_POSTGRES_URL if set, else the local cluster on 5432,
 # which is installed and started when missing.
