@@ -22,11 +22,12 @@ from fastapi import FastAPI
 from sqlalchemy.engine import Engine
 from starlette.concurrency import run_in_threadpool
 
-from fleet import degraded
+from fleet import alerts, dashboard
 from fleet.api import ROUTERS, streams_body
 from fleet.api.deps import FleetState
 from fleet.api.errors import install_error_handlers
 from fleet.api.limits import BodyLimit
+from fleet.auth.sessions import SessionLimits
 from fleet.config import ADMIN_TOKEN_FILE, FleetSettings
 from fleet.db import make_engine, migrate
 from fleet.desired import DesiredStates
@@ -222,6 +223,10 @@ def create_app(
                     tuf=repo,
                     desired=desired,
                     rollouts=rollouts,
+                    sessions=SessionLimits(
+                        idle=timedelta(minutes=settings.session_idle_minutes),
+                        lifetime=timedelta(hours=settings.session_lifetime_hours),
+                    ),
                 )
                 interval_s = settings.tuf_refresh_interval_s
                 renewals = [
@@ -230,9 +235,8 @@ def create_app(
                         _every(interval_s, "desired states", desired.renew), name="desired-renew"
                     ),
                     asyncio.create_task(rollouts.run(), name="rollouts"),
-                    asyncio.create_task(
-                        degraded.watch(engine, settings, clock), name="degraded-alerts"
-                    ),
+                    asyncio.create_task(alerts.watch(engine, settings, clock, repo), name="alerts"),
+                    asyncio.create_task(alerts.deliver(engine, settings, clock), name="alert-hook"),
                 ]
                 try:
                     yield
@@ -252,4 +256,5 @@ def create_app(
     install_error_handlers(app)
     for router in ROUTERS:
         app.include_router(router)
+    dashboard.install(app)
     return app

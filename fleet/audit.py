@@ -28,8 +28,9 @@ def record(
     subject: str,
     reason: str = "",
     data: dict[str, Any] | None = None,
+    source: str = "",
 ) -> None:
-    """Add an entry to the caller's transaction."""
+    """Add an entry to the caller's transaction; ``source``: where a person acted from."""
     session.add(
         AuditEntry(
             at=at,
@@ -38,5 +39,6 @@ def record(
             subject=subject,
             reason=reason[:2000],
             data=data or {},
+            source=source[:128],
         )
     )

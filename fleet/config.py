@@ -31,6 +31,12 @@ class FleetSettings(BaseSettings):
     admin_token: SecretStr | None = None  # None: generated once into <data_dir>/admin-token
     body_timeout_s: float = Field(default=30.0, gt=0)  # longest pause in a request body (408)
 
+    # Dashboard sessions (docs/dashboard.md). cookie_secure None: Secure when served over
+    # https; set true behind a proxy that terminates TLS.
+    cookie_secure: bool | None = None
+    session_idle_minutes: float = Field(default=480.0, gt=0)  # signed out after this idle
+    session_lifetime_hours: float = Field(default=168.0, gt=0)  # and after this in any case
+
     # Model registry.
     artifact_dir: Path | None = None  # content-addressed model files; None: <data_dir>/artifacts
     artifact_max_bytes: int = Field(default=64 * 2**30, ge=1)  # the largest upload accepted
@@ -74,6 +80,14 @@ class FleetSettings(BaseSettings):
     degraded_alert_min_devices: int = Field(default=2, ge=1)
     degraded_alert_interval_s: float = Field(default=10.0, gt=0, le=3600)  # between checks
     degraded_alert_seen_within_s: float = Field(default=300.0, gt=0)  # an offline device counts
+    # Alerts (docs/alerts.md): every rule is evaluated every degraded_alert_interval_s; the
+    # degraded_alert_* values above are group_degraded's defaults, an admin's rule wins.
+    # Webhook deliveries wait in an outbox, checked every alert_webhook_interval_s; a
+    # failed POST is retried after a backoff doubling from initial to max, jittered.
+    alert_webhook_interval_s: float = Field(default=2.0, gt=0, le=300)  # outbox checks
+    alert_webhook_timeout_s: float = Field(default=10.0, gt=0, le=120)  # one POST, all of it
+    alert_webhook_backoff_initial_s: float = Field(default=1.0, gt=0)  # after a first failure
+    alert_webhook_backoff_max_s: float = Field(default=300.0, gt=0)  # the longest wait
 
     @field_validator("broker_url", "broker_public_url", "public_url")
     @classmethod

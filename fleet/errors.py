@@ -14,7 +14,8 @@
     └── Transient                may succeed later: retry with backoff
         ├── BrokerUnavailable    the MQTT broker cannot be reached
         ├── DatabaseUnavailable  the database cannot be reached
-        └── StorageUnavailable   the artifact store cannot be written (disk full, I/O error)
+        ├── StorageUnavailable   the artifact store cannot be written (disk full, I/O error)
+        └── RateLimited          429, too many failed sign-ins: wait ``retry_after_s``
 
 Third-party exceptions (SQLAlchemy, paho, OS errors) are translated at the boundary.
 """
@@ -32,6 +33,7 @@ __all__ = [
     "InvalidInput",
     "MessageRejected",
     "NotFound",
+    "RateLimited",
     "Rejected",
     "StorageUnavailable",
     "TooLarge",
@@ -147,3 +149,14 @@ class StorageUnavailable(Transient):
     """The artifact store cannot be written: disk full, permissions, I/O error."""
 
     code = "storage_unavailable"
+
+
+class RateLimited(Transient):
+    """Too many failed sign-ins for this name or address; try again after a pause."""
+
+    status = 429
+    code = "rate_limited"
+
+    def __init__(self, message: str = "", *, retry_after_s: int) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s  # sent as Retry-After

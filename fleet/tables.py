@@ -16,6 +16,10 @@ from sqlmodel import Field, SQLModel
 
 __all__ = [
     "Alert",
+    "AlertDelivery",
+    "AlertRule",
+    "AlertWebhook",
+    "ApiToken",
     "AuditEntry",
     "Device",
     "DeviceTag",
@@ -23,12 +27,15 @@ __all__ = [
     "EventRow",
     "GateCheckRow",
     "Group",
+    "LoginAttempt",
     "ModelArtifact",
     "PolicyAssignment",
     "PolicyRow",
     "Rollout",
     "RolloutDevice",
     "TelemetryRow",
+    "User",
+    "WebSession",
     "as_utc",
     "utc_now",
 ]
@@ -299,11 +306,12 @@ class AuditEntry(SQLModel, table=True):
 
     id: int | None = Field(default=None, sa_column=Column(RowId, primary_key=True))
     at: datetime = _stamp()
-    actor: str = Field(max_length=64)  # "admin", or "controller" for the engine's decisions
+    actor: str = Field(max_length=64)  # a user's name, "admin", or "controller" (the engine)
     action: str = Field(max_length=48)  # "rollout.create", "rollout.stage_advanced", ...
     subject: str = Field(max_length=96)  # "rollout:<id>"
     reason: str = Field(default="", sa_column=Column(String(2000), nullable=False))
     data: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON))
+    source: str = Field(default="", max_length=128)  # "<client address> (<how>)"; "" automatic
 
 
 class PolicyRow(SQLModel, table=True):
@@ -336,17 +344,126 @@ class PolicyAssignment(SQLModel, table=True):
 
 
 class Alert(SQLModel, table=True):
-    """A condition an admin should see, open until it clears (``cleared_at``)."""
+    """A condition or event an admin should see, open until it clears (``cleared_at``).
+
+    A condition (a device offline) clears when it no longer holds; an event (a rollout
+    aborted) when an admin acknowledges it. ``fleet.alerts`` raises and clears them.
+    """
 
     __tablename__ = "alerts"
     __table_args__ = (Index("ix_alerts_open", "kind", "subject", "cleared_at"),)
 
     id: int | None = Field(default=None, sa_column=Column(RowId, primary_key=True))
-    kind: str = Field(max_length=32)  # "group_degraded"
-    subject: str = Field(max_length=160)  # "group:<name>"
+    kind: str = Field(max_length=32)  # fleet.alerts.RuleKind: "group_degraded", ...
+    subject: str = Field(max_length=160)  # "group:<name>", "device:<id>", "rollout:<id>"
     severity: str = Field(max_length=16)  # models.wire.Severity
     message: str = Field(sa_column=Column(String(2000), nullable=False))
     data: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON))
     raised_at: datetime = _stamp()
     updated_at: datetime = _stamp()
     cleared_at: datetime | None = _stamp(nullable=True)
+    acknowledged_at: datetime | None = _stamp(nullable=True)
+    acknowledged_by: str | None = Field(default=None, max_length=64)
+
+
+class User(SQLModel, table=True):
+    """A person who uses the dashboard, the API or the CLI, with one role."""
+
+    __tablename__ = "users"
+
+    id: int | None = Field(default=None, sa_column=Column(RowId, primary_key=True))
+    name: str = Field(unique=True, max_length=64)
+    role: str = Field(max_length=16)  # fleet.auth.roles.Role
+    password_hash: str = Field(max_length=256)  # argon2id, PHC string
+    disabled: bool = False
+    created_by: str = Field(max_length=64)
+    created_at: datetime = _stamp()
+    password_changed_at: datetime = _stamp()
+
+
+class ApiToken(SQLModel, table=True):
+    """A user's token for the API and the CLI; only its SHA-256 is stored."""
+
+    __tablename__ = "api_tokens"
+
+    id: int | None = Field(default=None, sa_column=Column(RowId, primary_key=True))
+    user_id: int = Field(foreign_key="users.id", index=True)
+    name: str = Field(max_length=64)  # what it is for: "laptop", "ci"
+    secret_sha256: str = Field(unique=True, max_length=64)
+    created_at: datetime = _stamp()
+    expires_at: datetime | None = _stamp(nullable=True)
+    last_used_at: datetime | None = _stamp(nullable=True)
+    revoked_at: datetime | None = _stamp(nullable=True)
+
+
+class WebSession(SQLModel, table=True):
+    """A signed-in browser; the cookie holds the secret, this row only its SHA-256."""
+
+    __tablename__ = "web_sessions"
+
+    id: str = Field(primary_key=True, max_length=64)  # SHA-256 of the cookie's secret
+    user_id: int = Field(foreign_key="users.id", index=True)
+    csrf_token: str = Field(max_length=64)  # every form and htmx request sends it back
+    source: str = Field(default="", max_length=64)  # client address at sign-in
+    created_at: datetime = _stamp()
+    last_seen_at: datetime = _stamp()
+    expires_at: datetime = _stamp()
+    revoked_at: datetime | None = _stamp(nullable=True)
+
+
+class LoginAttempt(SQLModel, table=True):
+    """One sign-in try; recent failures per name and per address rate-limit the next."""
+
+    __tablename__ = "login_attempts"
+    __table_args__ = (
+        Index("ix_login_attempts_name_at", "name", "at"),
+        Index("ix_login_attempts_source_at", "source", "at"),
+    )
+
+    id: int | None = Field(default=None, sa_column=Column(RowId, primary_key=True))
+    at: datetime = _stamp()
+    name: str = Field(max_length=64)
+    source: str = Field(max_length=64)
+    ok: bool
+
+
+class AlertRule(SQLModel, table=True):
+    """An admin's settings of one alert rule; a kind without a row runs on its defaults."""
+
+    __tablename__ = "alert_rules"
+
+    kind: str = Field(primary_key=True, max_length=32)  # fleet.alerts.RuleKind
+    enabled: bool = True
+    params: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    updated_by: str = Field(max_length=64)
+    updated_at: datetime = _stamp()
+
+
+class AlertWebhook(SQLModel, table=True):
+    """Where alert changes are POSTed; at most one row (``id`` 1), none: no webhook."""
+
+    __tablename__ = "alert_webhook"
+
+    id: int = Field(default=1, primary_key=True)
+    url: str = Field(sa_column=Column(String(2000), nullable=False))
+    secret: str | None = Field(default=None, max_length=256)  # HMAC key; never shown again
+    updated_by: str = Field(max_length=64)
+    updated_at: datetime = _stamp()
+
+
+class AlertDelivery(SQLModel, table=True):
+    """One webhook POST not yet delivered: the outbox, written with the alert's change.
+
+    Delivered rows are deleted, so the table holds only what is still owed.
+    """
+
+    __tablename__ = "alert_deliveries"
+
+    id: int | None = Field(default=None, sa_column=Column(RowId, primary_key=True))
+    alert_id: int = Field(foreign_key="alerts.id")
+    event: str = Field(max_length=16)  # raised, cleared, acknowledged
+    payload: dict[str, Any] = Field(sa_column=Column(JSON, nullable=False))
+    created_at: datetime = _stamp()
+    attempts: int = 0
+    next_attempt_at: datetime = _stamp()  # not before; while a POST runs, its lease's end
+    last_error: str = Field(default="", sa_column=Column(String(500), nullable=False))

@@ -19,6 +19,7 @@ from fleet.api import (
     telemetry,
     tokens,
     tuf,
+    users,
 )
 
 __all__ = ["ROUTERS", "streams_body"]
@@ -37,6 +38,8 @@ ROUTERS: tuple[APIRouter, ...] = (
     rollouts.router,
     policies.router,
     alerts.router,
+    users.router,
+    users.tokens_router,
 )
 
 

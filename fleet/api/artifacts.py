@@ -18,6 +18,7 @@ from fastapi.responses import FileResponse
 from sqlmodel import Session, col, select
 
 from fleet.api.deps import StateDep
+from fleet.auth.api_tokens import resolve_token
 from fleet.errors import Forbidden, NotFound, Unauthorized
 from fleet.link.passwords import hash_password, verify_password
 from fleet.registry.registration import artifact_store
@@ -47,12 +48,16 @@ def _basic(value: str) -> tuple[str, str]:
 
 
 def require_reader(request: Request, state: StateDep) -> str:
-    """Who may download: a device (Basic id:broker-password) or the admin (Bearer); the id."""
+    """Who may download: a device (Basic id:broker-password) or a person (Bearer); who."""
     scheme, _, value = request.headers.get("authorization", "").partition(" ")
     if scheme.lower() == "bearer" and value.strip():
-        if not same_secret(value.strip(), state.admin_token):
-            raise Unauthorized("wrong admin token")
-        return ADMIN_READER
+        if same_secret(value.strip(), state.admin_token):
+            return ADMIN_READER
+        with Session(state.engine) as session:
+            user = resolve_token(session, value.strip(), state.clock())
+        if user is None:
+            raise Unauthorized("unknown, revoked or expired token")
+        return user.name
     if scheme.lower() != "basic" or not value.strip():
         raise Unauthorized(
             "send the device's id and broker password with HTTP Basic",

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from fleet.api.deps import Admin, SessionDep, StateDep
+from fleet.api.audited import audit_action
+from fleet.api.deps import PrincipalDep, SessionDep, StateDep, authorize
 from fleet.api.present import device_or_404
 from fleet.api.schemas import DesiredBody, DesiredPublished, GroupDesiredPublished
 from fleet.desired import Delivery, desired_of
@@ -18,7 +19,7 @@ from models.wire import DesiredState
 
 __all__ = ["router"]
 
-router = APIRouter(prefix="/api/v1", tags=["desired state"], dependencies=[Admin])
+router = APIRouter(prefix="/api/v1", tags=["desired state"], dependencies=[authorize()])
 
 
 def _published(delivery: Delivery) -> DesiredPublished:
@@ -28,6 +29,23 @@ def _published(delivery: Delivery) -> DesiredPublished:
         published=delivery.published,
         desired=delivery.state.model_dump(mode="json"),
     )
+
+
+def _audit(
+    session: SessionDep,
+    who: PrincipalDep,
+    state: StateDep,
+    subject: str,
+    deliveries: list[Delivery],
+    body: DesiredBody,
+) -> None:
+    """Audited after the change commits (the service owns that transaction)."""
+    versions = {d.state.device_id: d.state.version for d in deliveries[:100]}
+    audit_action(
+        session, who, state.clock(), "desired.set", subject,
+        desired=body.model_dump(mode="json"), devices=len(deliveries), versions=versions,
+    )  # fmt: skip
+    session.commit()
 
 
 @router.get("/devices/{device_id}/desired")
@@ -40,13 +58,20 @@ def get_desired(device_id: str, session: SessionDep) -> DesiredState:
 
 
 @router.put("/devices/{device_id}/desired", status_code=202)
-async def put_desired(device_id: str, body: DesiredBody, state: StateDep) -> DesiredPublished:
+async def put_desired(
+    device_id: str, body: DesiredBody, state: StateDep, session: SessionDep, who: PrincipalDep
+) -> DesiredPublished:
     """Replace the device's desired state; the device reconciles when it receives it."""
-    return _published(await state.desired.set_for_device(device_id, body))
+    delivery = await state.desired.set_for_device(device_id, body)
+    _audit(session, who, state, f"device:{device_id}", [delivery], body)
+    return _published(delivery)
 
 
 @router.put("/groups/{name}/desired", status_code=202)
-async def put_group_desired(name: str, body: DesiredBody, state: StateDep) -> GroupDesiredPublished:
+async def put_group_desired(
+    name: str, body: DesiredBody, state: StateDep, session: SessionDep, who: PrincipalDep
+) -> GroupDesiredPublished:
     """Replace the desired state of every non-revoked device in the group, each versioned alone."""
     deliveries = await state.desired.set_for_group(name, body)
+    _audit(session, who, state, f"group:{name}", deliveries, body)
     return GroupDesiredPublished(group=name, devices=[_published(d) for d in deliveries])

@@ -17,7 +17,8 @@ from sqlalchemy import Engine, exists, func, update
 from sqlmodel import Session, col, delete, select
 from starlette.concurrency import run_in_threadpool
 
-from fleet.api.deps import Admin, LinkDep, SessionDep, StateDep
+from fleet.api.audited import audit_action
+from fleet.api.deps import LinkDep, PrincipalDep, SessionDep, StateDep, authorize
 from fleet.api.present import device_detail, device_or_404, device_public, tags_of
 from fleet.api.schemas import (
     CommandAccepted,
@@ -29,6 +30,7 @@ from fleet.api.schemas import (
     GroupName,
     Tag,
 )
+from fleet.auth import Principal, Role
 from fleet.degraded import is_degraded
 from fleet.errors import BrokerUnavailable, Conflict, InvalidInput
 from fleet.tables import Device, DeviceTag, Group
@@ -38,7 +40,7 @@ __all__ = ["router"]
 
 log = logging.getLogger(__name__)
 
-router = APIRouter(prefix="/api/v1/devices", tags=["devices"], dependencies=[Admin])
+router = APIRouter(prefix="/api/v1/devices", tags=["devices"], dependencies=[authorize()])
 
 
 @router.get("")
@@ -97,7 +99,9 @@ def get_device(device_id: str, session: SessionDep) -> DeviceDetail:
 
 
 @router.patch("/{device_id}")
-def update_device(device_id: str, body: DeviceUpdate, session: SessionDep) -> DeviceDetail:
+def update_device(
+    device_id: str, body: DeviceUpdate, session: SessionDep, state: StateDep, who: PrincipalDep
+) -> DeviceDetail:
     """Rename, regroup or retag a device; ``tags`` replaces the whole set."""
     device = device_or_404(session, device_id)
     fields = body.model_fields_set
@@ -114,11 +118,13 @@ def update_device(device_id: str, body: DeviceUpdate, session: SessionDep) -> De
         for tag in body.tags or []:
             session.add(DeviceTag(device_id=device.id, tag=tag))
     session.add(device)
+    changes = body.model_dump(include=fields, mode="json")
+    audit_action(session, who, state.clock(), "device.update", f"device:{device.id}", **changes)
     session.commit()
     return device_detail(device, tags_of(session, [device.id])[device.id])
 
 
-def _revoke(engine: Engine, device_id: str, now: datetime) -> DeviceDetail:
+def _revoke(engine: Engine, device_id: str, now: datetime, who: Principal) -> DeviceDetail:
     with Session(engine, expire_on_commit=False) as session:
         device = device_or_404(session, device_id)
         session.exec(
@@ -127,19 +133,22 @@ def _revoke(engine: Engine, device_id: str, now: datetime) -> DeviceDetail:
             .values(revoked_at=now, online=False)
             .execution_options(synchronize_session=False)
         )
+        audit_action(session, who, now, "device.revoke", f"device:{device_id}")
         session.commit()
         session.refresh(device)
         return device_detail(device, tags_of(session, [device.id])[device.id])
 
 
-@router.post("/{device_id}/revoke")
-async def revoke_device(device_id: str, state: StateDep, link: LinkDep) -> DeviceDetail:
+@router.post("/{device_id}/revoke", dependencies=[authorize(write=Role.ADMIN)])
+async def revoke_device(
+    device_id: str, state: StateDep, link: LinkDep, who: PrincipalDep
+) -> DeviceDetail:
     """Cut a device off for good: its broker login goes at once, its retained state too.
 
     Idempotent: revoking again re-syncs the broker, which repairs a revocation whose
     first sync failed.
     """
-    detail = await run_in_threadpool(_revoke, state.engine, device_id, state.clock())
+    detail = await run_in_threadpool(_revoke, state.engine, device_id, state.clock(), who)
     await link.sync_auth()
     try:
         await link.clear_desired(device_id)

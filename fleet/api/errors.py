@@ -16,7 +16,7 @@ from fastapi.responses import JSONResponse
 from sqlalchemy.exc import OperationalError
 from starlette.exceptions import HTTPException
 
-from fleet.errors import DatabaseUnavailable, FleetError
+from fleet.errors import DatabaseUnavailable, FleetError, RateLimited
 
 __all__ = ["error_response", "install_error_handlers", "validation_field", "validation_message"]
 
@@ -72,6 +72,8 @@ def install_error_handlers(app: FastAPI) -> None:
         headers = None
         if exc.status == 401:
             headers = {"WWW-Authenticate": getattr(exc, "challenge", "Bearer")}
+        if isinstance(exc, RateLimited):
+            headers = {"Retry-After": str(exc.retry_after_s)}
         field = getattr(exc, "field", None)
         return error_response(exc.status, exc.code, str(exc) or exc.code, headers, field=field)
 

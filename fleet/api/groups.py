@@ -11,7 +11,7 @@ from fastapi import APIRouter
 from sqlalchemy import func, update
 from sqlmodel import col, select
 
-from fleet.api.deps import Admin, SessionDep, StateDep
+from fleet.api.deps import SessionDep, StateDep, authorize
 from fleet.api.present import token_view, utc
 from fleet.api.schemas import GroupCreate, GroupName, GroupPublic, TagCount
 from fleet.errors import Conflict, NotFound
@@ -20,7 +20,7 @@ from fleet.tokens import TokenState, token_state
 
 __all__ = ["router"]
 
-router = APIRouter(prefix="/api/v1", tags=["groups"], dependencies=[Admin])
+router = APIRouter(prefix="/api/v1", tags=["groups"], dependencies=[authorize()])
 
 
 def _counts(session: SessionDep) -> dict[str, int]:

@@ -20,7 +20,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 from starlette.types import Scope
 
-from fleet.api.deps import Admin, SessionDep, StateDep
+from fleet.api.deps import SessionDep, StateDep, authorize
 from fleet.api.errors import validation_message
 from fleet.api.present import utc
 from fleet.api.schemas import (
@@ -42,7 +42,7 @@ from models.values import MODEL_NAME_PATTERN, VERSION_PATTERN
 
 __all__ = ["METADATA_HEADER", "artifact_public", "is_upload", "router"]
 
-router = APIRouter(prefix="/api/v1", tags=["models"], dependencies=[Admin])
+router = APIRouter(prefix="/api/v1", tags=["models"], dependencies=[authorize()])
 
 METADATA_HEADER = "X-Edgefleet-Metadata"
 MAX_CARD_BYTES = 256 * 1024

@@ -8,13 +8,12 @@ desired state of those that can take it. The acting admin may name themselves in
 
 from __future__ import annotations
 
-import re
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Header, Query
+from fastapi import APIRouter, Query
 from pydantic import BaseModel, ConfigDict, Field, JsonValue
 
-from fleet.api.deps import Admin, SessionDep, StateDep
+from fleet.api.deps import PrincipalDep, SessionDep, StateDep, authorize
 from fleet.errors import InvalidInput
 from fleet.policy.assign import Outcome, Scope, assign, unassign
 from fleet.policy.store import create_policy
@@ -22,15 +21,7 @@ from fleet.policy.views import PolicyDetail, PolicySummary, policy_detail, polic
 
 __all__ = ["router"]
 
-router = APIRouter(prefix="/api/v1", tags=["policies"], dependencies=[Admin])
-
-_ACTOR = re.compile(r"[^A-Za-z0-9_.@-]")
-ActorHeader = Annotated[str | None, Header(alias="X-Edgefleet-Actor")]
-
-
-def _actor(header: str | None) -> str:
-    name = _ACTOR.sub("", header or "")[:48]
-    return f"admin:{name}" if name else "admin"
+router = APIRouter(prefix="/api/v1", tags=["policies"], dependencies=[authorize()])
 
 
 class PolicyCreate(BaseModel):
@@ -102,7 +93,7 @@ def _result(outcome: Outcome, assigned: bool = True) -> AssignmentResult:
 
 @router.post("/policies", status_code=201)
 def create(
-    body: PolicyCreate, session: SessionDep, state: StateDep, actor: ActorHeader = None
+    body: PolicyCreate, session: SessionDep, state: StateDep, who: PrincipalDep
 ) -> PolicyDetail:
     """Store the next version of the policy; 422 names the offending field."""
     row = create_policy(
@@ -111,7 +102,8 @@ def create(
         description=body.description,
         breaker=body.breaker,
         chains=body.chains,
-        actor=_actor(actor),
+        actor=who.name,
+        source=who.source,
         now=state.clock(),
     )
     session.commit()
@@ -142,7 +134,7 @@ def _scope(group: str | None, device: str | None) -> tuple[Scope, str]:
 
 @router.post("/policies/{name}/assign")
 async def assign_policy(
-    name: str, body: AssignBody, state: StateDep, actor: ActorHeader = None
+    name: str, body: AssignBody, state: StateDep, who: PrincipalDep
 ) -> AssignmentResult:
     """Assign the policy: eligible devices get it in their signed desired state; lists the rest."""
     scope, target = _scope(body.group, body.device)
@@ -153,7 +145,8 @@ async def assign_policy(
         version=body.version,
         scope=scope,
         target=target,
-        actor=_actor(actor),
+        actor=who.name,
+        source=who.source,
         now=state.clock(),
     )
     return _result(outcome)
@@ -161,11 +154,11 @@ async def assign_policy(
 
 @router.delete("/policies/assignments/{scope}/{target}")
 async def unassign_policy(
-    scope: Scope, target: str, state: StateDep, actor: ActorHeader = None
+    scope: Scope, target: str, state: StateDep, who: PrincipalDep
 ) -> AssignmentResult:
     """Remove a group's or device's assignment; its devices get their group's policy, or none."""
     outcome = await unassign(
-        state.desired, state.engine, scope=scope, target=target, actor=_actor(actor),
-        now=state.clock(),
+        state.desired, state.engine, scope=scope, target=target, actor=who.name,
+        now=state.clock(), source=who.source,
     )  # fmt: skip
     return _result(outcome, assigned=False)

@@ -8,13 +8,12 @@ audit log records ``admin:<name>``.
 
 from __future__ import annotations
 
-import re
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Header, Query
+from fastapi import APIRouter, Query
 from pydantic import BaseModel, ConfigDict, Field
 
-from fleet.api.deps import Admin, SessionDep, StateDep
+from fleet.api.deps import PrincipalDep, SessionDep, StateDep, authorize
 from fleet.errors import NotFound
 from fleet.rollout.spec import RolloutSpec
 from fleet.rollout.views import (
@@ -31,10 +30,9 @@ from fleet.tables import Rollout
 
 __all__ = ["router"]
 
-router = APIRouter(prefix="/api/v1", tags=["rollouts"], dependencies=[Admin])
+router = APIRouter(prefix="/api/v1", tags=["rollouts"], dependencies=[authorize()])
 
 Action = Literal["pause", "resume", "approve", "abort"]
-_ACTOR = re.compile(r"[^A-Za-z0-9_.@-]")
 
 
 class ActionBody(BaseModel):
@@ -43,14 +41,6 @@ class ActionBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     reason: str = Field(default="", max_length=500)
-
-
-def _actor(header: str | None) -> str:
-    name = _ACTOR.sub("", header or "")[:48]
-    return f"admin:{name}" if name else "admin"
-
-
-ActorHeader = Annotated[str | None, Header(alias="X-Edgefleet-Actor")]
 
 
 def _row(session: SessionDep, rollout_id: str) -> Rollout:
@@ -62,7 +52,7 @@ def _row(session: SessionDep, rollout_id: str) -> Rollout:
 
 @router.post("/rollouts", status_code=201)
 async def create_rollout(
-    spec: RolloutSpec, state: StateDep, session: SessionDep, actor: ActorHeader = None
+    spec: RolloutSpec, state: StateDep, session: SessionDep, who: PrincipalDep
 ) -> RolloutDetail:
     """Validate the rollout against the fleet and start it; 422 names the field, 409 a rival.
 
@@ -70,7 +60,7 @@ async def create_rollout(
     fallback policy (``{"kind": "policy", "policy", "version"}``; no version: the
     latest, stored as a fixed number).
     """
-    rollout_id = await state.rollouts.create(spec, _actor(actor))
+    rollout_id = await state.rollouts.create(spec, who.name, who.source)
     return rollout_detail(session, _row(session, rollout_id))
 
 
@@ -104,12 +94,12 @@ async def act_on_rollout(
     action: Action,
     state: StateDep,
     session: SessionDep,
+    who: PrincipalDep,
     body: ActionBody | None = None,
-    actor: ActorHeader = None,
 ) -> RolloutDetail:
     """Pause, resume, approve the next stage, or abort (which rolls changed devices back)."""
     reason = body.reason if body is not None else ""
-    await state.rollouts.act(rollout_id, action, _actor(actor), reason)
+    await state.rollouts.act(rollout_id, action, who.name, reason, who.source)
     session.expire_all()
     return rollout_detail(session, _row(session, rollout_id))
 

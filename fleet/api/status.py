@@ -17,7 +17,7 @@ from pydantic import BaseModel
 from sqlalchemy.engine import Engine
 from starlette.concurrency import run_in_threadpool
 
-from fleet.api.deps import Admin, SessionDep, StateDep
+from fleet.api.deps import SessionDep, StateDep, authorize
 from fleet.api.present import device_counts
 from fleet.api.schemas import DeviceCounts
 from fleet.db import current_revision, head_revision, ping
@@ -90,7 +90,7 @@ async def readyz(state: StateDep) -> JSONResponse:
     return JSONResponse(body, status_code=503 if reasons else 200)
 
 
-@router.get("/api/v1/status", dependencies=[Admin])
+@router.get("/api/v1/status", dependencies=[authorize()])
 def status(session: SessionDep, state: StateDep) -> StatusPublic:
     """Versions, the database's migration state, the MQTT link's counters, device counts."""
     link = state.link.status()

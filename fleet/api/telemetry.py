@@ -18,7 +18,7 @@ from sqlalchemy import ColumnElement, Label, func
 from sqlmodel import Session, col, select
 
 from fleet.api.buckets import epoch_bucket
-from fleet.api.deps import Admin, SessionDep, StateDep
+from fleet.api.deps import SessionDep, StateDep, authorize
 from fleet.api.present import device_counts, device_or_404, utc
 from fleet.api.schemas import DeviceCounts
 from fleet.errors import InvalidInput
@@ -26,7 +26,7 @@ from fleet.tables import EventRow, TelemetryRow
 
 __all__ = ["router"]
 
-router = APIRouter(prefix="/api/v1", tags=["telemetry"], dependencies=[Admin])
+router = APIRouter(prefix="/api/v1", tags=["telemetry"], dependencies=[authorize()])
 
 MAX_BUCKETS = 10_000
 MAX_RAW = 10_000

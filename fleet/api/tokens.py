@@ -12,20 +12,28 @@ from datetime import timedelta
 from fastapi import APIRouter
 from sqlmodel import col, select
 
-from fleet.api.deps import Admin, SessionDep, StateDep
+from fleet.api.audited import audit_action
+from fleet.api.deps import PrincipalDep, SessionDep, StateDep, authorize
 from fleet.api.present import token_public
 from fleet.api.schemas import TokenCreate, TokenCreated, TokenPublic
+from fleet.auth import Role
 from fleet.errors import InvalidInput, NotFound
 from fleet.tables import EnrollmentToken, Group
 from fleet.tokens import hash_secret, new_secret, new_token_id
 
 __all__ = ["router"]
 
-router = APIRouter(prefix="/api/v1/tokens", tags=["tokens"], dependencies=[Admin])
+router = APIRouter(
+    prefix="/api/v1/tokens",
+    tags=["tokens"],
+    dependencies=[authorize(read=Role.OPERATOR, write=Role.ADMIN)],
+)
 
 
 @router.post("", status_code=201)
-def create_token(body: TokenCreate, session: SessionDep, state: StateDep) -> TokenCreated:
+def create_token(
+    body: TokenCreate, session: SessionDep, state: StateDep, who: PrincipalDep
+) -> TokenCreated:
     """A new token; the response is the only place its secret ever appears."""
     if body.group is not None and session.get(Group, body.group) is None:
         raise InvalidInput(
@@ -46,6 +54,16 @@ def create_token(body: TokenCreate, session: SessionDep, state: StateDep) -> Tok
         note=body.note,
     )
     session.add(token)
+    audit_action(
+        session,
+        who,
+        now,
+        "enrollment_token.create",
+        f"token:{token.id}",
+        group=body.group,
+        uses=body.uses,
+        expires_in_s=body.expires_in_s,
+    )
     session.commit()
     public = token_public(token, now)
     return TokenCreated(
@@ -76,12 +94,15 @@ def get_token(token_id: str, session: SessionDep, state: StateDep) -> TokenPubli
 
 
 @router.delete("/{token_id}")
-def revoke_token(token_id: str, session: SessionDep, state: StateDep) -> TokenPublic:
+def revoke_token(
+    token_id: str, session: SessionDep, state: StateDep, who: PrincipalDep
+) -> TokenPublic:
     """Revoke a token so no further device can enroll with it; idempotent."""
     token = _token(session, token_id)
     now = state.clock()
     if token.revoked_at is None:
         token.revoked_at = now
         session.add(token)
+        audit_action(session, who, now, "enrollment_token.revoke", f"token:{token.id}")
         session.commit()
     return token_public(token, now)

@@ -24,7 +24,9 @@ from starlette.concurrency import run_in_threadpool
 from starlette.types import Scope
 
 from fleet.api.artifacts import require_reader
-from fleet.api.deps import Admin, StateDep, TufDep
+from fleet.api.audited import audit_action
+from fleet.api.deps import PrincipalDep, SessionDep, StateDep, TufDep, authorize
+from fleet.auth import Role
 from fleet.errors import TooLarge
 from fleet.registry.repository import MAX_METADATA_BYTES, METADATA_FILE, RoleStatus
 from models.paths import TUF_PATH
@@ -32,6 +34,7 @@ from models.paths import TUF_PATH
 __all__ = ["RoleStatusPublic", "TufStatusPublic", "is_metadata_import", "router"]
 
 router = APIRouter(prefix=TUF_PATH, tags=["tuf"])
+_ADMIN = authorize(read=Role.ADMIN, write=Role.ADMIN)  # staged metadata, key changes
 
 JSON = "application/json"
 _IMPORT_PATH = re.compile(rf"^{re.escape(TUF_PATH)}/(targets|root)/?$")
@@ -81,7 +84,7 @@ async def _body(request: Request) -> bytes:
     return bytes(data)
 
 
-@router.get("/status", dependencies=[Admin])
+@router.get("/status", dependencies=[authorize()])
 def tuf_status(tuf: TufDep) -> TufStatusPublic:
     """Every role's version, expiry, keys and threshold; what is staged for offline signing."""
     return TufStatusPublic(
@@ -91,31 +94,39 @@ def tuf_status(tuf: TufDep) -> TufStatusPublic:
     )
 
 
-@router.get("/staged/targets.json", dependencies=[Admin])
+@router.get("/staged/targets.json", dependencies=[_ADMIN])
 def staged_targets(tuf: TufDep, state: StateDep) -> Response:
     """The next targets metadata, unsigned, for the offline targets keys to sign."""
     return Response(tuf.staged_targets(state.clock()), media_type=JSON)
 
 
-@router.get("/staged/root.json", dependencies=[Admin])
+@router.get("/staged/root.json", dependencies=[_ADMIN])
 def staged_root(tuf: TufDep) -> Response:
     """The staged next root (a rotation waiting for offline root signatures)."""
     return Response(tuf.staged_root(), media_type=JSON)
 
 
-@router.put("/targets", dependencies=[Admin])
-async def import_targets(request: Request, tuf: TufDep, state: StateDep) -> dict[str, Any]:
+@router.put("/targets", dependencies=[_ADMIN])
+async def import_targets(
+    request: Request, tuf: TufDep, state: StateDep, session: SessionDep, who: PrincipalDep
+) -> dict[str, Any]:
     """Publish targets metadata signed offline (with new snapshot and timestamp)."""
     data = await _body(request)
     version = await run_in_threadpool(tuf.import_targets, data, state.clock())
+    audit_action(session, who, state.clock(), "tuf.import", "tuf:targets", version=version)
+    session.commit()
     return {"role": "targets", "version": version}
 
 
-@router.put("/root", dependencies=[Admin])
-async def import_root(request: Request, tuf: TufDep, state: StateDep) -> dict[str, Any]:
+@router.put("/root", dependencies=[_ADMIN])
+async def import_root(
+    request: Request, tuf: TufDep, state: StateDep, session: SessionDep, who: PrincipalDep
+) -> dict[str, Any]:
     """Publish a root signed offline by the old and the new root keys."""
     data = await _body(request)
     version = await run_in_threadpool(tuf.import_root, data, state.clock())
+    audit_action(session, who, state.clock(), "tuf.import", "tuf:root", version=version)
+    session.commit()
     return {"role": "root", "version": version}
 
 

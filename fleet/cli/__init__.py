@@ -9,7 +9,17 @@ from __future__ import annotations
 
 import typer
 
-from fleet.cli import alerts, devices, groups, keys, models, policies, rollouts, tokens
+from fleet.cli import (
+    alerts,
+    devices,
+    groups,
+    keys,
+    models,
+    policies,
+    rollouts,
+    tokens,
+    users,
+)
 from fleet.cli.serve import serve
 from fleet.cli.simulate import CONTEXT_SETTINGS, simulate
 from fleet.cli.status import status, version
@@ -31,6 +41,7 @@ app.add_typer(keys.app, name="keys")
 app.add_typer(rollouts.app, name="rollouts")
 app.add_typer(policies.app, name="policies")
 app.add_typer(alerts.app, name="alerts")
+app.add_typer(users.app, name="users")
 app.command()(status)
 app.command()(version)
 app.command(context_settings=CONTEXT_SETTINGS, add_help_option=False)(simulate)

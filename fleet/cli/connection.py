@@ -1,4 +1,4 @@
-"""The options every API command takes (--url, --admin-token, --data-dir), declared once.
+"""The options every API command takes (--url, --token, --data-dir), declared once.
 
 A command decorated with :func:`connected` gets those options appended to its own and
 is called with a :class:`Connection` as its first argument, so no command repeats them
@@ -33,9 +33,11 @@ UrlOpt = Annotated[
 AdminTokenOpt = Annotated[
     str | None,
     typer.Option(
+        "--token",
         "--admin-token",
-        envvar=["EDGEFLEET_ADMIN_TOKEN", "EDGEFLEET_FLEET_ADMIN_TOKEN"],
-        help="admin token (default: read <data-dir>/admin-token)",
+        envvar=["EDGEFLEET_TOKEN", "EDGEFLEET_ADMIN_TOKEN", "EDGEFLEET_FLEET_ADMIN_TOKEN"],
+        help="your API token (edgefleet users token create), or the controller's admin "
+        "token (default: read <data-dir>/admin-token)",
         show_default=False,
     ),
 ]

@@ -85,6 +85,7 @@ async def assign(
     target: str,
     actor: str,
     now: datetime,
+    source: str = "",
 ) -> Outcome:
     """Assign version ``version`` of ``name`` (latest when None) to a group or a device.
 
@@ -99,7 +100,7 @@ async def assign(
         outcome = Outcome(scope, target, row.name, row.version, row.digest)
         return outcome, _eligible_states(session, row, devices, outcome)
 
-    return await _apply(desired, engine, change, "policy.assign", actor, now)
+    return await _apply(desired, engine, change, "policy.assign", actor, now, source)
 
 
 async def unassign(
@@ -110,6 +111,7 @@ async def unassign(
     target: str,
     actor: str,
     now: datetime,
+    source: str = "",
 ) -> Outcome:
     """Remove the group's or device's assignment; its devices fall back to the group's, or none.
 
@@ -127,7 +129,7 @@ async def unassign(
         outcome = Outcome(scope, target, row.name, row.version, row.digest)
         return outcome, _states_after_removal(session, devices, outcome)
 
-    return await _apply(desired, engine, change, "policy.unassign", actor, now)
+    return await _apply(desired, engine, change, "policy.unassign", actor, now, source)
 
 
 async def _apply(
@@ -137,6 +139,7 @@ async def _apply(
     action: str,
     actor: str,
     now: datetime,
+    source: str,
 ) -> Outcome:
     """Make ``change``, store the devices' new states and the audit entry, then publish."""
     outcomes: list[Outcome] = []
@@ -146,7 +149,7 @@ async def _apply(
             outcome, wanted = change(session)
             states = store_desired_many(session, wanted, now)
             outcome.updated = [s.device_id for s in states]
-            _record(session, action, outcome, actor, now)
+            _record(session, action, outcome, actor, now, source)
             session.commit()
             outcomes.append(outcome)
             return states
@@ -274,11 +277,14 @@ def _with_fallback(
     return (device.id, list(current.models), Extras(config=current.config, fallback=body))
 
 
-def _record(session: Session, action: str, outcome: Outcome, actor: str, now: datetime) -> None:
+def _record(
+    session: Session, action: str, outcome: Outcome, actor: str, now: datetime, source: str
+) -> None:
     audit.record(
         session,
         at=now,
         actor=actor,
+        source=source,
         action=action,
         subject=subject(outcome.policy),
         reason=f"{outcome.scope} {outcome.target}",

@@ -112,6 +112,7 @@ def create_policy(
     chains: Mapping[str, Any],
     actor: str,
     now: datetime,
+    source: str = "",
 ) -> PolicyRow:
     """Validate and store the next version of ``name``, with its audit entry; the caller commits.
 
@@ -143,6 +144,7 @@ def create_policy(
         at=now,
         actor=actor,
         action="policy.create",
+        source=source,
         subject=subject(name),
         reason=description,
         data={"version": version, "digest": row.digest},

@@ -130,15 +130,17 @@ class RolloutEngine:
 
     # -- admin actions ------------------------------------------------------------------
 
-    async def create(self, spec: RolloutSpec, actor: str) -> str:
+    async def create(self, spec: RolloutSpec, actor: str, source: str = "") -> str:
         """Validate against the fleet, store the rollout and its devices; its id."""
-        rollout_id = await asyncio.to_thread(_create, self._db, spec, actor, self._clock())
+        rollout_id = await asyncio.to_thread(_create, self._db, spec, actor, self._clock(), source)
         self.wake()
         return rollout_id
 
-    async def act(self, rollout_id: str, action: str, actor: str, reason: str = "") -> None:
+    async def act(
+        self, rollout_id: str, action: str, actor: str, reason: str = "", source: str = ""
+    ) -> None:
         """``pause``, ``resume``, ``approve`` or ``abort``, audited; ``Conflict`` when it cannot."""
-        work = partial(_act, self._db, rollout_id, action, actor, reason, self._clock())
+        work = partial(_act, self._db, rollout_id, action, actor, reason, self._clock(), source)
         await self._desired.apply(work)
         self.wake()
 
@@ -160,7 +162,7 @@ def _policy_change(session: Session, spec: RolloutSpec) -> Change[Any]:
         ) from None
 
 
-def _create(db: Engine, spec: RolloutSpec, actor: str, now: datetime) -> str:
+def _create(db: Engine, spec: RolloutSpec, actor: str, now: datetime, source: str) -> str:
     with Session(db) as session:
         validate_target(session, spec.target)
         devices = target_devices(session, spec.target)
@@ -219,6 +221,7 @@ def _create(db: Engine, spec: RolloutSpec, actor: str, now: datetime) -> str:
             reason=f"{change.title} to {len(eligible)} device(s) "
             f"({len(members) - len(eligible)} ineligible)",
             data={"spec": spec.model_dump(mode="json")},
+            source=source,
         )
         session.commit()
         return rollout_id
@@ -246,7 +249,13 @@ def _refuse_ineligible(change: Change[Any], members: list[RolloutDevice]) -> Non
 
 
 def _act(
-    db: Engine, rollout_id: str, action: str, actor: str, reason: str, now: datetime
+    db: Engine,
+    rollout_id: str,
+    action: str,
+    actor: str,
+    reason: str,
+    now: datetime,
+    source: str,
 ) -> list[DesiredState]:
     with Session(db) as session:
         row = session.exec(
@@ -257,7 +266,7 @@ def _act(
         status = RolloutStatus(row.status)
         if status not in LIVE:
             raise Conflict(f"rollout {rollout_id} is {status.value}: it cannot {action}")
-        step = Step(session, row, now)
+        step = Step(session, row, now, source)
         why = reason or f"by {actor}"
         if action == "pause":
             if status is RolloutStatus.PAUSED:

@@ -133,10 +133,11 @@ class _Extras:
 class Step:
     """One step of one rollout inside one transaction; collects what to write."""
 
-    def __init__(self, session: Session, row: Rollout, now: datetime) -> None:
+    def __init__(self, session: Session, row: Rollout, now: datetime, source: str = "") -> None:
         self.session = session
         self.row = row
         self.now = now
+        self.source = source  # where a person's action came from; "" for the engine's
         self.spec = RolloutSpec.model_validate(row.spec)
         self.gone: str | None = None  # why the change can no longer be sent
         try:
@@ -178,6 +179,7 @@ class Step:
             subject=subject(self.row.id),
             reason=reason,
             data=data,
+            source=self.source if actor != ENGINE else "",
         )
 
     def move(
