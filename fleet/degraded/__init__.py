@@ -1,31 +1,13 @@
-"""Degraded devices on the controller: who is degraded, and alerts when a group is.
+"""Degraded devices on the controller: who is degraded, and when a group is.
 
-:mod:`fleet.degraded.rules` decides (pure); :mod:`fleet.degraded.alerts` reads the
-devices, writes the alerts and runs the round in the app's lifespan.
+:mod:`fleet.degraded.rules` decides (pure) when a group's degraded share raises a
+``group_degraded`` alert; :mod:`fleet.degraded.alerts` holds the SQL that finds
+degraded devices. The alert round itself, for every rule, is :mod:`fleet.alerts`.
 """
 
 from __future__ import annotations
 
-from fleet.degraded.alerts import (
-    AlertState,
-    Evaluation,
-    evaluate,
-    is_degraded,
-    list_alerts,
-    thresholds_of,
-    watch,
-)
+from fleet.degraded.alerts import is_degraded
 from fleet.degraded.rules import GROUP_DEGRADED, Thresholds, degraded_of
 
-__all__ = [
-    "GROUP_DEGRADED",
-    "AlertState",
-    "Evaluation",
-    "Thresholds",
-    "degraded_of",
-    "evaluate",
-    "is_degraded",
-    "list_alerts",
-    "thresholds_of",
-    "watch",
-]
+__all__ = ["GROUP_DEGRADED", "Thresholds", "degraded_of", "is_degraded"]
