@@ -12,6 +12,7 @@ import json as jsonlib
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 
@@ -196,3 +197,32 @@ class FleetClient:
 
     def delete(self, path: str) -> Any:
         return self.request("DELETE", path)
+
+    # -- alerts (docs/alerts.md) ---------------------------------------------------------
+
+    def alerts(self, *, state: str = "open", kind: str | None = None, limit: int = 200) -> Any:
+        """Alerts, newest first: ``state`` "open" or "all"."""
+        return self.get("/api/v1/alerts", state=state, kind=kind, limit=limit)
+
+    def acknowledge_alert(self, alert_id: int) -> Any:
+        return self.post(f"/api/v1/alerts/{alert_id}/acknowledge")
+
+    def alert_rules(self) -> Any:
+        return self.get("/api/v1/alerts/rules")
+
+    def set_alert_rule(self, kind: str, *, enabled: bool, params: dict[str, Any]) -> Any:
+        """Replace one rule's settings: ``params`` are all the overrides it keeps."""
+        path = f"/api/v1/alerts/rules/{quote(kind, safe='')}"
+        return self.put(path, {"enabled": enabled, "params": params})
+
+    def alert_webhook(self) -> Any:
+        return self.get("/api/v1/alerts/webhook")
+
+    def set_alert_webhook(self, url: str, *, secret: str | None = None) -> Any:
+        return self.put("/api/v1/alerts/webhook", {"url": url, "secret": secret})
+
+    def delete_alert_webhook(self) -> Any:
+        return self.delete("/api/v1/alerts/webhook")
+
+    def test_alert_webhook(self) -> Any:
+        return self.post("/api/v1/alerts/webhook/test")
