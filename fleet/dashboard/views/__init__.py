@@ -1,0 +1,1 @@
+"""Queries the dashboard's pages need beyond the API's services: in SQL, bounded, small."""
