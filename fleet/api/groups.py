@@ -11,7 +11,8 @@ from fastapi import APIRouter
 from sqlalchemy import func, update
 from sqlmodel import col, select
 
-from fleet.api.deps import SessionDep, StateDep, authorize
+from fleet.api.audited import audit_action
+from fleet.api.deps import PrincipalDep, SessionDep, StateDep, authorize
 from fleet.api.present import token_view, utc
 from fleet.api.schemas import GroupCreate, GroupName, GroupPublic, TagCount
 from fleet.errors import Conflict, NotFound
@@ -50,11 +51,14 @@ def list_groups(session: SessionDep) -> list[GroupPublic]:
 
 
 @router.post("/groups", status_code=201)
-def create_group(body: GroupCreate, session: SessionDep, state: StateDep) -> GroupPublic:
+def create_group(
+    body: GroupCreate, session: SessionDep, state: StateDep, who: PrincipalDep
+) -> GroupPublic:
     if session.get(Group, body.name) is not None:
         raise Conflict(f"group {body.name!r} already exists")
     group = Group(name=body.name, description=body.description, created_at=state.clock())
     session.add(group)
+    audit_action(session, who, state.clock(), "group.create", f"group:{body.name}")
     session.commit()
     return _public(group, 0)
 
@@ -68,7 +72,9 @@ def get_group(name: GroupName, session: SessionDep) -> GroupPublic:
 
 
 @router.delete("/groups/{name}", status_code=204)
-def delete_group(name: GroupName, session: SessionDep, state: StateDep) -> None:
+def delete_group(
+    name: GroupName, session: SessionDep, state: StateDep, who: PrincipalDep
+) -> None:
     """Delete an empty group; 409 while devices or usable tokens refer to it."""
     group = session.get(Group, name)
     if group is None:
@@ -96,6 +102,7 @@ def delete_group(name: GroupName, session: SessionDep, state: StateDep) -> None:
         .execution_options(synchronize_session=False)
     )
     session.delete(group)
+    audit_action(session, who, now, "group.delete", f"group:{name}")
     session.commit()
 
 

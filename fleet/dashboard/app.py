@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -81,10 +82,14 @@ def install(app: FastAPI) -> None:
     app.add_exception_handler(NoAdmin, no_admin)
 
     @app.middleware("http")
-    async def security_headers(
+    async def headers(
         request: Request, call_next: Callable[[Request], Awaitable[Response]]
     ) -> Response:
+        """Security headers on pages; every answer says how long the server took (benchmarks)."""
+        started = time.perf_counter()
         response = await call_next(request)
+        elapsed_ms = (time.perf_counter() - started) * 1000
+        response.headers["Server-Timing"] = f"app;dur={elapsed_ms:.1f}"
         if request.url.path.startswith("/ui"):
             for name, value in SECURITY_HEADERS.items():
                 response.headers.setdefault(name, value)

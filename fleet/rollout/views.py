@@ -58,6 +58,7 @@ class AuditPublic(BaseModel):
     subject: str
     reason: str
     data: dict[str, Any]
+    source: str = ""  # "<address> (<session|api-token|admin-token>)"; "" for the engine
 
 
 class RolloutSummary(BaseModel):
@@ -194,6 +195,7 @@ def audit_entries(session: Session, subject: str | None, limit: int = 200) -> li
             subject=e.subject,
             reason=e.reason,
             data=e.data,
+            source=e.source,
         )
         for e in session.exec(query).all()
     ]
