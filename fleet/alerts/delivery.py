@@ -156,15 +156,14 @@ def _claim(engine: sa.Engine, now: datetime, lease_s: float) -> _Claim | float |
         due = as_utc(head.next_attempt_at) or now
         if due > now:
             return (due - now).total_seconds()
+        claim = _Claim(head.id, head.attempts + 1, dict(head.payload), hook.url, hook.secret)
         claimed = session.connection().execute(
             sa.update(AlertDelivery)
-            .where(col(AlertDelivery.id) == head.id, col(AlertDelivery.attempts) == head.attempts)
-            .values(attempts=head.attempts + 1, next_attempt_at=now + timedelta(seconds=lease_s))
+            .where(col(AlertDelivery.id) == claim.id, col(AlertDelivery.attempts) == head.attempts)
+            .values(attempts=claim.attempts, next_attempt_at=now + timedelta(seconds=lease_s))
         )
         session.commit()
-        if claimed.rowcount != 1:
-            return 0.0  # another replica claimed it first: look again
-        return _Claim(head.id, head.attempts + 1, dict(head.payload), hook.url, hook.secret)
+        return claim if claimed.rowcount == 1 else 0.0  # 0: another replica was first
 
 
 def _settle(

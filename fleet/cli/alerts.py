@@ -9,14 +9,16 @@ posted to. docs/alerts.md describes every rule and its parameters.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Annotated, Any
 
-import click
 import typer
 from rich.table import Table
 
-from fleet.cli.connection import Connection, connected
+from fleet.cli.connection import AdminTokenOpt, Connection, DataDirOpt, UrlOpt, connected
 from fleet.cli.output import JsonOpt, console, fail, print_json, when
+from fleet.client import DEFAULT_URL
+from fleet.config import DEFAULT_DATA_DIR
 
 __all__ = ["app", "parse_params"]
 
@@ -45,9 +47,18 @@ def parse_params(pairs: list[str]) -> dict[str, Any]:
     return params
 
 
-def _subcommand() -> bool:
-    """Whether a group's callback runs before one of its commands (then it does nothing)."""
-    return click.get_current_context().invoked_subcommand is not None
+def _own(
+    ctx: typer.Context, url: str, admin_token: str | None, data_dir: Path
+) -> Connection | None:
+    """A group's connection when it runs alone; None before one of its commands.
+
+    A group's callback also runs before its commands; typer gives one function one
+    context, which :func:`connected` takes, so the groups declare its options here.
+    """
+    if ctx.invoked_subcommand is not None:
+        return None
+    http = ctx.obj.get("http") if isinstance(ctx.obj, dict) else None
+    return Connection(url=url, admin_token=admin_token, data_dir=data_dir, http=http)
 
 
 @app.command("list")
@@ -128,10 +139,16 @@ def _rules_table(items: list[dict[str, Any]]) -> Table:
 
 
 @rules_app.callback(invoke_without_command=True)
-@connected
-def rules(connection: Connection, as_json: JsonOpt = False) -> None:
+def rules(
+    ctx: typer.Context,
+    as_json: JsonOpt = False,
+    url: UrlOpt = DEFAULT_URL,
+    admin_token: AdminTokenOpt = None,
+    data_dir: DataDirOpt = DEFAULT_DATA_DIR,
+) -> None:
     """The alert rules: enabled or not, their parameters (* set by an admin)."""
-    if _subcommand():
+    connection = _own(ctx, url, admin_token, data_dir)
+    if connection is None:
         return
     with connection.client() as client:
         body = client.alert_rules()
@@ -191,10 +208,16 @@ def _show_webhook(body: dict[str, Any]) -> None:
 
 
 @webhook_app.callback(invoke_without_command=True)
-@connected
-def webhook(connection: Connection, as_json: JsonOpt = False) -> None:
+def webhook(
+    ctx: typer.Context,
+    as_json: JsonOpt = False,
+    url: UrlOpt = DEFAULT_URL,
+    admin_token: AdminTokenOpt = None,
+    data_dir: DataDirOpt = DEFAULT_DATA_DIR,
+) -> None:
     """The webhook alert changes are posted to, and what it is still owed."""
-    if _subcommand():
+    connection = _own(ctx, url, admin_token, data_dir)
+    if connection is None:
         return
     with connection.client() as client:
         body = client.alert_webhook()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -35,7 +36,7 @@ def opened(*actions: Raise, first_id: int = 1) -> list[OpenAlert]:
     return [OpenAlert(first_id + i, a.subject, a.message, a.data) for i, a in enumerate(actions)]
 
 
-def raises(actions: list[object]) -> list[Raise]:
+def raises(actions: Sequence[object]) -> list[Raise]:
     assert all(isinstance(a, Raise) for a in actions), actions
     return [a for a in actions if isinstance(a, Raise)]
 
