@@ -52,9 +52,7 @@ def _render(
     request: Request, who: Principal, template: str, *, status_code: int = 200, **context: Any
 ) -> HTMLResponse:
     pages: Pages = request.app.state.pages
-    return pages.render(
-        request, who, template, nav="rollouts", status_code=status_code, **context
-    )
+    return pages.render(request, who, template, nav="rollouts", status_code=status_code, **context)
 
 
 async def _fields(request: Request) -> dict[str, str]:
@@ -88,9 +86,7 @@ def listing(
 @router.get("/rollouts/live", include_in_schema=False)
 def live(request: Request, who: Viewer, session: SessionDep) -> HTMLResponse:
     """The live rollouts' table, refreshed on the ``rollouts`` topic."""
-    return _render(
-        request, who, "fragments/rollouts_live.html", live=views.live_rollouts(session)
-    )
+    return _render(request, who, "fragments/rollouts_live.html", live=views.live_rollouts(session))
 
 
 # -- creating -----------------------------------------------------------------------------
@@ -159,15 +155,11 @@ async def preview(
             result = await run_in_threadpool(preview_rollout, session, spec, state.clock())
         except InvalidInput as exc:
             errors = {views.form_field(exc.field, parsed): _message(exc)}
-    return _render(
-        request, who, "fragments/rollout_preview.html", preview=result, errors=errors
-    )
+    return _render(request, who, "fragments/rollout_preview.html", preview=result, errors=errors)
 
 
 @router.post("/rollouts", include_in_schema=False)
-async def create(
-    request: Request, who: Writer, session: SessionDep, state: StateDep
-) -> Response:
+async def create(request: Request, who: Writer, session: SessionDep, state: StateDep) -> Response:
     """Start the rollout and show it; the form again with the errors when it cannot."""
     form = await _fields(request)
     parsed = views.parse_form(form)
@@ -218,9 +210,7 @@ def show(request: Request, who: Viewer, session: SessionDep, rollout_id: str) ->
 
 
 @router.get("/rollouts/{rollout_id}/progress", include_in_schema=False)
-def progress(
-    request: Request, who: Viewer, session: SessionDep, rollout_id: str
-) -> HTMLResponse:
+def progress(request: Request, who: Viewer, session: SessionDep, rollout_id: str) -> HTMLResponse:
     return _render(
         request, who, "fragments/rollout_progress.html", **_progress(session, rollout_id)
     )
