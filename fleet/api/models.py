@@ -20,7 +20,8 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 from starlette.types import Scope
 
-from fleet.api.deps import SessionDep, StateDep, authorize
+from fleet.api.audited import audit_action
+from fleet.api.deps import PrincipalDep, SessionDep, StateDep, authorize
 from fleet.api.errors import validation_message
 from fleet.api.present import utc
 from fleet.api.schemas import (
@@ -111,6 +112,8 @@ async def upload_model(
     request: Request,
     response: Response,
     state: StateDep,
+    session: SessionDep,
+    who: PrincipalDep,
     variant: Annotated[str, Query(pattern=VARIANT_PATTERN)] = DEFAULT_VARIANT,
     format: Annotated[ModelFormat | None, Query()] = None,
     filename: Annotated[str | None, Query(max_length=255)] = None,
@@ -138,6 +141,12 @@ async def upload_model(
         raise InvalidInput("the upload was interrupted") from None
     if not created:
         response.status_code = 200
+    else:
+        audit_action(
+            session, who, state.clock(), "model.upload", f"model:{name}",
+            version=version, variant=variant, sha256=saved.sha256,
+        )  # fmt: skip
+        session.commit()
     return artifact_public(saved, state.settings.resolved_public_url)
 
 
@@ -181,13 +190,23 @@ def show_version(
 
 @router.post("/models/{name}/versions/{version}/yank")
 def yank_version(
-    name: NameParam, version: VersionParam, body: YankBody, session: SessionDep, state: StateDep
+    name: NameParam,
+    version: VersionParam,
+    body: YankBody,
+    session: SessionDep,
+    state: StateDep,
+    who: PrincipalDep,
 ) -> ModelVersionPublic:
     """Withdraw a version (or one variant): no longer latest, still downloadable.
 
     Idempotent: variants already yanked keep their first time and reason.
     """
     rows = registration.yank(session, name, version, body.variant, body.reason, state.clock())
+    audit_action(
+        session, who, state.clock(), "model.yank", f"model:{name}", body.reason,
+        version=version, variant=body.variant,
+    )  # fmt: skip
+    session.commit()
     return _version_public(rows, state.settings.resolved_public_url)
 
 
@@ -197,6 +216,8 @@ async def set_card(
     version: VersionParam,
     request: Request,
     state: StateDep,
+    session: SessionDep,
+    who: PrincipalDep,
     variant: Annotated[str | None, Query(pattern=VARIANT_PATTERN)] = None,
 ) -> ModelVersionPublic:
     """Replace the model card (Markdown, the raw body) of a version's variants (or one)."""
@@ -210,4 +231,8 @@ async def set_card(
     rows = await run_in_threadpool(
         registration.set_card, state.engine, name, version, variant, card
     )
+    audit_action(
+        session, who, state.clock(), "model.card", f"model:{name}", version=version, variant=variant
+    )
+    session.commit()
     return _version_public(rows, state.settings.resolved_public_url)
