@@ -72,9 +72,7 @@ def get_group(name: GroupName, session: SessionDep) -> GroupPublic:
 
 
 @router.delete("/groups/{name}", status_code=204)
-def delete_group(
-    name: GroupName, session: SessionDep, state: StateDep, who: PrincipalDep
-) -> None:
+def delete_group(name: GroupName, session: SessionDep, state: StateDep, who: PrincipalDep) -> None:
     """Delete an empty group; 409 while devices or usable tokens refer to it."""
     group = session.get(Group, name)
     if group is None:
