@@ -280,12 +280,21 @@ def mark_offline(engine: sa.Engine, cutoff: datetime) -> int:
 
 
 def prune(engine: sa.Engine, cutoff: datetime) -> tuple[int, int]:
-    """Delete telemetry samples and events older than ``cutoff``; how many of each."""
+    """Delete telemetry samples and events older than ``cutoff``; how many of each.
+
+    Sign-in attempts and sessions that ended before ``cutoff`` go too: they only matter
+    while recent.
+    """
     cutoff = cutoff.astimezone(UTC)
+    attempts = SQLModel.metadata.tables["login_attempts"]
+    sessions = SQLModel.metadata.tables["web_sessions"]
     try:
         with engine.begin() as conn:
             samples = conn.execute(sa.delete(_telemetry).where(_telemetry.c.ts < cutoff)).rowcount
             events = conn.execute(sa.delete(_events).where(_events.c.ts < cutoff)).rowcount
+            conn.execute(sa.delete(attempts).where(attempts.c.at < cutoff))
+            ended = sa.or_(sessions.c.expires_at < cutoff, sessions.c.revoked_at < cutoff)
+            conn.execute(sa.delete(sessions).where(ended))
     except sa_exc.SQLAlchemyError as exc:
         if is_transient(exc):
             raise _unavailable(exc) from exc

@@ -24,7 +24,7 @@ from fleet.link.passwords import hash_password
 from fleet.link.router import IngestRouter
 from fleet.link.session import Acknowledger
 from fleet.link.writer import BatchWriter
-from fleet.tables import Device, EventRow, TelemetryRow, as_utc
+from fleet.tables import Device, EventRow, LoginAttempt, TelemetryRow, User, WebSession, as_utc
 from models.topics import Channel
 from models.wire import (
     MAX_PAYLOAD_BYTES,
@@ -280,6 +280,29 @@ def test_retention_deletes_only_old_rows(engine: sa.Engine) -> None:
     assert store.prune(engine, NOW - timedelta(days=30)) == (1, 1)
     assert count(engine, TelemetryRow) == 1
     assert count(engine, EventRow) == 0
+
+
+def test_retention_deletes_old_sign_in_attempts_and_ended_sessions(engine: sa.Engine) -> None:
+    old, recent = NOW - timedelta(days=40), NOW - timedelta(days=1)
+    with Session(engine) as session:
+        user = User(name="ada", role="admin", password_hash="x", created_by="t",
+                    created_at=old, password_changed_at=old)  # fmt: skip
+        session.add(user)
+        session.flush()
+        assert user.id is not None
+        session.add_all(
+            [LoginAttempt(at=at, name="ada", source="a", ok=False) for at in (old, recent)]
+        )
+        for key, expires, revoked in (("gone", old, None), ("out", NOW, old), ("live", NOW, None)):
+            row = WebSession(id=key, user_id=user.id, csrf_token="c", created_at=old,
+                             last_seen_at=old, expires_at=expires)  # fmt: skip
+            row.revoked_at = revoked
+            session.add(row)
+        session.commit()
+    store.prune(engine, NOW - timedelta(days=30))
+    with Session(engine) as session:
+        assert [a.at.day for a in session.exec(select(LoginAttempt))] == [recent.day]
+        assert [s.id for s in session.exec(select(WebSession))] == ["live"]
 
 
 def test_desired_and_credentials_reads(engine: sa.Engine) -> None:
