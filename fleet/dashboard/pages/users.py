@@ -82,8 +82,8 @@ def add_user(
     who: AdminPage,
     session: SessionDep,
     state: StateDep,
-    name: Annotated[str, Form(max_length=64)],
-    password: _Text,
+    name: Annotated[str, Form(max_length=64)] = "",
+    password: _Text = "",
     role: Annotated[Role, Form()] = Role.VIEWER,
 ) -> Response:
     form = {"name": name, "role": role.value}
@@ -153,7 +153,7 @@ def reset_password(
     session: SessionDep,
     state: StateDep,
     name: str,
-    password: _Text,
+    password: _Text = "",
 ) -> Response:
     return _change(request, who, session, state, name, password=password)
 
@@ -207,9 +207,9 @@ def change_password(
     who: Anyone,
     session: SessionDep,
     state: StateDep,
-    current: _Text,
-    new: _Text,
-    confirm: _Text,
+    current: _Text = "",
+    new: _Text = "",
+    confirm: _Text = "",
 ) -> Response:
     """Your own password; every session of yours ends, so you sign in again with it."""
     user = _me(session, who)
@@ -240,7 +240,7 @@ def new_token(
     who: Anyone,
     session: SessionDep,
     state: StateDep,
-    name: Annotated[str, Form(max_length=64)],
+    name: Annotated[str, Form(max_length=64)] = "",
     expires: Annotated[str, Form(max_length=32)] = "90d",
 ) -> Response:
     """A new API token of yours; its secret is on this answer only."""
