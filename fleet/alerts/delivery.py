@@ -31,6 +31,7 @@ import sqlalchemy as sa
 from pydantic import JsonValue
 from sqlmodel import Session, col, select
 
+from fleet.alerts.threads import in_thread
 from fleet.alerts.webhook import SIGNATURE_HEADER, DeliveryEvent, body_of, signature
 from fleet.config import FleetSettings
 from fleet.errors import NotFound
@@ -195,7 +196,7 @@ async def drain(
     Returns the seconds until the outbox is worth another look.
     """
     while True:
-        claim = await asyncio.to_thread(_claim, engine, clock(), policy.lease_s)
+        claim = await in_thread(_claim, engine, clock(), policy.lease_s)
         if claim is None:
             return policy.idle_s
         if isinstance(claim, float):
@@ -208,7 +209,7 @@ async def drain(
             delivery=str(claim.id),
             timeout_s=policy.timeout_s,
         )
-        await asyncio.to_thread(_settle, engine, claim, attempt, clock(), policy.backoff)
+        await in_thread(_settle, engine, claim, attempt, clock(), policy.backoff)
         if not attempt.delivered:
             log.warning(
                 "alert webhook: delivery %d failed (attempt %d): %s",
@@ -243,7 +244,7 @@ def _webhook(engine: sa.Engine) -> tuple[str, str | None]:
 
 async def send_test(engine: sa.Engine, settings: FleetSettings, now: datetime) -> Attempt:
     """Post :func:`sample_payload` to the webhook now, outside the outbox; ``NotFound``."""
-    url, secret = await asyncio.to_thread(_webhook, engine)
+    url, secret = await in_thread(_webhook, engine)
     policy = policy_of(settings)
     async with httpx.AsyncClient(timeout=policy.timeout_s, follow_redirects=False) as http:
         return await post(

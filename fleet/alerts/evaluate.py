@@ -40,6 +40,7 @@ from fleet.alerts.params import (
     defaults_of,
 )
 from fleet.alerts.ruleset import load_rules
+from fleet.alerts.threads import in_thread
 from fleet.alerts.webhook import configured, enqueue
 from fleet.audit import ENGINE, record
 from fleet.config import FleetSettings
@@ -227,7 +228,7 @@ async def watch(
     while True:
         await asyncio.sleep(settings.degraded_alert_interval_s)
         try:
-            result = await asyncio.to_thread(_round, engine, defaults, clock(), repo)
+            result = await in_thread(_round, engine, defaults, clock(), repo)
         except Exception:
             log.exception("cannot evaluate the alert rules")
             continue

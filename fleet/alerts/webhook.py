@@ -25,10 +25,11 @@ from urllib.parse import urlsplit
 
 import sqlalchemy as sa
 from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field, JsonValue
+from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
 from fleet.audit import record
-from fleet.errors import NotFound
+from fleet.errors import Conflict, NotFound
 from fleet.tables import Alert, AlertDelivery, AlertWebhook, as_utc
 
 __all__ = [
@@ -126,7 +127,11 @@ def set_webhook(
         reason=f"alerts are posted to {origin(url)}",
         data={"origin": origin(url), "signed": settings.secret is not None},
     )
-    session.commit()
+    try:
+        session.commit()
+    except IntegrityError:  # another admin set the first webhook at the same moment
+        session.rollback()
+        raise Conflict("the webhook was set at the same time: try again") from None
     return get_webhook(session)
 
 

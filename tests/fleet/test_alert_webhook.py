@@ -352,7 +352,7 @@ def test_the_app_posts_raised_and_acknowledged_alerts_signed(
         "open",
         "admin:eve",
     )
-    assert fast_api.get("/api/v1/alerts/webhook").json()["pending"] == 0
+    wait_for(lambda: fast_api.get("/api/v1/alerts/webhook").json()["pending"] == 0)
 
     receiver.script = [500]
     failed = fast_api.post("/api/v1/alerts/webhook/test").json()
