@@ -69,6 +69,7 @@ def set_rule(
     actor: str,
     now: datetime,
     defaults: Mapping[RuleKind, Params],
+    source: str = "",
 ) -> Rule:
     """Replace a rule's settings (``{}``: its defaults), audited as ``alert_rule.updated``.
 
@@ -87,6 +88,7 @@ def set_rule(
         at=now,
         actor=actor,
         action="alert_rule.updated",
+        source=source,
         subject=f"alert_rule:{kind.value}",
         reason=f"{kind.value} {'enabled' if enabled else 'disabled'}",
         data={"enabled": enabled, "params": stored},

@@ -47,7 +47,9 @@ def list_alerts(
     return list(session.exec(query.limit(limit)).all())
 
 
-def acknowledge(session: Session, alert_id: int, *, actor: str, now: datetime) -> Alert:
+def acknowledge(
+    session: Session, alert_id: int, *, actor: str, now: datetime, source: str = ""
+) -> Alert:
     """Acknowledge an open alert (module docstring); ``NotFound``, or ``Conflict`` if cleared."""
     lock_alerts(session, wait=True)
     row = session.get(Alert, alert_id)
@@ -67,6 +69,7 @@ def acknowledge(session: Session, alert_id: int, *, actor: str, now: datetime) -
         at=now,
         actor=actor,
         action="alert.acknowledged",
+        source=source,
         subject=row.subject,
         reason="acknowledged and cleared" if event else "acknowledged; open while it holds",
         data={"alert": alert_id, "kind": row.kind, "cleared": event},

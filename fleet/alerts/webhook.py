@@ -109,7 +109,7 @@ def get_webhook(session: Session) -> WebhookView:
 
 
 def set_webhook(
-    session: Session, settings: WebhookSettings, *, actor: str, now: datetime
+    session: Session, settings: WebhookSettings, *, actor: str, now: datetime, source: str = ""
 ) -> WebhookView:
     """Set (or replace) the webhook, audited as ``alert_webhook.set``."""
     url = str(settings.url)
@@ -123,6 +123,7 @@ def set_webhook(
         at=now,
         actor=actor,
         action="alert_webhook.set",
+        source=source,
         subject=WEBHOOK_SUBJECT,
         reason=f"alerts are posted to {origin(url)}",
         data={"origin": origin(url), "signed": settings.secret is not None},
@@ -135,7 +136,7 @@ def set_webhook(
     return get_webhook(session)
 
 
-def delete_webhook(session: Session, *, actor: str, now: datetime) -> int:
+def delete_webhook(session: Session, *, actor: str, now: datetime, source: str = "") -> int:
     """Remove the webhook and what it was still owed (the count); ``NotFound`` if none."""
     row = session.get(AlertWebhook, _WEBHOOK_ID)
     if row is None:
@@ -148,6 +149,7 @@ def delete_webhook(session: Session, *, actor: str, now: datetime) -> int:
         at=now,
         actor=actor,
         action="alert_webhook.deleted",
+        source=source,
         subject=WEBHOOK_SUBJECT,
         reason=f"{dropped} undelivered alert change(s) dropped",
         data={"origin": origin(row.url), "dropped": int(dropped)},

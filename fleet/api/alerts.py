@@ -11,15 +11,15 @@ admin may name themselves in ``X-Edgefleet-Actor``; the audit log records
 
 from __future__ import annotations
 
-import re
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Header, Query
+from fastapi import APIRouter, Query
 from pydantic import BaseModel, ConfigDict
 
 from fleet import alerts
-from fleet.api.deps import Admin, SessionDep, StateDep
+from fleet.api.deps import PrincipalDep, SessionDep, StateDep, authorize
+from fleet.auth import Role
 from fleet.tables import Alert, as_utc
 
 __all__ = [
@@ -34,15 +34,8 @@ __all__ = [
     "router",
 ]
 
-router = APIRouter(prefix="/api/v1/alerts", tags=["alerts"], dependencies=[Admin])
-
-_ACTOR = re.compile(r"[^A-Za-z0-9_.@-]")
-ActorHeader = Annotated[str | None, Header(alias="X-Edgefleet-Actor")]
-
-
-def _actor(header: str | None) -> str:
-    name = _ACTOR.sub("", header or "")[:48]
-    return f"admin:{name}" if name else "admin"
+router = APIRouter(prefix="/api/v1/alerts", tags=["alerts"], dependencies=[authorize()])
+_ADMIN = authorize(read=Role.VIEWER, write=Role.ADMIN)  # the rule set and the webhook
 
 
 class AlertPublic(BaseModel):
@@ -177,10 +170,12 @@ def get_alerts(
 
 @router.post("/{alert_id}/acknowledge")
 def acknowledge(
-    alert_id: int, session: SessionDep, state: StateDep, actor: ActorHeader = None
+    alert_id: int, session: SessionDep, state: StateDep, who: PrincipalDep
 ) -> AlertPublic:
     """Acknowledge an open alert: an event clears, a condition stays open; 409 if cleared."""
-    row = alerts.acknowledge(session, alert_id, actor=_actor(actor), now=state.clock())
+    row = alerts.acknowledge(
+        session, alert_id, actor=who.name, now=state.clock(), source=who.source
+    )
     return _public(row)
 
 
@@ -191,9 +186,9 @@ def get_rules(session: SessionDep, state: StateDep) -> RuleList:
     return RuleList(items=[_rule(rule) for rule in rules.values()])
 
 
-@router.put("/rules/{kind}")
+@router.put("/rules/{kind}", dependencies=[_ADMIN])
 def put_rule(
-    kind: str, body: RuleUpdate, session: SessionDep, state: StateDep, actor: ActorHeader = None
+    kind: str, body: RuleUpdate, session: SessionDep, state: StateDep, who: PrincipalDep
 ) -> RulePublic:
     """Replace a rule's settings; 404 for an unknown kind, 422 naming ``params.<field>``."""
     rule = alerts.set_rule(
@@ -201,38 +196,37 @@ def put_rule(
         kind,
         enabled=body.enabled,
         overrides=body.params,
-        actor=_actor(actor),
+        actor=who.name,
         now=state.clock(),
         defaults=alerts.defaults_of(state.settings),
+        source=who.source,
     )
     return _rule(rule)
 
 
-@router.get("/webhook")
+@router.get("/webhook", dependencies=[authorize(read=Role.ADMIN)])  # its URL may hold a key
 def get_webhook(session: SessionDep) -> WebhookPublic:
     """The webhook and its outbox; 404 when none is set."""
     return _webhook(alerts.get_webhook(session))
 
 
-@router.put("/webhook")
+@router.put("/webhook", dependencies=[_ADMIN])
 def put_webhook(
-    body: alerts.WebhookSettings, session: SessionDep, state: StateDep, actor: ActorHeader = None
+    body: alerts.WebhookSettings, session: SessionDep, state: StateDep, who: PrincipalDep
 ) -> WebhookPublic:
     """Set the webhook (http or https) and its optional secret (16 to 256 characters)."""
-    view = alerts.set_webhook(session, body, actor=_actor(actor), now=state.clock())
+    view = alerts.set_webhook(session, body, actor=who.name, now=state.clock(), source=who.source)
     return _webhook(view)
 
 
-@router.delete("/webhook")
-def delete_webhook(
-    session: SessionDep, state: StateDep, actor: ActorHeader = None
-) -> WebhookDeleted:
+@router.delete("/webhook", dependencies=[_ADMIN])
+def delete_webhook(session: SessionDep, state: StateDep, who: PrincipalDep) -> WebhookDeleted:
     """Remove the webhook, and the deliveries it was still owed; 404 when none is set."""
-    dropped = alerts.delete_webhook(session, actor=_actor(actor), now=state.clock())
+    dropped = alerts.delete_webhook(session, actor=who.name, now=state.clock(), source=who.source)
     return WebhookDeleted(dropped=dropped)
 
 
-@router.post("/webhook/test")
+@router.post("/webhook/test", dependencies=[_ADMIN])
 async def try_webhook(state: StateDep) -> WebhookTest:
     """Post a test alert to the webhook now and say how it went; 404 when none is set."""
     attempt = await alerts.send_test(state.engine, state.settings, state.clock())

@@ -40,7 +40,6 @@ __all__ = [
     "CSRF_FIELD",
     "CSRF_HEADER",
     "SESSION_COOKIE",
-    "Admin",
     "FleetState",
     "LinkDep",
     "PrincipalDep",
@@ -194,6 +193,3 @@ def authorize(read: Role = Role.VIEWER, write: Role = Role.OPERATOR) -> Any:
         return who
 
     return Depends(check)
-
-
-Admin = authorize(write=Role.ADMIN)  # reads for viewers, writes for admins
