@@ -60,6 +60,15 @@ class Measured:
     samples: int  # what ``min_samples`` is compared with
 
 
+def _readable(value: float) -> str:
+    """A measurement for people: 35,012 rather than 3.501e+04; 0.0512 rather than 5.12e-02."""
+    if abs(value) >= 10_000:
+        return f"{value:,.0f}"
+    if abs(value) >= 0.001 or value == 0:
+        return f"{value:.4g}"
+    return f"{value:.2e}"
+
+
 def _weighted(samples: Sequence[Sample], pick: str) -> Measured:
     points = [
         (getattr(s, pick), s.requests)
@@ -142,11 +151,11 @@ def check_gate(gate: Gate, updated: Cohort, baseline: Cohort, control: Cohort) -
     if gate.max_value is not None:
         checked += 1
         if value > gate.max_value:
-            failures.append(f"{name} {value:.4g} is above the limit {gate.max_value:g}")
+            failures.append(f"{name} {_readable(value)} is above the limit {gate.max_value:g}")
     if gate.min_value is not None:
         checked += 1
         if value < gate.min_value:
-            failures.append(f"{name} {value:.4g} is below the limit {gate.min_value:g}")
+            failures.append(f"{name} {_readable(value)} is below the limit {gate.min_value:g}")
     changes: dict[str, JsonValue] = {}
     for ref_name, ref in refs.items():
         if gate.max_increase_percent is None and gate.max_decrease_percent is None:
@@ -160,16 +169,14 @@ def check_gate(gate: Gate, updated: Cohort, baseline: Cohort, control: Cohort) -
         change = (value - ref.value) * 100 / ref.value
         changes[ref_name] = round(change, 3)
         checked += 1
+        against = (
+            f"{name} {_readable(value)} is {change:+.1f}% against the {ref_name} "
+            f"{_readable(ref.value)}"
+        )
         if gate.max_increase_percent is not None and change > gate.max_increase_percent:
-            failures.append(
-                f"{name} {value:.4g} is {change:+.1f}% against the {ref_name} {ref.value:.4g} "
-                f"(at most +{gate.max_increase_percent:g}%)"
-            )
+            failures.append(f"{against} (at most +{gate.max_increase_percent:g}%)")
         if gate.max_decrease_percent is not None and -change > gate.max_decrease_percent:
-            failures.append(
-                f"{name} {value:.4g} is {change:+.1f}% against the {ref_name} {ref.value:.4g} "
-                f"(at most -{gate.max_decrease_percent:g}%)"
-            )
+            failures.append(f"{against} (at most -{gate.max_decrease_percent:g}%)")
     evidence["change_percent"] = changes
     if skipped:
         evidence["skipped"] = list(skipped)

@@ -378,3 +378,14 @@ def test_evidence_is_json() -> None:
     """Evidence is stored as JSON and shown by the API: it must serialise as is."""
     check = check_gate(P95_GATE, latency(150, 150, 150), latency(100, 100, 100), EMPTY)
     assert json.loads(json.dumps(check.evidence)) == check.evidence
+
+
+def test_reasons_write_large_and_small_numbers_for_people() -> None:
+    from fleet.rollout.gates import _readable
+
+    assert _readable(35012.4) == "35,012"
+    assert _readable(11970.0) == "11,970"
+    assert _readable(150.0) == "150"
+    assert _readable(0.0512) == "0.0512"
+    assert _readable(0.0) == "0"
+    assert _readable(0.00001234) == "1.23e-05"
