@@ -12,7 +12,7 @@ change, a tagged union: :class:`Raise` when a group without an open alert reache
 the threshold (share at least ``share``, at least ``min_devices`` degraded),
 :class:`Update` when an open alert's numbers changed, :class:`Clear` when its group
 is below the threshold again (or has no device that counts any more). An alert is
-open exactly while its condition holds; the shell (:mod:`fleet.degraded.alerts`)
+open exactly while its condition holds; the shell (:mod:`fleet.alerts.evaluate`)
 writes the changes.
 """
 
