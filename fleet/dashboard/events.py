@@ -20,7 +20,7 @@ from fleet.dashboard.guard import Viewer
 from fleet.dashboard.live import LiveFeed
 from fleet.errors import InvalidInput
 
-__all__ = ["router"]
+__all__ = ["events", "parse_topics", "router"]
 
 router = APIRouter(prefix="/ui")
 _TOPIC = re.compile(

@@ -18,7 +18,15 @@ from fleet.auth import Principal, Role, allows, needed_role
 from fleet.auth.users import has_admin
 from fleet.errors import Forbidden, Unauthorized
 
-__all__ = ["AdminPage", "NoAdmin", "Operator", "SignInNeeded", "Viewer", "page_role"]
+__all__ = [
+    "AdminPage",
+    "NoAdmin",
+    "Operator",
+    "SignInNeeded",
+    "Viewer",
+    "page_role",
+    "require_admin_exists",
+]
 
 
 class SignInNeeded(Exception):

@@ -24,7 +24,7 @@ from sqlmodel import col
 
 from fleet.tables import Alert, Device, Rollout
 
-__all__ = ["Changes", "LiveFeed", "topics_of"]
+__all__ = ["Changes", "LiveFeed", "read_changes", "topics_of"]
 
 log = logging.getLogger(__name__)
 _OVERLAP = timedelta(seconds=2)  # look back a little: commits land out of timestamp order
