@@ -58,6 +58,12 @@ USERS = {"ada": "admin", "oscar": "operator", "vera": "viewer"}
 LLM = "gemma3-270m"
 VERSIONS = {v: f"GGUF {v} ".encode() + bytes(range(256)) * 40 for v in ("1.0", "2.0", "3.0")}
 GROUPS = {"lab": 3, "canary": 4, "hold": 2, "live": 1}  # simulated devices in each
+# A fallback policy, stored but assigned to no one: the policies page has one to list.
+POLICY = {
+    "name": "lab-fallback",
+    "description": "Gemma falls back to a fixed answer",
+    "chains": {LLM: {"tiers": [{"kind": "rules", "default": "Busy; try again soon."}]}},
+}
 AGENT_NAME = "orin-lab-42"  # the real agent's name, renamed so a search finds only it
 EVERY_S = 0.2  # seconds between probes of the controller
 WAIT_S = 90.0  # for what the world needs before the first test: generous on 2 loaded cores
@@ -179,6 +185,7 @@ def _users(controller: Controller) -> Iterator[None]:
 def _registry(world: World) -> None:
     for group in ("fleet", "agents", *GROUPS):
         world.call("POST", "/api/v1/groups", 201, json={"name": group})
+    world.call("POST", "/api/v1/policies", 201, json=POLICY)  # so its page is not empty
     for version, data in VERSIONS.items():
         world.call(
             "POST",

@@ -262,16 +262,13 @@ def test_a_rollout_whose_canary_regressed_shows_aborted_with_its_gate_evidence(
     screenshot(page, "rollout-aborted")
 
 
-NOT_LANDED = pytest.mark.xfail(reason="page not landed yet", strict=False)
-
-
 @pytest.mark.parametrize(
     ("path", "name"),
     [
         ("/ui/", "overview"),
-        pytest.param("/ui/models", "models", marks=NOT_LANDED),
+        ("/ui/models", "models"),
         ("/ui/policies", "policies"),
-        pytest.param("/ui/alerts", "alerts", marks=NOT_LANDED),
+        ("/ui/alerts", "alerts"),
         ("/ui/audit", "audit"),
         ("/ui/tokens", "tokens"),
         ("/ui/users", "users"),
