@@ -2,9 +2,10 @@
 
 A preview runs the engine's own choices, not copies of them: the target's devices
 (:func:`fleet.rollout.members.target_devices`), each device's variant or policy
-(:func:`fleet.rollout.step.assigner` and :func:`~fleet.rollout.step.new_member`, which
-decide ``pending`` or ``ineligible`` when a rollout is created), the devices another
-live rollout holds (:func:`~fleet.rollout.step.busy_elsewhere`) and the stage quotas
+(:func:`fleet.rollout.step.assigner`, whose answer
+:func:`~fleet.rollout.step.new_member` stores as ``pending``, or as ``ineligible`` when
+it has no entry for the device), the devices another live rollout holds
+(:func:`~fleet.rollout.step.busy_elsewhere`) and the stage quotas
 (:func:`fleet.rollout.plan.stage_quotas`). So the counts shown are the counts
 :meth:`fleet.rollout.engine.RolloutEngine.create` stores, for the fleet as it is now;
 which devices form the canary is decided by the rollout's id, so it is not shown.
@@ -30,11 +31,11 @@ from fleet.desired import report_of
 from fleet.errors import InvalidInput, NotFound
 from fleet.policy.store import get_policy
 from fleet.rollout.change import Change, ModelChange
-from fleet.rollout.members import target_devices, validate_target
-from fleet.rollout.plan import DeviceState, allowed_released, in_window, stage_names, stage_quotas
+from fleet.rollout.members import Assignment, target_devices, validate_target
+from fleet.rollout.plan import allowed_released, in_window, stage_names, stage_quotas
 from fleet.rollout.spec import ExponentialRate, PolicyChangeSpec, RolloutSpec
-from fleet.rollout.step import assigner, busy_elsewhere, change_of, new_member
-from fleet.tables import Device, RolloutDevice
+from fleet.rollout.step import assigner, busy_elsewhere, change_of
+from fleet.tables import Device
 
 __all__ = [
     "Excluded",
@@ -119,29 +120,31 @@ def stage_plan(spec: RolloutSpec, eligible: int) -> list[StagePlan]:
 def summarize(
     spec: RolloutSpec,
     change: str,
-    members: Sequence[RolloutDevice],
+    assigned: Sequence[tuple[str, Assignment]],
     *,
     outside_window: int = 0,
     refusal: str | None = None,
 ) -> Preview:
-    """The preview of the members :func:`~fleet.rollout.step.new_member` made (pure)."""
-    eligible = [m for m in members if m.state == DeviceState.PENDING]
-    left_out = sorted(
-        (m for m in members if m.state != DeviceState.PENDING), key=lambda m: m.device_id
-    )
+    """The preview of each targeted device's assignment, by device id (pure).
+
+    A device with an entry is eligible (``new_member`` stores it ``pending``); one
+    without is ineligible, its assignment's reason the why.
+    """
+    eligible = [a for _, a in assigned if a.entry is not None]
+    left_out = sorted((d, a.reason) for d, a in assigned if a.entry is None)
     variants = Counter(
-        f"{m.variant} ({m.placement})" if m.placement else str(m.variant)
-        for m in eligible
-        if m.variant is not None
+        f"{a.variant} ({a.placement})" if a.placement else str(a.variant)
+        for a in eligible
+        if a.variant is not None
     )
     if not eligible and refusal is None:
         refusal = "no targeted device can take the change (see the reasons below)"
     return Preview(
         change=change,
-        targeted=len(members),
+        targeted=len(assigned),
         eligible=len(eligible),
         stages=stage_plan(spec, len(eligible)),
-        ineligible=[Excluded(m.device_id, m.detail) for m in left_out[:INELIGIBLE_SHOWN]],
+        ineligible=[Excluded(d, reason) for d, reason in left_out[:INELIGIBLE_SHOWN]],
         ineligible_count=len(left_out),
         variants=dict(sorted(variants.items())),
         outside_window=outside_window,
@@ -186,8 +189,8 @@ def preview_rollout(session: Session, spec: RolloutSpec, now: datetime) -> Previ
         )
     change = _change(session, spec)
     assign_to = assigner(session, spec, change, creating=True)
-    members = [new_member("preview", d, assign_to(d), now) for d in devices]
-    eligible = {m.device_id for m in members if m.state == DeviceState.PENDING}
+    assigned = [(d.id, assign_to(d)) for d in devices]
+    eligible = {d for d, a in assigned if a.entry is not None}
     outside = 0
     if spec.maintenance_window is not None:
         for device in devices:
@@ -198,7 +201,7 @@ def preview_rollout(session: Session, spec: RolloutSpec, now: datetime) -> Previ
     return summarize(
         spec,
         change.title,
-        members,
+        assigned,
         outside_window=outside,
         refusal=_busy(session, change, devices),
     )

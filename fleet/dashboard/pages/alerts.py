@@ -35,8 +35,12 @@ PER_PAGE = 50
 OPEN_SHOWN = 500
 
 
-def _open(session: Session) -> list[Any]:
-    return alerts.list_alerts(session, "open", OPEN_SHOWN)
+def _open(session: Session) -> dict[str, Any]:
+    """The newest open alerts, and how many are open."""
+    return {
+        "open_alerts": alerts.list_alerts(session, "open", OPEN_SHOWN),
+        "open_total": views.open_count(session),
+    }
 
 
 def _page(
@@ -66,7 +70,7 @@ def _page(
         "alerts.html",
         nav="alerts",
         status_code=status_code,
-        open_alerts=_open(session),
+        **_open(session),
         cleared=cleared,
         page=page,
         pages=max(1, math.ceil(total / PER_PAGE)),
@@ -98,7 +102,7 @@ def open_alerts(request: Request, who: Viewer, session: SessionDep) -> HTMLRespo
         request,
         who,
         "fragments/alerts_open.html",
-        open_alerts=_open(session),
+        **_open(session),
         badge=views.severity_badge,
     )
 

@@ -27,7 +27,7 @@ from fleet.dashboard.views.rollouts import group_names
 from fleet.errors import Conflict, InvalidInput, NotFound
 from fleet.policy.assign import Outcome, assign, unassign
 from fleet.policy.store import create_policy
-from fleet.policy.views import PolicyDetail, policy_detail, policy_summaries
+from fleet.policy.views import PolicyDetail, policy_detail
 from fleet.tables import PolicyAssignment
 
 __all__ = ["router"]
@@ -73,7 +73,7 @@ def _list_page(
         who,
         "policies.html",
         status_code=status_code,
-        policies=policy_summaries(session),
+        policies=views.policy_rows(session),
         assigned=views.assignments_by_policy(session),
         form=form or {},
         errors=errors or {},

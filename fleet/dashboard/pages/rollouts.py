@@ -28,7 +28,6 @@ from fleet.dashboard.views import rollouts as views
 from fleet.errors import Conflict, InvalidInput, NotFound
 from fleet.rollout.preview import preview_rollout
 from fleet.rollout.spec import FailureKind, Metric
-from fleet.rollout.views import rollout_detail
 from fleet.tables import Rollout
 
 __all__ = ["router"]
@@ -188,7 +187,7 @@ def _rollout(session: Session, rollout_id: str) -> Rollout:
 
 
 def _progress(session: Session, rollout_id: str) -> dict[str, Any]:
-    detail = rollout_detail(session, _rollout(session, rollout_id))
+    detail = views.rollout_progress(session, _rollout(session, rollout_id))
     failed, failed_total = views.failed_devices(session, rollout_id)
     return {
         "r": detail,

@@ -18,11 +18,26 @@ from sqlmodel import Session, col, select
 from fleet.alerts import Rule
 from fleet.tables import Alert
 
-__all__ = ["ParamField", "cleared_page", "overrides_of", "param_fields", "severity_badge"]
+__all__ = [
+    "ParamField",
+    "cleared_page",
+    "open_count",
+    "overrides_of",
+    "param_fields",
+    "severity_badge",
+]
 
 
 def severity_badge(severity: str) -> str:
     return {"error": "bad", "warning": "warn", "critical": "bad"}.get(severity, "")
+
+
+def open_count(session: Session) -> int:
+    return int(
+        session.exec(
+            select(func.count()).select_from(Alert).where(col(Alert.cleared_at).is_(None))
+        ).one()
+    )
 
 
 def cleared_page(session: Session, page: int, per_page: int) -> tuple[list[Alert], int]:

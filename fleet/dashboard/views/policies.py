@@ -16,18 +16,23 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import sqlalchemy as sa
+from sqlalchemy import func
+from sqlalchemy.orm import aliased
 from sqlmodel import Session, col, select
 
 from fleet.errors import InvalidInput
-from fleet.policy.views import DeviceStatus
-from fleet.tables import PolicyAssignment
+from fleet.policy.views import DeviceStatus, PolicySummary
+from fleet.tables import Device, PolicyAssignment, PolicyRow, as_utc
 
 __all__ = [
     "BODY_KEYS",
     "ChainView",
     "assignments_by_policy",
     "chain_views",
+    "enforcement_counts",
     "policy_body",
+    "policy_rows",
     "status_counts",
 ]
 
@@ -117,3 +122,67 @@ def assignments_by_policy(session: Session) -> dict[str, list[PolicyAssignment]]
     for row in rows:
         found.setdefault(row.policy, []).append(row)
     return found
+
+
+def enforcement_counts(session: Session) -> dict[str, tuple[int, int]]:
+    """Per policy: devices it applies to, and those reporting its digest; counted in SQL.
+
+    A device's own assignment wins over its group's, and a device is enforcing when
+    the policy it reports has the digest of the version assigned to it, as
+    :func:`fleet.policy.views.policy_summaries` decides it device by device.
+    """
+    own, grp = aliased(PolicyAssignment), aliased(PolicyAssignment)
+    mine = col(own.policy).is_not(None)
+    policy = sa.case((mine, col(own.policy)), else_=col(grp.policy))
+    version = sa.case((mine, col(own.version)), else_=col(grp.version))
+    reported = col(Device.reported)["policy"]["digest"].as_string()
+    enforcing = sa.case((reported == col(PolicyRow.digest), 1), else_=0)
+    rows = session.exec(
+        select(policy, func.count(), func.sum(enforcing))
+        .select_from(Device)
+        .outerjoin(own, sa.and_(col(own.scope) == "device", col(own.target) == col(Device.id)))
+        .outerjoin(grp, sa.and_(col(grp.scope) == "group", col(grp.target) == col(Device.group)))
+        .join(
+            PolicyRow,
+            sa.and_(col(PolicyRow.name) == policy, col(PolicyRow.version) == version),
+        )
+        .where(col(Device.revoked_at).is_(None))
+        .group_by(policy)
+    ).all()
+    return {str(name): (int(count), int(enforced or 0)) for name, count, enforced in rows}
+
+
+def policy_rows(session: Session) -> list[PolicySummary]:
+    """The API's :func:`~fleet.policy.views.policy_summaries`, without loading every device."""
+    latest = session.exec(
+        select(PolicyRow.name, func.max(PolicyRow.version), func.count())
+        .group_by(col(PolicyRow.name))
+        .order_by(col(PolicyRow.name))
+    ).all()
+    assignments = dict(
+        session.exec(
+            select(PolicyAssignment.policy, func.count()).group_by(col(PolicyAssignment.policy))
+        ).all()
+    )
+    counts = enforcement_counts(session)
+    summaries = []
+    for name, version, versions in latest:
+        row = session.exec(
+            select(PolicyRow).where(col(PolicyRow.name) == name, col(PolicyRow.version) == version)
+        ).one()
+        assigned, enforcing = counts.get(name, (0, 0))
+        summaries.append(
+            PolicySummary(
+                name=name,
+                versions=int(versions),
+                assignments=int(assignments.get(name, 0)),
+                devices_assigned=assigned,
+                devices_enforcing=enforcing,
+                version=row.version,
+                digest=row.digest,
+                description=row.description,
+                created_by=row.created_by,
+                created_at=as_utc(row.created_at) or row.created_at,
+            )
+        )
+    return summaries

@@ -64,6 +64,7 @@ def test_open_alerts_first_then_the_history_and_viewers_only_read(
     assert page.status_code == 200, page.text
     open_part, history = page.text.split('id="alerts-history"')
     assert ids_in(open_part) == [failed, offline]  # newest first
+    assert 'id="open-count">2<' in open_part
     assert ids_in(history) == [old]
     assert 'href="/ui/rollouts/ro-1"' in open_part
     assert 'sse-connect="/ui/events?topics=alerts"' in page.text

@@ -11,7 +11,9 @@ from fastapi.testclient import TestClient
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, select
 
-from fleet.tables import AuditEntry, PolicyAssignment, PolicyRow
+from fleet.dashboard.views.policies import policy_rows
+from fleet.policy.views import policy_summaries
+from fleet.tables import AuditEntry, Device, PolicyAssignment, PolicyRow
 from tests.fleet.dashboard.conftest import Browser
 from tests.fleet.dashboard.test_rollouts_pages import browser, browser_as
 from tests.fleet.helpers import Clock, create_group, enroll
@@ -219,3 +221,36 @@ def test_an_assignment_without_the_csrf_token_is_refused(
     )
     assert answer.status_code == 403
     assert assignments(engine) == []
+
+
+def test_the_list_counts_in_sql_what_the_api_counts_device_by_device(
+    api: TestClient, clock: Clock, engine: Engine, lab: tuple[str, str], browser: Browser
+) -> None:
+    able, short = lab
+    create_group(api, "shelf")
+    own, plain = (enroll(api, clock, group="shelf")["device_id"] for _ in range(2))
+    set_models(api, own, PRIMARY, SMALL)
+    assert create(browser).status_code == 303
+    assert create(browser, name="other").status_code == 303
+    assert create(browser).status_code == 303  # lab-gemma v2
+    for fields in ({"group": "lab", "version": "1"}, {"group": "shelf", "version": "2"}):
+        assert browser.post_form("/ui/policies/lab-gemma/assign", fields).status_code == 200
+    assert browser.post_form("/ui/policies/other/assign", {"device": own}).status_code == 200
+    with Session(engine) as session:
+        digests = {(r.name, r.version): r.digest for r in session.exec(select(PolicyRow)).all()}
+        reports = {
+            able: digests[("lab-gemma", 1)],  # enforcing its group's version
+            short: digests[("lab-gemma", 2)],  # a digest, but of another version
+            own: digests[("other", 1)],  # its own assignment wins over its group's
+        }
+        for device_id, digest in reports.items():
+            device = session.get(Device, device_id)
+            assert device is not None
+            device.reported = {"device_id": device_id, "policy": {"digest": digest}}
+            session.add(device)
+        session.commit()
+        listed = policy_rows(session)
+        assert listed == policy_summaries(session)
+    counts = {p.name: (p.devices_assigned, p.devices_enforcing) for p in listed}
+    assert counts == {"lab-gemma": (3, 1), "other": (1, 1)}
+    assert plain not in reports

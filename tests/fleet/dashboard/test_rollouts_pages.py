@@ -18,10 +18,12 @@ from fastapi.testclient import TestClient
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, select
 
+from fleet.dashboard.views.rollouts import rollout_progress
+from fleet.rollout.views import rollout_detail
 from fleet.tables import AuditEntry, GateCheckRow, ModelArtifact, Rollout
 from tests.fleet.dashboard.conftest import Browser
 from tests.fleet.helpers import START, Clock, create_group, enroll
-from tests.fleet.rollout_world import sha
+from tests.fleet.rollout_world import GB, World, report, sha
 
 MODEL = "gemma3"
 
@@ -463,3 +465,38 @@ def test_an_unknown_action_is_not_a_route(
     rollout_id = start(api)
     assert browser.post_form(f"/ui/rollouts/{rollout_id}/explode", {}).status_code == 422
     assert status_of(api, rollout_id) == "active"
+
+
+def test_the_live_view_counts_in_sql_what_the_api_counts_in_python(database_url: str) -> None:
+    """``rollout_progress`` (the page's) and ``rollout_detail`` (the API's) agree."""
+    world = World.on(database_url)
+    try:
+        world.artifact("1.0")
+        world.artifact("2.0", ram_bytes=12 * GB)
+        for i in range(6):
+            world.device(f"big-{i:02d}", hardware=report(ram_gb=32))
+        world.device("small-00", hardware=report(ram_gb=4))
+        rollout_id = world.create(
+            canary={"count": 2},
+            stages={"percents": [50, 100]},
+            soak_s=0,
+            gates=[{"metric": "error_rate", "max_value": 0.5}],
+        )
+        world.step(rollout_id)
+        canaries = sorted(d for d, m in world.members(rollout_id).items() if m.stage == 0)
+        world.clock.advance(seconds=5)
+        world.install(canaries[0])
+        world.install(canaries[1], healthy=False)
+        world.step(rollout_id)
+        world.clock.advance(seconds=5)
+        world.step(rollout_id)
+        with Session(world.db) as session:
+            row = session.get(Rollout, rollout_id)
+            assert row is not None
+            api_view = rollout_detail(session, row).model_dump()
+            page_view = rollout_progress(session, row).model_dump()
+        assert api_view["devices"].get("failed") == 1  # the comparison covers a failure
+        assert api_view["devices"].get("ineligible") == 1
+        assert page_view == api_view
+    finally:
+        world.db.dispose()
