@@ -38,6 +38,7 @@ from fleet.rollout.step import assigner, busy_elsewhere, change_of
 from fleet.tables import Device
 
 __all__ = [
+    "INELIGIBLE_SHOWN",
     "Excluded",
     "Preview",
     "StagePlan",
