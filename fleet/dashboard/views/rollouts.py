@@ -570,7 +570,9 @@ def _number(value: Any, percent: bool = False) -> str:
         return "-"
     if isinstance(value, bool) or not isinstance(value, int | float):
         return str(value)
-    return f"{value:+.1f}%" if percent else f"{value:.4g}"
+    if percent:
+        return f"{value:+.1f}%"
+    return f"{value:,.0f}" if abs(value) >= 1000 else f"{value:.4g}"  # 30,245, not 3.024e+04
 
 
 @dataclass(frozen=True)

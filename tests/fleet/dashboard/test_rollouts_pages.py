@@ -352,10 +352,10 @@ def test_gate_evidence_is_shown_beside_its_stage(
         "min_samples": 3,
         "updated": {"value": 130.0, "samples": 12, "devices": 1},
         "baseline": {"value": 100.0, "samples": 11},
-        "control": {"value": 101.0, "samples": 30, "devices": 3},
+        "control": {"value": 30245.4, "samples": 30, "devices": 3},
         "thresholds": {"max_increase_percent": 10, "max_decrease_percent": None,
                        "max_value": None, "min_value": None},
-        "change_percent": {"baseline": 30.0, "control": 28.713},
+        "change_percent": {"baseline": 30.0, "control": -99.57},
         "verdict": "fail",
     }  # fmt: skip
     with Session(engine) as session:
@@ -379,7 +379,7 @@ def test_gate_evidence_is_shown_beside_its_stage(
     assert 'data-verdict="fail"' in block
     assert "130 (12 samples, 1 devices)" in block
     assert "100 (11 samples)" in block
-    assert "101 (30 samples, 3 devices)" in block
+    assert "30,245 (30 samples, 3 devices)" in block  # not 3.025e+04
     assert "+30.0% vs baseline" in block
     assert "at most +10%" in block
     assert "against the baseline" in block
