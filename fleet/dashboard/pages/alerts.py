@@ -113,7 +113,7 @@ def acknowledge(
 ) -> Response:
     """Acknowledge an open alert: an event clears, a condition stays open while it holds."""
     try:
-        alerts.acknowledge(session, alert_id, actor=who.name, now=state.clock())
+        alerts.acknowledge(session, alert_id, actor=who.name, now=state.clock(), source=who.source)
     except Conflict as exc:
         session.rollback()
         return _page(request, who, session, state, errors={"ack": str(exc)}, status_code=409)
@@ -134,7 +134,7 @@ def _save_rule(
         alerts.set_rule(
             session, kind, enabled=form.get("enabled") == "on",
             overrides=views.overrides_of(form, current), actor=who.name, now=state.clock(),
-            defaults=defaults,
+            defaults=defaults, source=who.source,
         )  # fmt: skip
     except (InvalidInput, Conflict) as exc:
         session.rollback()
@@ -171,13 +171,13 @@ def set_webhook(
         field = str(error["loc"][0]) if error["loc"] else "url"
         message = f"{field}: {error['msg']}"
         return _page(request, who, session, state, errors={"webhook": message}, status_code=422)
-    alerts.set_webhook(session, settings, actor=who.name, now=state.clock())
+    alerts.set_webhook(session, settings, actor=who.name, now=state.clock(), source=who.source)
     return RedirectResponse("/ui/alerts#webhook", status_code=303)
 
 
 @router.post("/alerts/webhook/delete", include_in_schema=False)
 def delete_webhook(who: AdminWrite, session: SessionDep, state: StateDep) -> Response:
-    alerts.delete_webhook(session, actor=who.name, now=state.clock())
+    alerts.delete_webhook(session, actor=who.name, now=state.clock(), source=who.source)
     return RedirectResponse("/ui/alerts#webhook", status_code=303)
 
 

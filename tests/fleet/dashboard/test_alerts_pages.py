@@ -111,10 +111,13 @@ def test_an_operator_acknowledges_an_event_clears_and_a_condition_stays_open(
     assert again.status_code == 409
     assert "cleared already" in again.text
     with Session(engine) as session:
-        actors = session.exec(
-            select(AuditEntry.actor).where(AuditEntry.action == "alert.acknowledged")
+        acks = session.exec(
+            select(AuditEntry.actor, AuditEntry.source).where(
+                AuditEntry.action == "alert.acknowledged"
+            )
         ).all()
-    assert actors == ["oscar", "oscar"]
+    assert [actor for actor, _ in acks] == ["oscar", "oscar"]
+    assert all(source.endswith("(session)") for _, source in acks)
 
 
 def test_a_viewer_or_a_missing_csrf_token_acknowledges_nothing(
@@ -197,7 +200,9 @@ def test_an_admin_sets_and_removes_the_webhook(
     with Session(engine) as session:
         assert session.exec(select(AlertWebhook)).first() is None
         actions = session.exec(
-            select(AuditEntry.action, AuditEntry.actor).where(AuditEntry.subject == "alert_webhook")
+            select(AuditEntry.action, AuditEntry.actor).where(
+                AuditEntry.subject == "alert_webhook", AuditEntry.source.endswith("(session)")
+            )
         ).all()
     assert sorted(actions) == [("alert_webhook.deleted", "ada"), ("alert_webhook.set", "ada")]
     assert browser.post_form("/ui/alerts/webhook/delete", {}).status_code == 404
