@@ -394,6 +394,51 @@ def seed_database(url: str, args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def measure_run(
+    args: argparse.Namespace,
+    kind: str,
+    root: Path,
+    url: str,
+    broker_args: list[str],
+    env: dict[str, str],
+    seeded: dict[str, Any],
+    run: dict[str, Any],
+) -> Path:
+    """One measurement run against a freshly started controller; the controller's log."""
+    started = time.monotonic()
+    with running_controller(root, url, *broker_args, env=env, ready_s=READY_S) as served:
+        run["controller_ready_s"] = round(time.monotonic() - started, 2)
+        run["settle_s"] = round(settle(served.proc.pid), 2)
+        log(
+            f"{kind} run {run['run']}: ready in {run['controller_ready_s']:.1f} s, settled "
+            f"after {run['settle_s']:.1f} s more; measuring"
+        )
+        roles = {"controller": [served.proc.pid], "bench": [os.getpid()]}
+        if kind == "postgres":
+            roles["database"] = database_pids(url)
+        background = CpuWindow(roles)
+        time.sleep(3.0)
+        run["background_cpu_cores"] = background.cores()
+        fleet = Fleet(
+            devices=seeded["device_ids"],
+            groups=seeded["groups"],
+            tags=seeded["tags"],
+            rollout=seeded["rollouts"]["active"],
+            names=seeded["names"],
+        )
+        headers = {"Authorization": f"Bearer {env['EDGEFLEET_FLEET_ADMIN_TOKEN']}"}
+        with httpx.Client(base_url=served.url, headers=headers, timeout=60) as http:
+            window = CpuWindow(roles)
+            for page in PAGES:
+                measured = measure_page(http, page, fleet, args.requests, args.warmup, args.seed)
+                run["pages"].append(measured)
+                log(f"  {line(measured)}")
+            run["cpu_cores"] = window.cores()
+        if served.proc.poll() is not None:
+            raise RuntimeError("the controller exited during the run")
+    return served.log
+
+
 def run_backend(args: argparse.Namespace, kind: str) -> dict[str, Any]:
     root = Path(tempfile.mkdtemp(prefix=f"bench-dashboard-{kind}-"))
     result: dict[str, Any] = {"backend": kind, "pages": []}
@@ -421,40 +466,11 @@ def run_backend(args: argparse.Namespace, kind: str) -> dict[str, Any]:
                 "--broker", broker.url, "--broker-auth-dir", str(broker.auth_dir),
                 "--broker-pid-file", str(broker.pid_file),
             ]  # fmt: skip
-            started = time.monotonic()
-            with running_controller(root, url, *broker_args, env=env, ready_s=READY_S) as served:
-                controller_log = served.log
-                result["controller_ready_s"] = round(time.monotonic() - started, 2)
-                result["settle_s"] = round(settle(served.proc.pid), 2)
-                log(
-                    f"{kind}: ready in {result['controller_ready_s']:.1f} s, settled after "
-                    f"{result['settle_s']:.1f} s more; measuring"
-                )
-                roles = {"controller": [served.proc.pid], "bench": [os.getpid()]}
-                if kind == "postgres":
-                    roles["database"] = database_pids(url)
-                background = CpuWindow(roles)
-                time.sleep(3.0)
-                result["background_cpu_cores"] = background.cores()
-                fleet = Fleet(
-                    devices=seeded["device_ids"],
-                    groups=seeded["groups"],
-                    tags=seeded["tags"],
-                    rollout=seeded["rollouts"]["active"],
-                    names=seeded["names"],
-                )
-                headers = {"Authorization": f"Bearer {admin_token}"}
-                with httpx.Client(base_url=served.url, headers=headers, timeout=60) as http:
-                    window = CpuWindow(roles)
-                    for page in PAGES:
-                        measured = measure_page(
-                            http, page, fleet, args.requests, args.warmup, args.seed
-                        )
-                        result["pages"].append(measured)
-                        log(f"  {line(measured)}")
-                    result["cpu_cores"] = window.cores()
-                if served.proc.poll() is not None:
-                    raise RuntimeError("the controller exited during the run")
+            result["runs"] = []
+            for number in range(1, args.runs + 1):
+                run: dict[str, Any] = {"run": number, "pages": []}
+                result["runs"].append(run)
+                controller_log = measure_run(args, kind, root, url, broker_args, env, seeded, run)
         result["status"] = "ok"
     except SkippedError as exc:
         log(f"{kind}: SKIPPED: {exc}")
@@ -536,14 +552,19 @@ def report(doc: dict[str, Any]) -> str:
         )
         if backend.get("status") != "ok":
             out.append(f"{backend.get('status')}: {backend.get('reason')}")
-        if backend.get("pages"):
-            out.append(render_table([HEADER, *(page_row(p) for p in backend["pages"])]))
-        cpu = backend.get("background_cpu_cores")
-        if cpu:
-            out.append(
-                f"controller busy {cpu.get('controller', 0):.0%} of a core before the first "
-                "request (the rollout engine's steps, presence, ingest)"
-            )
+        runs = backend.get("runs") or [backend]
+        for run in runs:
+            if not run.get("pages"):
+                continue
+            if len(runs) > 1:
+                out.append(f"-- run {run['run']} (a fresh controller on the same data)")
+            out.append(render_table([HEADER, *(page_row(p) for p in run["pages"])]))
+            cpu = run.get("background_cpu_cores")
+            if cpu:
+                out.append(
+                    f"controller busy {cpu.get('controller', 0):.0%} of a core before the "
+                    "first request (the rollout engine's steps, presence, ingest)"
+                )
     out.append(
         "\ntiming: server = the response's Server-Timing app;dur, wall = the request's wall "
         "time on loopback (includes the HTTP round trip). API = the JSON route(s) for the "
@@ -589,6 +610,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--out", type=Path, default=REPO / "bench-results", help="folder for the JSON"
     )
+    parser.add_argument(
+        "--runs",
+        type=int,
+        default=2,
+        help="measurement runs per seeded database, each "
+        "with a freshly started controller (seeding is the slow part)",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the temporary folders")
     args = parser.parse_args(argv)
     if args.requests < 1 or args.warmup < 0 or args.devices < 1:
@@ -604,14 +632,15 @@ def contention_warnings(doc: dict[str, Any], limit: float) -> list[str]:
             f"the machine was busy before the run ({before:.2f} cores): expect noisy figures"
         )
     for backend in doc["backends"]:
-        cpu = backend.get("cpu_cores") or {}
-        other = cpu.get("other", 0.0) + cpu.get("steal", 0.0)
-        if other > limit:
-            warnings.append(
-                f"{backend['backend']}: other processes (and the hypervisor) used {other:.2f} "
-                "cores while it was measured: its figures are not trustworthy; rerun it on an "
-                "idle machine"
-            )
+        for run in backend.get("runs") or [backend]:
+            cpu = run.get("cpu_cores") or {}
+            other = cpu.get("other", 0.0) + cpu.get("steal", 0.0)
+            if other > limit:
+                warnings.append(
+                    f"{backend['backend']}: other processes (and the hypervisor) used "
+                    f"{other:.2f} cores while it was measured: its figures are not "
+                    "trustworthy; rerun it on an idle machine"
+                )
     return warnings
 
 
