@@ -8,14 +8,16 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 
+from fleet.api.errors import validation_message
 from fleet.dashboard import events, signin
 from fleet.dashboard.guard import NoAdmin, SignInNeeded
 from fleet.dashboard.pages import ROUTERS
 from fleet.dashboard.templating import Pages
-from fleet.errors import FleetError
+from fleet.errors import FleetError, InvalidInput
 
 __all__ = ["SECURITY_HEADERS", "install"]
 
@@ -53,6 +55,7 @@ def install(app: FastAPI) -> None:
         return RedirectResponse("/ui/", status_code=307)
 
     api_error = app.exception_handlers[FleetError]
+    api_invalid = app.exception_handlers[RequestValidationError]
 
     async def fleet_error(request: Request, exc: Exception) -> Response:
         if not request.url.path.startswith("/ui/"):
@@ -64,6 +67,15 @@ def install(app: FastAPI) -> None:
                 request, None, "fragments/error.html", status_code=exc.status, error=exc
             )
         return pages.render(request, None, "error.html", status_code=exc.status, error=exc)
+
+    async def invalid(request: Request, exc: Exception) -> Response:
+        """A form FastAPI itself refused (a field missing or tampered with): HTML on pages."""
+        if not request.url.path.startswith("/ui/"):
+            response: Response = await api_invalid(request, exc)  # type: ignore[misc]
+            return response
+        assert isinstance(exc, RequestValidationError)
+        error = InvalidInput(validation_message(list(exc.errors())))
+        return await fleet_error(request, error)
 
     async def sign_in_needed(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, SignInNeeded)
@@ -78,6 +90,7 @@ def install(app: FastAPI) -> None:
         return pages.render(request, None, "no_admin.html", status_code=503)
 
     app.add_exception_handler(FleetError, fleet_error)
+    app.add_exception_handler(RequestValidationError, invalid)
     app.add_exception_handler(SignInNeeded, sign_in_needed)
     app.add_exception_handler(NoAdmin, no_admin)
 

@@ -63,6 +63,17 @@ def sign_in(client: TestClient, name: str, password: str = PASSWORD) -> str:
     return found.group(1)
 
 
+def share_loop(client: TestClient, api: TestClient) -> TestClient:
+    """Run the browser's requests on the app's own event loop (``api``'s portal).
+
+    Without a `with` block a TestClient runs each request on a new loop, and an asyncio
+    lock the app's background tasks hold (the desired-state publisher's) would then be
+    bound to a different loop.
+    """
+    client.portal = api.portal  # type: ignore[attr-defined]
+    return client
+
+
 @pytest.fixture
 def users(api: TestClient) -> dict[str, str]:
     """ada (admin), oscar (operator) and vera (viewer), made with the admin token."""
@@ -75,7 +86,7 @@ def users(api: TestClient) -> dict[str, str]:
 @pytest.fixture
 def browser(api: TestClient, users: dict[str, str]) -> Iterator[Browser]:
     """ada, the admin, signed in."""
-    client = TestClient(api.app)  # no `with`: the app's lifespan already runs for ``api``
+    client = share_loop(TestClient(api.app), api)
     try:
         yield Browser(client, "ada", sign_in(client, "ada"))
     finally:
@@ -88,7 +99,7 @@ def browser_as(api: TestClient, users: dict[str, str]) -> Iterator[object]:
     opened: list[TestClient] = []
 
     def make(name: str) -> Browser:
-        client = TestClient(api.app)
+        client = share_loop(TestClient(api.app), api)
         opened.append(client)
         return Browser(client, name, sign_in(client, name))
 

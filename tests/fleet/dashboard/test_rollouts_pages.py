@@ -54,30 +54,6 @@ def fleet(api: TestClient, clock: Clock, engine: Engine) -> list[str]:
     return ids
 
 
-@pytest.fixture
-def browser(api: TestClient, browser: Browser) -> Browser:
-    """The conftest's browser, sending its requests on the app's own event loop.
-
-    A ``TestClient`` outside ``with`` runs each request on a new event loop, but the
-    app's asyncio locks (``DesiredStates.apply``, which rollout actions take) belong
-    to the loop its lifespan runs on; contended across loops they raise RuntimeError.
-    """
-    browser.client.portal = api.portal
-    return browser
-
-
-@pytest.fixture
-def browser_as(api: TestClient, browser_as: Any) -> Any:
-    """The conftest's factory, its browsers on the app's own event loop (see ``browser``)."""
-
-    def make(name: str) -> Browser:
-        made: Browser = browser_as(name)
-        made.client.portal = api.portal
-        return made
-
-    return make
-
-
 def form(**fields: str) -> dict[str, str]:
     base = {
         "change": f"model|{MODEL}|2.0",

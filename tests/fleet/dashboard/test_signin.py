@@ -175,3 +175,15 @@ def test_after_signing_in_the_browser_only_goes_to_a_dashboard_page(
     target: str | None, expected: str
 ) -> None:
     assert safe_next(target) == expected
+
+
+def test_a_tampered_form_gets_an_html_error_page_not_json(
+    api: TestClient, browser: Browser
+) -> None:
+    answer = browser.client.post(
+        "/ui/login", data={"password": "x", "login_token": "y"}, follow_redirects=False
+    )
+    assert answer.status_code == 422
+    assert answer.headers["content-type"].startswith("text/html")
+    assert "name" in answer.text
+    assert api.post("/api/v1/groups", json={}).headers["content-type"] == "application/json"
