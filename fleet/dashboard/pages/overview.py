@@ -2,8 +2,9 @@
 
 The page is built from fragments, each also served on its own route, so a panel can
 refresh itself when the live feed says its data changed (``devices``, ``rollouts``,
-``alerts``) without reloading the page. The charts arrive in a second request, so the
-page itself answers at once however much telemetry there is.
+``alerts``) without reloading the page. The model versions (a scan of every device's
+report) and the charts (a day of the fleet's telemetry) arrive in requests of their own,
+so the page itself answers first.
 """
 
 from __future__ import annotations
@@ -47,6 +48,14 @@ def _recent_alerts(session: Session) -> list[Alert]:
     return alerts.list_alerts(session, "open", RECENT_ALERTS)
 
 
+def _settled(request: Request) -> fleet.SettledBuckets:
+    """The app's one copy of settled chart buckets, made on first use."""
+    settled: fleet.SettledBuckets | None = getattr(request.app.state, "fleet_chart_buckets", None)
+    if settled is None:
+        settled = request.app.state.fleet_chart_buckets = fleet.SettledBuckets()
+    return settled
+
+
 @router.get("/", include_in_schema=False)
 def overview(request: Request, who: Viewer, session: SessionDep) -> HTMLResponse:
     return _render(
@@ -54,7 +63,6 @@ def overview(request: Request, who: Viewer, session: SessionDep) -> HTMLResponse
         who,
         "overview.html",
         counts=fleet.status_counts(session),
-        models=fleet.fleet_models(session),
         rollouts=_live_rollouts(session),
         alerts=_recent_alerts(session),
     )
@@ -88,7 +96,9 @@ def recent_alerts(request: Request, who: Viewer, session: SessionDep) -> HTMLRes
 
 @router.get("/overview/charts", include_in_schema=False)
 def charts(request: Request, who: Viewer, session: SessionDep, state: StateDep) -> HTMLResponse:
-    specs = fleet.fleet_charts(session, state.clock(), CHART_HOURS, CHART_BUCKET_S)
+    specs = fleet.fleet_charts(
+        session, state.clock(), CHART_HOURS, CHART_BUCKET_S, _settled(request)
+    )
     return _render(
         request,
         who,

@@ -31,11 +31,11 @@ from fleet.dashboard.views.fleet import (
     ChartLine,
     bucket_window,
     chart,
+    degraded_now,
     in_live_rollout,
     reading,
     runs_model,
 )
-from fleet.degraded import is_degraded
 from fleet.errors import InvalidInput
 from fleet.rollout.plan import DeviceState
 from fleet.state import Drift
@@ -226,7 +226,7 @@ def _filters(listing: Listing, sqlite: bool) -> list[sa.ColumnElement[bool] | sa
         case "revoked":
             where.append(~live)
         case "degraded":
-            where += [live, is_degraded()]
+            where += [live, degraded_now()]
         case "updating":
             where.append(in_live_rollout(DeviceState.UPDATING))
         case "ineligible":
@@ -261,22 +261,38 @@ def _running(device: Device) -> list[str]:
     return [f"{m.name} {m.version or '?'}" for m in reported.models]
 
 
-def list_devices(session: Session, listing: Listing) -> DevicePage:
-    """The page the listing asks for (the last page, if it asks past the end)."""
-    sqlite = session.get_bind().dialect.name == "sqlite"
-    where = _filters(listing, sqlite)
-    total = int(session.exec(select(func.count()).select_from(Device).where(*where)).one())
-    pages = max(1, -(-total // listing.per_page))
-    if listing.page > pages:
-        listing = replace(listing, page=pages)
-    devices = session.exec(
-        select(Device)
+def _page_ids(session: Session, listing: Listing, where: list[Any]) -> tuple[list[str], int | None]:
+    """The page's device ids in order, and the matching total (None when the page is empty).
+
+    One statement filters and sorts ids only (narrow rows sort fast, however deep the
+    page) and counts the matches in the same pass (``count(*) OVER ()``).
+    """
+    found = session.exec(
+        select(col(Device.id), func.count().over().label("total"))
         .where(*where)
         .order_by(*_order(listing))
         .limit(listing.per_page)
         .offset((listing.page - 1) * listing.per_page)
     ).all()
-    tags = tags_of(session, [x.id for x in devices])
+    return [row[0] for row in found], int(found[0][1]) if found else None
+
+
+def list_devices(session: Session, listing: Listing) -> DevicePage:
+    """The page the listing asks for (the last page, if it asks past the end)."""
+    where = _filters(listing, session.get_bind().dialect.name == "sqlite")
+    ids, total = _page_ids(session, listing, where)
+    if total is None:  # past the end, or nothing matches
+        total = int(session.exec(select(func.count()).select_from(Device).where(*where)).one())
+        last = max(1, -(-total // listing.per_page))
+        if total and listing.page > last:
+            listing = replace(listing, page=last)
+            ids, _ = _page_ids(session, listing, where)
+        elif listing.page > last:
+            listing = replace(listing, page=1)
+    loaded = session.exec(select(Device).where(col(Device.id).in_(ids))).all() if ids else []
+    by_id = {x.id: x for x in loaded}
+    devices = [by_id[i] for i in ids if i in by_id]
+    tags = tags_of(session, ids)
     rows = [DeviceRow(device_public(x, tags[x.id]), _running(x)) for x in devices]
     return DevicePage(listing=listing, total=total, rows=rows)
 

@@ -12,6 +12,7 @@ Charts cover a bounded window in fixed buckets (:func:`bucket_window`), and the 
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -32,9 +33,11 @@ __all__ = [
     "BucketWindow",
     "ChartLine",
     "FleetModel",
+    "SettledBuckets",
     "StatusCounts",
     "bucket_window",
     "chart",
+    "degraded_now",
     "fleet_charts",
     "fleet_models",
     "has_points",
@@ -99,7 +102,7 @@ def status_counts(session: Session) -> StatusCounts:
             func.count().filter(live),
             func.count().filter(live, col(Device.online) == True),  # noqa: E712
             func.count().filter(~live),
-            func.count().filter(live, is_degraded()),
+            func.count().filter(live, degraded_now()),
         ).select_from(Device)
     ).one()
     enrolled, online, revoked, degraded = (int(x) for x in row)
@@ -130,29 +133,40 @@ def status_counts(session: Session) -> StatusCounts:
 
 
 # --- what the fleet runs, read from the reported JSON in the database ------------------
+#
+# Parsing every report is the cost here (PostgreSQL's ``json`` type is text, parsed again
+# by each operator), so a filter first asks a cheap question of the report's text (does it
+# name the model at all?) and parses only the reports that pass; CASE fixes that order.
+# A report lists each model once (the agent serves one version of a name), so counting
+# rows counts devices, without a DISTINCT's sort. Reports are stored from a validated
+# ReportedState (fleet.link.store), so ``models`` is always an array when present.
 
 _MODELS_SQLITE = """
 SELECT json_extract(m.value, '$.name') AS name, json_extract(m.value, '$.version') AS version,
-       count(DISTINCT d.id) AS devices
+       count(*) AS devices
 FROM devices AS d, json_each(d.reported, '$.models') AS m
-WHERE d.revoked_at IS NULL AND json_type(d.reported, '$.models') = 'array' {name}
-GROUP BY 1, 2
-"""
-_MODELS_POSTGRES = """
-SELECT m ->> 'name' AS name, m ->> 'version' AS version, count(DISTINCT d.id) AS devices
-FROM devices AS d CROSS JOIN LATERAL json_array_elements(
-    CASE WHEN json_typeof(d.reported -> 'models') = 'array' THEN d.reported -> 'models' END
-) AS m
 WHERE d.revoked_at IS NULL {name}
 GROUP BY 1, 2
 """
-_RUNS_SQLITE = """EXISTS (SELECT 1 FROM json_each(devices.reported, '$.models') AS rm
-WHERE json_type(devices.reported, '$.models') = 'array'
-AND json_extract(rm.value, '$.name') = :run_name {version})"""
-_RUNS_POSTGRES = """EXISTS (SELECT 1 FROM json_array_elements(
-    CASE WHEN json_typeof(devices.reported -> 'models') = 'array'
-    THEN devices.reported -> 'models' END) AS rm
-WHERE rm ->> 'name' = :run_name {version})"""
+_MODELS_POSTGRES = """
+SELECT m ->> 'name' AS name, m ->> 'version' AS version, count(*) AS devices
+FROM devices AS d CROSS JOIN LATERAL json_array_elements(d.reported -> 'models') AS m
+WHERE d.revoked_at IS NULL {name}
+GROUP BY 1, 2
+"""
+_NAMED = "CAST(d.reported AS TEXT) LIKE :like ESCAPE '\\' AND {field} = :name"
+_RUNS_SQLITE = """CASE WHEN CAST(devices.reported AS TEXT) LIKE :run_like ESCAPE '\\'
+THEN EXISTS (SELECT 1 FROM json_each(devices.reported, '$.models') AS rm
+WHERE json_extract(rm.value, '$.name') = :run_name {version}) ELSE 0 END"""
+_RUNS_POSTGRES = """CASE WHEN CAST(devices.reported AS TEXT) LIKE :run_like ESCAPE '\\'
+THEN EXISTS (SELECT 1 FROM json_array_elements(devices.reported -> 'models') AS rm
+WHERE rm ->> 'name' = :run_name {version}) ELSE false END"""
+
+
+def _quoted_like(name: str) -> str:
+    """A LIKE pattern for the JSON string ``"name"`` anywhere in a report's text."""
+    escaped = name.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+    return f'%"{escaped}"%'
 
 
 def _sqlite(session: Session) -> bool:
@@ -163,10 +177,12 @@ def fleet_models(session: Session, name: str | None = None) -> list[FleetModel]:
     """Each (model, version) the non-revoked devices report, by name, most devices first."""
     sqlite = _sqlite(session)
     template = _MODELS_SQLITE if sqlite else _MODELS_POSTGRES
-    named = "json_extract(m.value, '$.name')" if sqlite else "m ->> 'name'"
-    query = sa.text(template.format(name=f"AND {named} = :name" if name is not None else ""))
-    if name is not None:
-        query = query.bindparams(name=name)
+    if name is None:
+        query = sa.text(template.format(name=""))
+    else:
+        field = "json_extract(m.value, '$.name')" if sqlite else "m ->> 'name'"
+        named = "AND " + _NAMED.format(field=field)
+        query = sa.text(template.format(name=named)).bindparams(name=name, like=_quoted_like(name))
     rows = session.connection().execute(query).all()
     found = [FleetModel(str(r[0]), None if r[1] is None else str(r[1]), int(r[2])) for r in rows]
     return sorted(found, key=lambda m: (m.name, -m.devices, m.version or ""))
@@ -180,9 +196,20 @@ def runs_model(name: str, version: str | None, *, sqlite: bool) -> sa.TextClause
     else:
         check = "AND rm ->> 'version' = :run_version"
         clause = sa.text(_RUNS_POSTGRES.format(version=check if version is not None else ""))
+    clause = clause.bindparams(run_name=name, run_like=_quoted_like(name))
     if version is not None:
-        return clause.bindparams(run_name=name, run_version=version)
-    return clause.bindparams(run_name=name)
+        return clause.bindparams(run_version=version)
+    return clause
+
+
+def degraded_now() -> sa.ColumnElement[bool]:
+    """SQL on ``devices``: :func:`fleet.degraded.is_degraded`, parsing fewer reports.
+
+    Only the reports whose text mentions a breaker are parsed: only a degraded model's
+    entry has that key.
+    """
+    mentions = sa.cast(col(Device.reported), sa.Text).like('%"breaker"%')
+    return sa.case((mentions, is_degraded()), else_=sa.false())
 
 
 # --- charts -------------------------------------------------------------------------
@@ -267,11 +294,48 @@ def _error_rate(row: Mapping[str, Any]) -> float | None:
     return None if requests <= 0 else 100.0 * errors / requests
 
 
-def fleet_charts(
-    session: Session, now: datetime, hours: int = 24, bucket_s: int = 900
-) -> list[dict[str, Any]]:
-    """Fleet-wide latency, error rate, requests and generated tokens/s, one GROUP BY."""
-    window = bucket_window(now, hours, bucket_s)
+class SettledBuckets:
+    """Fleet chart buckets that no longer change, kept by one app: a chart reads the rest.
+
+    A bucket is *settled* ``settle_s`` after it ends; by then what devices spooled while
+    offline has mostly arrived. Settled buckets are all read again once the copy is
+    ``ttl_s`` old, so a later straggler shows within that. Without this, every overview
+    would aggregate a whole day of the fleet's samples; with it, only the last hour or so.
+    Page requests run in worker threads, so the copy is swapped under a lock.
+    """
+
+    def __init__(self, settle_s: float = 3600.0, ttl_s: float = 900.0) -> None:
+        self.settle_s = settle_s
+        self.ttl_s = ttl_s
+        self._lock = threading.Lock()
+        self._copy: tuple[int, datetime, int, dict[int, dict[str, Any]]] | None = None
+
+    def settled_until(self, now: datetime, bucket_s: int) -> int:
+        """The first bucket index that is not settled yet."""
+        return math.floor((now.timestamp() - self.settle_s) / bucket_s)
+
+    def get(self, now: datetime, bucket_s: int) -> tuple[int, dict[int, dict[str, Any]]] | None:
+        """``(until, rows)``: buckets below ``until`` as read then; None when stale or absent."""
+        with self._lock:
+            copy = self._copy
+        if copy is None:
+            return None
+        width, taken, until, rows = copy
+        if width != bucket_s or (now - taken).total_seconds() > self.ttl_s or now < taken:
+            return None
+        return until, rows
+
+    def put(
+        self, now: datetime, bucket_s: int, until: int, rows: Mapping[int, Mapping[str, Any]]
+    ) -> None:
+        kept = {i: dict(r) for i, r in rows.items() if i < until}
+        with self._lock:
+            self._copy = (bucket_s, now, until, kept)
+
+
+def _bucket_rows(
+    session: Session, start: datetime, now: datetime, bucket_s: int
+) -> dict[int, dict[str, Any]]:
     t = TelemetryRow
     bucket = epoch_bucket(col(t.ts), bucket_s).label("bucket")
     columns: list[Label[Any]] = [
@@ -282,11 +346,33 @@ def fleet_charts(
         func.sum(col(t.errors)).label("errors"),
         func.sum(col(t.tokens_per_s) * col(t.window_s)).label("tokens"),
     ]
-    query = (
-        select(bucket, *columns).where(col(t.ts) >= window.start, col(t.ts) <= now).group_by(bucket)
-    )
+    query = select(bucket, *columns).where(col(t.ts) >= start, col(t.ts) <= now).group_by(bucket)
     found: list[Any] = list(session.exec(query).all())
-    rows = {int(r.bucket): r._mapping for r in found}
+    return {int(r.bucket): dict(r._mapping) for r in found}
+
+
+def fleet_charts(
+    session: Session,
+    now: datetime,
+    hours: int = 24,
+    bucket_s: int = 900,
+    settled: SettledBuckets | None = None,
+) -> list[dict[str, Any]]:
+    """Fleet-wide latency, error rate, requests and generated tokens/s, in one GROUP BY.
+
+    It reads the buckets ``settled`` does not hold (all of them without it).
+    """
+    window = bucket_window(now, hours, bucket_s)
+    copy = settled.get(now, bucket_s) if settled is not None else None
+    rows: dict[int, dict[str, Any]] = {}
+    first = window.first
+    if copy is not None:
+        until, kept = copy
+        rows = {i: r for i, r in kept.items() if i >= window.first}
+        first = max(first, until)
+    rows.update(_bucket_rows(session, datetime.fromtimestamp(first * bucket_s, UTC), now, bucket_s))
+    if settled is not None and copy is None:
+        settled.put(now, bucket_s, settled.settled_until(now, bucket_s), rows)
     per_s = 1.0 / bucket_s
     return [
         chart(

@@ -192,8 +192,11 @@ def test_the_overview_shows_counts_models_rollouts_and_alerts(
     # The alert's message is text, never markup.
     assert "failed its latency gate &lt;b&gt;twice&lt;/b&gt;" in page.text
     assert 'href="/ui/alerts"' in page.text
-    assert 'href="/ui/devices?model=gemma3%401.0"' in page.text
     assert 'sse-connect="/ui/events?topics=devices,rollouts,alerts"' in page.text
+    assert 'hx-get="/ui/overview/models" hx-trigger="load"' in page.text
+    models = browser.get("/ui/overview/models").text
+    assert '<a href="/ui/devices?model=gemma3%401.0">4</a>' in models
+    assert '<a href="/ui/devices?model=gemma3%402.0">' not in models  # nobody runs 2.0 yet
 
 
 def test_an_empty_fleet_says_so(browser: Browser) -> None:
@@ -202,7 +205,7 @@ def test_an_empty_fleet_says_so(browser: Browser) -> None:
     assert counts_shown(page.text)["enrolled"] == 0
     assert "No rollout is running" in page.text
     assert "No open alerts" in page.text
-    assert "No device has reported a model yet" in page.text
+    assert "No device has reported a model yet" in browser.get("/ui/overview/models").text
 
 
 @pytest.mark.parametrize(
@@ -274,6 +277,42 @@ def test_fleet_charts_bucket_the_last_day_in_sql(browser: Browser, app_world: Wo
     requests, tokens = (s["values"] for s in charts["Throughput"]["series"])
     assert requests[-1] == round(200 / 900, 3)
     assert tokens[-1] == round(2 * 20.0 * 10 / 900, 3)  # tokens generated, per second
+
+
+def p50_at(browser: Browser, at: Any) -> float | None:
+    latency = charts_of(browser.get("/ui/overview/charts").text)["Latency (ms, mean of devices)"]
+    value: float | None = latency["series"][0]["values"][latency["x"].index(int(at.timestamp()))]
+    return value
+
+
+def test_settled_buckets_are_read_once_then_kept_a_while(
+    browser: Browser, app_world: World, clock: Clock
+) -> None:
+    app_world.device("dev-a")
+    window = fleet.bucket_window(clock.now, 24, 900)
+    old = window.start + timedelta(seconds=900 * 10)  # ended hours ago: settled
+    telemetry(app_world, "dev-a", old, latency_p50_ms=100.0, requests=10, errors=0)
+    assert p50_at(browser, old) == 100.0
+    telemetry(app_world, "dev-a", old, latency_p50_ms=300.0, requests=10, errors=0)  # late
+    telemetry(app_world, "dev-a", clock.now, latency_p50_ms=50.0, requests=10, errors=0)
+    assert p50_at(browser, old) == 100.0  # the settled bucket as first read
+    last = window.start + timedelta(seconds=900 * (window.count - 1))
+    assert p50_at(browser, last) == 50.0  # recent buckets are read every time
+    clock.advance(minutes=16)  # past the copy's 15 minutes: every bucket is read again
+    assert p50_at(browser, old) == 200.0
+
+
+def test_a_copy_of_settled_buckets_serves_one_width_for_a_while() -> None:
+    settled = fleet.SettledBuckets(settle_s=3600, ttl_s=900)
+    now = Clock().now
+    until = settled.settled_until(now, 900)
+    assert (until + 1) * 900 + 3600 > now.timestamp() >= until * 900 + 3600
+    assert settled.get(now, 900) is None
+    settled.put(now, 900, until, {until - 1: {"p50": 1.0}, until: {"p50": 2.0}})
+    assert settled.get(now + timedelta(seconds=900), 900) == (until, {until - 1: {"p50": 1.0}})
+    assert settled.get(now + timedelta(seconds=901), 900) is None  # stale
+    assert settled.get(now, 300) is None  # another bucket width
+    assert settled.get(now - timedelta(seconds=1), 900) is None  # a clock that went back
 
 
 def test_the_overview_needs_someone_signed_in(api: TestClient, users: dict[str, str]) -> None:
