@@ -13,7 +13,10 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse
+from sqlmodel import Session
 
+from fleet import alerts
+from fleet.alerts.params import TufExpiryParams
 from fleet.api.deps import FleetState, SessionDep, StateDep
 from fleet.api.models import artifact_public, list_models
 from fleet.auth import Principal
@@ -35,12 +38,17 @@ def _render(request: Request, who: Principal, template: str, **context: Any) -> 
     return pages.render(request, who, template, nav="models", **context)
 
 
-def _tuf(state: FleetState) -> dict[str, Any]:
+def _tuf(state: FleetState, session: Session) -> dict[str, Any]:
     """The repository's roles, or why they cannot be read (the page still shows the rest)."""
     tuf = state.tuf
+    rule = alerts.load_rules(session, alerts.defaults_of(state.settings))[
+        alerts.RuleKind.TUF_EXPIRY
+    ]
+    params = rule.params
+    assert isinstance(params, TufExpiryParams)
     try:
         return {
-            "roles": views.role_views(tuf.status(), state.clock()),
+            "roles": views.role_views(tuf.status(), state.clock(), params.days),
             "staged_targets": tuf.staged_targets_version(),
             "staged_root": tuf.staged_root_version(),
             "tuf_error": None,
@@ -67,7 +75,7 @@ def model_list(request: Request, who: Viewer, session: SessionDep, state: StateD
         models=summaries,
         running=running,
         unregistered=sorted((n, c) for n, c in running.items() if n not in registered),
-        **_tuf(state),
+        **_tuf(state, session),
     )
 
 

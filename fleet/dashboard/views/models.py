@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Literal
 
 from fleet.api.schemas import ArtifactPublic
@@ -20,7 +20,6 @@ from fleet.registry.repository import RoleStatus
 from fleet.registry.targets import target_path
 
 __all__ = [
-    "EXPIRY_WARNING_DAYS",
     "RoleView",
     "Signature",
     "VariantView",
@@ -28,10 +27,9 @@ __all__ = [
     "requirements_of",
     "role_views",
     "signature_of",
+    "time_left",
     "version_views",
 ]
-
-EXPIRY_WARNING_DAYS = 7  # a role expiring sooner is shown as a warning
 
 Signature = Literal["signed", "staged", "unsigned", "mismatch"]
 
@@ -136,29 +134,45 @@ class RoleView:
     keys: int
     online: int  # of those keys, how many the controller holds
     state: Literal["ok", "soon", "expired"]
-    days_left: int | None
+    left: str | None  # "364 days", "23 h", "45 min"; None: no expiry of its own
 
 
-def role_views(statuses: Sequence[RoleStatus], now: datetime) -> list[RoleView]:
+def time_left(seconds: float) -> str:
+    """How long until an expiry, for people: days beyond two days, hours beyond two hours."""
+    if seconds >= 2 * 86_400:
+        return f"{int(seconds // 86_400)} days"
+    if seconds >= 2 * 3600:
+        return f"{int(seconds // 3600)} h"
+    return f"{max(0, int(seconds // 60))} min"
+
+
+def role_views(
+    statuses: Sequence[RoleStatus], now: datetime, warn_days: Callable[[str], float | None]
+) -> list[RoleView]:
+    """``warn_days(role)``: the ``tuf_expiry`` alert's threshold, so page and alert agree.
+
+    The controller re-signs online roles at half their lifetime, so the timestamp (one
+    day) always has less than a week left: only the rule's own threshold means trouble.
+    """
     views = []
     for status in statuses:
-        days = None if status.expires is None else (status.expires - now).days
-        if status.expires is not None and status.expires <= now:
-            state: Literal["ok", "soon", "expired"] = "expired"
-        elif days is not None and days < EXPIRY_WARNING_DAYS:
+        expires = status.expires
+        days = warn_days(status.role)
+        state: Literal["ok", "soon", "expired"] = "ok"
+        if expires is not None and expires <= now:
+            state = "expired"
+        elif expires is not None and days is not None and expires - now <= timedelta(days=days):
             state = "soon"
-        else:
-            state = "ok"
         views.append(
             RoleView(
                 role=status.role,
                 version=status.version,
-                expires=status.expires,
+                expires=expires,
                 threshold=status.threshold,
                 keys=len(status.keyids),
                 online=len(status.online),
                 state=state,
-                days_left=days,
+                left=None if expires is None else time_left((expires - now).total_seconds()),
             )
         )
     return views

@@ -14,6 +14,7 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy.engine import Engine
 
+from fleet.alerts.params import TufExpiryParams
 from fleet.api.schemas import ArtifactPublic, ModelMetadata
 from fleet.dashboard.views.models import requirements_of, role_views, signature_of
 from fleet.registry.repository import RoleStatus
@@ -80,22 +81,33 @@ def test_requirements_are_said_in_words() -> None:
     assert requirements_of(artifact()) == []
 
 
-def test_roles_near_or_past_their_expiry_are_flagged() -> None:
+def test_roles_warn_at_the_expiry_alerts_threshold_not_before() -> None:
     def role(name: str, days: float | None) -> RoleStatus:
         expires = None if days is None else NOW + timedelta(days=days)
         return RoleStatus(name, 1, expires, ("k1", "k2"), 1, ("k1",))
 
+    thresholds = TufExpiryParams()  # root and targets 30 days, snapshot 2, timestamp 0.25
     views = role_views(
-        [role("root", 300), role("timestamp", 2), role("snapshot", -1), role("director", None)],
+        [
+            role("root", 300),
+            role("targets", 20),
+            role("snapshot", 3),
+            role("timestamp", 0.5),  # as it always is, half a day after its renewal
+            role("director", None),
+        ],
         NOW,
+        thresholds.days,
     )
-    assert [(v.role, v.state, v.days_left) for v in views] == [
-        ("root", "ok", 300),
-        ("timestamp", "soon", 2),
-        ("snapshot", "expired", -1),
+    assert [(v.role, v.state, v.left) for v in views] == [
+        ("root", "ok", "300 days"),
+        ("targets", "soon", "20 days"),
+        ("snapshot", "ok", "3 days"),
+        ("timestamp", "ok", "12 h"),
         ("director", "ok", None),
     ]
     assert (views[0].keys, views[0].online) == (2, 1)
+    late = role_views([role("timestamp", 0.1), role("snapshot", -1)], NOW, thresholds.days)
+    assert [(v.state, v.left) for v in late] == [("soon", "2 h"), ("expired", "0 min")]
 
 
 # --- the pages ----------------------------------------------------------------------------
@@ -152,7 +164,7 @@ def test_the_model_list_shows_versions_devices_and_tuf_roles(
         assert f'<tr data-role="{role}">' in page.text
     timestamp = re.search(r'<tr data-role="timestamp">(.*?)</tr>', page.text, re.S)
     assert timestamp is not None
-    assert "days left" in timestamp.group(1)
+    assert 'class="badge ok">24 h left' in timestamp.group(1)  # renewed daily: no warning
 
 
 def variant_row(text: str, version: str, variant: str) -> str:
