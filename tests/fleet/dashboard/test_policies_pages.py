@@ -15,10 +15,7 @@ from fleet.dashboard.views.policies import policy_rows
 from fleet.policy.views import policy_summaries
 from fleet.tables import AuditEntry, Device, PolicyAssignment, PolicyRow
 from tests.fleet.dashboard.conftest import Browser
-from tests.fleet.dashboard.test_rollouts_pages import browser, browser_as
 from tests.fleet.helpers import Clock, create_group, enroll
-
-__all__ = ["browser", "browser_as"]  # on the app's own event loop (assignments take its lock)
 
 PRIMARY, SMALL = "gemma3-270m", "gemma3-270m-q2"
 POLICY_TOML = f"""

@@ -18,7 +18,6 @@ from fleet.tables import Device
 from tests.fleet.dashboard.conftest import Browser
 from tests.fleet.dashboard.test_rollouts_pages import (
     MODEL,
-    browser,
     fleet,
     form,
     register,
@@ -26,7 +25,7 @@ from tests.fleet.dashboard.test_rollouts_pages import (
     start,
 )
 
-__all__ = ["browser", "fleet"]  # fixtures shared with the rollout pages' tests
+__all__ = ["fleet"]  # a fixture shared with the rollout pages' tests
 
 
 def test_the_preview_shows_stages_and_ineligible_devices_and_creates_nothing(
