@@ -300,6 +300,7 @@ def recover(fleet: DrillFleet, alert: dict[str, Any]) -> None:
     assert [(e["action"], e["actor"]) for e in audit] == [
         ("alert.cleared", "controller"),
         ("alert.raised", "controller"),
+        ("group.create", "admin"),
     ], audit
 
 
