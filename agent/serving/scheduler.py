@@ -296,8 +296,10 @@ class BatchScheduler:
         with self._cond:
             if self._stopping:
                 raise ModelNotReady(f"model {self.manifest.name!r} is shutting down")
-            if len(self._waiting) >= self._queue_size:
-                busy = len(self._waiting) + self.active
+            # Free slots count as room: a request the thread has not admitted yet
+            # must not take the queue's place while a slot waits for it.
+            busy = len(self._waiting) + self.active
+            if busy >= len(self._slots) + self._queue_size:
                 retry = math.ceil(self._service_s * busy / max(len(self._slots), 1))
                 raise Overloaded(
                     f"model {self.manifest.name!r} is at capacity "

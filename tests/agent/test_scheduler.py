@@ -20,7 +20,12 @@ from agent.errors import (
     RequestTimeout,
     Transient,
 )
-from agent.serving.scheduler import BatchScheduler, GenerationRequest, GenerationResult
+from agent.serving.scheduler import (
+    BatchScheduler,
+    Generation,
+    GenerationRequest,
+    GenerationResult,
+)
 from tests.fakes.decoder import FakeDecoder
 from tests.polling import eventually, in_time
 
@@ -242,6 +247,39 @@ def test_full_queue_is_refused_with_retry_after(decoder: FakeDecoder) -> None:
         decoder.step_gate.set()
         sched.close()
     assert [r.completion_tokens for r in results] == [12, 12, 12]
+
+
+def test_a_burst_fills_free_slots_and_the_queue_whether_or_not_the_thread_admitted_yet(
+    decoder: FakeDecoder,
+) -> None:
+    """Capacity is free slots plus queue room, however far the scheduler thread has got.
+
+    Counting only the queue refused the second request of a burst whenever the
+    thread had not yet moved the first into the free slot.
+    """
+    decoder.n_slots = 1
+    decoder.step_gate = threading.Event()  # nothing finishes during the burst
+    sched = BatchScheduler(decoder, queue_size=1)
+
+    async def burst() -> tuple[list[Generation], int]:
+        accepted: list[Generation] = []
+        refused = 0
+        for n in range(6):  # no await in between: the thread may or may not have admitted
+            try:
+                accepted.append(sched.submit(req(f"burst {n}", decoder)))
+            except Overloaded:
+                refused += 1
+        decoder.step_gate.set()
+        for gen in accepted:
+            await in_time(gen.complete(), "an accepted request", within_s=WITHIN_S)
+        return accepted, refused
+
+    try:
+        accepted, refused = asyncio.run(burst())
+    finally:
+        decoder.step_gate.set()
+        sched.close()
+    assert (len(accepted), refused) == (2, 4)
 
 
 def test_request_past_its_deadline_times_out(decoder: FakeDecoder) -> None:

@@ -187,9 +187,9 @@ def test_past_capacity_requests_get_429_with_retry_after_and_others_finish(
 
     responses = asyncio.run(scenario())
     codes = sorted(r.status_code for r in responses)
-    assert codes.count(200) >= 2, codes  # one generating, one queued
-    assert codes.count(429) >= 1, codes
-    assert set(codes) <= {200, 429}, [r.text for r in responses]
+    # One generating and one queued, however loaded the machine: capacity is the free
+    # slot plus the queue's room, not the queue alone (nothing finishes in the burst).
+    assert codes == [200, 200, 429, 429, 429, 429], [r.text for r in responses]
     for r in responses:
         if r.status_code == 429:
             assert int(r.headers["retry-after"]) >= 1
