@@ -15,7 +15,14 @@ import numpy.typing as npt
 
 from models.manifest import ModelManifest
 
-__all__ = ["Embedder", "RuntimeInfo", "SamplingParams", "ServedModel", "TensorSpec"]
+__all__ = [
+    "Embedder",
+    "RuntimeInfo",
+    "SamplingParams",
+    "ServedModel",
+    "TensorSpec",
+    "TokenLogprob",
+]
 
 
 @dataclass(frozen=True)
@@ -87,7 +94,21 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     presence_penalty: float = 0.0
     repeat_penalty: float = 1.0
+    grammar: str | None = None  # GBNF text every answer must match (checked before submit)
 
     @property
     def greedy(self) -> bool:
         return self.temperature <= 0.0
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """The model's log probability of a chosen token, and of its likeliest alternatives.
+
+    Taken from the raw logits, before penalties, grammar or temperature: what the
+    model thought, which is what OpenAI's ``logprobs`` report.
+    """
+
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()  # (token, logprob), likeliest first

@@ -24,6 +24,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -35,7 +36,7 @@ import numpy as np
 import psutil
 
 from agent.errors import ContextOverflow, InvalidRequest, ModelFailed, ModelLoadError
-from agent.runtime.base import RuntimeInfo, SamplingParams
+from agent.runtime.base import RuntimeInfo, SamplingParams, TokenLogprob
 from models.manifest import ModelManifest, RuntimeParams
 from models.policy import FailureKind
 
@@ -60,6 +61,10 @@ def _physical_cores() -> int:
 
 _LLAMA_LOG = logging.getLogger("llama.cpp")
 _GGML_LOG_ERROR = 4  # enum ggml_log_level: NONE, DEBUG, INFO, WARN, ERROR, CONT
+# llama.cpp reports a grammar's syntax error only through its log, on the calling thread
+_errors_here = threading.local()
+_TOKEN_DATA = np.dtype([("id", "<i4"), ("logit", "<f4"), ("p", "<f4")])  # llama_token_data
+_CHECKED_GRAMMARS = 64  # parsed grammars remembered, so a popular schema parses once
 
 
 @llama_cpp.llama_log_callback  # type: ignore[untyped-decorator]
@@ -72,6 +77,8 @@ def _forward_log(level: int, text: bytes, _user_data: Any) -> None:
     message = text.decode("utf-8", errors="replace").rstrip()
     if message:
         _LLAMA_LOG.log(logging.ERROR if level == _GGML_LOG_ERROR else logging.DEBUG, "%s", message)
+        if level == _GGML_LOG_ERROR:
+            _errors_here.last = message
 
 
 def _quiet_llama_logs() -> None:
@@ -87,6 +94,8 @@ class LlamaModel:
         self._closed = False
         self._samplers: dict[int, Any] = {}
         self._argmax: set[int] = set()  # greedy sequences without penalties: no sampler chain
+        self._grammars: dict[int, Any] = {}  # grammar samplers of constrained sequences
+        self._checked: dict[str, None] = {}  # grammars known to parse, oldest first
         _quiet_llama_logs()
         os.environ.setdefault("GGML_CPU_TILED_MM", "0")  # see the module docstring
         _check_gguf_header(path)
@@ -142,6 +151,9 @@ class LlamaModel:
         self._memory = llama_cpp.llama_get_memory(ctx)
         self._batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
         self.n_vocab = int(llama_cpp.llama_vocab_n_tokens(self._vocab))
+        self._ids = np.arange(self.n_vocab, dtype=np.int32)
+        self._candidates = np.zeros(self.n_vocab, dtype=_TOKEN_DATA)  # reused every token
+        self._one = np.zeros(1, dtype=_TOKEN_DATA)
         self._chat_template = _chat_template(model, params.chat_template)
         self._piece_cache: dict[int, bytes] = {}
 
@@ -279,11 +291,35 @@ class LlamaModel:
             return FailureKind.GPU_FAULT
         return FailureKind.ERROR
 
+    def check_grammar(self, grammar: str, *, param: str) -> None:
+        """Refuse a grammar llama.cpp cannot parse, before it reaches the scheduler's thread."""
+        if grammar in self._checked:
+            return
+        _errors_here.last = ""
+        sampler = llama_cpp.llama_sampler_init_grammar(self._vocab, grammar.encode(), b"root")
+        if not sampler:
+            why = _errors_here.last or "see llama.cpp's GBNF syntax"
+            raise InvalidRequest(f"{param}: the grammar does not parse: {why}", param=param)
+        llama_cpp.llama_sampler_free(sampler)
+        self._checked[grammar] = None
+        if len(self._checked) > _CHECKED_GRAMMARS:
+            del self._checked[next(iter(self._checked))]
+
     def set_sampler(self, seq: int, params: SamplingParams) -> None:
-        """Give ``seq`` a fresh sampler chain for a new request."""
+        """Give ``seq`` a fresh sampler chain (and grammar) for a new request."""
         old = self._samplers.pop(seq, None)
         if old is not None:
             llama_cpp.llama_sampler_free(old)
+        old = self._grammars.pop(seq, None)
+        if old is not None:
+            llama_cpp.llama_sampler_free(old)
+        if params.grammar is not None:
+            grammar = llama_cpp.llama_sampler_init_grammar(
+                self._vocab, params.grammar.encode(), b"root"
+            )
+            if not grammar:  # checked before submit; a failure here is a bug, not input
+                raise ModelFailed("llama.cpp refused a grammar it had parsed before")
+            self._grammars[seq] = grammar
         penalties = (
             params.frequency_penalty or params.presence_penalty or params.repeat_penalty != 1.0
         )
@@ -315,10 +351,69 @@ class LlamaModel:
         self._samplers[seq] = chain
 
     def sample(self, seq: int, index: int) -> int:
-        if seq in self._argmax:
-            logits = llama_cpp.llama_get_logits_ith(self._ctx, index)
-            return int(np.ctypeslib.as_array(logits, shape=(self.n_vocab,)).argmax())
-        return int(llama_cpp.llama_sampler_sample(self._samplers[seq], self._ctx, index))
+        grammar = self._grammars.get(seq)
+        if grammar is None:
+            if seq in self._argmax:
+                return int(self._logits(index).argmax())
+            return int(llama_cpp.llama_sampler_sample(self._samplers[seq], self._ctx, index))
+        return self._sample_constrained(seq, index, grammar)
+
+    def _sample_constrained(self, seq: int, index: int, grammar: Any) -> int:
+        """Sample freely, and only if the grammar refuses that token, sample again under it.
+
+        Applying a grammar to every token of the vocabulary (262k for Gemma) is the
+        expensive part; the model usually picks an allowed token, so checking the one
+        it picked first is what llama.cpp's own server does too.
+        """
+        logits = self._logits(index)
+        chain = None if seq in self._argmax else self._samplers[seq]
+        token = int(logits.argmax()) if chain is None else self._select(logits, chain, None)
+        if not self._allows(grammar, token, float(logits[token])):
+            token = self._select(logits, chain, grammar)
+            if token < 0:  # nothing can follow: end the answer rather than break the grammar
+                return int(llama_cpp.llama_vocab_eos(self._vocab))
+        if chain is not None:
+            llama_cpp.llama_sampler_accept(chain, token)
+        llama_cpp.llama_sampler_accept(grammar, token)
+        return token
+
+    def _logits(self, index: int) -> np.ndarray[Any, np.dtype[np.float32]]:
+        logits = llama_cpp.llama_get_logits_ith(self._ctx, index)
+        return np.ctypeslib.as_array(logits, shape=(self.n_vocab,))
+
+    def _select(self, logits: np.ndarray[Any, Any], chain: Any, grammar: Any) -> int:
+        """Run the grammar (if any) and the chain (if any, else argmax) over every token."""
+        cand = self._candidates
+        cand["id"] = self._ids
+        cand["logit"] = logits
+        cand["p"] = 0.0
+        array = _token_array(cand)
+        if grammar is not None:
+            llama_cpp.llama_sampler_apply(grammar, ctypes.byref(array))
+            if not np.isfinite(cand["logit"][: array.size]).any():
+                return -1
+        if chain is None:
+            return int(cand["id"][int(cand["logit"][: array.size].argmax())])
+        llama_cpp.llama_sampler_apply(chain, ctypes.byref(array))
+        return int(cand["id"][array.selected])
+
+    def _allows(self, grammar: Any, token: int, logit: float) -> bool:
+        one = self._one
+        one["id"], one["logit"], one["p"] = token, logit, 0.0
+        llama_cpp.llama_sampler_apply(grammar, ctypes.byref(_token_array(one)))
+        return bool(np.isfinite(one["logit"][0]))
+
+    def logprobs(self, index: int, token: int, top: int) -> TokenLogprob:
+        """``token``'s log probability under the raw logits at ``index``, and the ``top`` best."""
+        logits = self._logits(index).astype(np.float64)
+        peak = float(logits.max())
+        total = peak + float(np.log(np.exp(logits - peak).sum()))
+        best: tuple[tuple[int, float], ...] = ()
+        if top > 0:
+            ids = np.argpartition(-logits, top - 1)[:top]
+            ids = ids[np.argsort(-logits[ids], kind="stable")]
+            best = tuple((int(i), float(logits[i]) - total) for i in ids)
+        return TokenLogprob(token=token, logprob=float(logits[token]) - total, top=best)
 
     def forget(self, seq: int, keep: int) -> bool:
         """Drop ``seq``'s KV cache from position ``keep`` on; False if only a full drop works."""
@@ -328,12 +423,23 @@ class LlamaModel:
         if self._closed:
             return
         self._closed = True
-        for chain in self._samplers.values():
+        for chain in (*self._samplers.values(), *self._grammars.values()):
             llama_cpp.llama_sampler_free(chain)
         self._samplers.clear()
+        self._grammars.clear()
         llama_cpp.llama_batch_free(self._batch)
         llama_cpp.llama_free(self._ctx)
         llama_cpp.llama_model_free(self._model)
+
+
+def _token_array(candidates: np.ndarray[Any, Any]) -> Any:
+    """A ``llama_token_data_array`` over a numpy buffer of :data:`_TOKEN_DATA` rows."""
+    return llama_cpp.llama_token_data_array(
+        data=candidates.ctypes.data_as(llama_cpp.llama_token_data_p),
+        size=len(candidates),
+        selected=-1,
+        sorted=False,
+    )
 
 
 def _kv_estimate(model: Any, n_ctx: int) -> int:

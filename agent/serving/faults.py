@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pydantic import BaseModel, ConfigDict, Field
 
 from agent.errors import ModelFailed
-from agent.runtime.base import RuntimeInfo, SamplingParams
+from agent.runtime.base import RuntimeInfo, SamplingParams, TokenLogprob
 from agent.runtime.llama_cpp import BatchEntry
 from agent.serving.scheduler import BatchDecoder
 from models.manifest import ModelManifest
@@ -179,6 +179,12 @@ class FaultyDecoder:
                     failure=fault.failure,
                 )
         return self.inner.decode(entries)
+
+    def check_grammar(self, grammar: str, *, param: str) -> None:
+        self.inner.check_grammar(grammar, param=param)
+
+    def logprobs(self, index: int, token: int, top: int) -> TokenLogprob:
+        return self.inner.logprobs(index, token, top)
 
     def set_sampler(self, seq: int, params: SamplingParams) -> None:
         self.inner.set_sampler(seq, params)

@@ -37,7 +37,7 @@ from agent.errors import (
     RequestTimeout,
     Transient,
 )
-from agent.runtime.base import RuntimeInfo, SamplingParams
+from agent.runtime.base import RuntimeInfo, SamplingParams, TokenLogprob
 from agent.runtime.llama_cpp import BatchEntry
 from agent.serving.text import StopMatcher, Utf8Stream
 from models.manifest import ModelManifest
@@ -77,9 +77,13 @@ class BatchDecoder(Protocol):
 
     def decode(self, entries: Sequence[BatchEntry]) -> list[int]: ...
 
+    def check_grammar(self, grammar: str, *, param: str) -> None: ...
+
     def set_sampler(self, seq: int, params: SamplingParams) -> None: ...
 
     def sample(self, seq: int, index: int) -> int: ...
+
+    def logprobs(self, index: int, token: int, top: int) -> TokenLogprob: ...
 
     def forget(self, seq: int, keep: int) -> bool: ...
 
@@ -96,6 +100,7 @@ class GenerationRequest:
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
     timeout_s: float = 300.0
+    logprobs: int | None = None  # None: none; k: each token's logprob and its k likeliest rivals
 
 
 @dataclass(frozen=True)
@@ -109,6 +114,7 @@ class GenerationResult:
     cached_tokens: int  # prompt tokens reused from the slot's KV cache
     ttft_s: float  # submit to first token
     total_s: float  # submit to finish
+    logprobs: tuple[TokenLogprob, ...] | None = None  # one per generated token, when asked
 
     @property
     def decode_tokens_per_s(self) -> float:
@@ -194,6 +200,7 @@ class _Slot:
     reused: int = 0
     first_token_at: float | None = None
     text: list[str] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
     utf8: Utf8Stream = field(default_factory=Utf8Stream)
     stops: StopMatcher = field(default_factory=lambda: StopMatcher(()))
 
@@ -359,6 +366,7 @@ class BatchScheduler:
         slot.reused = keep
         slot.first_token_at = None
         slot.text = []
+        slot.logprobs = []
         slot.utf8 = Utf8Stream()
         slot.stops = StopMatcher(gen.request.stop)
         self._decoder.set_sampler(slot.seq, gen.request.sampling)
@@ -421,7 +429,12 @@ class BatchScheduler:
             if slot.pending:
                 del slot.pending[: len(entry.tokens)]
             if entry.want_logits:
-                self._on_token(slot, self._decoder.sample(slot.seq, next(sampled)))
+                index = next(sampled)
+                token = self._decoder.sample(slot.seq, index)
+                top = slot.gen.request.logprobs if slot.gen is not None else None
+                if top is not None and not self._decoder.is_eog(token):
+                    slot.logprobs.append(self._decoder.logprobs(index, token, top))
+                self._on_token(slot, token)
 
     def _on_token(self, slot: _Slot, token: int) -> None:
         gen = slot.gen
@@ -463,6 +476,7 @@ class BatchScheduler:
             cached_tokens=slot.reused,
             ttft_s=first - gen.submitted_at,
             total_s=now - gen.submitted_at,
+            logprobs=tuple(slot.logprobs) if gen.request.logprobs is not None else None,
         )
         self._service_s = 0.8 * self._service_s + 0.2 * result.total_s
         slot.gen = None

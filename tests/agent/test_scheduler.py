@@ -354,3 +354,15 @@ def test_close_fails_waiting_requests_and_frees_the_model(decoder: FakeDecoder) 
 
     asyncio.run(scenario())
     assert decoder.closed
+
+
+def test_logprobs_come_one_per_generated_token_only_when_asked(
+    sched: BatchScheduler, decoder: FakeDecoder
+) -> None:
+    _, plain = asyncio.run(run(sched, req("hello", decoder, max_tokens=5)))
+    assert plain.logprobs is None
+    _, asked = asyncio.run(run(sched, req("hello", decoder, max_tokens=5, logprobs=3)))
+    assert asked.logprobs is not None
+    assert len(asked.logprobs) == asked.completion_tokens == 5
+    assert asked.text == "".join(decoder.piece(lp.token).decode() for lp in asked.logprobs)
+    assert all(len(lp.top) == 3 and lp.top[0] == (lp.token, 0.0) for lp in asked.logprobs)

@@ -12,8 +12,8 @@ import hashlib
 import threading
 from collections.abc import Mapping, Sequence
 
-from agent.errors import Transient
-from agent.runtime.base import RuntimeInfo, SamplingParams
+from agent.errors import InvalidRequest, Transient
+from agent.runtime.base import RuntimeInfo, SamplingParams, TokenLogprob
 from agent.runtime.llama_cpp import BatchEntry
 from models.manifest import ModelFormat, ModelManifest
 
@@ -86,8 +86,17 @@ class FakeDecoder:
         self.decoded_tokens += n
         return out
 
+    def check_grammar(self, grammar: str, *, param: str) -> None:
+        if "::=" not in grammar:
+            raise InvalidRequest(f"{param}: the grammar does not parse", param=param)
+
     def set_sampler(self, seq: int, params: SamplingParams) -> None:
         pass
+
+    def logprobs(self, index: int, token: int, top: int) -> TokenLogprob:
+        """The fake is sure of its pick: log 1 = 0, its rivals far behind."""
+        rivals = [(t, -10.0 - t) for t in range(1, VOCAB) if t != token][: max(top - 1, 0)]
+        return TokenLogprob(token, 0.0, ((token, 0.0), *rivals)[:top])
 
     def sample(self, seq: int, index: int) -> int:
         cache = self.kv[seq]
