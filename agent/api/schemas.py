@@ -12,7 +12,7 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from agent.runtime.base import SamplingParams
+from agent.runtime.base import RANDOM_SEED, SamplingParams
 
 __all__ = [
     "ChatCompletionRequest",
@@ -113,7 +113,7 @@ class GenerationFields(BaseModel):
             top_p=self.top_p,
             top_k=self.top_k,
             min_p=self.min_p,
-            seed=self.seed if self.seed is not None else 0xFFFFFFFF,  # LLAMA_DEFAULT_SEED: random
+            seed=self.seed if self.seed is not None else RANDOM_SEED,
             frequency_penalty=self.frequency_penalty,
             presence_penalty=self.presence_penalty,
             repeat_penalty=self.repeat_penalty,

@@ -16,6 +16,7 @@ import numpy.typing as npt
 from models.manifest import ModelManifest
 
 __all__ = [
+    "RANDOM_SEED",
     "Embedder",
     "RuntimeInfo",
     "SamplingParams",
@@ -80,6 +81,9 @@ class Embedder(ServedModel, Protocol):
 
     def infer(self, inputs: Mapping[str, npt.NDArray[Any]]) -> dict[str, npt.NDArray[Any]]:
         """Run the graph on named tensors; blocking, call from a worker thread."""
+
+
+RANDOM_SEED = 0xFFFFFFFF  # LLAMA_DEFAULT_SEED: llama.cpp draws a fresh seed
 
 
 @dataclass(frozen=True)

@@ -415,6 +415,10 @@ class LlamaModel:
             best = tuple((int(i), float(logits[i]) - total) for i in ids)
         return TokenLogprob(token=token, logprob=float(logits[token]) - total, top=best)
 
+    def share(self, source: int, target: int) -> None:
+        """Copy ``source``'s whole KV cache to ``target`` (emptied first): n > 1 choices."""
+        llama_cpp.llama_memory_seq_cp(self._memory, source, target, 0, -1)
+
     def forget(self, seq: int, keep: int) -> bool:
         """Drop ``seq``'s KV cache from position ``keep`` on; False if only a full drop works."""
         return bool(llama_cpp.llama_memory_seq_rm(self._memory, seq, keep, -1))

@@ -192,6 +192,9 @@ class FaultyDecoder:
     def sample(self, seq: int, index: int) -> int:
         return self.inner.sample(seq, index)
 
+    def share(self, source: int, target: int) -> None:
+        self.inner.share(source, target)
+
     def forget(self, seq: int, keep: int) -> bool:
         return self.inner.forget(seq, keep)
 

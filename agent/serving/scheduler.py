@@ -25,7 +25,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 from agent.errors import (
@@ -37,7 +37,7 @@ from agent.errors import (
     RequestTimeout,
     Transient,
 )
-from agent.runtime.base import RuntimeInfo, SamplingParams, TokenLogprob
+from agent.runtime.base import RANDOM_SEED, RuntimeInfo, SamplingParams, TokenLogprob
 from agent.runtime.llama_cpp import BatchEntry
 from agent.serving.text import StopMatcher, Utf8Stream
 from models.manifest import ModelManifest
@@ -86,6 +86,8 @@ class BatchDecoder(Protocol):
     def logprobs(self, index: int, token: int, top: int) -> TokenLogprob: ...
 
     def forget(self, seq: int, keep: int) -> bool: ...
+
+    def share(self, source: int, target: int) -> None: ...
 
     def close(self) -> None: ...
 
@@ -146,6 +148,7 @@ class Generation:
         self._queue: asyncio.Queue[str | _Done | AgentError] = asyncio.Queue()
         self._cancelled = False
         self._ended = False
+        self.followers: list[Generation] = []  # n > 1: the other choices, sharing this prompt
 
     @property
     def cancelled(self) -> bool:
@@ -198,11 +201,23 @@ class _Slot:
     next_token: int | None = None
     generated: int = 0
     reused: int = 0
+    awaits: Generation | None = None  # a follower waits for this leader's prompt KV
     first_token_at: float | None = None
     text: list[str] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)
     utf8: Utf8Stream = field(default_factory=Utf8Stream)
     stops: StopMatcher = field(default_factory=lambda: StopMatcher(()))
+
+
+def _choices(request: GenerationRequest, n: int) -> list[GenerationRequest]:
+    """``n`` requests for one prompt; a fixed seed becomes seed, seed + 1, ..."""
+    seed = request.sampling.seed
+    if n == 1 or seed == RANDOM_SEED:
+        return [request] * n
+    return [
+        replace(request, sampling=replace(request.sampling, seed=(seed + i) & 0xFFFFFFFF))
+        for i in range(n)
+    ]
 
 
 def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
@@ -280,7 +295,7 @@ class BatchScheduler:
 
     @property
     def queue_depth(self) -> int:
-        return len(self._waiting)
+        return sum(1 + len(g.followers) for g in self._waiting)
 
     @property
     def active(self) -> int:
@@ -288,6 +303,21 @@ class BatchScheduler:
 
     def submit(self, request: GenerationRequest) -> Generation:
         """Queue a request; raises at once if it can never fit or the queue is full."""
+        return self.submit_many(request, 1)[0]
+
+    def submit_many(self, request: GenerationRequest, n: int) -> list[Generation]:
+        """Queue ``n`` choices of one prompt, admitted together so they share its KV cache.
+
+        The prompt is decoded once, in the first choice's slot, then copied to the
+        others' slots; each choice samples with its own seed (``seed + i`` when the
+        request fixed one, so the set is reproducible).
+        """
+        if n > len(self._slots):
+            raise InvalidRequest(
+                f"n={n} is more than model {self.manifest.name!r}'s {len(self._slots)} "
+                "parallel slots; ask for fewer choices",
+                param="n",
+            )
         n_prompt = len(request.prompt)
         if n_prompt == 0:
             raise InvalidRequest("the prompt is empty", param="prompt")
@@ -299,14 +329,17 @@ class BatchScheduler:
             )
         if request.max_tokens < 1:
             raise InvalidRequest("max_tokens must be at least 1", param="max_tokens")
-        gen = Generation(request, asyncio.get_running_loop(), self._cond)
+        loop = asyncio.get_running_loop()
+        gens = [Generation(r, loop, self._cond) for r in _choices(request, n)]
+        gen = gens[0]
+        gen.followers = gens[1:]
         with self._cond:
             if self._stopping:
                 raise ModelNotReady(f"model {self.manifest.name!r} is shutting down")
             # Free slots count as room: a request the thread has not admitted yet
             # must not take the queue's place while a slot waits for it.
-            busy = len(self._waiting) + self.active
-            if busy >= len(self._slots) + self._queue_size:
+            busy = self.queue_depth + self.active
+            if busy + n > len(self._slots) + self._queue_size:
                 retry = math.ceil(self._service_s * busy / max(len(self._slots), 1))
                 raise Overloaded(
                     f"model {self.manifest.name!r} is at capacity "
@@ -315,7 +348,7 @@ class BatchScheduler:
                 )
             self._waiting.append(gen)
             self._cond.notify()
-        return gen
+        return gens
 
     # -- scheduler thread ----------------------------------------------------------------
 
@@ -347,23 +380,35 @@ class BatchScheduler:
                 self._end_early(gen)
                 continue
             free = [s for s in self._slots if s.gen is None]
-            if not free:
+            if len(free) < 1 + len(gen.followers):
                 return
             self._waiting.popleft()
-            self._start(gen, free)
+            leader = self._start(gen, free)
+            others = [s for s in free if s is not leader]
+            for follower, slot in zip(gen.followers, others, strict=False):
+                self._decoder.forget(slot.seq, 0)
+                self._occupy(slot, follower, cached=[], pending=[])
+                slot.awaits = gen
 
-    def _start(self, gen: Generation, free: Sequence[_Slot]) -> None:
+    def _start(self, gen: Generation, free: Sequence[_Slot]) -> _Slot:
         prompt = list(gen.request.prompt)
         slot, keep = choose_slot(free, prompt)
         if not self._decoder.forget(slot.seq, keep):
             self._decoder.forget(slot.seq, 0)
             keep = 0
-        slot.cached = prompt[:keep]
-        slot.pending = prompt[keep:]
+        self._occupy(slot, gen, cached=prompt[:keep], pending=prompt[keep:])
+        return slot
+
+    def _occupy(
+        self, slot: _Slot, gen: Generation, *, cached: list[int], pending: list[int]
+    ) -> None:
+        slot.cached = cached
+        slot.pending = pending
         slot.gen = gen
+        slot.awaits = None
         slot.next_token = None
         slot.generated = 0
-        slot.reused = keep
+        slot.reused = len(cached)
         slot.first_token_at = None
         slot.text = []
         slot.logprobs = []
@@ -374,8 +419,12 @@ class BatchScheduler:
     def _reap(self) -> None:
         """Free the slots of requests that were cancelled or ran out of time."""
         now = time.monotonic()
+        leaders = {id(s.gen) for s in self._slots if s.gen is not None}
         for slot in self._slots:
             gen = slot.gen
+            orphan = slot.awaits is not None and id(slot.awaits) not in leaders
+            if orphan and gen is not None and not gen.cancelled:
+                gen.cancel()  # the prompt it was to share is gone; so is its request
             if gen is not None and (gen.cancelled or now > gen.deadline):
                 slot.gen = None
                 slot.pending = []  # a partly decoded prompt: ``cached`` still matches the KV
@@ -430,11 +479,25 @@ class BatchScheduler:
                 del slot.pending[: len(entry.tokens)]
             if entry.want_logits:
                 index = next(sampled)
-                token = self._decoder.sample(slot.seq, index)
-                top = slot.gen.request.logprobs if slot.gen is not None else None
-                if top is not None and not self._decoder.is_eog(token):
-                    slot.logprobs.append(self._decoder.logprobs(index, token, top))
-                self._on_token(slot, token)
+                for follower in self._slots:
+                    if follower.gen is not None and follower.awaits is slot.gen:
+                        self._share_prompt(slot, follower, index)
+                self._sample(slot, index)
+
+    def _share_prompt(self, leader: _Slot, follower: _Slot, index: int) -> None:
+        """Give a follower the leader's prompt KV and its own first token from those logits."""
+        self._decoder.share(leader.seq, follower.seq)
+        follower.cached = list(leader.cached)
+        follower.reused = leader.reused
+        follower.awaits = None
+        self._sample(follower, index)
+
+    def _sample(self, slot: _Slot, index: int) -> None:
+        token = self._decoder.sample(slot.seq, index)
+        top = slot.gen.request.logprobs if slot.gen is not None else None
+        if top is not None and not self._decoder.is_eog(token):
+            slot.logprobs.append(self._decoder.logprobs(index, token, top))
+        self._on_token(slot, token)
 
     def _on_token(self, slot: _Slot, token: int) -> None:
         gen = slot.gen

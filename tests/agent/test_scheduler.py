@@ -366,3 +366,86 @@ def test_logprobs_come_one_per_generated_token_only_when_asked(
     assert len(asked.logprobs) == asked.completion_tokens == 5
     assert asked.text == "".join(decoder.piece(lp.token).decode() for lp in asked.logprobs)
     assert all(len(lp.top) == 3 and lp.top[0] == (lp.token, 0.0) for lp in asked.logprobs)
+
+
+def test_n_choices_decode_the_prompt_once_and_each_continues_it(
+    sched: BatchScheduler, decoder: FakeDecoder
+) -> None:
+    alone = fresh_text("shared prompt", 6)
+    request = req("shared prompt", decoder, max_tokens=6)
+
+    async def three() -> list[GenerationResult]:
+        gens = sched.submit_many(request, 3)
+        return [await in_time(g.complete(), "a choice", within_s=WITHIN_S) for g in gens]
+
+    results = asyncio.run(three())
+    # the fake picks tokens from the KV alone: a bad copy would change the text
+    assert [r.text for r in results] == [alone] * 3
+    prompt_tokens = len(request.prompt)
+    decoded = sum(n for call in decoder.calls for _, _, n in call)
+    assert decoded == prompt_tokens + 3 * 5  # the prompt once, then 5 more tokens per choice
+    assert [r.cached_tokens for r in results] == [0, 0, 0]
+
+
+def test_more_choices_than_slots_is_a_400_naming_n(
+    sched: BatchScheduler, decoder: FakeDecoder
+) -> None:
+    async def too_many() -> None:
+        sched.submit_many(req("x", decoder), decoder.n_slots + 1)
+
+    with pytest.raises(InvalidRequest, match=r"n=5 is more than .* 4 parallel slots") as refused:
+        asyncio.run(too_many())
+    assert refused.value.param == "n"
+
+
+def test_a_group_waits_until_it_fits_and_counts_every_choice_against_capacity(
+    decoder: FakeDecoder,
+) -> None:
+    decoder.n_slots = 2
+    decoder.step_gate = threading.Event()
+    sched = BatchScheduler(decoder, queue_size=1)
+
+    async def scenario() -> list[GenerationResult]:
+        first = sched.submit(req("one", decoder))
+        await eventually(lambda: sched.active, "one admitted", within_s=WITHIN_S, every_s=0.001)
+        pair = sched.submit_many(req("pair", decoder), 2)  # one slot is free: it waits
+        assert (sched.active, sched.queue_depth) == (1, 2)
+        with pytest.raises(Overloaded):
+            sched.submit(req("more", decoder))  # 1 generating + 2 waiting = 2 slots + 1 queued
+        decoder.step_gate.set()
+        return [await in_time(g.complete(), "answer", within_s=WITHIN_S) for g in (first, *pair)]
+
+    try:
+        results = asyncio.run(scenario())
+    finally:
+        decoder.step_gate.set()
+        sched.close()
+    assert [r.completion_tokens for r in results] == [12, 12, 12]
+
+
+def test_cancelling_the_first_choice_before_its_prompt_is_decoded_ends_the_others(
+    decoder: FakeDecoder,
+) -> None:
+    decoder.step_gate = threading.Event()
+    sched = BatchScheduler(decoder)
+
+    async def scenario() -> list[BaseException | GenerationResult]:
+        # longer than n_batch: the gate holds the first chunk, before any logits
+        gens = sched.submit_many(req("a shared prompt longer than one batch of tokens", decoder), 3)
+        await eventually(lambda: sched.active == 3, "3 admitted", within_s=WITHIN_S, every_s=0.001)
+        gens[0].cancel()
+        decoder.step_gate.set()
+        return list(
+            await asyncio.gather(
+                *(in_time(g.complete(), "an end", within_s=WITHIN_S) for g in gens),
+                return_exceptions=True,
+            )
+        )
+
+    try:
+        outcomes = asyncio.run(scenario())
+    finally:
+        decoder.step_gate.set()
+        sched.close()
+    assert all(isinstance(o, Transient) for o in outcomes), outcomes
+    assert sched.active == 0

@@ -105,6 +105,10 @@ class FakeDecoder:
         digest = hashlib.sha256(bytes(t % 256 for t in cache)).digest()
         return 1 + digest[0] % 26
 
+    def share(self, source: int, target: int) -> None:
+        assert not self.kv[target], f"seq {target} must be emptied before it takes a copy"
+        self.kv[target] = list(self.kv[source])
+
     def forget(self, seq: int, keep: int) -> bool:
         del self.kv[seq][keep:]
         return True
