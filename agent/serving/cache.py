@@ -28,6 +28,7 @@ def cache_key(model: str, version: str, request: GenerationRequest) -> Hashable 
         request.stop,
         request.ignore_eos,
         request.sampling,
+        request.logprobs,
     )
 
 

@@ -11,6 +11,11 @@ stream then ends with the error. When every tier fails the request gets
 Without a chain (no policy for the model) the answer is the model's alone: no breaker,
 and its errors reach the client as they are (a full queue stays a 429).
 
+A constrained request (a grammar: JSON mode, a schema, a forced tool call) never
+takes a cache or rules answer, which could not match its grammar, and a model tier
+answers it afresh rather than continuing a text the failed model began: a grammar's
+state cannot be carried from one model to another.
+
 The route supplies :data:`Start`, which knows how to build a prompt for a model; this
 module knows nothing about HTTP.
 """
@@ -101,8 +106,11 @@ class Answer:
         mode: DegradedMode,
         registry: ModelRegistry,
         start: Start,
+        *,
+        constrained: bool = False,
     ) -> None:
         self.model = model
+        self.constrained = constrained
         self.chain = chain or Chain()
         self.alone = chain is None  # no policy for this model: no breaker, errors as they are
         self.prompt_text = prompt_text
@@ -175,7 +183,7 @@ class Answer:
                 async for delta in self._try_model(served_name(tier), tier_label(tier), tier):
                     self._first_fallback_text()
                     yield delta
-            elif not self._sent:
+            elif not self._sent and not self.constrained:
                 text = await self._canned(tier)
                 if text is not None:
                     self._first_fallback_text()
@@ -276,7 +284,7 @@ class Answer:
                 self._failed()
                 self.mode.note(breaker.failure(permit, kind, exc.message))
                 self._fail(name, kind, exc.message)
-                if self._sent and not self._model_tier_follows(tier):
+                if self._sent and (self.constrained or not self._model_tier_follows(tier)):
                     raise
                 return
             result = gen.result

@@ -94,12 +94,19 @@ class World:
             raise
         return Started(gen, None, stack.close)
 
-    def answer(self, text: str = "how do I reset the router") -> Answer:
+    def answer(
+        self, text: str = "how do I reset the router", *, constrained: bool = False
+    ) -> Answer:
         self.asked = text.replace(" ", "")
-        return Answer("big", self.mode.chain("big"), text, self.mode, self.registry, self.start)
+        chain = self.mode.chain("big")
+        return Answer(
+            "big", chain, text, self.mode, self.registry, self.start, constrained=constrained
+        )
 
-    def ask(self, text: str = "how do I reset the router") -> tuple[str, Answer]:
-        answer = self.answer(text)
+    def ask(
+        self, text: str = "how do I reset the router", *, constrained: bool = False
+    ) -> tuple[str, Answer]:
+        answer = self.answer(text, constrained=constrained)
 
         async def run() -> str:
             return "".join([delta async for delta in answer])
@@ -231,6 +238,39 @@ def test_the_rules_tier_answers_by_keyword(world: World) -> None:
         "rules",
         "rules",
     )
+
+
+@pytest.mark.parametrize("world", [Chain(tiers=(RULES,))], indirect=True)
+def test_a_constrained_request_never_takes_a_rules_answer_that_cannot_match_its_grammar(
+    world: World,
+) -> None:
+    world.faults.set("big", Fault(error_rate=1.0))
+    with pytest.raises(Degraded, match="big and its fallbacks could not answer"):
+        world.ask("my router blinks", constrained=True)
+
+
+def test_a_constrained_stream_failing_midway_is_not_continued_by_another_model(
+    world: World,
+) -> None:
+    world.faults.set("big", Fault(error_rate=1.0, after_steps=3))
+    answer = world.answer(constrained=True)
+
+    async def run() -> list[str]:
+        return [delta async for delta in answer]
+
+    with pytest.raises(ModelFailed, match="injected fault"):
+        asyncio.run(run())
+    assert not any(world.decoders["small"].kv.values())  # the small model never started
+
+
+def test_a_constrained_request_failing_before_any_text_is_answered_afresh_by_the_next_model(
+    world: World,
+) -> None:
+    world.faults.set("big", Fault(error_rate=1.0))
+    text, answer = world.ask(constrained=True)
+    assert answer.served is not None
+    assert answer.served.by == "small"
+    assert text
 
 
 @pytest.mark.parametrize("world", [Chain(tiers=(RULES,), retry_after=7)], indirect=True)
