@@ -99,6 +99,7 @@ class SamplingParams:
     presence_penalty: float = 0.0
     repeat_penalty: float = 1.0
     grammar: str | None = None  # GBNF text every answer must match (checked before submit)
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token, bias added to its logit)
 
     @property
     def greedy(self) -> bool:
@@ -110,9 +111,12 @@ class TokenLogprob:
     """The model's log probability of a chosen token, and of its likeliest alternatives.
 
     Taken from the raw logits, before penalties, grammar or temperature: what the
-    model thought, which is what OpenAI's ``logprobs`` report.
+    model thought, which is what OpenAI's ``logprobs`` report. Pieces are resolved on
+    the scheduler's thread, so shaping the answer never touches a model that may have
+    been swapped out since.
     """
 
     token: int
+    piece: bytes  # the token's bytes (may be part of a UTF-8 character)
     logprob: float
-    top: tuple[tuple[int, float], ...] = ()  # (token, logprob), likeliest first
+    top: tuple[tuple[bytes, float], ...] = ()  # (piece, logprob), likeliest first

@@ -323,7 +323,7 @@ class LlamaModel:
         penalties = (
             params.frequency_penalty or params.presence_penalty or params.repeat_penalty != 1.0
         )
-        if params.greedy and not penalties:
+        if params.greedy and not penalties and not params.logit_bias:
             # llama.cpp's greedy sampler copies all logits (262k for Gemma) into a
             # candidate array first; an argmax over them in place is ~10x cheaper.
             self._argmax.add(seq)
@@ -331,6 +331,14 @@ class LlamaModel:
         self._argmax.discard(seq)
         chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
         add = llama_cpp.llama_sampler_chain_add
+        if params.logit_bias:
+            biases = (llama_cpp.llama_logit_bias * len(params.logit_bias))(
+                *(llama_cpp.llama_logit_bias(token, bias) for token, bias in params.logit_bias)
+            )
+            add(
+                chain,
+                llama_cpp.llama_sampler_init_logit_bias(self.n_vocab, len(biases), biases),
+            )
         if penalties:
             add(
                 chain,
@@ -408,12 +416,14 @@ class LlamaModel:
         logits = self._logits(index).astype(np.float64)
         peak = float(logits.max())
         total = peak + float(np.log(np.exp(logits - peak).sum()))
-        best: tuple[tuple[int, float], ...] = ()
+        best: tuple[tuple[bytes, float], ...] = ()
         if top > 0:
             ids = np.argpartition(-logits, top - 1)[:top]
             ids = ids[np.argsort(-logits[ids], kind="stable")]
-            best = tuple((int(i), float(logits[i]) - total) for i in ids)
-        return TokenLogprob(token=token, logprob=float(logits[token]) - total, top=best)
+            best = tuple((self.piece(int(i)), float(logits[i]) - total) for i in ids)
+        return TokenLogprob(
+            token=token, piece=self.piece(token), logprob=float(logits[token]) - total, top=best
+        )
 
     def share(self, source: int, target: int) -> None:
         """Copy ``source``'s whole KV cache to ``target`` (emptied first): n > 1 choices."""

@@ -364,8 +364,8 @@ def test_logprobs_come_one_per_generated_token_only_when_asked(
     _, asked = asyncio.run(run(sched, req("hello", decoder, max_tokens=5, logprobs=3)))
     assert asked.logprobs is not None
     assert len(asked.logprobs) == asked.completion_tokens == 5
-    assert asked.text == "".join(decoder.piece(lp.token).decode() for lp in asked.logprobs)
-    assert all(len(lp.top) == 3 and lp.top[0] == (lp.token, 0.0) for lp in asked.logprobs)
+    assert asked.text == "".join(lp.piece.decode() for lp in asked.logprobs)
+    assert all(len(lp.top) == 3 and lp.top[0] == (lp.piece, 0.0) for lp in asked.logprobs)
 
 
 def test_n_choices_decode_the_prompt_once_and_each_continues_it(

@@ -96,7 +96,8 @@ class FakeDecoder:
     def logprobs(self, index: int, token: int, top: int) -> TokenLogprob:
         """The fake is sure of its pick: log 1 = 0, its rivals far behind."""
         rivals = [(t, -10.0 - t) for t in range(1, VOCAB) if t != token][: max(top - 1, 0)]
-        return TokenLogprob(token, 0.0, ((token, 0.0), *rivals)[:top])
+        top_pieces = tuple((self.piece(t), lp) for t, lp in ((token, 0.0), *rivals)[:top])
+        return TokenLogprob(token, self.piece(token), 0.0, top_pieces)
 
     def sample(self, seq: int, index: int) -> int:
         cache = self.kv[seq]
