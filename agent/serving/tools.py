@@ -119,7 +119,7 @@ def tool_prompt(tools: Sequence[Tool], choice: ToolChoice, *, parallel: bool) ->
         ],
         ensure_ascii=False,
     )
-    how = "one or more calls" if parallel else "exactly one call"
+    how = "one or more calls" if _parallel(choice, parallel) else "exactly one call"
     when = (
         "You must call a tool."
         if choice.forced
@@ -148,7 +148,7 @@ def tool_grammar(tools: Sequence[Tool], choice: ToolChoice, *, parallel: bool) -
         ]
     }
     calls: dict[str, Any] = {"type": "array", "items": call, "minItems": 1}
-    if not parallel:
+    if not _parallel(choice, parallel):
         calls["maxItems"] = 1
     return schema_grammar(
         {
@@ -204,6 +204,11 @@ def could_be_calls(start: str) -> bool:
     """Whether a reply that begins so may turn out to be calls (stream it held back)."""
     head = start.lstrip()
     return not head or head.startswith(("{", "`"))
+
+
+def _parallel(choice: ToolChoice, parallel: bool) -> bool:
+    """Naming a function asks for that call, once: small models would repeat it to the limit."""
+    return parallel and choice.mode != "function"
 
 
 def _offered(tools: Sequence[Tool], choice: ToolChoice) -> Sequence[Tool]:

@@ -76,6 +76,16 @@ def test_only_forced_choices_get_a_grammar_and_a_named_one_offers_only_its_funct
     assert "You must call a tool" in prompt
 
 
+def test_a_named_function_is_called_once_even_when_parallel_calls_are_allowed() -> None:
+    named = ToolChoice("function", "get_time")
+    once = tool_grammar([WEATHER, TIME], named, parallel=False)
+    assert tool_grammar([WEATHER, TIME], named, parallel=True) == once
+    assert tool_grammar([TIME], ToolChoice("required"), parallel=True) != tool_grammar(
+        [TIME], ToolChoice("required"), parallel=False
+    )
+    assert "exactly one call" in tool_prompt([WEATHER, TIME], named, parallel=True)
+
+
 @pytest.mark.parametrize(
     "reply",
     [
