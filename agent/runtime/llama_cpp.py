@@ -343,7 +343,11 @@ class LlamaModel:
             add(
                 chain,
                 llama_cpp.llama_sampler_init_penalties(
-                    64, params.repeat_penalty, params.frequency_penalty, params.presence_penalty
+                    self.n_vocab,
+                    64,  # tokens looked back over (Ollama's repeat_last_n default)
+                    params.repeat_penalty,
+                    params.frequency_penalty,
+                    params.presence_penalty,
                 ),
             )
         if params.greedy:

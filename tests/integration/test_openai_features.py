@@ -576,3 +576,19 @@ def test_a_known_parameter_that_cannot_be_honoured_is_a_400_naming_it(
             model=LLM, messages=ask("hi"), max_tokens=2, extra_body=extra
         )
     assert named in refused.value.message
+
+
+def test_penalties_reach_the_sampler(client: openai.OpenAI) -> None:
+    def answer(**penalties: float) -> str:
+        reply = client.completions.create(
+            model=LLM,
+            prompt="la la la la la la la la",
+            max_tokens=24,
+            temperature=0,
+            extra_body={"ignore_eos": True, **penalties},
+        )
+        return reply.choices[0].text
+
+    plain = answer()
+    assert answer(frequency_penalty=2.0) != plain
+    assert answer(presence_penalty=2.0, repeat_penalty=1.8) != plain
