@@ -14,7 +14,7 @@ from typing import Any
 from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
 
-from agent.api import faults, kserve, openai, ops
+from agent.api import faults, kserve, ollama, openai, ops
 from agent.api.deps import AgentState
 from agent.api.errors import install_error_handlers
 from agent.api.limits import BodyLimit
@@ -210,7 +210,10 @@ def create_app(
 
     app = FastAPI(
         title="edgefleet agent",
-        summary="OpenAI-compatible and Open Inference Protocol API for the models on this device",
+        summary=(
+            "OpenAI-compatible, Ollama-compatible and Open Inference Protocol API "
+            "for the models on this device"
+        ),
         lifespan=lifespan,
     )
     app.add_middleware(
@@ -219,6 +222,7 @@ def create_app(
     install_error_handlers(app)
     app.include_router(ops.router)
     app.include_router(openai.router)
+    app.include_router(ollama.router)
     app.include_router(kserve.router)
     if settings.fault_injection:
         app.include_router(faults.router)

@@ -1,4 +1,7 @@
-"""One place that turns the agent's error tree into HTTP: OpenAI's error body, or OIP's on /v2."""
+"""One place that turns the agent's error tree into HTTP: OpenAI's body, or the plain one.
+
+The Open Inference Protocol (/v2) and Ollama's API (/api) both answer ``{"error": "..."}``.
+"""
 
 from __future__ import annotations
 
@@ -16,6 +19,8 @@ __all__ = ["error_body", "install_error_handlers"]
 
 log = logging.getLogger(__name__)
 
+_PLAIN_ERROR_PREFIXES = ("/v2/", "/api/")
+
 _KIND_BY_STATUS = {
     401: "authentication_error",
     404: "invalid_request_error",
@@ -32,7 +37,7 @@ def error_body(exc: AgentError) -> dict[str, Any]:
 def _respond(
     request: Request, status: int, body: dict[str, Any], headers: dict[str, str] | None = None
 ) -> JSONResponse:
-    if request.url.path.startswith("/v2/"):
+    if request.url.path.startswith(_PLAIN_ERROR_PREFIXES):
         body = {"error": body["error"]["message"]}
     return JSONResponse(body, status_code=status, headers=headers)
 

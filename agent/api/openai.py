@@ -41,7 +41,13 @@ from agent.errors import AgentError, InvalidRequest
 from agent.interaction_log import Interaction
 from agent.runtime.base import Embedder
 from agent.serving.scheduler import BatchScheduler, GenerationResult
-from agent.serving.tools import Tool, could_be_calls, parse_tool_calls, tool_prompt
+from agent.serving.tools import (
+    Tool,
+    could_be_calls,
+    parse_tool_calls,
+    tool_prompt,
+    with_system,
+)
 
 __all__ = ["router"]
 
@@ -81,7 +87,7 @@ async def chat_completions(
     offered = tools if choice.mode != "none" else []
     messages = [m.rendered() for m in body.messages]
     if offered:
-        messages = _with_system(messages, tool_prompt(tools, choice, parallel=body.parallel))
+        messages = with_system(messages, tool_prompt(tools, choice, parallel=body.parallel))
 
     def prompt(sched: BatchScheduler) -> list[int]:
         text = sched.decoder.apply_chat_template(messages)
@@ -237,14 +243,6 @@ def _job(
         grammar_param=grammar_param,
         log_prompt=_prompt_text(body),
     )
-
-
-def _with_system(messages: list[dict[str, str]], text: str) -> list[dict[str, str]]:
-    """Put ``text`` first in the system message, adding one if there is none."""
-    if messages and messages[0]["role"] == "system":
-        first = {"role": "system", "content": f"{text}\n\n{messages[0]['content']}"}
-        return [first, *messages[1:]]
-    return [{"role": "system", "content": text}, *messages]
 
 
 async def _serve(

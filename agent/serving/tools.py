@@ -40,6 +40,7 @@ __all__ = [
     "render_call",
     "tool_grammar",
     "tool_prompt",
+    "with_system",
 ]
 
 NO_PARAMETERS: Mapping[str, Any] = {"type": "object", "properties": {}}
@@ -130,6 +131,14 @@ def tool_prompt(tools: Sequence[Tool], choice: ToolChoice, *, parallel: bool) ->
         f'object holding {how}: {{"tool_calls": [{{"name": "<tool name>", "arguments": '
         "{<arguments as the tool's parameters describe>}}]}"
     )
+
+
+def with_system(messages: Sequence[Mapping[str, str]], text: str) -> list[dict[str, str]]:
+    """Chat messages with ``text`` first in the system message (added if there is none)."""
+    rest = [dict(m) for m in messages]
+    if rest and rest[0]["role"] == "system":
+        return [{"role": "system", "content": f"{text}\n\n{rest[0]['content']}"}, *rest[1:]]
+    return [{"role": "system", "content": text}, *rest]
 
 
 def tool_grammar(tools: Sequence[Tool], choice: ToolChoice, *, parallel: bool) -> str | None:

@@ -16,6 +16,7 @@ from agent.serving.tools import (
     render_call,
     tool_grammar,
     tool_prompt,
+    with_system,
 )
 
 WEATHER = Tool.of(
@@ -131,3 +132,13 @@ def test_a_stream_is_held_back_only_while_it_may_still_be_calls() -> None:
     assert could_be_calls("  {")
     assert could_be_calls("```")
     assert not could_be_calls("Sunny")
+
+
+def test_the_tool_prompt_goes_first_in_the_system_message() -> None:
+    user = {"role": "user", "content": "hi"}
+    assert with_system([user], "TOOLS") == [{"role": "system", "content": "TOOLS"}, user]
+    system = {"role": "system", "content": "be brief"}
+    assert with_system([system, user], "TOOLS")[0] == {
+        "role": "system",
+        "content": "TOOLS\n\nbe brief",
+    }
