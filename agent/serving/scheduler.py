@@ -32,6 +32,7 @@ from agent.errors import (
     AgentError,
     ContextOverflow,
     InvalidRequest,
+    ModelFailed,
     ModelNotReady,
     Overloaded,
     RequestTimeout,
@@ -255,6 +256,7 @@ class BatchScheduler:
         self._cond = threading.Condition()
         self._stopping = False
         self._closed = False
+        self._crash: str | None = None  # why the thread died, if an internal error killed it
         self._service_s = 1.0  # moving average of request duration, for Retry-After
         self.steps = 0
         self._thread = threading.Thread(
@@ -334,6 +336,8 @@ class BatchScheduler:
         gen = gens[0]
         gen.followers = gens[1:]
         with self._cond:
+            if self._crash is not None:
+                raise self._gone()  # no thread would ever take the request
             if self._stopping:
                 raise ModelNotReady(f"model {self.manifest.name!r} is shutting down")
             # Free slots count as room: a request the thread has not admitted yet
@@ -363,10 +367,22 @@ class BatchScheduler:
                     self._admit()
                 self._reap()
                 self._step()
-        except Exception:
+        except Exception as exc:
             log.exception("batch scheduler for %s crashed", self.manifest.name)
+            with self._cond:
+                self._crash = f"{type(exc).__name__}: {exc}"
         finally:
-            self._fail_all(ModelNotReady(f"model {self.manifest.name!r} was unloaded"))
+            self._fail_all(self._gone())
+
+    def _gone(self) -> AgentError:
+        """Why nothing more will be served: unloaded, or crashed (a model failure)."""
+        name = self.manifest.name
+        if self._crash is None:
+            return ModelNotReady(f"model {name!r} was unloaded")
+        return ModelFailed(
+            f"model {name!r} stopped after an internal error ({self._crash}); see the "
+            "agent's log, then reload the model (SIGHUP) or restart the agent"
+        )
 
     def _busy(self) -> bool:
         return any(s.gen is not None for s in self._slots)

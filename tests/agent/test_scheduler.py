@@ -15,11 +15,13 @@ import pytest
 from agent.errors import (
     ContextOverflow,
     InvalidRequest,
+    ModelFailed,
     ModelNotReady,
     Overloaded,
     RequestTimeout,
     Transient,
 )
+from agent.runtime.base import SamplingParams
 from agent.serving.scheduler import (
     BatchScheduler,
     Generation,
@@ -331,6 +333,26 @@ def test_decode_failure_fails_that_step_and_the_scheduler_keeps_serving(
         asyncio.run(run(sched, req("boom", decoder)))
     _, result = asyncio.run(run(sched, req("fine", decoder, max_tokens=5)))
     assert result.completion_tokens == 5
+
+
+def test_an_internal_error_fails_requests_as_a_model_failure_and_refuses_new_ones() -> None:
+    class Broken(FakeDecoder):
+        def set_sampler(self, seq: int, params: SamplingParams) -> None:
+            raise TypeError("a bug in the sampler setup")
+
+    broken = Broken(slots=2, n_ctx=64, n_batch=32)
+    sched = BatchScheduler(broken)
+    try:
+        with pytest.raises(ModelFailed, match="TypeError: a bug in the sampler setup"):
+            asyncio.run(run(sched, req("hello", broken)))
+
+        async def later() -> None:  # nothing would ever take it: refused at once, not hung
+            sched.submit(req("again", broken))
+
+        with pytest.raises(ModelFailed, match="reload the model"):
+            asyncio.run(later())
+    finally:
+        sched.close()
 
 
 def test_close_fails_waiting_requests_and_frees_the_model(decoder: FakeDecoder) -> None:
