@@ -25,6 +25,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
+from agent.api.schemas import Text
 from agent.errors import InvalidRequest, ModelNotFound
 from agent.runtime.base import RANDOM_SEED, SamplingParams
 from agent.serving.grammars import JSON_OBJECT_GBNF, schema_grammar
@@ -86,16 +87,6 @@ _LOAD_TIME = frozenset(
 )
 
 
-def _encodable(text: str) -> str:
-    """JSON escapes can carry lone surrogates, which no UTF-8 encoder accepts."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as exc:
-        raise ValueError(f"text is not valid Unicode ({exc.reason})") from None
-    return text
-
-
-Text = Annotated[str, AfterValidator(_encodable)]
 Finite = Annotated[float, Field(allow_inf_nan=False)]
 
 

@@ -13,6 +13,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from agent.api.ollama_schemas import OLLAMA_DEFAULTS
+from agent.api.openai_shapes import chat_logprobs
 from agent.runtime.base import RuntimeInfo, TokenLogprob
 from agent.serving.scheduler import GenerationResult
 from agent.serving.tools import ToolCall
@@ -66,24 +67,9 @@ def tool_calls(calls: Sequence[ToolCall]) -> list[dict[str, Any]]:
     ]
 
 
-def _text(piece: bytes) -> str:
-    return piece.decode("utf-8", errors="replace")
-
-
 def logprobs(entries: Sequence[TokenLogprob]) -> list[dict[str, Any]]:
-    """``logprobs``: each generated token with its likeliest rivals."""
-    return [
-        {
-            "token": _text(entry.piece),
-            "logprob": entry.logprob,
-            "bytes": list(entry.piece),
-            "top_logprobs": [
-                {"token": _text(piece), "logprob": lp, "bytes": list(piece)}
-                for piece, lp in entry.top
-            ],
-        }
-        for entry in entries
-    ]
+    """``logprobs``: each generated token with its likeliest rivals, as OpenAI's chat has it."""
+    return list(chat_logprobs(entries)["content"])
 
 
 def listed_name(manifest: ModelManifest) -> str:
