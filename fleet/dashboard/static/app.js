@@ -15,6 +15,8 @@ function edgefleetCharts(root) {
       height: spec.height || 180,
       series: [{}].concat(spec.series.map((s, i) => ({
         label: s.label, stroke: colors[i % colors.length], width: 1.5, spanGaps: false,
+        // a bucket between two empty ones has no line to draw: a dot keeps it visible
+        points: { show: true, size: 4, fill: colors[i % colors.length] },
       }))),
       axes: [{}, { size: 60 }],
     };
