@@ -26,6 +26,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from agent.api.deps import AgentState, Authorized, StateDep
+from agent.api.embedding import check_dimensions, record_embedding
 from agent.api.generation import CLIENT_GONE, Delta, Job, Run, begin
 from agent.api.ollama_schemas import (
     ChatRequest,
@@ -47,7 +48,6 @@ from agent.api.ollama_shapes import (
     tool_calls,
 )
 from agent.errors import AgentError, InvalidRequest
-from agent.interaction_log import Interaction
 from agent.runtime.base import Embedder, ServedModel
 from agent.serving.scheduler import BatchScheduler, GenerationResult
 from agent.serving.tools import (
@@ -151,7 +151,8 @@ async def embed(body: EmbedRequest, state: StateDep) -> dict[str, Any]:
     status, n_tokens, error = 500, 0, None
     try:
         with state.registry.lease(name, Embedder) as model:
-            _check_embedding(body, name, model)
+            check_dimensions(name, model, body.dimensions)
+            body.options.check_context(name, model.manifest.runtime.max_input_tokens)
             if not body.truncate:
                 await _refuse_long(model, texts, name)
             vectors = await run_in_threadpool(model.embed, texts)
@@ -161,7 +162,17 @@ async def embed(body: EmbedRequest, state: StateDep) -> dict[str, Any]:
         status, error = exc.status, exc.message
         raise
     finally:
-        _record_embedding(state, name, texts, status, n_tokens, error, time.monotonic() - started)
+        record_embedding(
+            state,
+            request_id=f"ollama-{uuid.uuid4().hex[:24]}",
+            model=name,
+            endpoint="ollama_embed",
+            texts=texts,
+            status=status,
+            n_tokens=n_tokens,
+            error=error,
+            elapsed=time.monotonic() - started,
+        )
     state.metrics.tokens.labels(name, "prompt").inc(n_tokens)
     return {
         "model": body.model,
@@ -170,16 +181,6 @@ async def embed(body: EmbedRequest, state: StateDep) -> dict[str, Any]:
         "load_duration": 0,
         "prompt_eval_count": n_tokens,
     }
-
-
-def _check_embedding(body: EmbedRequest, name: str, model: Embedder) -> None:
-    dim = model.manifest.runtime.embedding_dim
-    if body.dimensions is not None and dim is not None and body.dimensions != dim:
-        raise InvalidRequest(
-            f"model {name!r} produces {dim}-dimensional vectors; dimensions cannot be changed",
-            param="dimensions",
-        )
-    body.options.check_context(name, model.manifest.runtime.max_input_tokens)
 
 
 async def _refuse_long(model: Embedder, texts: Sequence[str], name: str) -> None:
@@ -193,34 +194,6 @@ async def _refuse_long(model: Embedder, texts: Sequence[str], name: str) -> None
                 "cut; shorten it or send truncate=true",
                 param="input",
             )
-
-
-def _record_embedding(
-    state: AgentState,
-    name: str,
-    texts: Sequence[str],
-    status: int,
-    n_tokens: int,
-    error: str | None,
-    elapsed: float,
-) -> None:
-    state.metrics.requests.labels(name, "ollama_embed", str(status)).inc()
-    state.metrics.latency.labels(name, "ollama_embed").observe(elapsed)
-    state.metrics.window.observe(status, elapsed)
-    bodies = state.settings.log.include_bodies
-    state.interactions.record(
-        Interaction(
-            request_id=f"ollama-{uuid.uuid4().hex[:24]}",
-            model=name,
-            endpoint="ollama_embed",
-            status=status,
-            prompt_tokens=n_tokens,
-            completion_tokens=0,
-            latency_ms=elapsed * 1000,
-            error=error,
-            prompt="\n".join(texts) if bodies else None,
-        )
-    )
 
 
 # -- generation --------------------------------------------------------------------------

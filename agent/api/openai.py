@@ -23,6 +23,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from agent.api.deps import AgentState, Authorized, StateDep
+from agent.api.embedding import check_dimensions, record_embedding
 from agent.api.errors import error_body
 from agent.api.generation import CLIENT_GONE, Delta, Job, Run, begin
 from agent.api.openai_shapes import (
@@ -38,7 +39,6 @@ from agent.api.schemas import (
     GenerationFields,
 )
 from agent.errors import AgentError, InvalidRequest
-from agent.interaction_log import Interaction
 from agent.runtime.base import Embedder
 from agent.serving.scheduler import BatchScheduler, GenerationResult
 from agent.serving.tools import (
@@ -150,13 +150,7 @@ async def embeddings(body: EmbeddingRequest, state: StateDep) -> dict[str, Any]:
     status, n_tokens, error = 500, 0, None
     try:
         with state.registry.lease(body.model, Embedder) as model:
-            dim = model.manifest.runtime.embedding_dim
-            if body.dimensions is not None and dim is not None and body.dimensions != dim:
-                raise InvalidRequest(
-                    f"model {body.model!r} produces {dim}-dimensional vectors; "
-                    "dimensions cannot be changed",
-                    param="dimensions",
-                )
+            check_dimensions(body.model, model, body.dimensions)
             vectors = await run_in_threadpool(model.embed, texts)
             n_tokens = await run_in_threadpool(model.count_tokens, texts)
         status = 200
@@ -164,23 +158,16 @@ async def embeddings(body: EmbeddingRequest, state: StateDep) -> dict[str, Any]:
         status, error = exc.status, exc.message
         raise
     finally:
-        elapsed = time.monotonic() - started
-        state.metrics.requests.labels(body.model, "embeddings", str(status)).inc()
-        state.metrics.latency.labels(body.model, "embeddings").observe(elapsed)
-        state.metrics.window.observe(status, elapsed)
-        bodies = state.settings.log.include_bodies
-        state.interactions.record(
-            Interaction(
-                request_id=f"emb-{uuid.uuid4().hex[:24]}",
-                model=body.model,
-                endpoint="embeddings",
-                status=status,
-                prompt_tokens=n_tokens,
-                completion_tokens=0,
-                latency_ms=elapsed * 1000,
-                error=error,
-                prompt="\n".join(texts) if bodies else None,
-            )
+        record_embedding(
+            state,
+            request_id=f"emb-{uuid.uuid4().hex[:24]}",
+            model=body.model,
+            endpoint="embeddings",
+            texts=texts,
+            status=status,
+            n_tokens=n_tokens,
+            error=error,
+            elapsed=time.monotonic() - started,
         )
     data = [
         {"object": "embedding", "index": i, "embedding": _encode_vector(row, body.encoding_format)}

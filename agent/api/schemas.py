@@ -331,8 +331,7 @@ class ChatCompletionRequest(GenerationFields):
 
     def constraint(self) -> str | None:
         """One grammar from ``grammar``, ``response_format`` or a forced tool call."""
-        own = super().constraint()
-        wanted = [own] if own is not None else []
+        wanted = [self.grammar] if self.grammar is not None else []
         fmt = self.response_format
         if fmt is not None and fmt.type == "json_object":
             wanted.append(JSON_OBJECT_GBNF)
