@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from models.values import VERSION, ModelName, Sha256
 
-__all__ = ["ModelFormat", "ModelManifest", "RuntimeParams"]
+__all__ = ["KernelMode", "ModelFormat", "ModelManifest", "RuntimeParams"]
 
 
 class ModelFormat(StrEnum):
@@ -23,6 +23,19 @@ class ModelFormat(StrEnum):
 
     GGUF = "gguf"
     ONNX = "onnx"
+
+
+class KernelMode(StrEnum):
+    """Which llama.cpp kernels a GGUF model runs on (docs/serving.md, "Kernel modes").
+
+    ``deterministic``: a greedy answer is the same whatever decodes beside it, however
+    its prompt was chunked and whether its prefix came from the cache. ``fast``:
+    upstream's kernel choices (repacked weights, flash attention where llama.cpp picks
+    it), whose rounding depends on the batch.
+    """
+
+    DETERMINISTIC = "deterministic"
+    FAST = "fast"
 
 
 class RuntimeParams(BaseModel):
@@ -40,6 +53,7 @@ class RuntimeParams(BaseModel):
     max_input_tokens: int = Field(default=256, ge=1)  # ONNX embedders: truncate beyond this
     tokenizer: str | None = None  # ONNX: tokenizer.json path relative to the model folder
     chat_template: str | None = None  # GGUF without its own template: a llama.cpp built-in name
+    kernels: KernelMode = KernelMode.DETERMINISTIC  # GGUF: batch-invariant or upstream's kernels
     extra: dict[str, Any] = Field(default_factory=dict)
 
 

@@ -4,15 +4,15 @@ The high-level ``llama_cpp.Llama`` owns one sequence at a time; continuous batch
 needs the C API underneath it: a ``llama_batch`` whose tokens belong to different
 sequence ids, per-sequence KV cache removal, and one sampler chain per sequence.
 
-Batch invariance: a greedy answer must not depend on how many requests decode
-beside it. ggml picks different matmul kernels by row count (weight repacking:
-gemm for 4+ rows, gemv below; the tiled K-quant kernel from 8 rows; llamafile's
-sgemm from 2 rows), and their rounding differs. The agent loads weights without
-repacking, turns the tiled path off (``GGML_CPU_TILED_MM=0``, read once per
-process), is built without llamafile and, on the CPU, runs attention without the
-flash-attention kernel (which tiles long query batches differently from short ones),
-so every row takes the same kernel.
-Measured cost on a 2-core x86 box: about 6% of batched decode, none single-stream.
+Kernel modes (``RuntimeParams.kernels``, per model): ggml picks matmul and
+attention kernels by the shape of each micro-batch, and their rounding differs. In
+``fast`` mode the agent takes upstream's choices: repacked weights, flash attention
+where llama.cpp enables it, one decode call per step. In ``deterministic`` mode a
+greedy answer must not depend on the batch: weights are not repacked, flash
+attention is on, and each step is decoded as ``agent.runtime.batch_plan`` plans it,
+so no row ever takes a kernel of its own. ``GGML_CPU_TILED_MM=0`` in both modes: ggml
+reads it once per process, and the tiled K-quant kernel did not pay on the machines
+measured (docs/serving.md, "Kernel modes").
 
 Threading: everything that touches the context (``decode``, ``sample``, ``forget``,
 ``set_sampler``) must be called from one thread, the scheduler's. Tokenising and
@@ -27,7 +27,6 @@ import os
 import threading
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,22 +36,13 @@ import psutil
 
 from agent.errors import ContextOverflow, InvalidRequest, ModelFailed, ModelLoadError
 from agent.runtime.base import RuntimeInfo, SamplingParams, TokenLogprob
-from models.manifest import ModelManifest, RuntimeParams
+from agent.runtime.batch_plan import BatchEntry, Call, padded, split_step
+from models.manifest import KernelMode, ModelManifest, RuntimeParams
 from models.policy import FailureKind
 
 __all__ = ["BatchEntry", "LlamaModel", "load_gguf"]
 
 _GGUF_MAGIC = b"GGUF"
-
-
-@dataclass(frozen=True)
-class BatchEntry:
-    """Tokens of one sequence to decode in this step, starting at KV position ``pos``."""
-
-    seq: int
-    tokens: Sequence[int]
-    pos: int
-    want_logits: bool  # ask for logits of the last token (to sample the next one)
 
 
 def _physical_cores() -> int:
@@ -96,6 +86,8 @@ class LlamaModel:
         self._argmax: set[int] = set()  # greedy sequences without penalties: no sampler chain
         self._grammars: dict[int, Any] = {}  # grammar samplers of constrained sequences
         self._checked: dict[str, None] = {}  # grammars known to parse, oldest first
+        self._deterministic = params.kernels is KernelMode.DETERMINISTIC
+        self._saved: list[np.ndarray[Any, np.dtype[np.float32]]] = []  # logits of earlier calls
         _quiet_llama_logs()
         os.environ.setdefault("GGML_CPU_TILED_MM", "0")  # see the module docstring
         _check_gguf_header(path)
@@ -105,7 +97,7 @@ class LlamaModel:
         offload = llama_cpp.llama_supports_gpu_offload()
         mparams = llama_cpp.llama_model_default_params()
         mparams.n_gpu_layers = params.gpu_layers if offload else 0
-        mparams.use_extra_bufts = False  # no repacked weights: same kernel for 1 and N rows
+        mparams.use_extra_bufts = not self._deterministic  # repacked: other kernels for 1 row
         model = llama_cpp.llama_model_load_from_file(str(path).encode(), mparams)
         if not model:
             raise ModelLoadError(
@@ -120,26 +112,28 @@ class LlamaModel:
         )
         self.n_slots = params.parallel_slots
         self.n_batch = max(params.batch_tokens, self.n_slots + 1)
+        # deterministic: a dummy row needs a neighbouring sequence id, even with one slot
+        self._n_seq = max(self.n_slots, 2) if self._deterministic else self.n_slots
+        self._capacity = self.n_batch + (self._n_seq if self._deterministic else 0)  # + dummies
         threads = params.threads or _physical_cores()
 
         cparams = llama_cpp.llama_context_default_params()
-        cparams.n_ctx = self.n_ctx_slot * self.n_slots
-        cparams.n_batch = self.n_batch
-        cparams.n_ubatch = self.n_batch
-        cparams.n_seq_max = self.n_slots
+        cparams.n_ctx = self.n_ctx_slot * self._n_seq
+        cparams.n_batch = self._capacity
+        cparams.n_ubatch = self._capacity
+        cparams.n_seq_max = self._n_seq
         # at most one sampled token per sequence per step; the default (n_batch outputs)
         # reserves n_batch x n_vocab floats: 512 MB for Gemma's 262k vocabulary
-        cparams.n_outputs_max = self.n_slots
+        cparams.n_outputs_max = self._n_seq
         cparams.n_threads = threads
         cparams.n_threads_batch = threads
         cparams.kv_unified = False  # each sequence attends over its own KV stream only
         cparams.swa_full = True  # lets partial seq_rm keep a reusable prompt prefix
         cparams.no_perf = True
-        if not offload or params.gpu_layers == 0:
-            # The CPU flash-attention kernel tiles long query batches differently from
-            # short ones, so a prompt prefilled in one go and the same prompt resumed
-            # from a cached prefix diverge (seen on AVX-512 machines).
-            cparams.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        if self._deterministic:
+            # without it, attention is an F16 matmul per sequence: llamafile's sgemm from
+            # 2 query rows, ggml's dot product for 1, so decoding and prefilling differ
+            cparams.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
         ctx = llama_cpp.llama_init_from_model(model, cparams)
         if not ctx:
             llama_cpp.llama_model_free(model)
@@ -149,7 +143,9 @@ class LlamaModel:
             )
         self._ctx = ctx
         self._memory = llama_cpp.llama_get_memory(ctx)
-        self._batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
+        self._batch = llama_cpp.llama_batch_init(self._capacity, 0, 1)
+        bos = int(llama_cpp.llama_vocab_bos(self._vocab))
+        self._dummy = bos if bos >= 0 else 0  # any token will do: its row is thrown away
         self.n_vocab = int(llama_cpp.llama_vocab_n_tokens(self._vocab))
         self._ids = np.arange(self.n_vocab, dtype=np.int32)
         self._candidates = np.zeros(self.n_vocab, dtype=_TOKEN_DATA)  # reused every token
@@ -178,6 +174,7 @@ class LlamaModel:
                 "context_per_slot": self.n_ctx_slot,
                 "slots": self.n_slots,
                 "threads": threads,
+                "kernels": params.kernels.value,
                 "gpu_offload_supported": bool(offload),
                 "system": llama_cpp.llama_print_system_info().decode(errors="replace").strip(),
             },
@@ -256,13 +253,44 @@ class LlamaModel:
     # -- the scheduler's thread only -----------------------------------------------------
 
     def decode(self, entries: Sequence[BatchEntry]) -> list[int]:
-        """Decode one step; returns, per entry wanting logits, its batch index for sampling."""
-        batch = self._batch
-        n = 0
-        out: list[int] = []
+        """Decode one step; returns, per entry wanting logits, its index for sampling."""
         for entry in entries:
             if entry.pos + len(entry.tokens) > self.n_ctx_slot:
                 raise ContextOverflow("sequence outgrew its context window")
+        if sum(len(entry.tokens) for entry in entries) > self.n_batch:
+            raise ValueError(f"a step of more than n_batch={self.n_batch} tokens")
+        if not self._deterministic:
+            return self._decode_call(Call(tuple(entries)))
+        self._saved.clear()
+        chunks, singles = split_step(entries)
+        where: dict[int, int] = {}
+        for n, chunk in enumerate(chunks):
+            indices = self._decode_call(Call((chunk,)))
+            if not indices:
+                continue
+            index = indices[0]
+            if singles or n < len(chunks) - 1:  # a later call overwrites llama.cpp's logits
+                self._saved.append(self._logits(index).copy())
+                index = self._capacity + len(self._saved) - 1
+            where[chunk.seq] = index
+        if singles:
+            call = padded(
+                singles, n_seq=self._n_seq, room_at=self._room_at, dummy_token=self._dummy
+            )
+            wanted = [entry.seq for entry in call.entries if entry.want_logits]
+            where.update(zip(wanted, self._decode_call(call), strict=True))
+        return [where[entry.seq] for entry in entries if entry.want_logits]
+
+    def _room_at(self, seq: int) -> int | None:
+        pos = int(llama_cpp.llama_memory_seq_pos_max(self._memory, seq)) + 1
+        return pos if pos < self.n_ctx_slot else None
+
+    def _decode_call(self, call: Call) -> list[int]:
+        """One llama_decode; returns the batch index of each entry wanting logits, in order."""
+        batch = self._batch
+        n = 0
+        out: list[int] = []
+        for entry in call.entries:
             for i, token in enumerate(entry.tokens):
                 batch.token[n] = token
                 batch.pos[n] = entry.pos + i
@@ -273,10 +301,10 @@ class LlamaModel:
             if entry.want_logits:
                 batch.logits[n - 1] = True
                 out.append(n - 1)
-        if n > self.n_batch:
-            raise ValueError(f"batch of {n} tokens exceeds n_batch={self.n_batch}")
         batch.n_tokens = n
         rc = llama_cpp.llama_decode(self._ctx, batch)
+        for pad in call.pads:
+            llama_cpp.llama_memory_seq_rm(self._memory, pad.seq, pad.pos, -1)
         if rc != 0:
             raise ModelFailed(
                 f"llama_decode failed with code {rc}", failure=self._decode_failure(rc)
@@ -367,7 +395,12 @@ class LlamaModel:
         if grammar is None:
             if seq in self._argmax:
                 return int(self._logits(index).argmax())
-            return int(llama_cpp.llama_sampler_sample(self._samplers[seq], self._ctx, index))
+            chain = self._samplers[seq]
+            if index < self._capacity:
+                return int(llama_cpp.llama_sampler_sample(chain, self._ctx, index))
+            token = self._select(self._logits(index), chain, None)
+            llama_cpp.llama_sampler_accept(chain, token)
+            return token
         return self._sample_constrained(seq, index, grammar)
 
     def _sample_constrained(self, seq: int, index: int, grammar: Any) -> int:
@@ -390,6 +423,8 @@ class LlamaModel:
         return token
 
     def _logits(self, index: int) -> np.ndarray[Any, np.dtype[np.float32]]:
+        if index >= self._capacity:  # saved from an earlier call of this step
+            return self._saved[index - self._capacity]
         logits = llama_cpp.llama_get_logits_ith(self._ctx, index)
         return np.ctypeslib.as_array(logits, shape=(self.n_vocab,))
 

@@ -5,9 +5,9 @@
 # flags and CPU, and reused by every later setup on this machine.
 # AMX is switched off: ggml's AMX kernels fault (ldtilecfg) on guests whose
 # hypervisor hides AMX state, and -march=native would otherwise enable them.
-# llamafile's tinyBLAS is switched off: it handles matmuls of two or more rows and
-# ggml's own kernels one row, with different rounding, so a greedy answer would
-# change with the number of requests decoding alongside it (docs/serving.md).
+# llamafile's sgemm stays on, as upstream builds it: the fast kernel mode uses it,
+# and the deterministic mode pads batches so that it always takes the same path
+# (docs/serving.md, "Kernel modes").
 
 set -euo pipefail
 
@@ -26,7 +26,7 @@ llama_cmake_args() {
     if [[ "$(uname -m)" == "x86_64" ]]; then
         flags="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
     fi
-    printf '%s' "-DGGML_NATIVE=ON -DGGML_LLAMAFILE=OFF -DCMAKE_C_FLAGS='$flags' -DCMAKE_CXX_FLAGS='$flags' ${EDGEFLEET_LLAMA_CMAKE_ARGS:-}"
+    printf '%s' "-DGGML_NATIVE=ON -DGGML_LLAMAFILE=ON -DCMAKE_C_FLAGS='$flags' -DCMAKE_CXX_FLAGS='$flags' ${EDGEFLEET_LLAMA_CMAKE_ARGS:-}"
 }
 
 llama_wheel_dir() {
