@@ -15,6 +15,7 @@ from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
 
 from agent.api import faults, kserve, ollama, openai, ops
+from agent.api.content_type import OllamaJsonBody
 from agent.api.deps import AgentState
 from agent.api.errors import install_error_handlers
 from agent.api.limits import BodyLimit
@@ -216,6 +217,7 @@ def create_app(
         ),
         lifespan=lifespan,
     )
+    app.add_middleware(OllamaJsonBody)
     app.add_middleware(
         BodyLimit, max_bytes=settings.max_body_bytes, read_timeout_s=settings.body_timeout_s
     )

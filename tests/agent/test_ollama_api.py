@@ -19,9 +19,10 @@ import ollama
 import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from agent.api import ollama as routes
+from agent.api.content_type import OllamaJsonBody
 from agent.api.deps import AgentState, get_state
 from agent.api.errors import install_error_handlers
 from agent.api.generation import Delta, End
@@ -720,3 +721,26 @@ def test_embed_answers_one_vector_per_input_and_refuses_what_it_cannot_do(
     cut = post(api, "/api/embed", {"model": "minilm", "input": ["a", long_text], "truncate": False})
     assert cut.status_code == 400
     assert "input[1]" in cut.json()["error"]
+
+
+class Echo(BaseModel):
+    model: str
+
+
+def test_an_ollama_body_is_read_as_json_whatever_its_content_type() -> None:
+    """``curl -d '{...}'`` sends form encoding; Ollama reads JSON anyway, and so does /api/."""
+    app = FastAPI()
+    app.add_middleware(OllamaJsonBody)
+
+    @app.post("/api/echo")
+    @app.post("/v1/echo")
+    def echo(body: Echo) -> dict[str, str]:
+        return {"model": body.model}
+
+    form = {"content-type": "application/x-www-form-urlencoded"}
+    with TestClient(app) as client:
+        assert client.post("/api/echo", content='{"model": "m"}', headers=form).json() == {
+            "model": "m"
+        }
+        assert client.post("/api/echo", content='{"model": "m"}').status_code == 200
+        assert client.post("/v1/echo", content='{"model": "m"}', headers=form).status_code == 422

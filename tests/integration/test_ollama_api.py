@@ -45,6 +45,11 @@ def client(agent: AgentProcess) -> Iterator[ollama.Client]:
         yield client
 
 
+# A base model asked for free-form JSON can nest objects until max_tokens; greedily, this
+# prompt closes its object after about 80 tokens.
+NAME_AS_JSON = 'Reply with a JSON object holding your name, like {"name": "..."}.'
+
+
 def ask(text: str) -> list[dict[str, str]]:
     return [{"role": "user", "content": text}]
 
@@ -186,7 +191,7 @@ def test_generate_with_no_prompt_only_loads_the_model(client: ollama.Client) -> 
 def test_format_json_gives_a_json_object(client: ollama.Client) -> None:
     reply = client.chat(
         model=LLM,
-        messages=ask("Who are you?"),
+        messages=ask(NAME_AS_JSON),
         format="json",
         options={"temperature": 0, "num_predict": 256},
     )
@@ -220,7 +225,7 @@ def test_a_streamed_formatted_answer_parses_too(client: ollama.Client) -> None:
     parts = list(
         client.chat(
             model=LLM,
-            messages=ask("Who are you?"),
+            messages=ask(NAME_AS_JSON),
             format="json",
             options={"temperature": 0, "num_predict": 255},  # not the cached whole answer
             stream=True,
