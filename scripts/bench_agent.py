@@ -2,25 +2,45 @@
 """Benchmark the edgefleet agent's OpenAI-compatible API on one machine, in one run.
 
 Same machine, same model (the default Gemma 3 270M Q4_K_M GGUF), same prompts, same
-sampling (temperature 0, ``--tokens`` per stream) for every system:
+sampling (temperature 0, ``--tokens`` per stream) for every system. All ten run by
+default, in this order (``--only`` picks some):
 
 ``inprocess``               llama-cpp-python's ``Llama.create_completion`` in a subprocess,
                             no HTTP (the ceiling for a single stream);
-``agent``                   ``edgefleet-agent serve --model ...`` (plus an idle run with no
-                            model for the idle-RSS figure, and start-up-to-ready time);
+``agent``                   ``edgefleet-agent serve --config <bench TOML>`` with
+                            ``kernels = "deterministic"`` (plus an idle run with no model
+                            for the idle-RSS figure, and start-up-to-ready time);
+``agent_fast``              the same with ``kernels = "fast"`` (upstream's kernels);
+``llama_server``            upstream llama.cpp ``llama-server --parallel <clients>``, built
+                            by ``scripts/build-llama-server`` from the same vendored sources;
+``batched_bench``           upstream's ``llama-batched-bench`` (built beside llama-server):
+                            raw batched decode of 1 and <clients> sequences, the ceiling no
+                            server can pass (decode only: no HTTP, no sampling, no prefill);
+``agent_json``              structured output: each request (single and <clients>
+``agent_fast_json``         concurrent) goes to ``/v1/chat/completions`` with a
+``llama_server_json``       ``response_format`` ``json_schema`` (one fixed schema, no
+                            ``ignore_eos``: the grammar ends the answer, ``--json-tokens``
+                            only caps it); every answer must parse and carry the schema's
+                            required keys, or it counts as an error;
 ``llama_cpp_server``        the bundled ``python -m llama_cpp.server`` with its defaults;
 ``llama_cpp_server_tuned``  the same with ``--n_threads <cores> --interrupt_requests False
-                            --logits_all False`` (for information, no goal);
-``llama_server``            upstream llama.cpp ``llama-server --parallel <clients>``, built
-                            by ``scripts/build-llama-server`` from the same vendored sources.
+                            --logits_all False`` (for information, no goal).
+
+Both agent modes start from one temporary TOML config written by the bench: the model
+file, ``parallel_slots = <clients>`` (as llama-server's ``--parallel``), ``kernels`` and,
+when ``--gpu-layers`` is given, ``gpu_layers``; everything else is the agent's default.
+``--gpu-layers N`` goes to llama-server and llama-batched-bench as ``-ngl`` (-1: ``all``),
+to the in-process worker and llama_cpp.server as ``n_gpu_layers``; without it each
+system keeps its own default.
 
 Each server is started on a free port, waited for, measured, and stopped before the next
-one starts, so they never compete for the cores. Every HTTP system is driven through the
-streaming ``/v1/completions`` endpoint: one warm-up request, then ``--rounds`` rounds of
-(a) ``--single-requests`` sequential single streams and (b) ``--clients`` concurrent
-streams; the median over rounds is reported. Results go to a JSON file
-(``bench-results/agent-<UTC timestamp>.json`` by default) and a table on stdout; progress
-goes to stderr. See docs/benchmarks.md.
+one starts, so they never compete for the cores. Every HTTP system is driven through
+streaming requests (``/v1/completions``, or ``/v1/chat/completions`` for the ``*_json``
+systems): one warm-up request, then ``--rounds`` rounds of (a) ``--single-requests``
+sequential single streams and (b) ``--clients`` concurrent streams; the median over
+rounds is reported (llama-batched-bench runs once per round). Results go to a JSON file
+(``bench-results/agent-<UTC timestamp>.json`` by default) and a table on stdout, with
+the ratios against the goals; progress goes to stderr. See docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -67,17 +87,35 @@ log = make_log("bench")
 ALL_SYSTEMS = (
     "inprocess",
     "agent",
+    "agent_fast",
+    "llama_server",
+    "batched_bench",
+    "agent_json",
+    "agent_fast_json",
+    "llama_server_json",
     "llama_cpp_server",
     "llama_cpp_server_tuned",
-    "llama_server",
 )
 LABELS = {
     "inprocess": "in-process llama-cpp-python",
-    "agent": "edgefleet agent",
+    "agent": "edgefleet agent (deterministic)",
+    "agent_fast": "edgefleet agent (fast)",
+    "llama_server": "llama.cpp llama-server",
+    "batched_bench": "llama.cpp llama-batched-bench",
+    "agent_json": "edgefleet agent (deterministic), JSON schema",
+    "agent_fast_json": "edgefleet agent (fast), JSON schema",
+    "llama_server_json": "llama.cpp llama-server, JSON schema",
     "llama_cpp_server": "llama_cpp.server (defaults)",
     "llama_cpp_server_tuned": "llama_cpp.server (tuned)",
-    "llama_server": "llama.cpp llama-server",
 }
+AGENT_KERNELS = {  # agent system -> its [models.runtime] kernels
+    "agent": "deterministic",
+    "agent_fast": "fast",
+    "agent_json": "deterministic",
+    "agent_fast_json": "fast",
+}
+JSON_SYSTEMS = ("agent_json", "agent_fast_json", "llama_server_json")
+BATCHED_BENCH_PROMPT_TOKENS = 16  # -npp: random prompt tokens per sequence (not in the figure)
 # Open-ended prompts, one per client, chosen so that a greedy 270M model keeps writing
 # well past 64 tokens (servers that honour ``ignore_eos`` are asked to anyway).
 PROMPTS = (
@@ -94,11 +132,50 @@ PROMPTS = (
 # just processed (every system here reuses a matching prompt prefix).
 WARMUP_PROMPT = "Write a short note to a friend about the weather this week. Hi Sam,"
 WARMUP = -1  # prompt index of the warm-up request
+# Structured output: one schema for every request, small enough that a greedy 270M model
+# answers in a few dozen tokens (strings are bounded, so no answer can ramble forever).
+JSON_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "city": {"type": "string", "maxLength": 32},
+        "country": {"type": "string", "maxLength": 32},
+        "language": {"type": "string", "maxLength": 32},
+        "population": {"type": "integer"},
+        "landmarks": {
+            "type": "array",
+            "items": {"type": "string", "maxLength": 32},
+            "minItems": 3,
+            "maxItems": 3,
+        },
+    },
+    "required": ["city", "country", "language", "population", "landmarks"],
+    "additionalProperties": False,
+}
+JSON_SCHEMA_NAME = "city_facts"
+JSON_CITIES = (
+    "Lisbon",
+    "Kyoto",
+    "Nairobi",
+    "Montreal",
+    "Prague",
+    "Buenos Aires",
+    "Hanoi",
+    "Melbourne",
+)
+JSON_WARMUP_CITY = "Vienna"
 MiB = 1024 * 1024
 
 
 def prompt_for(index: int) -> str:
     return WARMUP_PROMPT if index == WARMUP else PROMPTS[index % len(PROMPTS)]
+
+
+def json_prompt_for(index: int) -> str:
+    city = JSON_WARMUP_CITY if index == WARMUP else JSON_CITIES[index % len(JSON_CITIES)]
+    return (
+        f"Give the key facts about {city} as JSON: the city, its country, its main "
+        "language, its population and three famous landmarks."
+    )
 
 
 # --------------------------------------------------------------------------- statistics
@@ -129,7 +206,13 @@ class StreamResult:
     chunks: int = 0  # chunks that carried text
     usage_tokens: int | None = None  # completion_tokens from a final usage object, if any
     finish_reason: str | None = None
-    error: str | None = None
+    error: str | None = None  # the request failed (HTTP, transport or a server error)
+    invalid: str | None = None  # the answer came back but fails the target's check
+    text_parts: list[str] = field(default_factory=list)
+
+    @property
+    def text(self) -> str:
+        return "".join(self.text_parts)
 
     @property
     def tokens(self) -> int:
@@ -161,6 +244,8 @@ class StreamResult:
             "total_s": None if self.t_end is None else self.t_end - self.t_sent,
             "finish_reason": self.finish_reason,
             "error": self.error,
+            "invalid": self.invalid,
+            **({"text": self.text[:500]} if self.invalid else {}),
         }
 
 
@@ -178,6 +263,7 @@ def absorb_chunk(result: StreamResult, obj: dict[str, Any], now: float) -> None:
             text = (choice.get("delta") or {}).get("content")
         if text:
             result.chunks += 1
+            result.text_parts.append(text)
             if result.t_first is None:
                 result.t_first = now
             result.t_last = now
@@ -190,16 +276,23 @@ def absorb_chunk(result: StreamResult, obj: dict[str, Any], now: float) -> None:
 
 @dataclass
 class HttpTarget:
-    """Where and how to send completions to one running server."""
+    """Where and how to send streamed text completions to one running server."""
 
     base_url: str
     model: str | None
     max_tokens: int
     extra_body: dict[str, Any] = field(default_factory=dict)
 
-    def body(self, prompt: str) -> dict[str, Any]:
+    endpoint = "/v1/completions"
+
+    @property
+    def expected_tokens(self) -> int | None:
+        """Tokens every stream should produce (None: answers end when they are done)."""
+        return self.max_tokens
+
+    def body(self, index: int) -> dict[str, Any]:
         body: dict[str, Any] = {
-            "prompt": prompt,
+            "prompt": prompt_for(index),
             "max_tokens": self.max_tokens,
             "temperature": 0,
             "stream": True,
@@ -210,14 +303,57 @@ class HttpTarget:
         body.update(self.extra_body)
         return body
 
+    def check(self, result: StreamResult) -> str | None:
+        """Why a finished answer is not acceptable (None: it is)."""
+        return None
+
+
+class JsonChatTarget(HttpTarget):
+    """Streamed chat completions constrained by ``response_format`` to :data:`JSON_SCHEMA`."""
+
+    endpoint = "/v1/chat/completions"
+
+    @property
+    def expected_tokens(self) -> int | None:
+        return None  # the grammar ends each answer; no ignore_eos
+
+    def body(self, index: int) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "messages": [{"role": "user", "content": json_prompt_for(index)}],
+            "response_format": {
+                "type": "json_schema",
+                "json_schema": {"name": JSON_SCHEMA_NAME, "schema": JSON_SCHEMA},
+            },
+            "max_tokens": self.max_tokens,
+            "temperature": 0,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+        if self.model:
+            body["model"] = self.model
+        body.update(self.extra_body)
+        return body
+
+    def check(self, result: StreamResult) -> str | None:
+        if result.finish_reason == "length":
+            return f"stopped at max_tokens ({self.max_tokens}) before the JSON was complete"
+        try:
+            answer = json.loads(result.text)
+        except json.JSONDecodeError as exc:
+            return f"not JSON: {exc}"
+        if not isinstance(answer, dict):
+            return f"a JSON {type(answer).__name__}, not an object"
+        missing = [key for key in JSON_SCHEMA["required"] if key not in answer]
+        return f"missing required key(s) {missing}" if missing else None
+
 
 async def stream_completion(
     client: httpx.AsyncClient, target: HttpTarget, index: int
 ) -> StreamResult:
     result = StreamResult(prompt_index=index, t_sent=time.perf_counter())
-    body = target.body(prompt_for(index))
+    body = target.body(index)
     try:
-        async with client.stream("POST", f"{target.base_url}/v1/completions", json=body) as resp:
+        async with client.stream("POST", target.base_url + target.endpoint, json=body) as resp:
             if resp.status_code != 200:
                 text = (await resp.aread()).decode(errors="replace")
                 result.error = f"HTTP {resp.status_code}: {text[:300]}"
@@ -237,6 +373,8 @@ async def stream_completion(
         result.error = f"{type(exc).__name__}: {exc}"[:300]
     finally:
         result.t_end = time.perf_counter()
+    if result.error is None:
+        result.invalid = target.check(result)
     return result
 
 
@@ -252,36 +390,53 @@ def summarize_single(results: Sequence[StreamResult]) -> dict[str, Any]:
         "ttft_s": median_or_none([r.ttft for r in good]),
         "tokens_min": min((r.tokens for r in results), default=None),
         "errors": sum(1 for r in results if r.error is not None),
+        "invalid_answers": sum(1 for r in results if r.invalid is not None),
         "streams": [r.summary() for r in results],
     }
 
 
-def summarize_concurrent(results: Sequence[StreamResult], max_tokens: int) -> dict[str, Any]:
+def summarize_concurrent(
+    results: Sequence[StreamResult], expected_tokens: int | None
+) -> dict[str, Any]:
+    """Aggregate figures of one burst of concurrent streams.
+
+    Invalid answers still count in the throughput (their tokens were generated); they are
+    reported as ``invalid_answers``. ``expected_tokens`` None: no truncation count.
+    """
     good = [r for r in results if r.error is None]
     ttfts = [t for t in (r.ttft for r in good) if t is not None]
     start = min((r.t_sent for r in results), default=0.0)
     end = max((r.t_end or r.t_sent for r in results), default=0.0)
     total = sum(r.tokens for r in good)
     wall = end - start
-    return {
+    # decode only, as llama-batched-bench's S_TG measures sequences decoded in lockstep:
+    # the sum of the streams' own decode rates (prefill and time to first token left out)
+    rates = [r.decode_tps for r in good if r.decode_tps is not None]
+    out: dict[str, Any] = {
         "aggregate_tps": total / wall if wall > 0 else None,
+        "decode_aggregate_tps": sum(rates) if rates else None,
+        "requests_per_s": len(good) / wall if wall > 0 else None,
         "wall_s": wall,
         "tokens_total": total,
         "tokens_min": min((r.tokens for r in results), default=None),
-        "truncated_streams": sum(1 for r in results if r.tokens < max_tokens),
         "decode_tps_per_client_median": median_or_none([r.decode_tps for r in good]),
         "ttft_p50_s": percentile(ttfts, 50),
         "ttft_p99_s": percentile(ttfts, 99),
         "errors": sum(1 for r in results if r.error is not None),
-        "first_error": next((r.error for r in results if r.error), None),
+        "invalid_answers": sum(1 for r in results if r.invalid is not None),
+        "first_error": next((r.error or r.invalid for r in results if r.error or r.invalid), None),
         "streams": [r.summary() for r in results],
     }
+    if expected_tokens is not None:
+        out["truncated_streams"] = sum(1 for r in results if r.tokens < expected_tokens)
+    return out
 
 
 def median_over_rounds(rounds: list[dict[str, Any]], keys: Sequence[str]) -> dict[str, Any]:
     merged: dict[str, Any] = {k: median_or_none([r.get(k) for r in rounds]) for k in keys}
     merged["tokens_min"] = min_or_none([r.get("tokens_min") for r in rounds])
     merged["errors"] = sum(r.get("errors", 0) for r in rounds)
+    merged["invalid_answers"] = sum(r.get("invalid_answers", 0) for r in rounds)
     if "truncated_streams" in rounds[0]:
         merged["truncated_streams"] = sum(r["truncated_streams"] for r in rounds)
     merged["rounds"] = rounds
@@ -302,6 +457,8 @@ async def measure_http(target: HttpTarget, args: argparse.Namespace, name: str) 
         if warm.error:
             raise RuntimeError(f"warm-up request failed: {warm.error}")
         log(f"{name}: warm-up gave {warm.tokens} tokens, ttft {warm.ttft or 0:.3f}s")
+        if warm.invalid:
+            log(f"{name}: warm-up answer is invalid: {warm.invalid}: {warm.text[:200]!r}")
 
         singles: list[dict[str, Any]] = []
         concurrents: list[dict[str, Any]] = []
@@ -312,22 +469,29 @@ async def measure_http(target: HttpTarget, args: argparse.Namespace, name: str) 
             singles.append(single)
             log(
                 f"{name}: round {rnd}: single decode {fmt(single['decode_tps'], 1)} tok/s, "
-                f"ttft {fmt(single['ttft_s'], 3)}s, min tokens {single['tokens_min']}"
+                f"ttft {fmt(single['ttft_s'], 3)}s, min tokens {single['tokens_min']}, "
+                f"errors {single['errors']}, invalid {single['invalid_answers']}"
             )
             log(f"{name}: round {rnd}/{args.rounds}: {args.clients} concurrent streams")
             streams = await asyncio.gather(
                 *(stream_completion(client, target, i) for i in range(args.clients))
             )
-            conc = summarize_concurrent(streams, args.tokens)
+            conc = summarize_concurrent(streams, target.expected_tokens)
             concurrents.append(conc)
             log(
                 f"{name}: round {rnd}: aggregate {fmt(conc['aggregate_tps'], 1)} tok/s, "
+                f"{fmt(conc['requests_per_s'], 2)} req/s, "
                 f"ttft p50 {fmt(conc['ttft_p50_s'], 3)}s p99 {fmt(conc['ttft_p99_s'], 3)}s, "
-                f"min tokens {conc['tokens_min']}, errors {conc['errors']}"
+                f"min tokens {conc['tokens_min']}, errors {conc['errors']}, "
+                f"invalid {conc['invalid_answers']}"
             )
+            if conc["first_error"]:
+                log(f"{name}: round {rnd}: first problem: {conc['first_error'][:200]}")
     return {
         "ignore_eos_sent": bool(target.extra_body.get("ignore_eos")),
         "model_name": target.model,
+        "endpoint": target.endpoint,
+        "max_tokens": target.max_tokens,
         "warmup": warm.summary(),
         "single": median_over_rounds(singles, ("decode_tps", "e2e_tps", "ttft_s")),
         "concurrent": {
@@ -336,6 +500,8 @@ async def measure_http(target: HttpTarget, args: argparse.Namespace, name: str) 
                 concurrents,
                 (
                     "aggregate_tps",
+                    "decode_aggregate_tps",
+                    "requests_per_s",
                     "wall_s",
                     "tokens_total",
                     "decode_tps_per_client_median",
@@ -450,8 +616,11 @@ def inprocess_worker(spec: dict[str, Any]) -> dict[str, Any]:
     import llama_cpp
 
     t0 = time.perf_counter()
+    gpu: dict[str, Any] = {}
+    if spec.get("gpu_layers") is not None:
+        gpu["n_gpu_layers"] = spec["gpu_layers"]
     llm = llama_cpp.Llama(
-        model_path=spec["model"], n_ctx=2048, n_threads=spec["threads"], verbose=False
+        model_path=spec["model"], n_ctx=2048, n_threads=spec["threads"], verbose=False, **gpu
     )
     load_s = time.perf_counter() - t0
 
@@ -495,9 +664,12 @@ def run_inprocess(args: argparse.Namespace, model: Path) -> dict[str, Any]:
         "tokens": args.tokens,
         "rounds": args.rounds,
         "single_requests": args.single_requests,
+        "gpu_layers": args.gpu_layers,
     }
     argv = [sys.executable, str(Path(__file__).resolve()), "--inprocess-worker", json.dumps(spec)]
-    log(f"inprocess: Llama(n_ctx=2048, n_threads={args.threads}) in a subprocess")
+    call = f"Llama(n_ctx=2048, n_threads={args.threads}"
+    call += ")" if args.gpu_layers is None else f", n_gpu_layers={args.gpu_layers})"
+    log(f"inprocess: {call} in a subprocess")
     proc = subprocess.run(
         argv, stdout=subprocess.PIPE, stderr=None, text=True, timeout=3600, check=False
     )
@@ -505,7 +677,7 @@ def run_inprocess(args: argparse.Namespace, model: Path) -> dict[str, Any]:
     if proc.returncode != 0 or line is None:
         raise ServerFailedError(f"worker exited with {proc.returncode}", proc.stdout[-3000:])
     result: dict[str, Any] = json.loads(line[len("RESULT ") :])
-    result["command"] = f"llama_cpp.Llama(n_ctx=2048, n_threads={args.threads})"
+    result["command"] = f"llama_cpp.{call}"
     return result
 
 
@@ -528,6 +700,11 @@ def llama_server_binary(args: argparse.Namespace) -> Path:
     return cache / "llama-server" / llama_cpp_python_version() / "bin" / "llama-server"
 
 
+def batched_bench_binary(args: argparse.Namespace) -> Path:
+    """``llama-batched-bench``, which scripts/build-llama-server puts beside llama-server."""
+    return llama_server_binary(args).parent / "llama-batched-bench"
+
+
 def llama_cpp_python_version() -> str:
     try:
         return importlib.metadata.version("llama-cpp-python")
@@ -536,6 +713,28 @@ def llama_cpp_python_version() -> str:
         marker = '"llama-cpp-python=='
         start = text.find(marker)
         return text[start + len(marker) : text.find('"', start + len(marker))]
+
+
+def ensure_built(binary: Path, args: argparse.Namespace, name: str) -> None:
+    """Skip the system when an upstream binary is missing, or build it when asked to."""
+    if binary.exists():
+        return
+    if not args.build_llama_server:
+        raise SkippedError(
+            f"{binary} does not exist; build it with scripts/build-llama-server "
+            "(20 to 40 minutes on 2 cores) or pass --build-llama-server"
+        )
+    log(f"{name}: building it with scripts/build-llama-server (this takes a while)")
+    subprocess.run([str(REPO / "scripts" / "build-llama-server")], check=True)
+    if not binary.exists():
+        raise SkippedError(f"{binary} is still missing after scripts/build-llama-server")
+
+
+def ngl_args(args: argparse.Namespace) -> list[str]:
+    """``--gpu-layers`` for upstream's tools: -1 means all layers, as in the agent."""
+    if args.gpu_layers is None:
+        return []
+    return ["-ngl", "all" if args.gpu_layers == -1 else str(args.gpu_layers)]
 
 
 @dataclass
@@ -548,6 +747,19 @@ class ServerSpec:
     ready_path: str  # GET path that answers 200 once the model is loaded
     extra_body: dict[str, Any] = field(default_factory=dict)  # added to every request
     env: dict[str, str] = field(default_factory=dict)  # added to the environment
+    json_chat: bool = False  # chat completions with JSON_SCHEMA instead of text completions
+
+
+def gpu_memory_used_mb() -> float | None:
+    """Memory in use on the first GPU (nvidia-smi), or None without one: the server's VRAM."""
+    if shutil.which("nvidia-smi") is None:
+        return None
+    query = ["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"]
+    try:
+        out = subprocess.run(query, capture_output=True, text=True, timeout=10, check=True)
+        return float(out.stdout.split()[0])
+    except (OSError, subprocess.SubprocessError, ValueError, IndexError):
+        return None
 
 
 def run_http_system(spec: ServerSpec, args: argparse.Namespace, log_dir: Path) -> dict[str, Any]:
@@ -559,22 +771,41 @@ def run_http_system(spec: ServerSpec, args: argparse.Namespace, log_dir: Path) -
         log(f"{spec.name}: ready in {startup:.2f}s")
         result["rss_mb_ready"] = (server.rss() or 0) / MiB
         model = first_model_id(base_url)
-        target = HttpTarget(base_url, model, args.tokens, dict(spec.extra_body))
+        if spec.json_chat:
+            target = JsonChatTarget(base_url, model, args.json_tokens, dict(spec.extra_body))
+        else:
+            target = HttpTarget(base_url, model, args.tokens, dict(spec.extra_body))
         try:
             result.update(asyncio.run(measure_http(target, args, spec.name)))
         except Exception as exc:
             raise ServerFailedError(f"measurement failed: {exc}", tail(server.log_path)) from exc
         result["rss_mb_after"] = (server.rss() or 0) / MiB
+        result["gpu_memory_mb_after"] = gpu_memory_used_mb()
         if server.proc is not None and server.proc.poll() is not None:
             raise ServerFailedError("server died during the measurement", tail(server.log_path))
     result["log_tail"] = tail(server.log_path, 15)
     return result
 
 
+# --------------------------------------------------------------------------- the agent
+
+AGENT_MODEL_NAME = "bench"
+
+
 def agent_env(args: argparse.Namespace) -> dict[str, str]:
     # The agent replays finished greedy generations from a response cache; the benchmark
     # repeats the same prompts, so it would measure the cache, not generation.
     return {} if args.agent_cache else {"EDGEFLEET_AGENT_CACHE_ENTRIES": "0"}
+
+
+def agent_config(args: argparse.Namespace, model: Path, kernels: str) -> str:
+    """The agent's TOML config: the same for every agent system but for ``kernels``."""
+    runtime = [f"parallel_slots = {args.clients}", f"kernels = {json.dumps(kernels)}"]
+    if args.gpu_layers is not None:
+        runtime.append(f"gpu_layers = {args.gpu_layers}")
+    lines = ["[[models]]", f"name = {json.dumps(AGENT_MODEL_NAME)}"]
+    lines += [f"path = {json.dumps(str(model))}", "[models.runtime]", *runtime]
+    return "\n".join(lines) + "\n"
 
 
 def run_agent_idle(args: argparse.Namespace, log_dir: Path) -> dict[str, Any]:
@@ -588,50 +819,156 @@ def run_agent_idle(args: argparse.Namespace, log_dir: Path) -> dict[str, Any]:
     return {"command": " ".join(argv), "healthz_s": ready, "idle_rss_mb": (rss or 0) / MiB}
 
 
-def run_system(name: str, args: argparse.Namespace, model: Path, log_dir: Path) -> dict[str, Any]:
-    port = free_port()
-    threads = str(args.threads)
-    ignore_eos: dict[str, Any] = {} if args.no_ignore_eos else {"ignore_eos": True}
-    listen = ["--host", "127.0.0.1", "--port", str(port)]
-    if name == "inprocess":
-        return run_inprocess(args, model)
+def run_agent(
+    name: str, args: argparse.Namespace, model: Path, log_dir: Path, extra_body: dict[str, Any]
+) -> dict[str, Any]:
+    """One agent system, served from a config that sets its kernel mode explicitly."""
+    kernels = AGENT_KERNELS[name]
+    config = log_dir / f"{name}.toml"
+    config.write_text(agent_config(args, model, kernels))
+    out: dict[str, Any] = {"kernels": kernels, "config_toml": config.read_text()}
     if name == "agent":
-        out: dict[str, Any] = {}
         try:
             out["idle"] = run_agent_idle(args, log_dir)
         except ServerFailedError as exc:
             log(f"agent-idle: FAILED: {exc}\n{exc.log_tail}")
             out["idle"] = {"status": "failed", "reason": str(exc), "log_tail": exc.log_tail}
-        argv = [agent_binary(args), "serve", "--model", str(model), *listen]
-        spec = ServerSpec(name, argv, port, "/readyz", ignore_eos, agent_env(args))
-        try:
-            out.update(run_http_system(spec, args, log_dir))
-        except ServerFailedError as exc:
-            exc.partial = out
-            raise
-        return out
+    port = free_port()
+    argv = [agent_binary(args), "serve", "--config", str(config)]
+    argv += ["--host", "127.0.0.1", "--port", str(port)]
+    json_chat = name in JSON_SYSTEMS
+    body = {} if json_chat else extra_body
+    spec = ServerSpec(name, argv, port, "/readyz", body, agent_env(args), json_chat)
+    try:
+        out.update(run_http_system(spec, args, log_dir))
+    except ServerFailedError as exc:
+        exc.partial = out
+        raise
+    return out
+
+
+# --------------------------------------------------------------------------- upstream
+
+
+def parse_jsonl(text: str) -> list[dict[str, Any]]:
+    """The JSON objects among a tool's output lines (other lines are ignored)."""
+    rows = []
+    for line in text.splitlines():
+        if line.startswith("{"):
+            with contextlib.suppress(json.JSONDecodeError):
+                rows.append(json.loads(line))
+    return rows
+
+
+def run_batched_bench(args: argparse.Namespace, model: Path, log_dir: Path) -> dict[str, Any]:
+    """``llama-batched-bench``: decode speed of 1 and ``--clients`` sequences, per round."""
+    binary = batched_bench_binary(args)
+    ensure_built(binary, args, "batched_bench")
+    threads = str(args.threads)
+    parallel = ",".join(str(n) for n in sorted({1, args.clients}))
+    argv = [str(binary), "-m", str(model), "-c", str(2048 * args.clients), "-b", "2048"]
+    argv += ["-ub", "512", "-npp", str(BATCHED_BENCH_PROMPT_TOKENS), "-ntg", str(args.tokens)]
+    argv += ["-npl", parallel, "-t", threads, "-tb", threads, *ngl_args(args)]
+    argv += ["--output-format", "jsonl"]
+    log_path = log_dir / "batched_bench.log"
+    log(f"batched_bench: {' '.join(argv)}")
+    rounds: list[dict[str, Any]] = []
+    for rnd in range(1, args.rounds + 1):
+        with log_path.open("a") as stderr:
+            proc = subprocess.run(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=stderr,
+                text=True,
+                timeout=args.request_timeout,
+                check=False,
+                cwd=REPO,
+            )
+        rows = [row for row in parse_jsonl(proc.stdout) if "pl" in row]
+        if proc.returncode != 0 or not rows:
+            why = f"llama-batched-bench exited with {proc.returncode}"
+            raise ServerFailedError(why if rows else f"{why}, no JSON rows", tail(log_path))
+        by_parallel = {row["pl"]: row for row in rows}
+        figures = {
+            "single_decode_tps": get(by_parallel.get(1), "speed_tg"),
+            "aggregate_tps": get(by_parallel.get(args.clients), "speed_tg"),
+            "prefill_tps": get(by_parallel.get(args.clients), "speed_pp"),
+            "rows": rows,
+        }
+        rounds.append(figures)
+        log(
+            f"batched_bench: round {rnd}/{args.rounds}: 1 sequence "
+            f"{fmt(figures['single_decode_tps'], 1)} tok/s, {args.clients} sequences "
+            f"{fmt(figures['aggregate_tps'], 1)} tok/s (decode only)"
+        )
+    aggregate = median_or_none([r["aggregate_tps"] for r in rounds])
+    present = aggregate is not None
+    return {
+        "command": " ".join(argv),
+        "note": "decode only: llama_decode of random tokens in one batch, no HTTP, no "
+        "sampling, no prefill in the figure (prompt tokens per sequence: "
+        f"{BATCHED_BENCH_PROMPT_TOKENS})",
+        "single": {
+            "decode_tps": median_or_none([r["single_decode_tps"] for r in rounds]),
+            "tokens_min": args.tokens,
+            "errors": 0,
+        },
+        "concurrent": {
+            "clients": args.clients,
+            "aggregate_tps": aggregate,
+            "decode_tps_per_client_median": aggregate / args.clients if present else None,
+            "prefill_tps": median_or_none([r["prefill_tps"] for r in rounds]),
+            "tokens_min": args.tokens if present else None,
+            "errors": 0,
+        },
+        "rounds": rounds,
+        "log_tail": tail(log_path, 15),
+    }
+
+
+def llama_server_argv(args: argparse.Namespace, model: Path, port: int) -> list[str]:
+    binary = llama_server_binary(args)
+    ensure_built(binary, args, "llama_server")
+    threads = str(args.threads)
+    argv = [str(binary), "-m", str(model), "--host", "127.0.0.1", "--port", str(port)]
+    argv += ["--parallel", str(args.clients), "-c", str(2048 * args.clients)]
+    argv += ["--threads", threads, "--threads-batch", threads, *ngl_args(args)]
+    return argv
+
+
+# --------------------------------------------------------------------------- systems
+
+
+def run_system(name: str, args: argparse.Namespace, model: Path, log_dir: Path) -> dict[str, Any]:
+    ignore_eos: dict[str, Any] = {} if args.no_ignore_eos else {"ignore_eos": True}
+    if name == "inprocess":
+        return run_inprocess(args, model)
+    if name in AGENT_KERNELS:
+        return run_agent(name, args, model, log_dir, ignore_eos)
+    if name == "batched_bench":
+        return run_batched_bench(args, model, log_dir)
+    port = free_port()
+    if name == "llama_server":
+        argv = llama_server_argv(args, model, port)
+        return run_http_system(ServerSpec(name, argv, port, "/health", ignore_eos), args, log_dir)
+    if name == "llama_server_json":
+        # --jinja (already the default in this build) renders the model's own chat
+        # template; response_format.json_schema becomes a grammar with or without it.
+        argv = [*llama_server_argv(args, model, port), "--jinja"]
+        spec = ServerSpec(name, argv, port, "/health", json_chat=True)
+        return run_http_system(spec, args, log_dir)
     if name in ("llama_cpp_server", "llama_cpp_server_tuned"):
-        argv = [sys.executable, "-m", "llama_cpp.server", "--model", str(model), *listen]
-        argv += ["--n_ctx", "2048"]
+        threads = str(args.threads)
+        argv = [sys.executable, "-m", "llama_cpp.server", "--model", str(model)]
+        argv += ["--host", "127.0.0.1", "--port", str(port), "--n_ctx", "2048"]
         if name == "llama_cpp_server_tuned":
             argv += ["--n_threads", threads, "--n_threads_batch", threads]
             argv += ["--interrupt_requests", "False", "--logits_all", "False"]
+        if args.gpu_layers is not None:
+            argv += ["--n_gpu_layers", str(args.gpu_layers)]
         # llama_cpp.server has no ignore_eos: tokens are counted as generated.
         return run_http_system(ServerSpec(name, argv, port, "/v1/models"), args, log_dir)
-    if name == "llama_server":
-        binary = llama_server_binary(args)
-        if not binary.exists():
-            if not args.build_llama_server:
-                raise SkippedError(
-                    f"{binary} does not exist; build it with scripts/build-llama-server "
-                    "(20 to 40 minutes on 2 cores) or pass --build-llama-server"
-                )
-            log("llama_server: building it with scripts/build-llama-server (this takes a while)")
-            subprocess.run([str(REPO / "scripts" / "build-llama-server")], check=True)
-        argv = [str(binary), "-m", str(model), *listen]
-        argv += ["--parallel", str(args.clients), "-c", str(2048 * args.clients)]
-        argv += ["--threads", threads, "--threads-batch", threads]
-        return run_http_system(ServerSpec(name, argv, port, "/health", ignore_eos), args, log_dir)
     raise ValueError(f"unknown system {name!r}")
 
 
@@ -708,41 +1045,108 @@ def get(result: dict[str, Any] | None, *path: str) -> Any:
 
 
 def compute_ratios(systems: dict[str, dict[str, Any]], clients: int) -> list[dict[str, Any]]:
+    """Each ratio with its goal; ``better`` says which way: ``higher`` (>= goal) or ``lower``."""
+
     def ratio(a: Any, b: Any) -> float | None:
         return a / b if isinstance(a, float) and isinstance(b, float) and b > 0 else None
 
-    agent = systems.get("agent")
+    def of(name: str, *path: str) -> Any:
+        return get(systems.get(name), *path)
+
     agg = ("concurrent", "aggregate_tps")
-    rows: list[tuple[str, float | None, float | None]] = [
+    answers = ("concurrent", "requests_per_s")
+    ttft = ("concurrent", "ttft_p50_s")
+    decode = ("single", "decode_tps")
+    e2e = ("single", "e2e_tps")
+    n = f"{clients} clients"
+    rows: list[tuple[str, float | None, float | None, str]] = [
         (
-            "agent / in-process, single-stream decode tok/s",
+            f"agent (fast) / llama-server --parallel {clients}, aggregate tok/s, {n}",
+            ratio(of("agent_fast", *agg), of("llama_server", *agg)),
+            1.0,
+            "higher",
+        ),
+        (
+            f"agent (fast) / llama-server, TTFT p50, {n} (lower is better)",
+            ratio(of("agent_fast", *ttft), of("llama_server", *ttft)),
+            1.0,
+            "lower",
+        ),
+        (
+            "agent (fast) / in-process, single-stream decode tok/s",
+            ratio(of("agent_fast", *decode), of("inprocess", *decode)),
+            0.95,
+            "higher",
+        ),
+        (
+            f"agent (fast) decode-only aggregate / llama-batched-bench tok/s, {n}",
             ratio(
-                get(agent, "single", "decode_tps"),
-                get(systems.get("inprocess"), "single", "decode_tps"),
+                of("agent_fast", "concurrent", "decode_aggregate_tps"), of("batched_bench", *agg)
             ),
             0.95,
+            "higher",
         ),
         (
-            f"agent / llama_cpp.server (defaults), aggregate tok/s, {clients} clients",
-            ratio(get(agent, *agg), get(systems.get("llama_cpp_server"), *agg)),
-            2.4,
+            f"agent (fast) end-to-end aggregate / llama-batched-bench tok/s, {n} (info)",
+            ratio(of("agent_fast", *agg), of("batched_bench", *agg)),
+            None,
+            "higher",
         ),
         (
-            f"agent / llama-server --parallel {clients}, aggregate tok/s, {clients} clients",
-            ratio(get(agent, *agg), get(systems.get("llama_server"), *agg)),
+            f"agent (deterministic) / llama-server --parallel {clients}, aggregate tok/s, {n}",
+            ratio(of("agent", *agg), of("llama_server", *agg)),
             0.9,
+            "higher",
         ),
         (
-            "agent / in-process, single-stream end-to-end tok/s (info)",
-            ratio(
-                get(agent, "single", "e2e_tps"), get(systems.get("inprocess"), "single", "e2e_tps")
-            ),
+            "agent (deterministic) / in-process, single-stream decode tok/s (info)",
+            ratio(of("agent", *decode), of("inprocess", *decode)),
             None,
+            "higher",
         ),
         (
-            f"agent / llama_cpp.server (tuned), aggregate tok/s, {clients} clients (info)",
-            ratio(get(agent, *agg), get(systems.get("llama_cpp_server_tuned"), *agg)),
+            "agent (deterministic) / in-process, single-stream end-to-end tok/s (info)",
+            ratio(of("agent", *e2e), of("inprocess", *e2e)),
             None,
+            "higher",
+        ),
+        (
+            f"agent (deterministic) / llama-server, TTFT p50, {n} (info, lower is better)",
+            ratio(of("agent", *ttft), of("llama_server", *ttft)),
+            None,
+            "lower",
+        ),
+        # valid answers per second: the servers format the same JSON with different
+        # whitespace, so their token counts per answer differ
+        (
+            f"agent JSON (deterministic) / llama-server JSON, answers/s, {n}",
+            ratio(of("agent_json", *answers), of("llama_server_json", *answers)),
+            0.9,
+            "higher",
+        ),
+        (
+            f"agent JSON (fast) / llama-server JSON, answers/s, {n} (info)",
+            ratio(of("agent_fast_json", *answers), of("llama_server_json", *answers)),
+            None,
+            "higher",
+        ),
+        (
+            f"agent JSON (deterministic) / llama-server JSON, aggregate tok/s, {n} (info)",
+            ratio(of("agent_json", *agg), of("llama_server_json", *agg)),
+            None,
+            "higher",
+        ),
+        (
+            f"agent (deterministic) / llama_cpp.server (defaults), aggregate tok/s, {n}",
+            ratio(of("agent", *agg), of("llama_cpp_server", *agg)),
+            2.4,
+            "higher",
+        ),
+        (
+            f"agent (deterministic) / llama_cpp.server (tuned), aggregate tok/s, {n} (info)",
+            ratio(of("agent", *agg), of("llama_cpp_server_tuned", *agg)),
+            None,
+            "higher",
         ),
     ]
     return [
@@ -750,22 +1154,52 @@ def compute_ratios(systems: dict[str, dict[str, Any]], clients: int) -> list[dic
             "metric": metric,
             "value": value,
             "goal": goal,
-            "met": None if value is None or goal is None else value >= goal,
+            "better": better,
+            "met": None
+            if value is None or goal is None
+            else (value >= goal if better == "higher" else value <= goal),
         }
-        for metric, value, goal in rows
+        for metric, value, goal, better in rows
     ]
+
+
+def system_notes(name: str, res: dict[str, Any], tokens: int, clients: int) -> list[str]:
+    """The table's note column for one measured system."""
+    conc = res.get("concurrent", {})
+    note = []
+    if conc.get("truncated_streams"):
+        note.append(f"{conc['truncated_streams']} stream(s) < {tokens} tokens")
+    if name in AGENT_KERNELS:
+        note.append(f"ready in {fmt(res.get('startup_to_ready_s'))}s")
+        if res.get("env", {}).get("EDGEFLEET_AGENT_CACHE_ENTRIES") == "0":
+            note.append("response cache off")
+    if name in JSON_SYSTEMS:
+        invalid = (get(res, "single", "invalid_answers") or 0) + (conc.get("invalid_answers") or 0)
+        if invalid:
+            note.append(f"{invalid} invalid answer(s)")
+        if isinstance(conc.get("tokens_total"), float):
+            note.append(f"{conc['tokens_total'] / clients:.0f} tokens/answer")
+    elif name == "batched_bench":
+        note.append("decode only: no HTTP, no sampling, no prefill")
+    elif name != "inprocess" and not res.get("ignore_eos_sent"):
+        note.append("no ignore_eos")
+    return note
 
 
 def report(doc: dict[str, Any]) -> str:
     clients = doc["config"]["clients"]
     tokens = doc["config"]["tokens"]
     m = doc["machine"]
+    gpu_layers = doc["config"].get("gpu_layers")
     out = [
         f"Machine: {m['cpu_model']}, {m['physical_cores']} cores / {m['logical_cpus']} CPUs, "
         f"{m['ram_gib']} GiB RAM, {m['os']}, Python {m['python']}, "
         f"llama-cpp-python {m['llama_cpp_python']}",
         f"Model: {doc['model']['name']} ({doc['model']['size_mb']:.0f} MB); "
-        f"{tokens} tokens per stream, temperature 0, rounds {doc['config']['rounds']} (median)",
+        f"{tokens} tokens per stream (JSON: at most {doc['config'].get('json_tokens')}), "
+        "temperature 0, "
+        f"rounds {doc['config']['rounds']} (median), GPU layers: "
+        f"{'each system default' if gpu_layers is None else gpu_layers}",
         "",
     ]
     header = [
@@ -773,6 +1207,7 @@ def report(doc: dict[str, Any]) -> str:
         "1-stream tok/s",
         "1-stream e2e",
         f"{clients}-client agg tok/s",
+        "req/s",
         "per-client tok/s",
         "TTFT p50 s",
         "TTFT p99 s",
@@ -786,40 +1221,35 @@ def report(doc: dict[str, Any]) -> str:
         res = doc["systems"].get(name, {})
         status = res.get("status", "ok")
         if status != "ok":
-            rows.append([LABELS[name], *(["-"] * 9), f"{status}: {res.get('reason', '')[:60]}"])
+            rows.append([LABELS[name], *(["-"] * 10), f"{status}: {res.get('reason', '')[:60]}"])
             continue
         single = res.get("single", {})
         conc = res.get("concurrent", {})
-        note = []
-        if conc.get("truncated_streams"):
-            note.append(f"{conc['truncated_streams']} stream(s) < {tokens} tokens")
-        if name == "agent":
-            note.append(f"ready in {fmt(res.get('startup_to_ready_s'))}s")
-            if res.get("env", {}).get("EDGEFLEET_AGENT_CACHE_ENTRIES") == "0":
-                note.append("response cache off")
-        if name != "inprocess" and not res.get("ignore_eos_sent"):
-            note.append("no ignore_eos")
-        errors = (single.get("errors") or 0) + (conc.get("errors") or 0)
+        errors = sum(
+            part.get(key) or 0 for part in (single, conc) for key in ("errors", "invalid_answers")
+        )
         rows.append(
             [
                 LABELS[name],
                 fmt(single.get("decode_tps"), 1),
                 fmt(single.get("e2e_tps"), 1),
                 fmt(conc.get("aggregate_tps"), 1),
+                fmt(conc.get("requests_per_s"), 2),
                 fmt(conc.get("decode_tps_per_client_median"), 1),
                 fmt(conc.get("ttft_p50_s"), 3),
                 fmt(conc.get("ttft_p99_s"), 3),
                 str(min_or_none([single.get("tokens_min"), conc.get("tokens_min")])),
                 str(errors),
                 pct(get(res, "cpu_contention", "other_cpu_share")),
-                "; ".join(note),
+                "; ".join(system_notes(name, res, tokens, clients)),
             ]
         )
     out.append(render_table(rows))
     out.append("")
     ratio_rows = [["ratio", "value", "goal", "met"]]
     for r in doc["ratios"]:
-        goal = "-" if r["goal"] is None else f">= {r['goal']}"
+        sign = "<=" if r.get("better") == "lower" else ">="
+        goal = "-" if r["goal"] is None else f"{sign} {r['goal']}"
         met = "-" if r["met"] is None else ("yes" if r["met"] else "NO")
         ratio_rows.append([r["metric"], fmt(r["value"], 2), goal, met])
     out.append(render_table(ratio_rows))
@@ -833,6 +1263,18 @@ def report(doc: dict[str, Any]) -> str:
             f"start-up to ready with the model: {fmt(agent.get('startup_to_ready_s'))} s; "
             f"RSS after the run: {fmt(agent.get('rss_mb_after'), 1)} MiB"
         )
+    if doc["systems"].get("batched_bench", {}).get("status") == "ok":
+        out.append(
+            "llama-batched-bench: text-generation speed of 1 and of "
+            f"{clients} sequences decoded together; decode only (no HTTP, no sampling, no "
+            "prefill in the figure): the ceiling no server can pass."
+        )
+    if any(doc["systems"].get(n, {}).get("status") == "ok" for n in JSON_SYSTEMS):
+        out.append(
+            "JSON systems: /v1/chat/completions with response_format json_schema "
+            f"({JSON_SCHEMA_NAME}), no ignore_eos; an answer that does not parse or lacks a "
+            "required key counts as an error."
+        )
     return "\n".join(out)
 
 
@@ -842,8 +1284,9 @@ def report(doc: dict[str, Any]) -> str:
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="scripts/bench-agent",
-        description="Benchmark the edgefleet agent against in-process llama-cpp-python, "
-        "llama_cpp.server and llama.cpp's llama-server (see docs/benchmarks.md).",
+        description="Benchmark the edgefleet agent (deterministic and fast kernels, text and "
+        "JSON-schema output) against in-process llama-cpp-python, llama.cpp's llama-server "
+        "and llama-batched-bench, and llama_cpp.server (see docs/benchmarks.md).",
     )
     p.add_argument(
         "--only",
@@ -851,6 +1294,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help=f"comma-separated systems to run, in order (default: {','.join(ALL_SYSTEMS)})",
     )
     p.add_argument("--tokens", type=int, default=64, help="tokens per stream (default 64)")
+    p.add_argument(
+        "--json-tokens",
+        type=int,
+        default=128,
+        help="max_tokens for the *_json systems (default 128): only a cap, the grammar "
+        "ends each answer (a few dozen tokens); an answer cut at the cap is an error",
+    )
     p.add_argument("--clients", type=int, default=8, help="concurrent clients (default 8)")
     p.add_argument("--rounds", type=int, default=2, help="rounds per measurement (median)")
     p.add_argument(
@@ -863,22 +1313,36 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--threads",
         type=int,
         default=psutil.cpu_count(logical=False) or os.cpu_count() or 1,
-        help="threads for in-process, llama-server and tuned llama_cpp.server "
+        help="threads for in-process, llama-server, llama-batched-bench and tuned "
+        "llama_cpp.server "
         "(default: physical cores)",
+    )
+    p.add_argument(
+        "--gpu-layers",
+        type=int,
+        metavar="N",
+        help="layers to offload to a GPU, for every system (-1: all); default: each "
+        "system's own (the agent: all when its build can, the others: none or auto)",
     )
     p.add_argument("--model", type=Path, help="GGUF to serve (default: the bundled Gemma 3 270M)")
     p.add_argument("--out", type=Path, help="JSON path (default bench-results/agent-<UTC>.json)")
     p.add_argument("--agent-bin", type=Path, help="edgefleet-agent executable")
-    p.add_argument("--llama-server", type=Path, help="llama-server binary (default: the cache)")
+    p.add_argument(
+        "--llama-server",
+        type=Path,
+        help="llama-server binary (default: the cache); llama-batched-bench is looked for "
+        "beside it",
+    )
     p.add_argument(
         "--build-llama-server",
         action="store_true",
-        help="build llama-server with scripts/build-llama-server when it is missing",
+        help="build llama-server and llama-batched-bench with scripts/build-llama-server "
+        "when missing",
     )
     p.add_argument(
         "--no-ignore-eos",
         action="store_true",
-        help="do not send ignore_eos to the agent and llama-server",
+        help="do not send ignore_eos to the agent and llama-server (never sent to *_json)",
     )
     p.add_argument(
         "--agent-cache",
@@ -903,6 +1367,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         p.error(f"unknown system(s) {unknown}; choose from {', '.join(ALL_SYSTEMS)}")
     if args.clients < 1 or args.tokens < 2 or args.rounds < 1 or args.single_requests < 1:
         p.error("--clients, --rounds and --single-requests must be >= 1, --tokens >= 2")
+    if args.json_tokens < 2:
+        p.error("--json-tokens must be >= 2")
+    if args.gpu_layers is not None and args.gpu_layers < -1:
+        p.error("--gpu-layers must be -1 (all) or more")
     return args
 
 
@@ -996,13 +1464,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         "config": {
             "systems": args.systems,
             "tokens": args.tokens,
+            "json_tokens": args.json_tokens,
             "clients": args.clients,
             "rounds": args.rounds,
             "single_requests": args.single_requests,
             "threads": args.threads,
+            "gpu_layers": args.gpu_layers,
             "temperature": 0,
             "prompts": list(PROMPTS),
             "warmup_prompt": WARMUP_PROMPT,
+            "json_schema": {"name": JSON_SCHEMA_NAME, "schema": JSON_SCHEMA},
+            "json_prompts": [json_prompt_for(i) for i in range(len(JSON_CITIES))],
+            "json_warmup_prompt": json_prompt_for(WARMUP),
+            "batched_bench_prompt_tokens": BATCHED_BENCH_PROMPT_TOKENS,
         },
         "systems": systems,
         "ratios": compute_ratios(systems, args.clients),
