@@ -49,6 +49,7 @@ def _physical_cores() -> int:
     return psutil.cpu_count(logical=False) or os.cpu_count() or 1
 
 
+_log = logging.getLogger(__name__)
 _LLAMA_LOG = logging.getLogger("llama.cpp")
 _GGML_LOG_ERROR = 4  # enum ggml_log_level: NONE, DEBUG, INFO, WARN, ERROR, CONT
 # llama.cpp reports a grammar's syntax error only through its log, on the calling thread
@@ -157,6 +158,13 @@ class LlamaModel:
         gpu_layers = 0
         if offload:
             gpu_layers = n_layers if params.gpu_layers < 0 else min(params.gpu_layers, n_layers)
+        if self._deterministic and gpu_layers > 0:
+            _log.warning(
+                "%s: deterministic kernels are batch-invariant on the CPU only; with %d layers "
+                "on the GPU a greedy answer can still change with the batch (docs/serving.md)",
+                manifest.name,
+                gpu_layers,
+            )
         desc = ctypes.create_string_buffer(256)
         llama_cpp.llama_model_desc(model, desc, len(desc))
         self._info = RuntimeInfo(
