@@ -69,8 +69,10 @@ def make_artifacts(folder: Path, model_store: Path) -> Artifacts:
     )
 
 
-# What the bundled base model answers greedily, as an admin would record it at push time.
-GOLDEN = [{"prompt": "The capital of France is", "expect": "France", "max_tokens": 8}]
+# What the bundled base model answers greedily, as an admin would record it at push time
+# (" the capital of the French Republic. It" with deterministic kernels, " the capital of
+# the country of France." with fast ones).
+GOLDEN = [{"prompt": "The capital of France is", "expect": "the capital of", "max_tokens": 8}]
 
 
 @dataclass
