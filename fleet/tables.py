@@ -77,6 +77,9 @@ class Device(SQLModel, table=True):
     name: str = Field(max_length=128)
     group: str | None = Field(default=None, foreign_key="groups.name", index=True, max_length=64)
     public_key: str = Field(unique=True, max_length=64)  # base64 raw Ed25519 key
+    # What survives a re-flash (DMI product UUID, Jetson serial): a board that comes back
+    # with a new key stays this device. Unique, NULLs apart: older agents send none.
+    hardware_id: str | None = Field(default=None, unique=True, index=True, max_length=128)
     token_id: str | None = Field(default=None, max_length=32)  # the token it enrolled with
     mqtt_password_hash: str = Field(max_length=256)  # Mosquitto's $7$ PBKDF2-SHA512 form
     agent_version: str = Field(default="", max_length=64)

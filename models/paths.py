@@ -8,10 +8,13 @@ from __future__ import annotations
 
 from typing import Final
 
-__all__ = ["ARTIFACTS_PATH", "ENROLL_PATH", "TUF_PATH", "artifact_path"]
+__all__ = ["ARTIFACTS_PATH", "ENROLL_PATH", "PROVISION_CHECK_PATH", "TUF_PATH", "artifact_path"]
 
 ENROLL_PATH: Final = "/api/v1/enroll"
 """POST an ``EnrollmentRequest``; the answer is an ``EnrollmentResponse``."""
+
+PROVISION_CHECK_PATH: Final = "/api/v1/enroll/check"
+"""POST a ``ProvisionCheckRequest``: is the token good, and what does a device trust."""
 
 TUF_PATH: Final = "/api/v1/tuf"
 """TUF metadata: ``{TUF_PATH}/{N}.root.json``, ``timestamp.json`` and so on."""

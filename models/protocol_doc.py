@@ -11,7 +11,7 @@ import json
 from datetime import UTC, datetime
 
 from models.device import DeviceReport
-from models.paths import ENROLL_PATH
+from models.paths import ENROLL_PATH, PROVISION_CHECK_PATH
 from models.topics import CHANNEL_POLICIES, TOPIC_PREFIX
 from models.wire import (
     CHANNEL_MESSAGES,
@@ -29,6 +29,8 @@ from models.wire import (
     Event,
     EventKind,
     ModelState,
+    ProvisionCheckRequest,
+    ProvisionCheckResponse,
     ReportedModel,
     ReportedState,
     TargetRef,
@@ -87,6 +89,16 @@ _FLOWS = """
    hash), and the fleet's TUF `root.json`, which a device not provisioned with one
    trusts from then on. Replaying the request returns the same device with a new password; used,
    expired, revoked or unknown tokens get 403 with the reason.
+4. A request with a `hardware_id` (what survives a re-flash: the DMI product UUID, a
+   Jetson's serial number) that belongs to an enrolled device, but a new key, is a
+   re-flash: that device (its id, name, group, tags and history) takes the new key and
+   a new broker password, and one use of the token is spent. A revoked device's
+   hardware cannot enroll again.
+
+Provisioning an image checks its token first: `edgefleet-agent provision` POSTs a
+`ProvisionCheckRequest` to `URL{PROVISION_CHECK_PATH}`, which refuses a token exactly as
+enrollment would (403 with the reason) but spends no use, and answers a
+`ProvisionCheckResponse`: the fleet's TUF `root.json` and the broker's URL and CA.
 
 ### Connecting
 
@@ -236,13 +248,16 @@ def render() -> str:
         retained = "yes" if policy.retain else "no"
         row = f"| `{topic}` | {direction} | {policy.qos} | {retained} | `{message}` |"
         out.append(f"{row} {policy.why} |\n")
-    out.append(_FLOWS.replace("{ENROLL_PATH}", ENROLL_PATH))
+    flows = _FLOWS.replace("{ENROLL_PATH}", ENROLL_PATH)
+    out.append(flows.replace("{PROVISION_CHECK_PATH}", PROVISION_CHECK_PATH))
     out.append("\n## Messages\n")
     examples = _examples()
     documented: list[type[WireModel]] = [
         *CHANNEL_MESSAGES.values(),
         EnrollmentRequest,
         EnrollmentResponse,
+        ProvisionCheckRequest,
+        ProvisionCheckResponse,
     ]
     for model in documented:
         out.append(f"\n### {model.__name__}\n\n{(model.__doc__ or '').strip()}\n")

@@ -44,6 +44,8 @@ __all__ = [
     "EventKind",
     "MessageId",
     "ModelState",
+    "ProvisionCheckRequest",
+    "ProvisionCheckResponse",
     "ReportedModel",
     "ReportedState",
     "Severity",
@@ -329,6 +331,9 @@ class EnrollmentRequest(WireModel):
     name: str = Field(min_length=1, max_length=128)  # a human name; the hostname by default
     agent_version: str = Field(max_length=64)
     device: DeviceReport
+    hardware_id: str | None = Field(default=None, min_length=8, max_length=128)
+    """What survives a re-flash (DMI product UUID, Jetson serial number): a re-flashed
+    device enrolls as the device it was, with a new key, instead of as a duplicate."""
 
 
 def enrollment_proof(token: str, public_key: str, timestamp: datetime) -> bytes:
@@ -356,6 +361,24 @@ class EnrollmentResponse(WireModel):
     heartbeat_interval_s: float = Field(default=30.0, gt=0)  # offline after 3 missed
     tuf_root: str | None = Field(default=None, max_length=MAX_PAYLOAD_BYTES)
     """The fleet's TUF root.json, trusted on first use by a device not provisioned with one."""
+
+
+class ProvisionCheckRequest(WireModel):
+    """Provisioning asks whether a token would enroll, without spending a use of it."""
+
+    token: str = Field(min_length=1, max_length=256)
+
+
+class ProvisionCheckResponse(WireModel):
+    """What provisioning stamps into an image besides the token: the fleet's trust anchors."""
+
+    token_id: str
+    group: str | None = None
+    uses_left: int = Field(ge=1)
+    expires_at: AwareDatetime | None = None
+    tuf_root: str = Field(max_length=MAX_PAYLOAD_BYTES)  # the fleet's current TUF root.json
+    broker_url: str  # mqtt://host:port or mqtts://host:port, as devices will see it
+    broker_ca_pem: str | None = None  # set when the broker speaks TLS
 
 
 # --- encoding ------------------------------------------------------------------------------

@@ -1,51 +1,74 @@
-"""POST /api/v1/enroll: a device trades an enrollment token for an identity and broker login.
+"""POST /api/v1/enroll and /api/v1/enroll/check: devices trade an enrollment token for an identity.
 
-The only unauthenticated write. The order of checks matters:
+The only unauthenticated routes. The order of checks matters:
 
 1. the proof (signature over token, key and timestamp; timestamp fresh), pure and
    before any database work;
 2. the token, looked up by the SHA-256 of its secret;
-3. the key: if it already belongs to a device, this is a *replay* (the device lost
-   the response, or re-provisions itself): the same device gets a fresh broker
-   password and no token use is spent. A revoked device's key is refused for good;
-4. one use is spent by a conditional ``UPDATE ... WHERE uses_left > 0``, in the same
-   transaction that creates the device, so two devices racing for the last use of
-   a token cannot both win, on SQLite or PostgreSQL.
+3. what the request does, decided by :func:`fleet.tokens.plan_enrollment` from the
+   token and the devices that already hold its key or its hardware id: a new device,
+   a *replay* of a known key (a fresh broker password, no use spent), or a *re-flash*
+   (a known board with a new key: the same device takes the key, a use is spent), or a
+   refusal with its reason;
+4. a use is spent by a conditional ``UPDATE ... WHERE uses_left > 0``, in the same
+   transaction that writes the device, so two devices racing for the last use of a
+   token cannot both win, on SQLite or PostgreSQL. A re-flash moves the key by a
+   conditional ``UPDATE ... WHERE public_key = <the key it read>``, so two racing
+   re-flashes of one board cannot both act on the old key; the loser starts over and
+   sees what the winner did. A unique key or hardware id settles racing inserts the
+   same way.
 
 The broker's credentials are synced before the response goes out, so the device can
-connect at once. If that sync fails the device is enrolled but told 503; its retry
-is a replay and gets a working password.
+connect at once and a re-flashed device's old password stops working. If that sync
+fails the device is enrolled but told 503; its retry is a replay and gets a working
+password.
+
+``/enroll/check`` runs step 2 alone and spends nothing: provisioning asks it before
+writing a token into an image, so a bad token or an unreachable fleet shows on the
+operator's bench instead of at the device's first boot. It answers what the image
+needs besides the token: the fleet's TUF root and how to reach the broker.
 """
 
 from __future__ import annotations
 
 import secrets
+import uuid
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
-from fastapi import APIRouter
-from sqlalchemy import Engine, or_, update
+from fastapi import APIRouter, Request
+from sqlalchemy import ColumnElement, Engine, or_, update
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 from starlette.concurrency import run_in_threadpool
 
-from fleet.api.deps import StateDep
+from fleet import audit
+from fleet.api.deps import StateDep, client_address
 from fleet.api.present import token_view
 from fleet.config import FleetSettings
-from fleet.errors import ConfigError, EnrollmentRejected
+from fleet.errors import ConfigError, Conflict, EnrollmentRejected
 from fleet.link.passwords import hash_password, new_password
-from fleet.tables import Device, EnrollmentToken
-from fleet.tokens import check_token, hash_secret
-from models.paths import ENROLL_PATH
+from fleet.tables import Device, EnrollmentToken, EventRow
+from fleet.tokens import EnrollmentAction, check_token, hash_secret, plan_enrollment
+from models.paths import ENROLL_PATH, PROVISION_CHECK_PATH
 from models.topics import validate_device_id
 from models.trust import TrustError, verify_enrollment
-from models.wire import BrokerCredentials, EnrollmentRequest, EnrollmentResponse
+from models.wire import (
+    BrokerCredentials,
+    EnrollmentRequest,
+    EnrollmentResponse,
+    ProvisionCheckRequest,
+    ProvisionCheckResponse,
+)
 
 __all__ = ["new_device_id", "router"]
 
 router = APIRouter(tags=["enrollment"])
 
-_ATTEMPTS = 3  # a unique-key race resolves on the second pass; the third is headroom
+_ATTEMPTS = 3  # a race resolves on the second pass; the third is headroom
+REFLASH_EVENT = "reflashed"  # the device event a re-flash leaves in the device's history
+REFLASH_ACTION = "device.reflash"  # and its audit entry
 
 
 def new_device_id() -> str:
@@ -56,7 +79,10 @@ def new_device_id() -> str:
 class _Enrolled:
     device_id: str
     password: str
-    replay: bool
+
+
+class _Raced(Exception):
+    """Another request changed the device since it was read: start over."""
 
 
 def _spend_one_use(session: Session, token: EnrollmentToken, now: datetime) -> None:
@@ -81,72 +107,178 @@ def _spend_one_use(session: Session, token: EnrollmentToken, now: datetime) -> N
     raise EnrollmentRejected(f"enrollment token {token.id} is used up")
 
 
-def _re_enroll(
+def _token(session: Session, secret: str) -> EnrollmentToken | None:
+    return session.exec(
+        select(EnrollmentToken).where(col(EnrollmentToken.secret_sha256) == hash_secret(secret))
+    ).first()
+
+
+def _still(device: Device, key: str) -> list[ColumnElement[bool]]:
+    """The device as it was read: not revoked, holding ``key`` (else someone raced us)."""
+    return [
+        col(Device.id) == device.id,
+        col(Device.public_key) == key,
+        col(Device.revoked_at).is_(None),
+    ]
+
+
+def _replay(session: Session, device: Device, request: EnrollmentRequest) -> _Enrolled:
+    password = new_password()
+    values: dict[str, Any] = {
+        "mqtt_password_hash": hash_password(password),
+        "agent_version": request.agent_version,
+        "device_report": request.device.model_dump(mode="json"),
+    }
+    if request.hardware_id is not None:
+        values["hardware_id"] = request.hardware_id  # the plan checked no other device has it
+    updated = session.exec(
+        update(Device)
+        .where(*_still(device, request.public_key))
+        .values(**values)
+        .execution_options(synchronize_session=False)
+    )
+    if updated.rowcount != 1:
+        session.rollback()
+        raise _Raced
+    session.commit()
+    return _Enrolled(device.id, password)
+
+
+def _reflash(
     session: Session,
     device: Device,
     token: EnrollmentToken,
     request: EnrollmentRequest,
     now: datetime,
+    source: str,
 ) -> _Enrolled:
-    if device.revoked_at is not None:
-        raise EnrollmentRejected(
-            f"this key belongs to device {device.id}, which was revoked: "
-            "a revoked device cannot enroll again with the same key"
-        )
-    if token.id != device.token_id:
-        check_token(token_view(token), now)  # another token must still be valid
+    """The same device takes the new key and a new password; its old ones stop working."""
+    _spend_one_use(session, token, now)
     password = new_password()
-    device.mqtt_password_hash = hash_password(password)
-    device.agent_version = request.agent_version
-    device.device_report = request.device.model_dump(mode="json")
-    session.add(device)
-    session.commit()
-    return _Enrolled(device.id, password, replay=True)
-
-
-def _enroll_once(engine: Engine, request: EnrollmentRequest, now: datetime) -> _Enrolled:
-    with Session(engine, expire_on_commit=False) as session:
-        token = session.exec(
-            select(EnrollmentToken).where(
-                col(EnrollmentToken.secret_sha256) == hash_secret(request.token)
-            )
-        ).first()
-        if token is None:
-            raise EnrollmentRejected("unknown enrollment token: check it was copied whole")
-        existing = session.exec(
-            select(Device).where(col(Device.public_key) == request.public_key)
-        ).first()
-        if existing is not None:
-            return _re_enroll(session, existing, token, request, now)
-        check_token(token_view(token), now)
-        group = token.group
-        _spend_one_use(session, token, now)
-        password = new_password()
-        device = Device(
-            id=new_device_id(),
-            name=request.name,
-            group=group,
+    old_key = device.public_key
+    moved = session.exec(
+        update(Device)
+        .where(*_still(device, old_key))
+        .values(
             public_key=request.public_key,
-            token_id=token.id,
             mqtt_password_hash=hash_password(password),
+            token_id=token.id,  # so a lost response's retry is a replay, as for a new device
             agent_version=request.agent_version,
             device_report=request.device.model_dump(mode="json"),
-            enrolled_at=now,
         )
-        session.add(device)
-        session.commit()
-        return _Enrolled(device.id, password, replay=False)
+        .execution_options(synchronize_session=False)
+    )
+    if moved.rowcount != 1:
+        session.rollback()  # gives the use back
+        raise _Raced
+    details = {"token": token.id, "old_key": old_key, "new_key": request.public_key}
+    session.add(
+        EventRow(
+            device_id=device.id,
+            event_id=uuid.uuid4().hex,
+            ts=now,
+            kind=REFLASH_EVENT,
+            severity="info",
+            message="re-enrolled after re-flash: new key, new broker password",
+            data=details,
+            stored_at=now,
+        )
+    )
+    audit.record(
+        session,
+        at=now,
+        actor=f"token:{token.id}",
+        action=REFLASH_ACTION,
+        subject=f"device:{device.id}",
+        reason="re-enrolled after re-flash",
+        data={**details, "hardware_id": request.hardware_id},
+        source=source,
+    )
+    session.commit()
+    return _Enrolled(device.id, password)
 
 
-def _enroll(engine: Engine, request: EnrollmentRequest, now: datetime) -> _Enrolled:
+def _new_device(
+    session: Session, token: EnrollmentToken, request: EnrollmentRequest, now: datetime
+) -> _Enrolled:
+    group = token.group
+    _spend_one_use(session, token, now)
+    password = new_password()
+    device = Device(
+        id=new_device_id(),
+        name=request.name,
+        group=group,
+        public_key=request.public_key,
+        hardware_id=request.hardware_id,
+        token_id=token.id,
+        mqtt_password_hash=hash_password(password),
+        agent_version=request.agent_version,
+        device_report=request.device.model_dump(mode="json"),
+        enrolled_at=now,
+    )
+    session.add(device)
+    session.commit()
+    return _Enrolled(device.id, password)
+
+
+def _known(session: Session, request: EnrollmentRequest) -> tuple[Device | None, Device | None]:
+    """The devices with the request's key and with its hardware id, read in one statement.
+
+    One statement sees one snapshot: read apart, a device enrolled in between could show
+    up by its hardware id but not yet by its key, and its own retry would look like a
+    re-flash.
+    """
+    d = Device
+    match = col(d.public_key) == request.public_key
+    if request.hardware_id is not None:
+        match = match | (col(d.hardware_id) == request.hardware_id)
+    found = session.exec(select(d).where(match)).all()
+    by_key = next((x for x in found if x.public_key == request.public_key), None)
+    by_hardware = next(
+        (x for x in found if request.hardware_id and x.hardware_id == request.hardware_id), None
+    )
+    return by_key, by_hardware
+
+
+def _enroll_once(
+    engine: Engine, request: EnrollmentRequest, now: datetime, source: str
+) -> _Enrolled:
+    with Session(engine, expire_on_commit=False) as session:
+        token = _token(session, request.token)
+        by_key, by_hardware = _known(session, request)
+        plan = plan_enrollment(
+            None if token is None else token_view(token),
+            now,
+            hardware_id=request.hardware_id,
+            by_key=by_key,
+            by_hardware=by_hardware,
+        )
+        assert token is not None  # the plan refuses an unknown token
+        if plan.action is EnrollmentAction.REPLAY:
+            assert by_key is not None
+            return _replay(session, by_key, request)
+        if plan.action is EnrollmentAction.REFLASH:
+            assert by_hardware is not None
+            return _reflash(session, by_hardware, token, request, now, source)
+        return _new_device(session, token, request, now)
+
+
+def _enroll(engine: Engine, request: EnrollmentRequest, now: datetime, source: str) -> _Enrolled:
     for attempt in range(_ATTEMPTS):
         try:
-            return _enroll_once(engine, request, now)
-        except IntegrityError:
-            # The same key enrolled concurrently (the next pass sees it: a replay), or
-            # a device id collided (the next pass draws another). The use was rolled back.
-            if attempt == _ATTEMPTS - 1:
-                raise
+            return _enroll_once(engine, request, now, source)
+        except (IntegrityError, _Raced) as exc:
+            # The same key or hardware enrolled concurrently, a re-flash moved the key
+            # first, or a device id collided: the next pass sees what happened (a replay,
+            # another re-flash) or draws another id. The use was rolled back.
+            if attempt < _ATTEMPTS - 1:
+                continue
+            if isinstance(exc, _Raced):
+                raise Conflict(
+                    "the device changed while this request enrolled it, again and again: "
+                    "is more than one board enrolling as it?"
+                ) from None
+            raise
     raise AssertionError("unreachable")
 
 
@@ -160,14 +292,15 @@ def _ca_pem(settings: FleetSettings) -> str | None:
 
 
 @router.post(ENROLL_PATH, response_model=EnrollmentResponse)
-async def enroll(request: EnrollmentRequest, state: StateDep) -> EnrollmentResponse:
-    """Enroll a device (or re-enroll its key); no admin token: the enrollment token is the key."""
+async def enroll(request: EnrollmentRequest, state: StateDep, http: Request) -> EnrollmentResponse:
+    """Enroll a device (re-enroll its key, or its re-flashed board); the token is the key."""
     now = state.clock()
     try:
         verify_enrollment(request, now)
     except TrustError as exc:
         raise EnrollmentRejected(f"enrollment proof rejected: {exc}") from None
-    enrolled = await run_in_threadpool(_enroll, state.engine, request, now)
+    source = f"{client_address(http) or 'unknown'} (enrollment)"
+    enrolled = await run_in_threadpool(_enroll, state.engine, request, now, source)
     ca_pem = await run_in_threadpool(_ca_pem, state.settings)
     tuf_root = await run_in_threadpool(state.tuf.root_json)
     await state.link.sync_auth()
@@ -184,4 +317,33 @@ async def enroll(request: EnrollmentRequest, state: StateDep) -> EnrollmentRespo
         telemetry_interval_s=settings.telemetry_interval_s,
         heartbeat_interval_s=settings.heartbeat_interval_s,
         tuf_root=tuf_root.decode(),
+    )
+
+
+def _usable_token(engine: Engine, secret: str, now: datetime) -> EnrollmentToken:
+    with Session(engine) as session:
+        token = _token(session, secret)
+        check_token(None if token is None else token_view(token), now)
+        assert token is not None
+        return token
+
+
+@router.post(PROVISION_CHECK_PATH, response_model=ProvisionCheckResponse)
+async def check_provisioning(
+    request: ProvisionCheckRequest, state: StateDep
+) -> ProvisionCheckResponse:
+    """Would this token enroll a device now? Spends nothing; answers what an image trusts."""
+    now = state.clock()
+    token = await run_in_threadpool(_usable_token, state.engine, request.token, now)
+    ca_pem = await run_in_threadpool(_ca_pem, state.settings)
+    tuf_root = await run_in_threadpool(state.tuf.root_json)
+    view = token_view(token)
+    return ProvisionCheckResponse(
+        token_id=token.id,
+        group=token.group,
+        uses_left=token.uses_left,
+        expires_at=view.expires_at,
+        tuf_root=tuf_root.decode(),
+        broker_url=state.settings.resolved_broker_public_url,
+        broker_ca_pem=ca_pem,
     )

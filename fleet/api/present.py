@@ -162,6 +162,7 @@ def device_detail(device: Device, tags: list[str]) -> DeviceDetail:
         **_public_fields(device, tags, drift),
         public_key=device.public_key,
         token_id=device.token_id,
+        hardware_id=device.hardware_id,
         device_report=device.device_report or {},
         desired=device.desired,
         reported=device.reported,

@@ -2,8 +2,8 @@
 
 Shapes follow the Base/Create/Update/Public families: ``*Create`` and ``*Update`` are
 what a client may send (unknown fields rejected, so a typo is an error rather than
-a silent no-op), ``*Public`` is what it gets back. Secrets appear in exactly one
-response: :class:`TokenCreated`.
+a silent no-op), ``*Public`` is what it gets back. Secrets appear only in the
+responses that create them: :class:`TokenCreated` and :class:`TokenBatchCreated`.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from models.values import ModelName, Version
 
 __all__ = [
     "GROUP_PATTERN",
+    "MAX_TOKEN_BATCH",
     "TAG_PATTERN",
     "VARIANT_PATTERN",
     "ArtifactPublic",
@@ -48,12 +49,16 @@ __all__ = [
     "PolicyRefPublic",
     "Tag",
     "TagCount",
+    "TokenBatchCreate",
+    "TokenBatchCreated",
     "TokenCreate",
     "TokenCreated",
     "TokenPublic",
+    "TokenSecret",
     "YankBody",
 ]
 
+MAX_TOKEN_BATCH = 10_000  # tokens one batch may create: a day of flashing, not a fleet's worth
 GROUP_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 TAG_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:=/-]{0,63}$"
 
@@ -121,11 +126,29 @@ class TokenPublic(BaseModel):
     state: TokenState
 
 
-class TokenCreated(TokenPublic):
-    """The one response that carries a token's secret."""
+class TokenBatchCreate(TokenCreate):
+    """``count`` one-device tokens (or ``uses``-device ones) at once, for flashing a batch."""
+
+    count: int = Field(ge=1, le=MAX_TOKEN_BATCH)
+
+
+class TokenSecret(TokenPublic):
+    """A token with its secret: only ever in the response that created it."""
 
     secret: str  # shown once; only its SHA-256 is stored
+
+
+class TokenCreated(TokenSecret):
+    """The response to creating one token."""
+
     fleet_url: str  # what a device passes as --fleet
+
+
+class TokenBatchCreated(BaseModel):
+    """The response to creating a batch: every token with its secret, in creation order."""
+
+    fleet_url: str  # what a device passes as --fleet
+    tokens: list[TokenSecret]
 
 
 # --- devices --------------------------------------------------------------------------------
@@ -191,7 +214,8 @@ class DeviceDetail(DevicePublic):
     """A device with everything the controller knows about it."""
 
     public_key: str
-    token_id: str | None
+    token_id: str | None  # the token it last enrolled (or re-enrolled) with
+    hardware_id: str | None  # what survives a re-flash; None: the agent sent none
     device_report: dict[str, Any]
     desired: dict[str, Any] | None
     reported: dict[str, Any] | None

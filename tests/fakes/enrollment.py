@@ -1,9 +1,11 @@
-"""A fake of the controller's enrollment endpoint (``POST /api/v1/enroll``), over real HTTP.
+"""A fake of the controller's enrollment endpoints (``POST /api/v1/enroll``), over real HTTP.
 
 The agent enrolls through httpx against a real socket, so the fake is a tiny
 ``ThreadingHTTPServer``: it checks the signed request as the controller does
 (:func:`models.trust.verify_enrollment`) and lets the test decide the answer
 (``respond``; :func:`accept_as` answers like a controller that accepts the device).
+With ``check`` it also answers provisioning's token check (``POST /api/v1/enroll/check``;
+:func:`check_tokens` answers like the controller for a set of tokens).
 """
 
 from __future__ import annotations
@@ -17,13 +19,21 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from models.paths import PROVISION_CHECK_PATH
 from models.trust import TrustError, verify_enrollment
-from models.wire import BrokerCredentials, EnrollmentRequest, EnrollmentResponse
+from models.wire import (
+    BrokerCredentials,
+    EnrollmentRequest,
+    EnrollmentResponse,
+    ProvisionCheckRequest,
+    ProvisionCheckResponse,
+)
 
-__all__ = ["FakeController", "Responder", "accept_as"]
+__all__ = ["CheckResponder", "FakeController", "Responder", "accept_as", "check_tokens"]
 
 
 Responder = Callable[[EnrollmentRequest], tuple[int, dict[str, Any]]]
+CheckResponder = Callable[[ProvisionCheckRequest], tuple[int, dict[str, Any]]]
 
 
 class FakeController:
@@ -33,14 +43,21 @@ class FakeController:
     does not verify gets 403 with the reason, like the real one.
     """
 
-    def __init__(self, respond: Responder, port: int = 0) -> None:
+    def __init__(
+        self, respond: Responder, port: int = 0, *, check: CheckResponder | None = None
+    ) -> None:
         self.respond = respond
+        self.check = check
         self.requests: list[EnrollmentRequest] = []
+        self.checks: list[ProvisionCheckRequest] = []
         controller = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers.get("content-length", 0)))
+                if self.path == PROVISION_CHECK_PATH and controller.check is not None:
+                    self._check(body, controller.check)
+                    return
                 if self.path != "/api/v1/enroll":
                     self._answer(404, {"detail": "Not Found"})
                     return
@@ -57,6 +74,17 @@ class FakeController:
                     return
                 controller.requests.append(request)
                 self._answer(*controller.respond(request))
+
+            def _check(self, body: bytes, check: CheckResponder) -> None:
+                try:
+                    request = ProvisionCheckRequest.model_validate_json(body)
+                except ValidationError as exc:
+                    self._answer(
+                        422, {"detail": exc.errors(include_url=False, include_context=False)}
+                    )
+                    return
+                controller.checks.append(request)
+                self._answer(*check(request))
 
             def _answer(self, status: int, body: dict[str, Any]) -> None:
                 data = json.dumps(body, default=str).encode()
@@ -99,5 +127,45 @@ def accept_as(
             telemetry_interval_s=telemetry_interval_s,
         )
         return 200, response.model_dump(mode="json")
+
+    return respond
+
+
+def check_tokens(
+    tokens: dict[str, str],
+    *,
+    tuf_root: str,
+    broker_url: str = "mqtts://broker.example:8883",
+    broker_ca_pem: str | None = None,
+) -> CheckResponder:
+    """Answer the token check like the controller: ``tokens`` maps a secret to its state.
+
+    A state is ``active``, ``used``, ``expired`` or ``revoked``; an unknown secret is
+    refused as the controller refuses it, with its ``{"error": {...}}`` body.
+    """
+
+    def respond(request: ProvisionCheckRequest) -> tuple[int, dict[str, Any]]:
+        state = tokens.get(request.token)
+        token_id = f"tok-{abs(hash(request.token)) % 10**6:06d}"
+        reasons = {
+            None: "unknown enrollment token: check it was copied whole",
+            "used": f"enrollment token {token_id} is used up: ask the fleet admin for a new one",
+            "expired": f"enrollment token {token_id} expired at 2026-01-01T00:00:00+00:00: "
+            "ask the fleet admin for a new one",
+            "revoked": f"enrollment token {token_id} was revoked",
+        }
+        if state != "active":
+            error = {"code": "enrollment_rejected", "message": reasons[state]}
+            return 403, {"error": error}
+        answer = ProvisionCheckResponse(
+            token_id=token_id,
+            group="lab",
+            uses_left=1,
+            expires_at=datetime(2030, 1, 1, tzinfo=UTC),
+            tuf_root=tuf_root,
+            broker_url=broker_url,
+            broker_ca_pem=broker_ca_pem,
+        )
+        return 200, answer.model_dump(mode="json")
 
     return respond

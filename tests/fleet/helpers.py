@@ -67,10 +67,13 @@ class DeviceKey:
         name: str = "edge-1",
         agent_version: str = "0.1.0",
         sign_token: str | None = None,
+        hardware_id: str | None = None,
     ) -> dict[str, Any]:
         """An enrollment request body; ``sign_token`` signs another token (a forgery)."""
         proof = enrollment_proof(sign_token or token, self.public, timestamp)
+        extra = {} if hardware_id is None else {"hardware_id": hardware_id}
         return {
+            **extra,
             "token": token,
             "public_key": self.public,
             "timestamp": timestamp.isoformat(),

@@ -163,3 +163,68 @@ def test_revoke_token_is_idempotent_and_404_for_unknown(api: TestClient, clock: 
     assert first["revoked_at"] == second["revoked_at"]
     assert second["state"] == "revoked"
     assert error(api.delete("/api/v1/tokens/tok-nope"))[0] == 404
+
+
+def test_a_batch_of_tokens_in_one_call(api: TestClient, clock: Clock, engine: Engine) -> None:
+    create_group(api, "lab")
+    response = api.post(
+        "/api/v1/tokens/batch",
+        json={"count": 25, "group": "lab", "uses": 2, "expires_in_s": 3600, "note": "line 4"},
+    )
+    assert response.status_code == 201, response.text
+    batch = response.json()
+    assert batch["fleet_url"] == "https://fleet.example.com"
+    tokens = batch["tokens"]
+    assert len(tokens) == 25
+    assert len({t["id"] for t in tokens}) == len({t["secret"] for t in tokens}) == 25
+    expires = (clock.now + timedelta(hours=1)).isoformat()[:19]
+    for t in tokens:
+        assert (t["group"], t["uses_total"], t["uses_left"], t["state"]) == ("lab", 2, 2, "active")
+        assert (t["note"], t["expires_at"][:19]) == ("line 4", expires)
+        assert t["secret"].startswith("eft_")
+    listed = api.get("/api/v1/tokens").json()
+    assert {t["id"] for t in listed} == {t["id"] for t in tokens}
+    assert all("secret" not in t for t in listed)
+    with Session(engine) as session:
+        row = session.get(EnrollmentToken, tokens[7]["id"])
+        assert row is not None
+        assert row.secret_sha256 == hash_secret(tokens[7]["secret"])
+    assert enroll(api, clock, token=tokens[24]["secret"])["device_id"].startswith("dev-")
+
+
+def test_a_batch_is_audited_once(api: TestClient) -> None:
+    tokens = api.post("/api/v1/tokens/batch", json={"count": 3}).json()["tokens"]
+    entries = [e for e in api.get("/api/v1/audit").json() if e["action"].startswith("enrollment")]
+    assert len(entries) == 1
+    (entry,) = entries
+    assert entry["action"] == "enrollment_token.create_batch"
+    assert entry["subject"] == f"token-batch:{tokens[0]['id']}"
+    assert entry["data"]["count"] == 3
+    assert entry["data"]["ids"] == [t["id"] for t in tokens]
+    assert entry["actor"] == "admin"
+
+
+def test_a_batch_is_all_or_nothing(api: TestClient) -> None:
+    status, _, message = error(api.post("/api/v1/tokens/batch", json={"count": 5, "group": "x"}))
+    assert status == 422
+    assert "groups create x" in message
+    assert api.get("/api/v1/tokens").json() == []
+
+
+def test_batch_validation(api: TestClient) -> None:
+    for body in [
+        {},
+        {"count": 0},
+        {"count": 10_001},
+        {"count": 2, "uses": 0},
+        {"count": 2, "x": 1},
+    ]:
+        assert error(api.post("/api/v1/tokens/batch", json=body))[0] == 422, body
+    assert api.post("/api/v1/tokens/batch", json={"count": 1}).status_code == 201
+
+
+def test_the_largest_batch(api: TestClient) -> None:
+    response = api.post("/api/v1/tokens/batch", json={"count": 10_000, "expires_in_s": None})
+    assert response.status_code == 201, response.text
+    assert len({t["secret"] for t in response.json()["tokens"]}) == 10_000
+    assert len(api.get("/api/v1/tokens").json()) == 10_000

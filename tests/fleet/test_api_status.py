@@ -18,7 +18,12 @@ from fleet.errors import ConfigError
 from tests.fakes.fleet_link import FakeLink
 from tests.fleet.helpers import ADMIN, ADMIN_TOKEN, Clock, enroll, error
 
-PUBLIC = {("POST", "/api/v1/enroll"), ("GET", "/healthz"), ("GET", "/readyz")}
+PUBLIC = {
+    ("POST", "/api/v1/enroll"),
+    ("POST", "/api/v1/enroll/check"),
+    ("GET", "/healthz"),
+    ("GET", "/readyz"),
+}
 DEVICE = {
     ("GET", "/api/v1/artifacts/{sha256}"),
     ("HEAD", "/api/v1/artifacts/{sha256}"),

@@ -12,13 +12,12 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from fleet.api.tuf import TUF_PATH
-from models.paths import ARTIFACTS_PATH, ENROLL_PATH
+from models.paths import ARTIFACTS_PATH, ENROLL_PATH, PROVISION_CHECK_PATH, TUF_PATH
 from tests.fleet.helpers import Clock
 
 PASSWORD = "correct horse battery staple"
 # Device-facing and unauthenticated routes: devices prove themselves otherwise.
-OPEN = {"/healthz", "/readyz", ENROLL_PATH, f"{TUF_PATH}/{{filename}}"}
+OPEN = {"/healthz", "/readyz", ENROLL_PATH, PROVISION_CHECK_PATH, f"{TUF_PATH}/{{filename}}"}
 DEVICE_FACING = ARTIFACTS_PATH  # devices (HTTP Basic) or people (Bearer): tested in test_registry
 
 
@@ -210,6 +209,7 @@ def test_operators_run_the_fleet_but_admins_manage_who_enters(
     oscar = TestClient(api.app, headers=bearer(tokens["oscar"]))
     assert oscar.post("/api/v1/groups", json={"name": "lab"}).status_code == 201
     assert oscar.post("/api/v1/tokens", json={}).status_code == 403
+    assert oscar.post("/api/v1/tokens/batch", json={"count": 2}).status_code == 403
     assert oscar.post("/api/v1/devices/dev-1/revoke").status_code == 403
     assert oscar.post("/api/v1/users", json={}).status_code == 403
     assert oscar.get("/api/v1/tokens").status_code == 200
