@@ -258,5 +258,7 @@ def _zone(name: str | None) -> ZoneInfo | None:
         return None
     try:
         return ZoneInfo(name)
-    except (ZoneInfoNotFoundError, ValueError):
+    # A folder of zones ("Europe") is IsADirectoryError when zones come from the tzdata
+    # package rather than the system's files.
+    except (ZoneInfoNotFoundError, ValueError, OSError):
         return None
