@@ -11,7 +11,7 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-__all__ = ["Backoff", "Retry"]
+__all__ = ["Backoff", "Retry", "seconds"]
 
 
 @dataclass(frozen=True)
@@ -52,3 +52,8 @@ class Retry:
 
     def reset(self) -> None:
         self.failures = 0
+
+
+def seconds(delay: float) -> str:
+    """A delay as people read it in a message: ``0.4 s``, ``12 s``."""
+    return f"{delay:.1f} s" if delay < 10 else f"{delay:.0f} s"

@@ -71,6 +71,8 @@ class LinkSettings(BaseModel):
     state_dir: Path = DEFAULT_STATE_DIR  # device key, identity, last desired state, spool
     trust_root: Path | None = None  # the fleet's TUF root.json, provisioned with the image;
     # None: trusted on first use from the enrollment response
+    broker_ca: Path | None = None  # the broker's CA (PEM), provisioned with the image; it
+    # verifies the broker's TLS instead of the CA the enrollment response carries
     spool_max_bytes: int = Field(default=64 * 2**20, ge=64 * 1024)  # payload bytes kept offline
     telemetry_interval_s: float | None = Field(default=None, gt=0)  # None: the controller's
     enroll_timeout_s: float = Field(default=15.0, gt=0)  # one enrollment HTTP request

@@ -5,7 +5,9 @@ and fsyncs the folder, so readers see the old file or the new one, never half, a
 new one survives a power cut once the call returns. Everything the agent persists goes
 through it (identity, device key, desired state, slot state and manifests, update
 attempts). Files are created owner-only (0600) with ``os.open``, never written and then
-chmod-ed, so a secret is not world-readable even for an instant; folders are 0700.
+chmod-ed, so a secret is not world-readable even for an instant; folders are 0700. A
+public file (``mode=0o644``: a trust anchor stamped into an image) gets its mode before
+it is renamed into place, whatever the umask.
 """
 
 from __future__ import annotations
@@ -92,31 +94,49 @@ def mkdir_durable(path: Path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_file(target: Path, *, exclusive: bool = False) -> Iterator[Path]:
-    """Yield a temporary path (0600) to fill; on exit it durably becomes ``target``.
+def atomic_file(
+    target: Path, *, exclusive: bool = False, mode: int = PRIVATE_FILE, durable: bool = True
+) -> Iterator[Path]:
+    """Yield a temporary path (``mode``, 0600 by default) to fill; on exit it becomes ``target``.
 
     If the body raises, ``target`` is untouched and the temporary file is removed. With
     ``exclusive``, fail with :class:`FileExistsError` if ``target`` exists (the device
-    key must never be replaced behind an enrolled identity).
+    key must never be replaced behind an enrolled identity). ``durable=False`` skips the
+    fsyncs: readers still see the old file or the new one, but a power cut may keep the
+    old one (a progress file rewritten often, where an fsync would stall the caller).
     """
     tmp = target.with_name(f".{target.name}.{secrets.token_hex(6)}.tmp")
-    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, PRIVATE_FILE))
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, PRIVATE_FILE)
+    try:
+        if mode != PRIVATE_FILE:
+            os.fchmod(fd, mode)  # exactly ``mode``: os.open's mode is cut by the umask
+    finally:
+        os.close(fd)
     try:
         yield tmp
-        fsync_file(tmp)
+        if durable:
+            fsync_file(tmp)
         if exclusive:
             _link_new(tmp, target)
         else:
             tmp.replace(target)
-        fsync_dir(target.parent)
+        if durable:
+            fsync_dir(target.parent)
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
 
 
-def atomic_write(path: Path, data: bytes, *, exclusive: bool = False) -> None:
+def atomic_write(
+    path: Path,
+    data: bytes,
+    *,
+    exclusive: bool = False,
+    mode: int = PRIVATE_FILE,
+    durable: bool = True,
+) -> None:
     """Replace ``path`` with ``data`` through :func:`atomic_file`."""
-    with atomic_file(path, exclusive=exclusive) as tmp:
+    with atomic_file(path, exclusive=exclusive, mode=mode, durable=durable) as tmp:
         tmp.write_bytes(data)
 
 

@@ -19,6 +19,7 @@ from agent.api.content_type import OllamaJsonBody
 from agent.api.deps import AgentState
 from agent.api.errors import install_error_handlers
 from agent.api.limits import BodyLimit
+from agent.boot_status import BootRecorder, BootStatus, Step, summary
 from agent.config import AgentSettings
 from agent.errors import AgentError
 from agent.interaction_log import InteractionLog
@@ -38,6 +39,7 @@ from agent.state.apply import ExecutorContext, ModelController
 from agent.state.policy import PolicyKeeper
 from agent.state.saved import SavedDesired
 from agent.store import ModelStore
+from agent.systemd import Notifier, keep_watchdog
 from models.wire import DesiredState, EventKind, Severity
 
 __all__ = ["create_app"]
@@ -108,8 +110,34 @@ def _breaker_event(transition: Transition) -> tuple[EventKind, Severity]:
     return kinds[transition.new.value]
 
 
+async def _announce_ready(
+    controller: ModelController,
+    listening: asyncio.Event | None,
+    registry: ModelRegistry,
+    boot: BootRecorder,
+    notifier: Notifier,
+) -> None:
+    """Once the models to serve are loaded (or failed) and the API listens: READY=1.
+
+    READY goes out whatever the models did: a model that fails to load is reported by
+    /readyz and the models step, and restarting the agent would not fix its file.
+    """
+    await controller.serving.wait()  # not the whole reconcile: it may download updates
+    if listening is not None:
+        await listening.wait()
+    names = registry.names()
+    boot.finish(Step.SERVING, f"the API serves {', '.join(names) if names else 'no models yet'}")
+    notifier.ready(summary(boot.status))
+    log.info("ready: %s", summary(boot.status))
+
+
 def create_app(
-    settings: AgentSettings, *, reload: Callable[[], AgentSettings] | None = None
+    settings: AgentSettings,
+    *,
+    reload: Callable[[], AgentSettings] | None = None,
+    boot: BootRecorder | None = None,
+    notifier: Notifier | None = None,
+    listening: asyncio.Event | None = None,
 ) -> FastAPI:
     """An app serving ``settings.models``; ready (``/readyz``) once they are loaded.
 
@@ -117,10 +145,23 @@ def create_app(
     (hot swap); other settings take effect at the next start. When the device is in a
     fleet (``settings.fleet``), the link runs in the background and a desired state
     from the controller, once received, decides the models instead of the config.
+
+    The process edge (the CLI) passes ``boot`` (first-boot progress, ``boot.json``),
+    ``notifier`` (systemd: READY once the first models are loaded and ``listening`` is
+    set by the server, STATUS for each step, watchdog pings while every serving loop
+    beats, STOPPING) and ``listening``; without them progress stays in memory and
+    nothing is notified.
     """
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        recorder = boot or BootRecorder(None)
+        systemd = notifier or Notifier()
+
+        def tell_systemd(status: BootStatus) -> None:
+            systemd.status(summary(status))
+
+        recorder.listeners.append(tell_systemd)
         budget = settings.memory_budget_mb * 2**20 if settings.memory_budget_mb else None
         registry = ModelRegistry(memory_budget_bytes=budget)
         gpus = GpuSampler()
@@ -154,6 +195,8 @@ def create_app(
             if state_dir is not None and saved is not None
             else None
         )
+        if desired is not None:
+            recorder.finish(Step.DESIRED_STATE, f"version {desired.version}, saved earlier")
         policies = PolicyKeeper(
             degraded,
             settings.fallback,
@@ -167,6 +210,7 @@ def create_app(
             desired=desired,
             load=partial(load_model, faults=state.faults),
             policies=policies,
+            boot=recorder,
         )
         for name in controller.expected():
             registry.expect(name)
@@ -176,7 +220,9 @@ def create_app(
             async with AsyncExitStack() as stack:
                 if state_dir is not None:
                     telemetry = TelemetrySource(state.metrics.window, registry.models, gpus.sample)
-                    link = FleetLink(settings.fleet, controller, telemetry, state.device)
+                    link = FleetLink(
+                        settings.fleet, controller, telemetry, state.device, boot=recorder
+                    )
                     controller.on_change = link.report_changed
                     controller.on_outcomes = link.model_outcomes
 
@@ -195,16 +241,24 @@ def create_app(
                     state.fleet = await stack.enter_async_context(link)
                 tasks.add(asyncio.create_task(controller.reconcile()))
                 tasks.add(asyncio.create_task(_watch_thermal(degraded, gpus)))
+                tasks.add(
+                    asyncio.create_task(
+                        _announce_ready(controller, listening, registry, recorder, systemd)
+                    )
+                )
+                tasks.add(asyncio.create_task(keep_watchdog(systemd, registry.heartbeats)))
                 if reload is not None:
                     loop.add_signal_handler(signal.SIGHUP, _on_hangup, controller, reload, tasks)
                 try:
                     yield
                 finally:
+                    systemd.stopping()
                     if reload is not None:
                         loop.remove_signal_handler(signal.SIGHUP)
                     for task in tasks:
                         task.cancel()
         finally:
+            recorder.listeners.remove(tell_systemd)
             await run_in_threadpool(registry.close)
             state.interactions.close()
             gpus.close()

@@ -12,6 +12,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
+import ssl
 
 import httpx
 from pydantic import ValidationError
@@ -24,7 +26,15 @@ from models.paths import ENROLL_PATH
 from models.trust import sign_enrollment
 from models.wire import EnrollmentRequest, EnrollmentResponse, utc_now
 
-__all__ = ["device_name", "enroll", "explain_rejection"]
+__all__ = [
+    "device_name",
+    "enroll",
+    "error_reason",
+    "explain_rejection",
+    "os_error",
+    "token_advice",
+    "transport_reason",
+]
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +46,7 @@ def device_name(device: DeviceReport) -> str:
     return (device.hostname.strip() or "edgefleet-device")[:128]
 
 
-def _reason(body: bytes) -> str:
+def error_reason(body: bytes) -> str:
     """The controller's reason from a FastAPI-style error body, or its first bytes."""
     try:
         data = json.loads(body)
@@ -61,9 +71,19 @@ def _reason(body: bytes) -> str:
     return body[:300].decode("utf-8", "replace").strip()
 
 
+def token_advice(reason: str, new_token: str = _NEW_TOKEN) -> str | None:
+    """What to do about a refused token (unknown, used, expired, revoked); None if not that."""
+    lowered = reason.lower()
+    if "used" in lowered:
+        return f"each token enrolls a limited number of devices: {new_token}"
+    if any(word in lowered for word in ("expired", "revoked", "unknown", "invalid", "token")):
+        return new_token
+    return None
+
+
 def explain_rejection(status: int, body: bytes, fleet_url: str) -> str:
     """A message for the operator: what the controller said, and what to do about it."""
-    reason = _reason(body) or f"HTTP {status}"
+    reason = error_reason(body) or f"HTTP {status}"
     lowered = reason.lower()
     if status == 404:
         hint = f"check --fleet: {fleet_url} has no {ENROLL_PATH} endpoint"
@@ -74,13 +94,36 @@ def explain_rejection(status: int, body: bytes, fleet_url: str) -> str:
         )
     elif any(word in lowered for word in ("clock", "timestamp", "skew")):
         hint = "set this device's clock (enable NTP), then start again"
-    elif "used" in lowered:
-        hint = f"each token enrolls a limited number of devices: {_NEW_TOKEN}"
-    elif any(word in lowered for word in ("expired", "revoked", "unknown", "invalid", "token")):
-        hint = _NEW_TOKEN
     else:
-        hint = f"ask the fleet admin, or {_NEW_TOKEN}"
+        hint = token_advice(reason) or f"ask the fleet admin, or {_NEW_TOKEN}"
     return f"enrollment refused by {fleet_url} (HTTP {status}): {reason}; {hint}"
+
+
+def os_error(exc: BaseException) -> OSError | None:
+    """The OS error (TLS errors are OS errors too) under an httpx error, if there is one."""
+    cause: BaseException | None = exc
+    for _ in range(8):  # down the chain
+        if cause is None:
+            break
+        if isinstance(cause, OSError) and (cause.errno or cause.strerror):
+            return cause
+        cause = cause.__cause__ or cause.__context__
+    return None
+
+
+def transport_reason(exc: BaseException) -> str:
+    """Why a request got no answer, in words: the OS or TLS error under httpx's, if any."""
+    cause = os_error(exc)
+    if isinstance(cause, ssl.SSLCertVerificationError):  # errno 1: not "not permitted"
+        return f"the TLS certificate is not trusted ({cause.verify_message})"
+    if isinstance(cause, ssl.SSLError):
+        return f"TLS failed ({cause.reason or cause})"
+    if cause is not None:
+        # asyncio says "Connect call failed (addr)"; the errno's own words are clearer
+        errno = cause.errno
+        text = os.strerror(errno) if errno and errno > 0 else str(cause.strerror or cause)
+        return text[:1].lower() + text[1:]
+    return str(exc) or type(exc).__name__
 
 
 async def request_enrollment(
@@ -91,7 +134,8 @@ async def request_enrollment(
     try:
         response = await client.post(url, json=request.model_dump(mode="json"))
     except httpx.HTTPError as exc:
-        raise LinkUnavailable(f"controller {fleet_url} unreachable: {exc!r}") from None
+        reason = transport_reason(exc)
+        raise LinkUnavailable(f"controller unreachable at {fleet_url}: {reason}") from None
     status = response.status_code
     if status in (408, 429) or status >= 500:
         raise LinkUnavailable(f"controller {fleet_url} answered HTTP {status}; will retry")
@@ -122,13 +166,19 @@ async def enroll(
     agent_version: str,
     timeout_s: float = 15.0,
     transport: httpx.AsyncBaseTransport | None = None,
+    hardware_id: str | None = None,
 ) -> Identity:
-    """Enroll this device once and save its identity; raises on refusal or no answer."""
+    """Enroll this device once and save its identity; raises on refusal or no answer.
+
+    ``hardware_id`` (:mod:`agent.hardware_id`) lets the controller know a re-flashed board.
+    """
     key = await asyncio.to_thread(state.device_key)
     now = utc_now()
     request = sign_enrollment(
         key, token, name=device_name(device), agent_version=agent_version, device=device, now=now
     )
+    if hardware_id is not None:  # not part of the proof: it only names the board
+        request = request.model_copy(update={"hardware_id": hardware_id})
     async with httpx.AsyncClient(
         timeout=timeout_s, transport=transport, follow_redirects=False
     ) as client:

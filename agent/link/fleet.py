@@ -38,15 +38,17 @@ from typing import Any, Protocol, Self
 
 import httpx
 
-from agent.backoff import Backoff, Retry
+from agent.backoff import Backoff, Retry, seconds
+from agent.boot_status import BootRecorder, Step
 from agent.config import LinkSettings
 from agent.errors import AgentError, ConfigError
+from agent.hardware_id import read_hardware_id
 from agent.link.applier import Applier
 from agent.link.enroll import enroll
 from agent.link.errors import EnrollmentRejected, IdentityError, LinkUnavailable
 from agent.link.identity import Identity, StateDir
 from agent.link.outcomes import ReconcileOutcome, outcome_events
-from agent.link.session import Host, MqttSession, SessionStatus, new_event
+from agent.link.session import Host, MqttSession, SessionStatus, load_broker_ca, new_event
 from agent.link.spool import EntryKind, Spool
 from agent.link.telemetry import Gauges, build_sample
 from agent.link.update_source import FleetSource
@@ -92,41 +94,61 @@ def link_enabled(settings: LinkSettings) -> bool:
     return settings.url is not None or StateDir(settings.state_dir).identity_path.exists()
 
 
+def _enrolled_as(identity: Identity) -> str:
+    """The enrolled step's detail: ``device dev-... of https://fleet...``."""
+    return f"device {identity.device_id} of {identity.fleet_url}"
+
+
 async def prepare_identity(
     settings: LinkSettings,
     device: Callable[[], DeviceReport],
     *,
     transport: httpx.AsyncBaseTransport | None = None,
+    boot: BootRecorder | None = None,
+    hardware_id: Callable[[], str | None] = read_hardware_id,
 ) -> Identity | None:
     """At startup: the saved identity, or one enrollment attempt with the token.
 
-    ``device`` probes the device, only when an enrollment needs the report.
+    ``device`` probes the device, only when an enrollment needs the report. ``boot``
+    records the provisioned, device key and enrolled steps (:mod:`agent.boot_status`).
 
     Raises :class:`ConfigError` (with what to do) when the device cannot be enrolled as
     configured or the controller refuses; returns None when the controller is
     unreachable (the link keeps trying in the background).
     """
+    boot = boot or BootRecorder(None)
     state = StateDir(settings.state_dir)
-    identity = state.load_identity()
-    if identity is not None:
-        if settings.url is not None and settings.url != identity.fleet_url:
-            raise IdentityError(
-                f"this device is enrolled with {identity.fleet_url} (as {identity.device_id}), "
-                f"not {settings.url}: to move it, remove {state.identity_path} and enroll "
-                "with a token from the new controller"
-            )
-        if settings.token is not None:
-            log.info("already enrolled as %s; the token is not used", identity.device_id)
-        return identity
-    if settings.url is None:
-        return None
-    if settings.token is None:
-        raise ConfigError(
-            f"this device is not enrolled with {settings.url} yet: pass --token TOKEN "
-            "(an admin creates one with `edgefleet tokens create`)"
-        )
+    step = Step.ENROLLED  # the step a ConfigError stops
     try:
-        return await enroll(
+        identity = state.load_identity()
+        if identity is not None:
+            if settings.url is not None and settings.url != identity.fleet_url:
+                raise IdentityError(
+                    f"this device is enrolled with {identity.fleet_url} (as "
+                    f"{identity.device_id}), not {settings.url}: to move it, remove "
+                    f"{state.identity_path} and enroll with a token from the new controller"
+                )
+            if settings.token is not None:
+                log.info("already enrolled as %s; the token is not used", identity.device_id)
+            boot.finish(Step.PROVISIONED, f"enrolled earlier with {identity.fleet_url}")
+            boot.finish(Step.DEVICE_KEY, str(state.key_path))
+            boot.finish(Step.ENROLLED, _enrolled_as(identity))
+            return identity
+        if settings.url is None:
+            return None
+        step = Step.PROVISIONED
+        if settings.token is None:
+            raise ConfigError(
+                f"this device is not enrolled with {settings.url} yet: pass --token TOKEN "
+                "(an admin creates one with `edgefleet tokens create`)"
+            )
+        boot.finish(Step.PROVISIONED, f"fleet {settings.url}, with an enrollment token")
+        step = Step.DEVICE_KEY
+        await asyncio.to_thread(state.device_key)  # IdentityError says what is wrong with it
+        boot.finish(Step.DEVICE_KEY, str(state.key_path))
+        step = Step.ENROLLED
+        boot.start(Step.ENROLLED, f"enrolling with {settings.url}")
+        identity = await enroll(
             state,
             settings.url,
             settings.token.get_secret_value(),
@@ -134,10 +156,17 @@ async def prepare_identity(
             agent_version=agent_version(),
             timeout_s=settings.enroll_timeout_s,
             transport=transport,
+            hardware_id=await asyncio.to_thread(hardware_id),
         )
     except LinkUnavailable as exc:
         log.warning("%s; serving locally and retrying enrollment in the background", exc.message)
+        boot.trouble(Step.ENROLLED, f"{exc.message}; retrying in the background", final=False)
         return None
+    except ConfigError as exc:
+        boot.trouble(step, exc.message, final=True)
+        raise
+    boot.finish(Step.ENROLLED, _enrolled_as(identity))
+    return identity
 
 
 class FleetLink:
@@ -152,8 +181,13 @@ class FleetLink:
         *,
         transport: httpx.AsyncBaseTransport | None = None,
         rand: Callable[[], float] = random.random,
+        boot: BootRecorder | None = None,
+        hardware_id: Callable[[], str | None] = read_hardware_id,
     ) -> None:
         self.settings = settings
+        self.boot = boot or BootRecorder(None)  # first-boot progress (agent.boot_status)
+        self._hardware_id = hardware_id
+        self._broker_ca: str | None = None  # the provisioned broker CA (settings.broker_ca)
         self.host = host
         self.telemetry = telemetry
         self.device = device
@@ -190,6 +224,8 @@ class FleetLink:
             message = exc.message if isinstance(exc, AgentError) else str(exc)
             self.state, self.error = "disabled", message
             log.error("fleet link disabled: %s; serving locally", message)
+            step = Step.DESIRED_STATE if self.boot.is_done(Step.ENROLLED) else Step.ENROLLED
+            self.boot.trouble(step, f"fleet link disabled: {message}", final=True)
             return self
         self._main = asyncio.create_task(self._run(), name="fleet-link")
         return self
@@ -206,6 +242,8 @@ class FleetLink:
                 "its own --state-dir"
             ) from None
         self._lock_fd = fd
+        if self.settings.broker_ca is not None:
+            self._broker_ca = load_broker_ca(self.settings.broker_ca)
         self.identity = self.state_dir.load_identity()
         self.spool = Spool(self.state_dir.spool_path, self.settings.spool_max_bytes)
 
@@ -254,6 +292,8 @@ class FleetLink:
             healthy_after_s=self.settings.healthy_after_s,
             publish_timeout_s=self.settings.publish_timeout_s,
             rand=self._rand,
+            broker_ca=self._broker_ca,
+            on_trouble=self._broker_trouble,
         )
         self.tuf = TufClient(
             self.state_dir.tuf_dir,
@@ -267,6 +307,10 @@ class FleetLink:
         self._reconcile_due = True  # resume an update a restart interrupted
         self._apply_due.set()
         self.state = "running"
+        if not self.boot.is_done(Step.DESIRED_STATE):
+            self.boot.start(
+                Step.DESIRED_STATE, f"waiting for the desired state from {identity.broker.url}"
+            )
         helpers = [
             asyncio.create_task(self._telemetry_loop(identity), name="fleet-telemetry"),
             asyncio.create_task(self._apply_loop(), name="fleet-apply"),
@@ -311,9 +355,10 @@ class FleetLink:
             return None
         self.state = "enrolling"
         retry = Retry(self._backoff, self._rand)
+        hardware_id = await asyncio.to_thread(self._hardware_id)
         while True:
             try:
-                return await enroll(
+                identity = await enroll(
                     self.state_dir,
                     settings.url,
                     settings.token.get_secret_value(),
@@ -321,19 +366,27 @@ class FleetLink:
                     agent_version=agent_version(),
                     timeout_s=settings.enroll_timeout_s,
                     transport=self._transport,
+                    hardware_id=hardware_id,
                 )
             except EnrollmentRejected as exc:
                 self.state, self.error = "rejected", exc.message
                 log.error("%s; the agent keeps serving locally", exc.message)
+                self.boot.trouble(Step.ENROLLED, exc.message, final=True)
                 return None
             except (LinkUnavailable, IdentityError, OSError) as exc:
                 self.error = exc.message if isinstance(exc, AgentError) else str(exc)
                 delay = retry.next_delay()
                 log.warning("enrollment failed (%s); retrying in %.1f s", self.error, delay)
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._stopping.wait(), timeout=delay)
-                if self._stopping.is_set():
-                    return None
+                self.boot.trouble(
+                    Step.ENROLLED, f"{self.error}; retrying in {seconds(delay)}", final=False
+                )
+            else:
+                self.boot.finish(Step.ENROLLED, _enrolled_as(identity))
+                return identity
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), timeout=delay)
+            if self._stopping.is_set():
+                return None
 
     # -- desired state and commands ---------------------------------------------------
 
@@ -372,6 +425,7 @@ class FleetLink:
                     continue
                 if desired is not None:
                     self._newest = desired.version
+                    self.boot.finish(Step.DESIRED_STATE, f"version {desired.version}")
                     if self.session is not None:
                         self.session.status.received_desired_version = desired.version
                     applier.apply(desired)
@@ -426,6 +480,7 @@ class FleetLink:
 
     def _refused(self, exc: TrustError | TufError) -> None:
         log.error("refusing a desired state: %s", exc)
+        self.boot.trouble(Step.DESIRED_STATE, f"desired state refused: {exc}", final=False)
         self.emit(
             EventKind.DESIRED_REJECTED,
             f"desired state refused: {exc}",
@@ -465,6 +520,10 @@ class FleetLink:
                     "desired state not signed by a trusted director key"
                 ) from exc
             return attempt()
+
+    def _broker_trouble(self, message: str) -> None:
+        """The session lost or could not reach the broker: the desired state waits for it."""
+        self.boot.trouble(Step.DESIRED_STATE, message, final=False)
 
     def report_changed(self) -> None:
         """The host calls this when what it would report may have changed."""

@@ -39,13 +39,14 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
+from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 import aiomqtt
 from pydantic import ValidationError
 
-from agent.backoff import Backoff, Retry
+from agent.backoff import Backoff, Retry, seconds
 from agent.errors import ConfigError
 from agent.link.identity import Identity
 from agent.link.spool import Drops, Entry, EntryKind, Spool
@@ -73,8 +74,10 @@ __all__ = [
     "MqttSession",
     "SessionStatus",
     "is_auth_failure",
+    "load_broker_ca",
     "new_event",
     "parse_broker_url",
+    "tls_context",
 ]
 
 log = logging.getLogger(__name__)
@@ -117,6 +120,36 @@ def parse_broker_url(url: str) -> BrokerAddress:
     except ValueError:
         raise ConfigError(f"broker url {url!r} has an invalid port") from None
     return BrokerAddress(parts.hostname, port, tls)
+
+
+def load_broker_ca(path: Path) -> str:
+    """The provisioned broker CA (PEM); :class:`ConfigError` if it cannot be used.
+
+    Checked when the link starts, so a bad file is reported once, not on every reconnect.
+    """
+    try:
+        pem = path.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read the broker CA {path}: {exc}") from None
+    try:
+        ssl.create_default_context(cadata=pem)
+    except (ssl.SSLError, ValueError) as exc:
+        raise ConfigError(f"the broker CA {path} is not a PEM certificate: {exc}") from None
+    return pem
+
+
+def tls_context(
+    address: BrokerAddress, provisioned_ca: str | None, enrolled_ca: str | None
+) -> ssl.SSLContext | None:
+    """How to verify the broker: None for mqtt://; for mqtts://, one CA, else the system's.
+
+    A CA provisioned with the image beats the one the enrollment response carried: a
+    trust anchor from provisioning is not trusted on first use over the network.
+    """
+    if not address.tls:
+        return None
+    ca = provisioned_ca or enrolled_ca
+    return ssl.create_default_context(cadata=ca) if ca else ssl.create_default_context()
 
 
 def is_auth_failure(exc: BaseException) -> bool:
@@ -179,8 +212,12 @@ class MqttSession:
         healthy_after_s: float = 30.0,
         publish_timeout_s: float = 15.0,
         rand: Callable[[], float] = random.random,
+        broker_ca: str | None = None,
+        on_trouble: Callable[[str], None] | None = None,
     ) -> None:
         self.identity = identity
+        self._broker_ca = broker_ca  # provisioned; wins over the identity's ca_pem
+        self._on_trouble = on_trouble  # told why a connection failed, and when it retries
         self.device_id = identity.device_id
         self.spool = spool
         self.host = host
@@ -218,10 +255,7 @@ class MqttSession:
     def _client(self, address: BrokerAddress) -> aiomqtt.Client:
         broker = self.identity.broker
         will = new_event(self.device_id, EventKind.OFFLINE, "connection lost")
-        tls = None
-        if address.tls:
-            tls = ssl.create_default_context(cadata=broker.ca_pem) if broker.ca_pem else None
-            tls = tls or ssl.create_default_context()
+        tls = tls_context(address, self._broker_ca, broker.ca_pem)
         keepalive = int(min(max(self.identity.heartbeat_interval_s, 5.0), 600.0))
         return aiomqtt.Client(
             address.host,
@@ -288,6 +322,13 @@ class MqttSession:
             level = logging.WARNING if connected_at is not None else logging.INFO
             log.log(level, "broker connection lost or refused (%s); retrying in %.1f s", exc, delay)
         self.status.next_attempt_in_s = round(delay, 3)
+        if self._on_trouble is not None:
+            what = (
+                "the broker refused this device's credentials (revoked?)"
+                if self.status.state == "auth_failed"
+                else f"broker {self.identity.broker.url}: {self.status.last_error}"
+            )
+            self._on_trouble(f"{what}; retrying in {seconds(delay)}")
         return delay
 
     async def _sleep(self, delay: float) -> bool:

@@ -11,16 +11,25 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Protocol, TypeVar, runtime_checkable
 
 from agent.errors import InvalidRequest, MemoryBudgetExceeded, ModelNotFound, ModelNotReady
 from agent.runtime.base import ServedModel
 from models.policy import FailureKind
 
-__all__ = ["ModelRegistry"]
+__all__ = ["ModelRegistry", "ServingLoop"]
 
 M = TypeVar("M", bound=ServedModel)
 COPY_MARK = "@"  # in a registry name: a private copy, e.g. a model's CPU copy "gemma3-270m@cpu"
+
+
+@runtime_checkable
+class ServingLoop(Protocol):
+    """A model served by a thread of its own (the GGUF scheduler), which beats as it runs."""
+
+    @property
+    def last_beat(self) -> float:
+        """``time.monotonic()`` of the loop's last iteration."""
 
 
 @dataclass
@@ -50,6 +59,12 @@ class ModelRegistry:
         """The models apps can ask for (copies are only the fallback walker's)."""
         with self._lock:
             return [e.model for n, e in sorted(self._entries.items()) if COPY_MARK not in n]
+
+    def heartbeats(self) -> dict[str, float]:
+        """Each served loop's last beat, private copies included (they hang just the same)."""
+        with self._lock:
+            entries = list(self._entries.items())
+        return {n: e.model.last_beat for n, e in entries if isinstance(e.model, ServingLoop)}
 
     def expect(self, name: str) -> None:
         """Mark a model as configured but not loaded yet, so requests get 503, not 404."""

@@ -14,6 +14,10 @@ only decodes what is new. The runtime is batch-invariant (see
     event loop                          scheduler thread
     submit() ─► waiting (bounded) ──► admit ─► plan ─► llama_decode ─► sample
     Generation ◄──── call_soon_threadsafe(text deltas, result) ◄──────┘
+
+The thread beats (:attr:`BatchScheduler.last_beat`) on every iteration, and wakes at
+least every second while idle to beat, so a thread stuck in a decode step is told
+apart from an idle one: the systemd watchdog (:mod:`agent.systemd`) stops on a stale beat.
 """
 
 from __future__ import annotations
@@ -52,6 +56,8 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+IDLE_WAKE_S = 1.0  # an idle scheduler thread wakes this often (seconds) to beat
 
 
 class BatchDecoder(Protocol):
@@ -248,9 +254,12 @@ def choose_slot(free: Sequence[_Slot], prompt: Sequence[int]) -> tuple[_Slot, in
 class BatchScheduler:
     """Serves one GGUF model to many concurrent requests; a :class:`ServedModel`."""
 
-    def __init__(self, decoder: BatchDecoder, *, queue_size: int = 64) -> None:
+    def __init__(
+        self, decoder: BatchDecoder, *, queue_size: int = 64, idle_wake_s: float = IDLE_WAKE_S
+    ) -> None:
         self._decoder = decoder
         self._queue_size = queue_size
+        self._idle_wake_s = idle_wake_s
         self._slots = [_Slot(seq=i) for i in range(decoder.n_slots)]
         self._waiting: deque[Generation] = deque()
         self._cond = threading.Condition()
@@ -258,6 +267,7 @@ class BatchScheduler:
         self._closed = False
         self._crash: str | None = None  # why the thread died, if an internal error killed it
         self._service_s = 1.0  # moving average of request duration, for Retry-After
+        self._last_beat = time.monotonic()  # the thread's last iteration (time.monotonic())
         self.steps = 0
         self._thread = threading.Thread(
             target=self._run, name=f"batch-{decoder.manifest.name}", daemon=True
@@ -281,6 +291,11 @@ class BatchScheduler:
     @property
     def context_length(self) -> int:
         return self._decoder.n_ctx_slot
+
+    @property
+    def last_beat(self) -> float:
+        """``time.monotonic()`` of the scheduler thread's last iteration, busy or idle."""
+        return self._last_beat
 
     def close(self) -> None:
         """Stop the thread, fail whatever is still queued or running, free the model."""
@@ -360,8 +375,10 @@ class BatchScheduler:
         try:
             while True:
                 with self._cond:
+                    self._last_beat = time.monotonic()
                     while not self._stopping and not self._waiting and not self._busy():
-                        self._cond.wait()
+                        self._cond.wait(self._idle_wake_s)
+                        self._last_beat = time.monotonic()
                     if self._stopping:
                         break
                     self._admit()

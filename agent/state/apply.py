@@ -21,9 +21,11 @@ import time
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from starlette.concurrency import run_in_threadpool
 
+from agent.boot_status import BootRecorder, ModelProgress, Step, model_event, settle_models
 from agent.config import AgentSettings, ModelSpec
 from agent.errors import AgentError
 from agent.metrics import AgentMetrics
@@ -42,7 +44,7 @@ from agent.update.updater import Emit, UpdateConfig, Updater, UpdateSource
 from models.device import DeviceReport
 from models.manifest import ModelManifest, RuntimeParams
 from models.policy import ModelTier
-from models.wire import DesiredState, ReportedState, utc_now
+from models.wire import DesiredState, EventKind, ReportedState, Severity, utc_now
 
 __all__ = [
     "DesiredSpecs",
@@ -173,8 +175,10 @@ class ModelController:
         desired: DesiredState | None = None,
         load: Loader = load_model,
         policies: PolicyKeeper | None = None,
+        boot: BootRecorder | None = None,
     ) -> None:
         self.context = context
+        self.boot = boot or BootRecorder(None)  # the models step of first-boot progress
         self.configured = list(configured)
         self.saved = saved
         self.desired = desired
@@ -186,6 +190,8 @@ class ModelController:
         self._load = load
         self.policies = policies
         self.copies: dict[str, str] = {}  # CPU copies served for fallback tiers -> sha256
+        self.serving = asyncio.Event()  # set once the first models to serve loaded or failed,
+        # before any update is downloaded: the app's READY waits for it
         self._reconciling = asyncio.Lock()
         self._saving = asyncio.Lock()  # saves in order, so the newest state is the one kept
         self._running: tuple[int | None, Preemption] | None = None  # (its desired version, ...)
@@ -198,10 +204,21 @@ class ModelController:
         self, source: UpdateSource, emit: Emit, config: UpdateConfig | None = None
     ) -> None:
         """From now on, install the signed targets desired states name (the fleet link)."""
+
+        def emit_and_record(
+            kind: EventKind,
+            message: str = "",
+            *,
+            severity: Severity = Severity.INFO,
+            data: dict[str, Any] | None = None,
+        ) -> None:
+            self.boot.apply(lambda s, now: model_event(s, kind.value, message, data or {}, now))
+            emit(kind, message, severity=severity, data=data)
+
         self.updater = Updater(
             ModelStore(self.context.settings.store_dir),
             source,
-            emit,
+            emit_and_record,
             config,
             ram_total_bytes=self.context.device.ram_total_bytes or None
             if self.context.device is not None
@@ -220,12 +237,15 @@ class ModelController:
             desired, preemption = self.desired, Preemption()
             self._running = (desired.version if desired is not None else None, preemption)
             self._changed()
+            self._models_started()
             try:
                 outcomes = await self._apply(desired, preemption)
             finally:
+                self.serving.set()
                 self._running = None
                 self._changed()
             await self.serve_cpu_copies()
+            self._models_settled(outcomes)
         if self.on_outcomes is not None and outcomes:
             self.on_outcomes(outcomes)
         return outcomes
@@ -282,6 +302,7 @@ class ModelController:
             self._set_missing({})
             return await self._serve_specs(self.configured, ())
         served = await self._serve(desired, {})  # what is installed serves at once...
+        self.serving.set()
         updates = await self._update(desired, preemption)  # ...while targets are installed
         if not updates or preemption.requested is not None:
             return served + updates  # (pre-empted: the newer state's reconcile does the rest)
@@ -478,6 +499,35 @@ class ModelController:
     def _changed(self) -> None:
         if self.on_change is not None:
             self.on_change()
+
+    def _models_started(self) -> None:
+        names = self.expected()
+        to_load = [n for n in names if n not in self.loaded]
+        if not to_load:
+            return  # nothing new to load: the step stays as it is (done, or waiting)
+        progress = ModelProgress(model=to_load[0], phase="loading") if len(to_load) == 1 else None
+        self.boot.start(Step.MODELS, f"loading {', '.join(to_load)}", progress)
+
+    def _models_settled(self, outcomes: Sequence[Outcome]) -> None:
+        """Record the models step after a reconcile: serving, waiting, retrying or failed."""
+        retrying = {o.name: o.error for o in outcomes if o.error is not None and o.retry}
+        final = {o.name: o.error for o in outcomes if o.error is not None and not o.retry}
+        _, failed = self.context.registry.waiting()
+        served = set(self.loaded)
+        failed = {n: why for n, why in failed.items() if n not in self.missing and n not in served}
+        waiting = {
+            n: why for n, why in self.missing.items() if n not in final and n not in retrying
+        }
+        self.boot.apply(
+            lambda s, now: settle_models(
+                s,
+                now,
+                serving=sorted(served),
+                failed={**failed, **{n: w for n, w in final.items() if n not in served}},
+                retrying=retrying,
+                waiting=waiting,
+            )
+        )
 
     def report(self, device_id: str) -> ReportedState:
         registry = self.context.registry

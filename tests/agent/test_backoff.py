@@ -31,3 +31,11 @@ def test_retry_counts_failures_and_resets_after_a_healthy_connection() -> None:
 def test_nonsense_schedules_are_refused(initial: float, cap: float, mult: float) -> None:
     with pytest.raises(ValueError, match="initial_s"):
         Backoff(initial, cap, mult)
+
+
+def test_delays_read_as_seconds_in_messages() -> None:
+    from agent.backoff import seconds
+
+    assert seconds(0.04) == "0.0 s"
+    assert seconds(2.345) == "2.3 s"
+    assert seconds(30.4) == "30 s"

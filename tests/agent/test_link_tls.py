@@ -165,3 +165,38 @@ def test_the_link_speaks_tls_with_the_ca_it_was_given(
     untrusted = asyncio.run(connect(tmp_path / "untrusted", stranger_pem))
     assert not untrusted["connected"]
     assert "certificate" in str(untrusted["last_error"]).lower()
+
+
+# paho-mqtt 2.2 leaks its SSL socket on a failed handshake (see above)
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+@pytest.mark.filterwarnings("ignore::ResourceWarning")
+def test_a_provisioned_broker_ca_beats_the_one_enrollment_sent(
+    tls_broker: tuple[MosquittoBroker, str, str], tmp_path: Path
+) -> None:
+    broker, ca_pem, stranger_pem = tls_broker
+
+    async def connect(state_dir: Path, enrolled_ca: str, provisioned_ca: str) -> dict[str, object]:
+        identity = write_identity(state_dir, broker, DEVICE, PASSWORD)
+        tls = identity.broker.model_copy(
+            update={"url": f"mqtts://127.0.0.1:{broker.port}", "ca_pem": enrolled_ca}
+        )
+        StateDir(state_dir).save_identity(identity.model_copy(update={"broker": tls}))
+        ca_file = state_dir.parent / f"{state_dir.name}-broker-ca.pem"
+        ca_file.write_text(provisioned_ca)
+        link = FleetLink(
+            settings(state_dir, broker_ca=ca_file), FakeHost(), FakeTelemetry(), DEVICE_REPORT
+        )
+        async with link:
+            await eventually(
+                lambda: link.status()["connected"] or link.status()["last_error"],
+                "a connection or an error",
+                within_s=WITHIN_S,
+            )
+            return link.status()
+
+    # enrollment sent a stranger's CA (a man in the middle): the provisioned one still works
+    assert asyncio.run(connect(tmp_path / "provisioned", stranger_pem, ca_pem))["connected"]
+    # and a provisioned CA is not overruled by whatever enrollment sent
+    refused = asyncio.run(connect(tmp_path / "overruled", ca_pem, stranger_pem))
+    assert not refused["connected"]
+    assert "certificate" in str(refused["last_error"]).lower()
