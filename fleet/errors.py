@@ -10,10 +10,13 @@
     │   ├── Conflict             409, the name is taken or the state moved on
     │   ├── TooLarge             413, an upload over the configured limit
     │   ├── MessageRejected      an MQTT payload that fails validation (logged, dropped)
-    │   └── ConfigError          the controller cannot work as configured: an operator must act
+    │   ├── ConfigError          the controller cannot work as configured: an operator must act
+    │   └── ImageRejected        a firmware image or recipe fails its checks (bad signature,
+    │                            a changed file, an unknown recipe); names what failed
     └── Transient                may succeed later: retry with backoff
         ├── BrokerUnavailable    the MQTT broker cannot be reached
         ├── DatabaseUnavailable  the database cannot be reached
+        ├── ImageBuildFailed     a command of an image build failed (mirror, network, tools)
         ├── StorageUnavailable   the artifact store cannot be written (disk full, I/O error)
         └── RateLimited          429, too many failed sign-ins: wait ``retry_after_s``
 
@@ -30,6 +33,8 @@ __all__ = [
     "EnrollmentRejected",
     "FleetError",
     "Forbidden",
+    "ImageBuildFailed",
+    "ImageRejected",
     "InvalidInput",
     "MessageRejected",
     "NotFound",
@@ -143,6 +148,19 @@ class ConfigError(Rejected):
 
     status = 500
     code = "config_error"
+
+
+class ImageRejected(Rejected):
+    """A firmware image, its manifest or its recipe fails a check; never retried as is."""
+
+    status = 422
+    code = "image_rejected"
+
+
+class ImageBuildFailed(Transient):
+    """A command of an image build failed: often the mirror or the network; run it again."""
+
+    code = "image_build_failed"
 
 
 class StorageUnavailable(Transient):

@@ -13,6 +13,7 @@ from fleet.cli import (
     alerts,
     devices,
     groups,
+    images,
     keys,
     models,
     policies,
@@ -42,6 +43,7 @@ app.add_typer(rollouts.app, name="rollouts")
 app.add_typer(policies.app, name="policies")
 app.add_typer(alerts.app, name="alerts")
 app.add_typer(users.app, name="users")
+app.add_typer(images.app, name="images")
 app.command()(status)
 app.command()(version)
 app.command(context_settings=CONTEXT_SETTINGS, add_help_option=False)(simulate)

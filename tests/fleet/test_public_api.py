@@ -46,7 +46,7 @@ MODULES = [
 ]
 # Packages checked whole, every module found by walking them; route modules (like
 # fleet.api's) export only their router, their handlers being registered, not imported.
-for _package in ("fleet.auth", "fleet.alerts", "fleet.dashboard"):
+for _package in ("fleet.auth", "fleet.alerts", "fleet.dashboard", "fleet.images"):
     _found = importlib.import_module(_package)
     MODULES.append(_package)
     MODULES += [
