@@ -52,3 +52,14 @@ ensure_postgres() {
     for _ in $(seq 50); do pg_isready -q -h 127.0.0.1 -p 5432 && return 0; sleep 0.2; done
     die "PostgreSQL did not start: see /var/log/postgresql/"
 }
+
+ensure_image_tools() {
+    # What `edgefleet images build` runs for a root file system (fleet/images/build.py).
+    local missing=()
+    command -v mmdebstrap >/dev/null || missing+=(mmdebstrap)
+    command -v mkfs.ext4 >/dev/null || missing+=(e2fsprogs)
+    command -v mkfs.vfat >/dev/null || missing+=(dosfstools)
+    command -v mcopy >/dev/null || missing+=(mtools)
+    command -v sfdisk >/dev/null || missing+=(fdisk)
+    ((${#missing[@]} == 0)) || apt_install "${missing[@]}"
+}
