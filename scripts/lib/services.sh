@@ -63,3 +63,10 @@ ensure_image_tools() {
     command -v sfdisk >/dev/null || missing+=(fdisk)
     ((${#missing[@]} == 0)) || apt_install "${missing[@]}"
 }
+
+ensure_qemu() {
+    # The raw image's boot test (tests/integration/test_image_x86.py): QEMU, UEFI firmware.
+    if ! command -v qemu-system-x86_64 >/dev/null || [[ ! -f /usr/share/OVMF/OVMF_CODE_4M.fd ]]; then
+        apt_install --no-install-recommends qemu-system-x86 ovmf
+    fi
+}

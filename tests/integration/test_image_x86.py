@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -43,6 +44,7 @@ from tests.polling import wait_until
 
 pytestmark = [
     pytest.mark.integration,
+    pytest.mark.timeout(1200),  # a build takes minutes: each test may include one
     pytest.mark.skipif(os.geteuid() != 0, reason="image builds and chroots need root"),
 ]
 
@@ -325,3 +327,51 @@ def test_a_device_that_cannot_reach_its_fleet_serves_its_baked_in_model(
         assert gone in json.dumps(report["boot"]["steps"]["enrolled"])
     finally:
         agent.stop()
+
+
+OVMF = Path("/usr/share/OVMF")  # Debian's ovmf: UEFI firmware for QEMU
+BOOT_S = 600.0  # seconds: a boot under TCG (no KVM) takes minutes
+
+
+def test_the_raw_image_boots_in_qemu_and_the_agent_unit_comes_up(
+    image: Image, tmp_path: Path
+) -> None:
+    """UEFI, systemd-boot, the kernel, systemd, then the unit: READY with the baked model."""
+    disk = tmp_path / "disk.img"
+    subprocess.run(["cp", "--sparse=always", image.built.folder / f"{RECIPE}.img", disk],
+                   check=True)  # fmt: skip
+    with disk.open("r+b") as f:
+        f.truncate(disk.stat().st_size + 2**30)  # a bigger disk: the root grows into it
+    variables = tmp_path / "OVMF_VARS.fd"
+    shutil.copyfile(OVMF / "OVMF_VARS_4M.fd", variables)
+    serial = tmp_path / "serial.log"
+    kvm = os.access("/dev/kvm", os.R_OK | os.W_OK)
+    qemu = subprocess.Popen(
+        [
+            "qemu-system-x86_64", "-machine", f"q35,accel={'kvm' if kvm else 'tcg'}",
+            "-cpu", "host" if kvm else "max", "-smp", "2", "-m", "2048",
+            "-drive", f"if=pflash,format=raw,readonly=on,file={OVMF / 'OVMF_CODE_4M.fd'}",
+            "-drive", f"if=pflash,format=raw,file={variables}",
+            "-drive", f"file={disk},format=raw,if=virtio",
+            "-nic", "none", "-display", "none", "-serial", f"file:{serial}", "-no-reboot",
+        ],
+        stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+
+    def console() -> str:
+        return serial.read_text(errors="replace") if serial.exists() else ""
+
+    def unit_started() -> bool:
+        text = console()
+        if qemu.poll() is not None or "Failed to start edgefleet-agent" in text:
+            raise AssertionError(f"the boot failed:\n{text[-4000:]}")
+        return "Started edgefleet-agent.service" in text
+
+    try:
+        wait_until(unit_started, "the agent's unit to start (READY)", timeout=BOOT_S,
+                   every_s=1.0, detail=lambda: console()[-3000:])  # fmt: skip
+        booted = console().split("Started edgefleet-agent.service")[0]
+        assert "Failed to start" not in booted, booted[-4000:]  # a clean boot up to the agent
+    finally:
+        qemu.kill()
+        qemu.wait()
