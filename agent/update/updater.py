@@ -35,11 +35,17 @@ the same way for every step: a transient one (network, disk I/O) is retried with
 by the link; a rejected one (tampered or unusable metadata, a bad artifact, a corrupt slot
 state) is reported once and not tried again for that desired state; a new desired state
 tries again, and so does a restart.
+
+A model that is already active with the target's sha256 (baked into a firmware image, or
+installed by hand) is not downloaded again, but its file is hashed once against the
+target before it counts as current (``verified`` beside the slots records it); a file
+that does not match is replaced by the target, downloaded and checked as any update.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 import time
@@ -83,6 +89,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 ATTEMPTS = "update.json"
+VERIFIED = "verified"  # the sha256 of the active file, hashed once against its target
 
 
 class TargetRejected(Rejected):
@@ -325,7 +332,9 @@ class Updater:
             self.config.max_activations,
         )
         if isinstance(step, UpToDate):
-            return UpdateOutcome(name, "current", data["version"])
+            if await asyncio.to_thread(self._verified, name, target.sha256):
+                return UpdateOutcome(name, "current", data["version"])
+            return await self._update(desired_version, data, target, load, preemption)
         if isinstance(step, GiveUp):
             if attempts is not None and attempts.gave_up is None:  # not said yet: say it once
                 return await self._crashed(desired_version, data, target, step.reason)
@@ -544,6 +553,29 @@ class Updater:
             self.store.slots.fail(name, reason)
         except SlotError as exc:
             log.warning("cannot record the failed update of %s: %s", name, exc)
+
+    def _verified(self, name: str, sha256: str) -> bool:
+        """Whether the active file hashes to ``sha256`` (once per file: then recorded)."""
+        marker = self.store.slots.folder(name) / VERIFIED
+        try:
+            if marker.read_text().strip() == sha256:
+                return True
+        except OSError:
+            pass
+        try:
+            with self.store.slots.active_path(name).open("rb") as f:
+                found = hashlib.file_digest(f, "sha256").hexdigest()
+        except (OSError, SlotError) as exc:
+            log.warning("cannot hash the active file of %s: %s", name, exc)
+            return False
+        if found != sha256:
+            log.warning("the active %s does not hash to its target: replacing it", name)
+            return False
+        try:
+            atomic_write(marker, f"{sha256}\n".encode())
+        except OSError as exc:
+            log.warning("cannot record that %s was verified: %s", name, exc)
+        return True
 
     def _attempts_path(self, name: str) -> Path:
         return self.store.slots.folder(name) / ATTEMPTS

@@ -97,6 +97,30 @@ def test_a_target_is_downloaded_installed_checked_and_handed_back_to_serve(
     assert len(source.requests) == requests  # nothing downloaded twice
 
 
+def test_a_baked_in_model_with_the_targets_hash_is_verified_once_not_downloaded(
+    updater: Updater, source: FakeUpdateSource, store: ModelStore, events: Events
+) -> None:
+    target = publish(source, data=OLD, version="1")  # the bytes the image baked in
+    outcome = ensure(updater, target, Loader())
+    assert outcome.result == "current"
+    assert source.requests == []  # nothing downloaded
+    marker = store.slots.folder(NAME) / updater_module.VERIFIED
+    assert marker.read_text().strip() == target.sha256
+    assert ensure(updater, target, Loader()).result == "current"
+
+
+def test_a_baked_in_model_whose_file_changed_is_replaced_by_the_target(
+    updater: Updater, source: FakeUpdateSource, store: ModelStore, events: Events
+) -> None:
+    target = publish(source, data=OLD, version="1")
+    baked = store.slots.active_path(NAME)
+    baked.write_bytes(OLD.replace(b"ONNX", b"XNNO"))  # same size: only its hash tells
+    outcome = ensure(updater, target, Loader())
+    assert outcome.result == "updated"
+    assert active(store) == OLD
+    assert EventKind.UPDATE_HEALTHY in events.kinds()
+
+
 def test_an_unhealthy_update_is_rolled_back_and_not_tried_again_for_that_desired_state(
     updater: Updater, source: FakeUpdateSource, store: ModelStore, events: Events
 ) -> None:
