@@ -10,6 +10,8 @@ fixed ids, derived from the recipe's name, so a boot entry can name the root.
 
 from __future__ import annotations
 
+import os
+import shutil
 import tempfile
 import uuid
 from dataclasses import dataclass
@@ -20,7 +22,7 @@ from fleet.errors import ImageBuildFailed
 from fleet.images.rootfs import ESP_LABEL, ROOT_LABEL
 from fleet.images.steps import StepRunner
 
-__all__ = ["DiskLayout", "disk_layout", "pack_tree", "raw_image", "sfdisk_script"]
+__all__ = ["DiskLayout", "clamp_times", "disk_layout", "pack_tree", "raw_image", "sfdisk_script"]
 
 MIB: Final = 2**20
 SECTOR: Final = 512
@@ -114,6 +116,16 @@ def _place(part: Path, disk: Path, offset: int) -> None:
             position += len(block)
 
 
+def clamp_times(tree: Path, epoch: int) -> None:
+    """Set every time in ``tree`` newer than ``epoch`` to it, as ``tar --clamp-mtime`` does."""
+    for folder, dirs, files in os.walk(tree):  # never into a symlinked folder
+        for name in (".", *dirs, *files):
+            path = os.path.join(folder, name)  # noqa: PTH118 (hot loop over a whole root)
+            st = os.lstat(path)
+            if st.st_mtime > epoch or st.st_atime > epoch:
+                os.utime(path, (epoch, min(st.st_mtime, epoch)), follow_symlinks=False)
+
+
 def _boot_files(root: Path) -> tuple[Path, Path, Path]:
     efi = root / "usr/lib/systemd/boot/efi/systemd-bootx64.efi"
     kernels = sorted((root / "boot").glob("vmlinuz-*"))
@@ -138,22 +150,23 @@ def raw_image(
         esp = scratch / "esp.img"
         runner.run(["mkfs.vfat", "-C", "-F", "32", "-n", ESP_LABEL, "-i", layout.esp_id[:8],
                     esp, str(ESP_MIB * 1024)], env=env)  # fmt: skip
-        (scratch / "loader.conf").write_text("default edgefleet.conf\ntimeout 0\n")
-        (scratch / "edgefleet.conf").write_text(
+        tree = scratch / "esp"
+        for source, target in (
+            (efi, "EFI/BOOT/BOOTX64.EFI"),
+            (kernel, "vmlinuz"),
+            (initrd, "initrd.img"),
+        ):
+            (tree / target).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(source, tree / target)
+        (tree / "loader/entries").mkdir(parents=True)
+        (tree / "loader/loader.conf").write_text("default edgefleet.conf\ntimeout 0\n")
+        (tree / "loader/entries/edgefleet.conf").write_text(
             f"title edgefleet ({name})\nlinux /vmlinuz\ninitrd /initrd.img\n"
             f"options root=PARTUUID={layout.root_id.lower()} rw console=tty0 console=ttyS0,115200\n"
         )
-        mtools = ["-i", str(esp)]
-        runner.run(["mmd", *mtools, "::/EFI", "::/EFI/BOOT", "::/loader", "::/loader/entries"],
-                   env=env)  # fmt: skip
-        for source, target in (
-            (efi, "::/EFI/BOOT/BOOTX64.EFI"),
-            (kernel, "::/vmlinuz"),
-            (initrd, "::/initrd.img"),
-            (scratch / "loader.conf", "::/loader/loader.conf"),
-            (scratch / "edgefleet.conf", "::/loader/entries/edgefleet.conf"),
-        ):
-            runner.run(["mcopy", *mtools, source, target], env=env)
+        clamp_times(tree, epoch)
+        runner.run(["mcopy", "-i", esp, "-s", "-m", "-Q", *sorted(tree.iterdir()), "::/"], env=env)
+        clamp_times(root, epoch)  # ext4 keeps each file's times
         part = scratch / "root.img"
         runner.run(
             ["mkfs.ext4", "-q", "-F", "-L", ROOT_LABEL, "-U", layout.root_id.lower(),
