@@ -23,6 +23,7 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from importlib.metadata import version as dist_version
@@ -79,10 +80,9 @@ class Built:
     seconds: float
 
 
-def missing_tools(kind: ImageKind, which: object = shutil.which) -> list[str]:
+def missing_tools(kind: ImageKind, which: Callable[[str], str | None] = shutil.which) -> list[str]:
     """The Debian packages to install before a build of ``kind`` can run."""
     needed = BUILD_TOOLS if kind is ImageKind.ROOTFS else {"tar": "tar", "gzip": "gzip"}
-    assert callable(which)
     return sorted({package for tool, package in needed.items() if which(tool) is None})
 
 

@@ -294,3 +294,18 @@ def test_show_with_a_key_refuses_a_tampered_manifest(image: Path, keydir: Path) 
     assert run("images", "show", image).exit_code == 0  # unverified, and says so
     result = run("images", "show", image, "--key", keydir / "image-key.pub")
     assert "changed after it was signed" in _failed(result)
+
+
+def test_recipes_lists_every_device_class() -> None:
+    result = run("images", "recipes")
+    assert result.exit_code == 0
+    names = [line.split()[0] for line in result.output.splitlines()]
+    assert names == ["jetson-orin", "x86_64-cpu", "x86_64-nvidia"]
+
+
+def test_building_an_unknown_recipe_names_the_known_ones(tmp_path: Path) -> None:
+    result = CliRunner().invoke(EDGEFLEET, ["images", "build", "raspberry-pi", "--out",
+                                            str(tmp_path / "out")])  # fmt: skip
+    assert result.exit_code == 2
+    assert "unknown recipe 'raspberry-pi'; known recipes: jetson-orin, x86_64-cpu" in result.output
+    assert not (tmp_path / "out").exists()  # nothing made
