@@ -248,19 +248,25 @@ class AgentProcess:
 
 
 def wait_ready(agent: AgentProcess, timeout: float = 180.0) -> None:
+    """Wait for /readyz; an agent that never gets there is stopped, so no process leaks."""
+
     def ready() -> bool:
         if agent.proc.poll() is not None:
             raise RuntimeError(f"agent exited with {agent.proc.returncode}:\n{agent.tail()}")
         return httpx.get(f"{agent.url}/readyz", timeout=2).status_code == 200
 
-    wait_until(
-        ready,
-        "the agent to be ready (/readyz 200)",
-        within_s=timeout,
-        every_s=0.2,
-        ignoring=(httpx.TransportError,),
-        detail=agent.tail,
-    )
+    try:
+        wait_until(
+            ready,
+            "the agent to be ready (/readyz 200)",
+            within_s=timeout,
+            every_s=0.2,
+            ignoring=(httpx.TransportError,),
+            detail=agent.tail,
+        )
+    except Exception:
+        agent.stop()
+        raise
 
 
 def start_agent(
@@ -292,11 +298,7 @@ def start_agent(
         )
     agent = AgentProcess(proc, f"http://127.0.0.1:{port}", config, log)
     if wait:
-        try:
-            wait_ready(agent)
-        except Exception:
-            agent.stop()
-            raise
+        wait_ready(agent)
     return agent
 
 

@@ -213,11 +213,7 @@ def boot(root: Path, log: Path) -> AgentProcess:
             stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True,
         )  # fmt: skip
     agent = ChrootAgent(proc, f"http://127.0.0.1:{port}", root / "etc/edgefleet/agent.toml", log)
-    try:
-        wait_ready(agent)
-    except Exception:
-        agent.stop()
-        raise
+    wait_ready(agent)
     return agent
 
 

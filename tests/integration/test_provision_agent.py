@@ -97,11 +97,7 @@ def boot_agent(rootfs: Path, model_store: Path, log: Path) -> AgentProcess:
             cwd=rootfs.parent,
         )
     agent = AgentProcess(proc, f"http://127.0.0.1:{port}", config, log)
-    try:
-        wait_ready(agent)
-    except Exception:
-        agent.stop()
-        raise
+    wait_ready(agent)
     return agent
 
 
