@@ -18,6 +18,7 @@
         ├── DatabaseUnavailable  the database cannot be reached
         ├── ImageBuildFailed     a command of an image build failed (mirror, network, tools)
         ├── StorageUnavailable   the artifact store cannot be written (disk full, I/O error)
+        ├── ArtifactCorrupt      a stored file no longer matches its address (quarantined)
         └── RateLimited          429, too many failed sign-ins: wait ``retry_after_s``
 
 Third-party exceptions (SQLAlchemy, paho, OS errors) are translated at the boundary.
@@ -26,6 +27,7 @@ Third-party exceptions (SQLAlchemy, paho, OS errors) are translated at the bound
 from __future__ import annotations
 
 __all__ = [
+    "ArtifactCorrupt",
     "BrokerUnavailable",
     "ConfigError",
     "Conflict",
@@ -167,6 +169,16 @@ class StorageUnavailable(Transient):
     """The artifact store cannot be written: disk full, permissions, I/O error."""
 
     code = "storage_unavailable"
+
+
+class ArtifactCorrupt(Transient):
+    """A stored artifact's bytes no longer hash to its address; moved to quarantine.
+
+    Transient for a device: it retries, and the download works again once an admin has
+    pushed the model again (the store then has the right bytes at that address).
+    """
+
+    code = "artifact_corrupt"
 
 
 class RateLimited(Transient):

@@ -4,7 +4,9 @@ A device authenticates with HTTP Basic: its id and its broker password (checked
 against the stored Mosquitto hash); a revoked device is refused. Admins may use
 their Bearer token. Only digests some registered artifact names are served, yanked
 ones included (a rollback may need them; ``X-Edgefleet-Yanked`` says so). Starlette's
-``FileResponse`` answers Range requests (206, ``Content-Range``, 416) itself.
+``FileResponse`` answers Range requests (206, ``Content-Range``, 416) itself. A file
+whose bytes no longer match its digest is quarantined and answered with 503
+``artifact_corrupt``, never served.
 """
 
 from __future__ import annotations
@@ -88,9 +90,9 @@ def download_artifact(
         rows = session.exec(
             select(ModelArtifact.yanked_at).where(col(ModelArtifact.sha256) == digest)
         ).all()
-    path = artifact_store(state.settings).path(digest)
-    if not rows or not path.is_file():
+    if not rows:
         raise NotFound(f"no artifact {digest}")
+    path = artifact_store(state.settings).verified_path(digest)  # hashed unless unchanged
     headers = {
         "ETag": f'"{digest}"',
         "Cache-Control": "private, max-age=31536000, immutable",  # content-addressed

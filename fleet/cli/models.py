@@ -1,4 +1,4 @@
-"""'edgefleet models': push model files to the registry, list and show them, yank versions."""
+"""'edgefleet models': push, list, show and yank models; scrub the stored files."""
 
 from __future__ import annotations
 
@@ -11,13 +11,23 @@ from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
 
-from fleet.cli.connection import Connection, connected
-from fleet.cli.output import JsonOpt, console, fail, print_json, size, when
+from fleet.cli.connection import Connection, DataDirOpt, connected
+from fleet.cli.output import (
+    JsonOpt,
+    console,
+    fail,
+    fleet_errors,
+    print_json,
+    settings_from,
+    size,
+    when,
+)
+from fleet.config import DEFAULT_DATA_DIR
 from fleet.registry.variants import VariantRequirements
 
 __all__ = ["app"]
 
-app = typer.Typer(no_args_is_help=True, help="The model registry: push, list, show, yank.")
+app = typer.Typer(no_args_is_help=True, help="The model registry: push, list, show, yank, scrub.")
 
 ModelArg = Annotated[str, typer.Argument(help="the model")]
 
@@ -292,3 +302,27 @@ def yank(
         result = client.post(f"/api/v1/models/{name}/versions/{version}/yank", body)
     variants = ", ".join(a["variant"] for a in result["artifacts"] if a["yanked"])
     typer.echo(f"yanked {name} {version} ({variants})")
+
+
+@app.command("scrub")
+def scrub(data_dir: DataDirOpt = DEFAULT_DATA_DIR, as_json: JsonOpt = False) -> None:
+    """Hash every stored model file against its address; quarantine the changed ones.
+
+    Runs on the controller's data folder (a running controller is fine). Exits 1 if any
+    file was corrupt: push those models again to restore them.
+    """
+    from fleet.registry.registration import artifact_store
+
+    store = artifact_store(settings_from({"data_dir": data_dir}))
+    out = console()
+    with fleet_errors(), out.status("hashing stored artifacts") as status:
+        report = store.scrub(progress=lambda digest: status.update(f"hashed {digest[:12]}"))
+    if as_json:
+        corrupt = {k: str(v) for k, v in report.corrupt.items()}
+        print_json({"checked": report.checked, "corrupt": corrupt})
+    else:
+        out.print(f"checked {report.checked} artifact(s) in {store.root}")
+        for digest, where in report.corrupt.items():
+            out.print(f"corrupt: {digest}, moved to {where}")
+    if report.corrupt:
+        fail(f"{len(report.corrupt)} artifact(s) corrupt: push those models again")

@@ -7,25 +7,42 @@ Identical content is stored once. Only a lower-case hex SHA-256 maps to a path, 
 no request can name a file outside the store. Files are owner-only (0600, folders
 0700): the controller serves them itself, so a copied store or a loosened parent
 folder exposes nothing.
+
+Bytes on disk can still change after they were stored (a swapped file, a bad disk):
+:meth:`ArtifactStore.verified_path` hashes a file before it is served, once per change
+of the file (:mod:`fleet.registry.integrity`), and :meth:`ArtifactStore.scrub` checks
+every file. A file that no longer matches its address is moved to ``quarantine/`` and
+reported, never served.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import tempfile
+import time
 from collections.abc import AsyncIterable, Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
 from starlette.concurrency import run_in_threadpool
 
-from fleet.errors import InvalidInput, StorageUnavailable, TooLarge
+from fleet.errors import ArtifactCorrupt, InvalidInput, NotFound, StorageUnavailable, TooLarge
 from fleet.files import fsync_dir
+from fleet.registry.integrity import VERIFIED, Fingerprint, sha256_of
 from models.values import SHA256
 
-__all__ = ["WRITE_CHUNK_BYTES", "ArtifactStore", "Ingested", "check_digest"]
+__all__ = [
+    "WRITE_CHUNK_BYTES",
+    "ArtifactStore",
+    "Ingested",
+    "ScrubReport",
+    "check_digest",
+]
+
+log = logging.getLogger(__name__)
 
 WRITE_CHUNK_BYTES = 1024 * 1024  # bytes gathered before one write (and one thread hop)
 
@@ -35,6 +52,14 @@ def check_digest(sha256: str) -> str:
     if not SHA256.fullmatch(sha256):
         raise InvalidInput(f"{sha256[:80]!r} is not a SHA-256 digest (64 lower-case hex digits)")
     return sha256
+
+
+@dataclass
+class ScrubReport:
+    """What :meth:`ArtifactStore.scrub` found: files checked, and where bad ones went."""
+
+    checked: int = 0
+    corrupt: dict[str, Path] = field(default_factory=dict)  # address -> quarantined file
 
 
 @dataclass(frozen=True)
@@ -80,6 +105,7 @@ class _Writer:
         target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         self._path.replace(target)  # atomic (one file system); owner-only, as mkstemp made it
         fsync_dir(target.parent)
+        VERIFIED.remember(target, Fingerprint.of(target))  # hashed as it was written
         return Ingested(sha256, self.size, new=True)
 
     def abort(self) -> None:
@@ -105,6 +131,69 @@ class ArtifactStore:
 
     def has(self, sha256: str) -> bool:
         return self.path(sha256).is_file()
+
+    def verified_path(self, sha256: str) -> Path:
+        """The file for ``sha256``, hashed first unless it is unchanged since last verified.
+
+        :class:`NotFound` if there is none; :class:`ArtifactCorrupt` (after moving it to
+        quarantine) if its bytes no longer hash to ``sha256``.
+        """
+        path = self.path(sha256)
+        moved = self._check(path, sha256)
+        if moved is not None:
+            raise ArtifactCorrupt(
+                f"the stored file for artifact {sha256} no longer hashes to it: moved to "
+                f"{moved}; push the model again to restore it"
+            )
+        return path
+
+    def scrub(self, progress: Callable[[str], None] | None = None) -> ScrubReport:
+        """Hash every stored file against its address; quarantine and report the bad ones."""
+        report = ScrubReport()
+        for path in sorted(self.root.glob("sha256/*/*")):
+            if not SHA256.fullmatch(path.name) or not path.is_file():
+                continue  # a temporary file, or not the store's
+            VERIFIED.forget(path)  # a scrub reads every byte again
+            moved = self._check(path, path.name)
+            report.checked += 1
+            if moved is not None:
+                report.corrupt[path.name] = moved
+            if progress is not None:
+                progress(path.name)
+        return report
+
+    def _check(self, path: Path, sha256: str) -> Path | None:
+        """None if the file matches ``sha256`` (or is unchanged since); else where it went."""
+        try:
+            before = Fingerprint.of(path)
+            if VERIFIED.is_current(path, before):
+                return None
+            actual = sha256_of(path)
+        except FileNotFoundError:
+            raise NotFound(f"no artifact {sha256}") from None
+        except OSError as exc:
+            raise StorageUnavailable(f"cannot read artifact {sha256}: {exc}") from None
+        if actual != sha256:
+            log.error("artifact %s: the stored file hashes to %s", sha256, actual)
+            return self._quarantine(path, sha256)
+        if Fingerprint.of(path) == before:  # not changed while it was being hashed
+            VERIFIED.remember(path, before)
+        return None
+
+    def _quarantine(self, path: Path, sha256: str) -> Path:
+        """Move a corrupt file aside (kept for inspection); where it went, or where it is."""
+        VERIFIED.forget(path)
+        target = self.root / "quarantine" / f"{sha256}-{time.time_ns()}"
+        try:
+            target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            path.replace(target)
+        except FileNotFoundError:
+            return target.parent  # another replica moved it first
+        except OSError as exc:
+            log.error("cannot move corrupt artifact %s to quarantine: %s", path, exc)
+            return path
+        log.error("artifact %s does not match its address: moved to %s", sha256, target)
+        return target
 
     def _writer(self) -> _Writer:
         try:
