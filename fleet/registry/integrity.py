@@ -17,8 +17,6 @@ from pathlib import Path
 
 __all__ = ["VERIFIED", "Fingerprint", "VerifiedFiles", "sha256_of"]
 
-_READ_BYTES = 1024 * 1024
-
 
 @dataclass(frozen=True)
 class Fingerprint:
@@ -60,9 +58,6 @@ VERIFIED = VerifiedFiles()  # this process's memory of verified artifact files
 
 
 def sha256_of(path: Path) -> str:
-    """The file's SHA-256, read in 1 MiB pieces (a model may be gigabytes)."""
-    digest = hashlib.sha256()
+    """The file's SHA-256, read in pieces (a model may be gigabytes)."""
     with path.open("rb") as f:
-        while chunk := f.read(_READ_BYTES):
-            digest.update(chunk)
-    return digest.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
