@@ -15,7 +15,7 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["VERIFIED", "Fingerprint", "VerifiedFiles", "sha256_of"]
+__all__ = ["VERIFIED", "Fingerprint", "VerifiedFiles", "matches", "sha256_of"]
 
 
 @dataclass(frozen=True)
@@ -61,3 +61,18 @@ def sha256_of(path: Path) -> str:
     """The file's SHA-256, read in pieces (a model may be gigabytes)."""
     with path.open("rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def matches(path: Path, sha256: str) -> bool:
+    """Whether the file's bytes hash to ``sha256``; hashed only if changed since verified.
+
+    OSError (FileNotFoundError included) propagates: the caller knows what it means.
+    """
+    before = Fingerprint.of(path)
+    if VERIFIED.is_current(path, before):
+        return True
+    if sha256_of(path) != sha256:
+        return False
+    if Fingerprint.of(path) == before:  # not changed while it was being hashed
+        VERIFIED.remember(path, before)
+    return True

@@ -31,7 +31,7 @@ from starlette.concurrency import run_in_threadpool
 
 from fleet.errors import ArtifactCorrupt, InvalidInput, NotFound, StorageUnavailable, TooLarge
 from fleet.files import fsync_dir
-from fleet.registry.integrity import VERIFIED, Fingerprint, sha256_of
+from fleet.registry.integrity import VERIFIED, Fingerprint, matches
 from models.values import SHA256
 
 __all__ = [
@@ -99,9 +99,10 @@ class _Writer:
         sha256 = self._hash.hexdigest()
         final = ArtifactStore.relative(sha256)
         target = self._root / final
-        if target.is_file() and target.stat().st_size == self.size:
+        if target.is_file() and target.stat().st_size == self.size and matches(target, sha256):
             self._path.unlink()
             return Ingested(sha256, self.size, new=False)
+        # No file there, or one whose bytes changed: the new, hashed bytes replace it.
         target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         self._path.replace(target)  # atomic (one file system); owner-only, as mkstemp made it
         fsync_dir(target.parent)
@@ -163,22 +164,15 @@ class ArtifactStore:
         return report
 
     def _check(self, path: Path, sha256: str) -> Path | None:
-        """None if the file matches ``sha256`` (or is unchanged since); else where it went."""
+        """None if the file matches ``sha256``; else where it was moved to."""
         try:
-            before = Fingerprint.of(path)
-            if VERIFIED.is_current(path, before):
+            if matches(path, sha256):
                 return None
-            actual = sha256_of(path)
         except FileNotFoundError:
             raise NotFound(f"no artifact {sha256}") from None
         except OSError as exc:
             raise StorageUnavailable(f"cannot read artifact {sha256}: {exc}") from None
-        if actual != sha256:
-            log.error("artifact %s: the stored file hashes to %s", sha256, actual)
-            return self._quarantine(path, sha256)
-        if Fingerprint.of(path) == before:  # not changed while it was being hashed
-            VERIFIED.remember(path, before)
-        return None
+        return self._quarantine(path, sha256)
 
     def _quarantine(self, path: Path, sha256: str) -> Path:
         """Move a corrupt file aside (kept for inspection); where it went, or where it is."""

@@ -13,7 +13,7 @@ import pytest
 from fastapi.testclient import TestClient
 from typer.testing import CliRunner
 
-import fleet.registry.store as store_module
+import fleet.registry.integrity as integrity_module
 from fleet.cli import app as fleet_cli
 from fleet.config import FleetSettings
 from fleet.errors import ArtifactCorrupt, NotFound
@@ -33,13 +33,13 @@ def swap(path: Path, data: bytes) -> None:
 def hashes_counted(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
     """Every file the store hashes from now on (the real hash still runs)."""
     seen: list[Path] = []
-    real = store_module.sha256_of
+    real = integrity_module.sha256_of
 
     def counting(path: Path) -> str:
         seen.append(path)
         return real(path)
 
-    monkeypatch.setattr(store_module, "sha256_of", counting)
+    monkeypatch.setattr(integrity_module, "sha256_of", counting)
     return seen
 
 
@@ -74,6 +74,21 @@ def test_a_swapped_file_is_quarantined_and_a_new_ingest_restores_it(tmp_path: Pa
 
     assert store.ingest_sync([GGUF]).new  # the admin pushes it again
     assert store.verified_path(digest).read_bytes() == GGUF
+
+
+def test_pushing_again_replaces_a_changed_file_not_yet_served(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = ArtifactStore(tmp_path)
+    digest = store.ingest_sync([GGUF]).sha256
+    swap(store.path(digest), b"X" * len(GGUF))  # the same size: only its hash tells
+    again = store.ingest_sync([GGUF])
+    assert again.new  # the changed file was not taken for the same content
+    assert store.path(digest).read_bytes() == GGUF
+    hashed = hashes_counted(monkeypatch)
+    assert not store.ingest_sync([GGUF]).new  # now it is the same content, known good
+    assert store.verified_path(digest).read_bytes() == GGUF
+    assert hashed == []
 
 
 def test_scrub_hashes_every_file_and_reports_the_bad_ones(
