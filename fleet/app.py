@@ -35,7 +35,7 @@ from fleet.errors import ConfigError, Conflict, FleetError
 from fleet.files import atomic_write
 from fleet.link.port import LinkPort
 from fleet.registry.keys import KeyStore
-from fleet.registry.registration import add_missing_targets
+from fleet.registry.registration import add_missing_targets, artifact_store
 from fleet.registry.repository import Expiries, TufRepository
 from fleet.rollout.engine import RolloutEngine
 from fleet.tables import utc_now
@@ -154,6 +154,7 @@ def _prepare(settings: FleetSettings, engine: Engine, now: datetime) -> tuple[st
         raise ConfigError(f"cannot create the data folder {settings.data_dir}: {exc}") from None
     if settings.broker_ca_file is not None and not settings.broker_ca_file.is_file():
         raise ConfigError(f"broker_ca_file {settings.broker_ca_file} does not exist")
+    artifact_store(settings)  # a ConfigError now, not at the first upload (s3, no bucket)
     migrate(engine)
     token = load_admin_token(settings)
     return token, _prepare_tuf(settings, engine, now)

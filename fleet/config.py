@@ -6,7 +6,9 @@ frozen object and never read the environment themselves.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
+from typing import Literal
 from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, field_validator
@@ -16,6 +18,7 @@ __all__ = ["ADMIN_TOKEN_FILE", "DEFAULT_DATA_DIR", "FleetSettings"]
 
 DEFAULT_DATA_DIR = Path.home() / ".local" / "share" / "edgefleet" / "fleet"
 ADMIN_TOKEN_FILE = "admin-token"  # noqa: S105  (a file name in the data folder)
+_BUCKET = re.compile(r"[a-z0-9][a-z0-9._-]{1,61}[a-z0-9]")  # S3's rules; "_" for old Ceph
 
 
 class FleetSettings(BaseSettings):
@@ -40,6 +43,15 @@ class FleetSettings(BaseSettings):
     # Model registry.
     artifact_dir: Path | None = None  # content-addressed model files; None: <data_dir>/artifacts
     artifact_max_bytes: int = Field(default=64 * 2**30, ge=1)  # the largest upload accepted
+    # Where model files are kept (docs/fleet.md, "Artifact storage"): "file" in
+    # artifact_dir, which replicas share on one volume; "s3" in a bucket (artifact_dir
+    # then only stages uploads). S3 credentials come from the AWS chain (AWS_* variables,
+    # ~/.aws, a role), never from these settings.
+    artifact_backend: Literal["file", "s3"] = "file"
+    artifact_s3_bucket: str | None = None  # needed with artifact_backend "s3"
+    artifact_s3_prefix: str = ""  # keys <prefix>/<sha[:2]>/<sha>; "/" at either end dropped
+    artifact_s3_endpoint_url: str | None = None  # MinIO, Ceph, R2: http(s)://host:port; None: AWS
+    artifact_s3_region: str | None = None  # None: the AWS chain's (AWS_REGION, ~/.aws/config)
 
     # TUF (docs/updates.md, "Trust"). Replicas must share these folders, like artifact_dir.
     tuf_dir: Path | None = None  # TUF metadata and staged files; None: <data_dir>/tuf
@@ -98,6 +110,28 @@ class FleetSettings(BaseSettings):
         if parts.scheme not in {"mqtt", "mqtts", "http", "https"} or not parts.hostname:
             raise ValueError(f"{value!r} is not a URL like mqtt://host:1883 or http://host:8000")
         return value.rstrip("/")
+
+    @field_validator("artifact_s3_endpoint_url")
+    @classmethod
+    def _check_endpoint(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        parts = urlsplit(value)
+        if parts.scheme not in {"http", "https"} or not parts.hostname:
+            raise ValueError(f"{value!r} is not a URL like https://minio.example.com:9000")
+        return value.rstrip("/")
+
+    @field_validator("artifact_s3_bucket")
+    @classmethod
+    def _check_bucket(cls, value: str | None) -> str | None:
+        if value is not None and not _BUCKET.fullmatch(value):
+            raise ValueError(f"{value!r} is not a bucket name (3-63 of a-z 0-9 . - _)")
+        return value
+
+    @field_validator("artifact_s3_prefix")
+    @classmethod
+    def _strip_prefix(cls, value: str) -> str:
+        return value.strip("/")
 
     @property
     def resolved_database_url(self) -> str:

@@ -308,20 +308,21 @@ def yank(
 def scrub(data_dir: DataDirOpt = DEFAULT_DATA_DIR, as_json: JsonOpt = False) -> None:
     """Hash every stored model file against its address; quarantine the changed ones.
 
-    Runs on the controller's data folder (a running controller is fine). Exits 1 if any
-    file was corrupt: push those models again to restore them.
+    Runs on the controller's data folder, or on its bucket when EDGEFLEET_FLEET_ARTIFACT_*
+    name one (a running controller is fine). Exits 1 if any file was corrupt: push those
+    models again to restore them.
     """
     from fleet.registry.registration import artifact_store
 
-    store = artifact_store(settings_from({"data_dir": data_dir}))
+    settings = settings_from({"data_dir": data_dir})
     out = console()
     with fleet_errors(), out.status("hashing stored artifacts") as status:
+        store = artifact_store(settings)  # the folder, or the bucket EDGEFLEET_FLEET_* name
         report = store.scrub(progress=lambda digest: status.update(f"hashed {digest[:12]}"))
     if as_json:
-        corrupt = {k: str(v) for k, v in report.corrupt.items()}
-        print_json({"checked": report.checked, "corrupt": corrupt})
+        print_json({"checked": report.checked, "corrupt": report.corrupt})
     else:
-        out.print(f"checked {report.checked} artifact(s) in {store.root}")
+        out.print(f"checked {report.checked} artifact(s) in {store.location}")
         for digest, where in report.corrupt.items():
             out.print(f"corrupt: {digest}, moved to {where}")
     if report.corrupt:

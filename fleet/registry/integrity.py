@@ -1,21 +1,26 @@
 """Whether a stored artifact is still the bytes its address names.
 
-A content-addressed file can be swapped or rot on disk after it was signed; a device's
-hash check would refuse it, but only after a whole download, and the controller would
-keep answering 200. So the store hashes a file before serving it, once per change of
-the file: what was verified is remembered by the file's identity and change time
-(:class:`Fingerprint`), which any write, rename or ``touch`` moves. The memory is a
-cache only, one per process: a replica that never saw a file hashes it once itself.
+A content-addressed blob can be swapped or rot after it was signed; a device's hash
+check would refuse it, but only after a whole download, and the controller would keep
+answering 200. So the store hashes a blob before serving it, once per change of the
+blob: what was verified is remembered by the blob's place and version
+(:class:`~fleet.registry.blobs.BlobStat`: a file's identity and change time, an
+object's ETag and Last-Modified), which any write moves. The memory is a cache only,
+one per process: a replica that never saw a blob hashes it once itself.
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
 import threading
+from collections.abc import Hashable
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["VERIFIED", "Fingerprint", "VerifiedFiles", "matches", "sha256_of"]
+from fleet.registry.blobs import Blobs, BlobStat
+
+__all__ = ["VERIFIED", "Fingerprint", "VerifiedBlobs", "matches", "sha256_of"]
 
 
 @dataclass(frozen=True)
@@ -30,31 +35,34 @@ class Fingerprint:
 
     @classmethod
     def of(cls, path: Path) -> Fingerprint:
-        st = path.stat()
+        return cls.from_stat(path.stat())
+
+    @classmethod
+    def from_stat(cls, st: os.stat_result) -> Fingerprint:
         return cls(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
-class VerifiedFiles:
-    """Files whose bytes matched their address, each as its fingerprint was then."""
+class VerifiedBlobs:
+    """Blobs whose bytes matched their address, each by place, as its version was then."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._seen: dict[Path, Fingerprint] = {}
+        self._seen: dict[str, Hashable] = {}
 
-    def is_current(self, path: Path, fingerprint: Fingerprint) -> bool:
+    def is_current(self, stat: BlobStat) -> bool:
         with self._lock:
-            return self._seen.get(path) == fingerprint
+            return self._seen.get(stat.where) == stat.version
 
-    def remember(self, path: Path, fingerprint: Fingerprint) -> None:
+    def remember(self, stat: BlobStat) -> None:
         with self._lock:
-            self._seen[path] = fingerprint
+            self._seen[stat.where] = stat.version
 
-    def forget(self, path: Path) -> None:
+    def forget(self, where: str) -> None:
         with self._lock:
-            self._seen.pop(path, None)
+            self._seen.pop(where, None)
 
 
-VERIFIED = VerifiedFiles()  # this process's memory of verified artifact files
+VERIFIED = VerifiedBlobs()  # this process's memory of verified artifact blobs
 
 
 def sha256_of(path: Path) -> str:
@@ -63,16 +71,15 @@ def sha256_of(path: Path) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
-def matches(path: Path, sha256: str) -> bool:
-    """Whether the file's bytes hash to ``sha256``; hashed only if changed since verified.
+def matches(blobs: Blobs, sha256: str, stat: BlobStat) -> bool:
+    """Whether that version hashes to ``sha256``; hashed only if changed since verified.
 
-    OSError (FileNotFoundError included) propagates: the caller knows what it means.
+    The backend's errors propagate (``NotFound`` if it went away meanwhile).
     """
-    before = Fingerprint.of(path)
-    if VERIFIED.is_current(path, before):
+    if VERIFIED.is_current(stat):
         return True
-    if sha256_of(path) != sha256:
+    if blobs.digest(sha256, stat) != sha256:
         return False
-    if Fingerprint.of(path) == before:  # not changed while it was being hashed
-        VERIFIED.remember(path, before)
+    if blobs.stat(sha256) == stat:  # not changed while it was being hashed
+        VERIFIED.remember(stat)
     return True

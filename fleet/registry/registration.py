@@ -25,6 +25,7 @@ from starlette.concurrency import run_in_threadpool
 
 from fleet.config import FleetSettings
 from fleet.errors import Conflict, InvalidInput, NotFound
+from fleet.registry.backends import blobs_for
 from fleet.registry.repository import TargetsChange, TufRepository
 from fleet.registry.store import ArtifactStore
 from fleet.registry.targets import TargetDescription, describe_target
@@ -50,7 +51,12 @@ GGUF_MAGIC = b"GGUF"
 
 
 def artifact_store(settings: FleetSettings) -> ArtifactStore:
-    return ArtifactStore(settings.resolved_artifact_dir, max_bytes=settings.artifact_max_bytes)
+    """The store the settings name; ``ConfigError`` if they name a bucket badly."""
+    return ArtifactStore(
+        settings.resolved_artifact_dir,
+        max_bytes=settings.artifact_max_bytes,
+        blobs=blobs_for(settings),
+    )
 
 
 def artifact_target(row: ModelArtifact) -> TargetDescription:

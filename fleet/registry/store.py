@@ -1,38 +1,35 @@
-"""A content-addressed folder of model files: ``<root>/sha256/<first2>/<sha256>``.
+"""Model files by content: hashed as they arrive, kept by a :class:`~fleet.registry.blobs.Blobs`.
 
-:meth:`ArtifactStore.ingest` streams bytes into a temporary file in the same folder
-while hashing them in one pass, fsyncs it, and renames it into place atomically, so
-a reader sees a whole file or none, and a crash leaves only a ``.tmp-*`` to sweep.
-Identical content is stored once. Only a lower-case hex SHA-256 maps to a path, so
-no request can name a file outside the store. Files are owner-only (0600, folders
-0700): the controller serves them itself, so a copied store or a loosened parent
-folder exposes nothing.
+:meth:`ArtifactStore.ingest` streams bytes into a local temporary file (``<root>/tmp``)
+while hashing them in one pass, fsyncs it, and hands it to the backend under its
+SHA-256: renamed into ``<root>/sha256/<first2>/<sha256>`` (:mod:`fleet.registry.folder`,
+the default) or uploaded to a bucket (:mod:`fleet.registry.s3`). A crash leaves only
+a ``.tmp-*`` to sweep. Identical content is stored once. Only a lower-case hex
+SHA-256 is an address, so no request can name anything outside the store.
 
-Bytes on disk can still change after they were stored (a swapped file, a bad disk):
-:meth:`ArtifactStore.verified_path` hashes a file before it is served, once per change
-of the file (:mod:`fleet.registry.integrity`), and :meth:`ArtifactStore.scrub` checks
-every file. A file that no longer matches its address is moved to ``quarantine/`` and
-reported, never served.
+Stored bytes can still change afterwards (a swapped file, a bad disk, a bucket
+written by someone else): :meth:`ArtifactStore.verified` hashes a blob before it is
+served, once per change of the blob (:mod:`fleet.registry.integrity`), and
+:meth:`ArtifactStore.scrub` checks every blob. One that no longer matches its address
+is moved to ``quarantine/`` and reported, never served.
 """
 
 from __future__ import annotations
 
 import hashlib
-import logging
 import os
 import tempfile
-import time
-from collections.abc import AsyncIterable, Callable, Iterable
+from collections.abc import AsyncIterable, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
 from starlette.concurrency import run_in_threadpool
 
-from fleet.errors import ArtifactCorrupt, InvalidInput, NotFound, StorageUnavailable, TooLarge
-from fleet.files import fsync_dir
-from fleet.registry.integrity import VERIFIED, Fingerprint, matches
-from models.values import SHA256
+from fleet.errors import ArtifactCorrupt, NotFound, StorageUnavailable, TooLarge
+from fleet.registry.blobs import Blobs, BlobStat, check_digest
+from fleet.registry.folder import FolderBlobs
+from fleet.registry.integrity import VERIFIED, matches
 
 __all__ = [
     "WRITE_CHUNK_BYTES",
@@ -42,24 +39,15 @@ __all__ = [
     "check_digest",
 ]
 
-log = logging.getLogger(__name__)
-
 WRITE_CHUNK_BYTES = 1024 * 1024  # bytes gathered before one write (and one thread hop)
-
-
-def check_digest(sha256: str) -> str:
-    """``sha256`` if it is 64 lower-case hex digits; :class:`InvalidInput` otherwise."""
-    if not SHA256.fullmatch(sha256):
-        raise InvalidInput(f"{sha256[:80]!r} is not a SHA-256 digest (64 lower-case hex digits)")
-    return sha256
 
 
 @dataclass
 class ScrubReport:
-    """What :meth:`ArtifactStore.scrub` found: files checked, and where bad ones went."""
+    """What :meth:`ArtifactStore.scrub` found: blobs checked, and where bad ones went."""
 
     checked: int = 0
-    corrupt: dict[str, Path] = field(default_factory=dict)  # address -> quarantined file
+    corrupt: dict[str, str] = field(default_factory=dict)  # address -> where it was moved
 
 
 @dataclass(frozen=True)
@@ -72,17 +60,15 @@ class Ingested:
 
 
 class _Writer:
-    """A temporary file in the store that hashes what it is given; commit or abort it."""
+    """A local temporary file that hashes what it is given; finish or abort it."""
 
-    def __init__(self, root: Path, max_bytes: int | None) -> None:
-        self._root = root
+    def __init__(self, staging: Path, max_bytes: int | None) -> None:
         self._max = max_bytes
         self._hash = hashlib.sha256()
         self.size = 0
-        tmp_dir = root / "tmp"
-        tmp_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        fd, name = tempfile.mkstemp(prefix=".tmp-", dir=tmp_dir)
-        self._path = Path(name)
+        staging.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(prefix=".tmp-", dir=staging)
+        self.path = Path(name)
         self._file: BinaryIO = os.fdopen(fd, "wb")
 
     def write(self, chunk: bytes) -> None:
@@ -92,106 +78,104 @@ class _Writer:
         self._hash.update(chunk)
         self._file.write(chunk)
 
-    def commit(self) -> Ingested:
+    def finish(self) -> str:
+        """Flush and close the file; its SHA-256."""
         self._file.flush()
         os.fsync(self._file.fileno())
         self._file.close()
-        sha256 = self._hash.hexdigest()
-        final = ArtifactStore.relative(sha256)
-        target = self._root / final
-        if target.is_file() and target.stat().st_size == self.size and matches(target, sha256):
-            self._path.unlink()
-            return Ingested(sha256, self.size, new=False)
-        # No file there, or one whose bytes changed: the new, hashed bytes replace it.
-        target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        self._path.replace(target)  # atomic (one file system); owner-only, as mkstemp made it
-        fsync_dir(target.parent)
-        VERIFIED.remember(target, Fingerprint.of(target))  # hashed as it was written
-        return Ingested(sha256, self.size, new=True)
+        return self._hash.hexdigest()
 
     def abort(self) -> None:
         self._file.close()
-        self._path.unlink(missing_ok=True)
+        self.path.unlink(missing_ok=True)
 
 
 class ArtifactStore:
-    """Model files by content; safe to share between controller replicas on one volume."""
+    """Model files by content; safe to share between controller replicas.
 
-    def __init__(self, root: Path, *, max_bytes: int | None = None) -> None:
+    ``root`` is a local folder: the store itself for the folder backend (the default),
+    only the staging area for uploads otherwise.
+    """
+
+    def __init__(
+        self, root: Path, *, max_bytes: int | None = None, blobs: Blobs | None = None
+    ) -> None:
         self.root = root
         self.max_bytes = max_bytes  # uploads over this raise TooLarge; None: no limit
+        self.blobs: Blobs = blobs if blobs is not None else FolderBlobs(root)
+
+    @property
+    def location(self) -> str:
+        """Where the blobs are, for people: a folder or ``s3://bucket/prefix``."""
+        return self.blobs.location
 
     @staticmethod
     def relative(sha256: str) -> Path:
-        """Where a digest lives inside the store; only a hex digest is accepted."""
-        digest = check_digest(sha256)
-        return Path("sha256") / digest[:2] / digest
+        """Where a digest lives inside a folder store; only a hex digest is accepted."""
+        return FolderBlobs.relative(sha256)
 
     def path(self, sha256: str) -> Path:
+        """The folder backend's file for ``sha256`` (under ``root``)."""
         return self.root / self.relative(sha256)
 
     def has(self, sha256: str) -> bool:
-        return self.path(sha256).is_file()
+        return self.blobs.stat(check_digest(sha256)) is not None
 
-    def verified_path(self, sha256: str) -> Path:
-        """The file for ``sha256``, hashed first unless it is unchanged since last verified.
+    def verified(self, sha256: str) -> BlobStat:
+        """The blob for ``sha256``, hashed first unless it is unchanged since last verified.
 
         :class:`NotFound` if there is none; :class:`ArtifactCorrupt` (after moving it to
         quarantine) if its bytes no longer hash to ``sha256``.
         """
-        path = self.path(sha256)
-        moved = self._check(path, sha256)
+        digest = check_digest(sha256)
+        stat = self.blobs.stat(digest)
+        if stat is None:
+            raise NotFound(f"no artifact {digest}")
+        moved = self._check(digest, stat)
         if moved is not None:
             raise ArtifactCorrupt(
-                f"the stored file for artifact {sha256} no longer hashes to it: moved to "
+                f"the stored blob for artifact {digest} no longer hashes to it: moved to "
                 f"{moved}; push the model again to restore it"
             )
-        return path
+        return stat
+
+    def chunks(self, sha256: str, stat: BlobStat, start: int, end: int) -> Iterator[bytes]:
+        """Bytes ``[start, end)`` of a version :meth:`verified` returned.
+
+        ``StorageUnavailable`` if the blob changed since: its new version is hashed on
+        the next :meth:`verified`, as any version the memory has not seen.
+        """
+        return self.blobs.chunks(check_digest(sha256), stat, start, end)
 
     def scrub(self, progress: Callable[[str], None] | None = None) -> ScrubReport:
-        """Hash every stored file against its address; quarantine and report the bad ones."""
+        """Hash every stored blob against its address; quarantine and report the bad ones."""
         report = ScrubReport()
-        for path in sorted(self.root.glob("sha256/*/*")):
-            if not SHA256.fullmatch(path.name) or not path.is_file():
-                continue  # a temporary file, or not the store's
-            VERIFIED.forget(path)  # a scrub reads every byte again
-            moved = self._check(path, path.name)
+        for digest in self.blobs.addresses():
+            stat = self.blobs.stat(digest)
+            if stat is None:
+                continue  # removed since it was listed
+            VERIFIED.forget(stat.where)  # a scrub reads every byte again
+            try:
+                moved = self._check(digest, stat)
+            except NotFound:
+                continue
             report.checked += 1
             if moved is not None:
-                report.corrupt[path.name] = moved
+                report.corrupt[digest] = moved
             if progress is not None:
-                progress(path.name)
+                progress(digest)
         return report
 
-    def _check(self, path: Path, sha256: str) -> Path | None:
-        """None if the file matches ``sha256``; else where it was moved to."""
-        try:
-            if matches(path, sha256):
-                return None
-        except FileNotFoundError:
-            raise NotFound(f"no artifact {sha256}") from None
-        except OSError as exc:
-            raise StorageUnavailable(f"cannot read artifact {sha256}: {exc}") from None
-        return self._quarantine(path, sha256)
-
-    def _quarantine(self, path: Path, sha256: str) -> Path:
-        """Move a corrupt file aside (kept for inspection); where it went, or where it is."""
-        VERIFIED.forget(path)
-        target = self.root / "quarantine" / f"{sha256}-{time.time_ns()}"
-        try:
-            target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-            path.replace(target)
-        except FileNotFoundError:
-            return target.parent  # another replica moved it first
-        except OSError as exc:
-            log.error("cannot move corrupt artifact %s to quarantine: %s", path, exc)
-            return path
-        log.error("artifact %s does not match its address: moved to %s", sha256, target)
-        return target
+    def _check(self, sha256: str, stat: BlobStat) -> str | None:
+        """None if the blob matches ``sha256``; else where it was moved to."""
+        if matches(self.blobs, sha256, stat):
+            return None
+        VERIFIED.forget(stat.where)
+        return self.blobs.quarantine(sha256, stat)
 
     def _writer(self) -> _Writer:
         try:
-            return _Writer(self.root, self.max_bytes)
+            return _Writer(self.root / "tmp", self.max_bytes)
         except OSError as exc:
             raise StorageUnavailable(f"cannot write to the artifact store: {exc}") from None
 
@@ -237,12 +221,24 @@ class ArtifactStore:
         except OSError as exc:
             raise StorageUnavailable(f"cannot write to the artifact store: {exc}") from None
 
-    @staticmethod
-    def _commit(writer: _Writer) -> Ingested:
+    def _commit(self, writer: _Writer) -> Ingested:
         try:
-            return writer.commit()
+            sha256 = writer.finish()
         except OSError as exc:
             raise StorageUnavailable(f"cannot write to the artifact store: {exc}") from None
+        there = self.blobs.stat(sha256)
+        if there is not None and there.size == writer.size and self._still_good(sha256, there):
+            writer.path.unlink()
+            return Ingested(sha256, writer.size, new=False)
+        # Nothing there, or a blob whose bytes changed: the new, hashed bytes replace it.
+        VERIFIED.remember(self.blobs.put(sha256, writer.path))  # hashed as it was written
+        return Ingested(sha256, writer.size, new=True)
+
+    def _still_good(self, sha256: str, stat: BlobStat) -> bool:
+        try:
+            return matches(self.blobs, sha256, stat)
+        except NotFound:
+            return False  # removed meanwhile: store it again
 
     def _run(self, writer: _Writer, feed: Callable[[], None]) -> Ingested:
         try:

@@ -30,6 +30,13 @@ def swap(path: Path, data: bytes) -> None:
     other.replace(path)
 
 
+def served(store: ArtifactStore, digest: str) -> Path:
+    """The file the controller would send for ``digest`` (hashed first unless unchanged)."""
+    local = store.verified(digest).local
+    assert local is not None
+    return local
+
+
 def hashes_counted(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
     """Every file the store hashes from now on (the real hash still runs)."""
     seen: list[Path] = []
@@ -49,11 +56,11 @@ def test_a_file_is_hashed_once_until_it_changes(
     store = ArtifactStore(tmp_path)
     digest = store.ingest_sync([GGUF]).sha256
     hashed = hashes_counted(monkeypatch)
-    assert store.verified_path(digest).read_bytes() == GGUF
+    assert served(store, digest).read_bytes() == GGUF
     assert hashed == []  # hashed as it was stored
     swap(store.path(digest), GGUF)  # the same bytes, but another file: hash it again
-    assert store.verified_path(digest) == store.path(digest)
-    assert store.verified_path(digest) == store.path(digest)
+    assert served(store, digest) == store.path(digest)
+    assert served(store, digest) == store.path(digest)
     assert hashed == [store.path(digest)]
 
 
@@ -62,7 +69,7 @@ def test_a_swapped_file_is_quarantined_and_a_new_ingest_restores_it(tmp_path: Pa
     digest = store.ingest_sync([GGUF]).sha256
     swap(store.path(digest), b"GGUF and something else")
     with pytest.raises(ArtifactCorrupt, match="push the model again") as raised:
-        store.verified_path(digest)
+        served(store, digest)
     assert digest in str(raised.value)
     assert not store.path(digest).exists()
     (quarantined,) = (tmp_path / "quarantine").iterdir()
@@ -70,10 +77,10 @@ def test_a_swapped_file_is_quarantined_and_a_new_ingest_restores_it(tmp_path: Pa
     assert quarantined.read_bytes() == b"GGUF and something else"
     assert str(quarantined) in str(raised.value)
     with pytest.raises(NotFound):
-        store.verified_path(digest)  # moved away: nothing to serve
+        served(store, digest)  # moved away: nothing to serve
 
     assert store.ingest_sync([GGUF]).new  # the admin pushes it again
-    assert store.verified_path(digest).read_bytes() == GGUF
+    assert served(store, digest).read_bytes() == GGUF
 
 
 def test_pushing_again_replaces_a_changed_file_not_yet_served(
@@ -87,7 +94,7 @@ def test_pushing_again_replaces_a_changed_file_not_yet_served(
     assert store.path(digest).read_bytes() == GGUF
     hashed = hashes_counted(monkeypatch)
     assert not store.ingest_sync([GGUF]).new  # now it is the same content, known good
-    assert store.verified_path(digest).read_bytes() == GGUF
+    assert served(store, digest).read_bytes() == GGUF
     assert hashed == []
 
 
@@ -110,9 +117,9 @@ def test_scrub_hashes_every_file_and_reports_the_bad_ones(
     assert sorted(seen) == sorted([good, bad])
     assert sorted(hashed) == sorted([store.path(good), bad_path])  # even the verified one
     assert list(report.corrupt) == [bad]
-    assert report.corrupt[bad].parent == tmp_path / "quarantine"
+    assert Path(report.corrupt[bad]).parent == tmp_path / "quarantine"
     assert not bad_path.exists()
-    assert store.verified_path(good).read_bytes() == GGUF
+    assert served(store, good).read_bytes() == GGUF
     assert store.scrub().corrupt == {}  # the store is clean now
 
 
@@ -152,4 +159,4 @@ def test_the_scrub_command_exits_1_and_names_each_corrupt_file(tmp_path: Path) -
     again = CliRunner().invoke(fleet_cli, scrub)
     assert again.exit_code == 0, again.output
     assert f"checked 1 artifact(s) in {store.root}" in again.stdout
-    assert store.verified_path(good).read_bytes() == GGUF
+    assert served(store, good).read_bytes() == GGUF
