@@ -10,9 +10,10 @@ advisory lock makes replicas that start together migrate one at a time.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from alembic.util import CommandError
+from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import URL, Engine
 from sqlalchemy.exc import ArgumentError, NoSuchModuleError, OperationalError
 from sqlalchemy.pool import StaticPool
@@ -30,16 +32,20 @@ from fleet.errors import ConfigError, DatabaseUnavailable
 from fleet.files import private_file
 
 __all__ = [
+    "DESIRED_PUBLISH_LOCK",
     "IN_CHUNK",
     "SQLITE_BUSY_TIMEOUT_MS",
     "SQLITE_SIDE_FILES",
+    "advisory_lock",
     "alembic_config",
     "current_revision",
     "head_revision",
     "in_chunks",
+    "is_transient",
     "make_engine",
     "migrate",
     "ping",
+    "unavailable",
 ]
 
 log = logging.getLogger(__name__)
@@ -125,6 +131,21 @@ def make_engine(url: str) -> Engine:
         raise ConfigError(f"no driver for {parsed.drivername}: {exc}") from None
 
 
+def is_transient(exc: BaseException) -> bool:
+    """True for database errors that retrying later may fix (lost connection, lock)."""
+    if isinstance(exc, OperationalError | sa_exc.InterfaceError | sa_exc.TimeoutError):
+        return True
+    if isinstance(exc, sa_exc.DBAPIError) and exc.connection_invalidated:
+        return True
+    return isinstance(exc, OSError)
+
+
+def unavailable(exc: BaseException) -> DatabaseUnavailable:
+    """``exc`` as the transient error callers retry, with its first line."""
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return DatabaseUnavailable(f"database unavailable: {first[:300]}")
+
+
 def ping(engine: Engine) -> None:
     """Raise :class:`DatabaseUnavailable` unless the database answers a trivial query."""
     try:
@@ -152,6 +173,46 @@ def current_revision(engine: Engine) -> str | None:
     """The revision the database is at; None when it was never migrated."""
     with engine.connect() as conn:
         return MigrationContext.configure(conn).get_current_revision()
+
+
+DESIRED_PUBLISH_LOCK = 0x45_46_44_53  # "EFDS": held while desired states are published
+
+
+@contextlib.asynccontextmanager
+async def advisory_lock(engine: Engine, key: int) -> AsyncIterator[None]:
+    """Hold a PostgreSQL advisory lock across awaits; other replicas wait for it.
+
+    Transaction-scoped on a connection of its own, so a replica that dies releases it
+    with its connection. On SQLite it is a no-op: one process uses the file, and
+    orders its own work. Raises :class:`DatabaseUnavailable` when it cannot be taken.
+    """
+    if engine.dialect.name != "postgresql":
+        yield
+        return
+    conn = await asyncio.to_thread(_lock, engine, key)
+    try:
+        yield
+    finally:
+        await asyncio.to_thread(_unlock, conn)
+
+
+def _lock(engine: Engine, key: int) -> sa.Connection:
+    try:
+        conn = engine.connect()
+    except sa_exc.SQLAlchemyError as exc:
+        raise unavailable(exc) from exc
+    try:
+        conn.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": key})
+    except sa_exc.SQLAlchemyError as exc:
+        conn.close()
+        raise unavailable(exc) from exc
+    return conn
+
+
+def _unlock(conn: sa.Connection) -> None:
+    with contextlib.suppress(sa_exc.SQLAlchemyError):  # a lost connection released it
+        conn.rollback()
+    conn.close()
 
 
 def migrate(engine: Engine) -> None:

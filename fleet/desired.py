@@ -12,7 +12,10 @@ database, atomically), then publish it retained. The database is the truth; if t
 broker is down the state is still stored (``published`` False) and the link
 republishes every stored desired state when it reconnects. Store-and-publish runs
 under one lock per controller so two quick changes to one device cannot reach the
-broker out of order and leave the older one retained.
+broker out of order and leave the older one retained; across replicas, publishing
+holds a PostgreSQL advisory lock (:data:`fleet.db.DESIRED_PUBLISH_LOCK`) and skips a
+state another replica has since replaced, whose newer state that replica publishes
+after it.
 
 An admin's state that names no fallback policy gets the device's assigned one
 (:func:`assigned_policies`: its own assignment, else its group's; ``fleet.policy``),
@@ -36,8 +39,8 @@ from sqlalchemy import Engine, bindparam, update
 from sqlmodel import Session, col, select
 from starlette.concurrency import run_in_threadpool
 
-from fleet.db import in_chunks
-from fleet.errors import BrokerUnavailable, Conflict, NotFound
+from fleet.db import DESIRED_PUBLISH_LOCK, advisory_lock, in_chunks
+from fleet.errors import BrokerUnavailable, Conflict, DatabaseUnavailable, NotFound
 from fleet.link.port import LinkPort
 from fleet.registry.select import choose_artifact
 from fleet.registry.targets import target_path
@@ -369,6 +372,18 @@ def _store_for_group(
         return states
 
 
+def _stored_versions(engine: Engine, device_ids: Sequence[str]) -> dict[str, int]:
+    """Each device's newest stored desired version."""
+    versions: dict[str, int] = {}
+    with Session(engine) as session:
+        for chunk in in_chunks(device_ids):
+            rows = session.exec(
+                select(Device.id, Device.desired_version).where(col(Device.id).in_(chunk))
+            ).all()
+            versions.update((device_id, version) for device_id, version in rows)
+    return versions
+
+
 def _store_renewals(engine: Engine, now: datetime) -> list[DesiredState]:
     """Re-issue every desired state due (same content, next version, new expiry), at once."""
     with Session(engine) as session:
@@ -400,7 +415,8 @@ class DesiredStates:
             stored = await run_in_threadpool(
                 _store_for_device, self._engine, device_id, wanted, self._clock()
             )
-            return await self._publish(stored)
+            [delivery] = await self._publish_many([stored])
+            return delivery
 
     async def set_for_group(self, group: str, wanted: WantedState) -> list[Delivery]:
         """Replace the desired state of every non-revoked device in ``group``, each on its own."""
@@ -408,7 +424,7 @@ class DesiredStates:
             stored = await run_in_threadpool(
                 _store_for_group, self._engine, group, wanted, self._clock()
             )
-            return [await self._publish(state) for state in stored]
+            return await self._publish_many(stored)
 
     async def apply(self, work: Callable[[], Sequence[DesiredState]]) -> list[Delivery]:
         """Run ``work`` (it stores states with :func:`store_desired` and commits), then publish.
@@ -428,10 +444,27 @@ class DesiredStates:
         return len(renewed)
 
     async def _publish_many(self, states: Sequence[DesiredState]) -> list[Delivery]:
-        """Publish states of distinct devices, many in flight (a 100% stage is thousands)."""
+        """Publish states of distinct devices, in version order across replicas."""
+        if not states:
+            return []
+        try:
+            async with advisory_lock(self._engine, DESIRED_PUBLISH_LOCK):
+                ids = [state.device_id for state in states]
+                newest = await run_in_threadpool(_stored_versions, self._engine, ids)
+                return await self._send(states, newest)
+        except DatabaseUnavailable as exc:  # stored already: better sent than held back
+            log.warning("publishing %d desired state(s) without the lock: %s", len(states), exc)
+            return await self._send(states, {})
+
+    async def _send(
+        self, states: Sequence[DesiredState], newest: Mapping[str, int]
+    ) -> list[Delivery]:
+        """Send each state not replaced since; many in flight (a 100% stage is thousands)."""
         slots = asyncio.Semaphore(PUBLISH_CONCURRENCY)
 
         async def one(state: DesiredState) -> Delivery:
+            if newest.get(state.device_id, 0) > state.version:
+                return Delivery(state, published=True)  # replaced: its replacement goes out
             async with slots:
                 return await self._publish(state)
 

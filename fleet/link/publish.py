@@ -6,7 +6,10 @@ retained at QoS 1 on the device's ``desired`` topic. As every new session starts
 the broker may have lost its retained messages (restarted without persistence, or the
 embedded one), and republishing is harmless because agents ignore versions they have
 applied. A state already sent in this session, at the same or a newer version, is
-skipped, so a stale read can never overwrite a newer retained state.
+skipped, so a stale read can never overwrite a newer retained state; and the read and
+the publishing happen under the lock every replica publishes under
+(:data:`fleet.db.DESIRED_PUBLISH_LOCK`), so another replica's newer state is never
+overwritten by this one's older read either.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from typing import Any, Protocol
 import sqlalchemy as sa
 from pydantic import ValidationError
 
+from fleet.db import DESIRED_PUBLISH_LOCK, advisory_lock
 from fleet.errors import DatabaseUnavailable
 from fleet.link import store
 from fleet.link.logs import RateLimitedLog
@@ -83,7 +87,19 @@ class DesiredPublisher:
     async def republish_stored(self) -> None:
         """Publish every stored desired state again (retained): a new session has started."""
         self._sent.clear()
-        rows = await self._load_stored()
+        attempt = 0
+        while True:
+            try:
+                async with advisory_lock(self._engine, DESIRED_PUBLISH_LOCK):
+                    rows = await asyncio.to_thread(store.load_desired, self._engine)
+                    await self._republish(rows)
+                return
+            except DatabaseUnavailable as exc:
+                self._warn.warning("republish", "cannot read desired states yet: %s", exc)
+                await asyncio.sleep(self._retry_delay(attempt))
+                attempt += 1
+
+    async def _republish(self, rows: list[tuple[str, dict[str, Any]]]) -> None:
         slots = asyncio.Semaphore(REPUBLISH_CONCURRENCY)
         sent = 0
 
@@ -112,16 +128,6 @@ class DesiredPublisher:
             )
         else:
             log.info("republished %d desired states", sent)
-
-    async def _load_stored(self) -> list[tuple[str, dict[str, Any]]]:
-        attempt = 0
-        while True:
-            try:
-                return await asyncio.to_thread(store.load_desired, self._engine)
-            except DatabaseUnavailable as exc:
-                self._warn.warning("republish", "cannot read desired states yet: %s", exc)
-                await asyncio.sleep(self._retry_delay(attempt))
-                attempt += 1
 
 
 def _desired_topic(device_id: str) -> str:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
@@ -24,7 +24,8 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlmodel import SQLModel
 
-from fleet.errors import ConfigError, DatabaseUnavailable
+from fleet.db import is_transient, unavailable
+from fleet.errors import ConfigError
 from fleet.link.broker_auth import DeviceCredential
 from fleet.link.ingest import Accepted, event_row, presence_after, telemetry_rows
 from fleet.tables import Device, EventRow, TelemetryRow
@@ -34,7 +35,6 @@ __all__ = [
     "SUPPORTED_DIALECTS",
     "WriteResult",
     "check_dialect",
-    "is_transient",
     "load_credentials",
     "load_desired",
     "mark_offline",
@@ -67,20 +67,6 @@ def check_dialect(engine: sa.Engine) -> None:
         )
 
 
-def is_transient(exc: BaseException) -> bool:
-    """True for database errors that retrying later may fix (lost connection, lock)."""
-    if isinstance(exc, sa_exc.OperationalError | sa_exc.InterfaceError | sa_exc.TimeoutError):
-        return True
-    if isinstance(exc, sa_exc.DBAPIError) and exc.connection_invalidated:
-        return True
-    return isinstance(exc, OSError)
-
-
-def _unavailable(exc: BaseException) -> DatabaseUnavailable:
-    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    return DatabaseUnavailable(f"database unavailable: {first[:300]}")
-
-
 def load_credentials(engine: sa.Engine) -> list[DeviceCredential]:
     """Every device's broker login, revoked ones flagged."""
     query = sa.select(_devices.c.id, _devices.c.mqtt_password_hash, _devices.c.revoked_at)
@@ -89,7 +75,7 @@ def load_credentials(engine: sa.Engine) -> list[DeviceCredential]:
             rows = conn.execute(query).all()
     except sa_exc.SQLAlchemyError as exc:
         if is_transient(exc):
-            raise _unavailable(exc) from exc
+            raise unavailable(exc) from exc
         raise
     return [DeviceCredential(row[0], row[1], row[2] is not None) for row in rows]
 
@@ -104,7 +90,7 @@ def load_desired(engine: sa.Engine) -> list[tuple[str, dict[str, Any]]]:
             rows = conn.execute(query).all()
     except sa_exc.SQLAlchemyError as exc:
         if is_transient(exc):
-            raise _unavailable(exc) from exc
+            raise unavailable(exc) from exc
         raise
     # A JSON column stores Python None as JSON null, which is not SQL NULL: filter here.
     return [(row[0], row[1]) for row in rows if isinstance(row[1], dict) and row[1]]
@@ -124,6 +110,13 @@ _SET_PRESENCE = (
     .where(_devices.c.id == sa.bindparam("b_id"))
     .values(last_seen=sa.bindparam("b_seen"), online=sa.bindparam("b_online"))
 )
+# A report is ordered by the device's clock, which is trusted when it is within
+# CLOCK_SKEW of the controller's as the report arrives. A report never overwrites a
+# newer one (replicas sharing ingest commit in any order; a retained copy is re-read
+# after a restart), unless the stored one is dated beyond CLOCK_SKEW in the future: that
+# device's clock was wrong and is now corrected. A live report from a device whose clock
+# is off (an RTC reset) cannot be ordered, and wins as it arrives.
+CLOCK_SKEW = timedelta(minutes=10)
 _SET_REPORTED = (
     sa.update(_devices)
     .where(_devices.c.id == sa.bindparam("b_id"))
@@ -133,9 +126,12 @@ _SET_REPORTED = (
         agent_version=sa.bindparam("b_agent"),
     )
 )
-# A retained copy (re-read after a restart) never overwrites a newer report.
 _SET_REPORTED_IF_NEWER = _SET_REPORTED.where(
-    sa.or_(_devices.c.reported_at.is_(None), _devices.c.reported_at <= sa.bindparam("b_at"))
+    sa.or_(
+        _devices.c.reported_at.is_(None),
+        _devices.c.reported_at <= sa.bindparam("b_at"),
+        _devices.c.reported_at > sa.bindparam("b_future"),
+    )
 )
 _ADD_DROPPED = (
     sa.update(_devices)
@@ -152,7 +148,7 @@ def _write(
     batches: list[tuple[TelemetryBatch, list[tuple[str, str]]]] = []
     events: dict[tuple[str, str], dict[str, Any]] = {}
     presence: dict[str, dict[str, Any]] = {}
-    reported: dict[str, tuple[ReportedState, bool]] = {}  # device -> (state, live)
+    reported: dict[str, Accepted] = {}  # device -> its report to store
     for item in items:
         message = item.message
         if isinstance(message, TelemetryBatch):
@@ -176,12 +172,8 @@ def _write(
             # The latest live report wins; a retained copy only fills in when no live
             # report came, and then only if it is newer than what is stored.
             previous = reported.get(item.device_id)
-            if not item.retained:
-                reported[item.device_id] = (message, True)
-            elif previous is None or (
-                not previous[1] and message.reported_at >= previous[0].reported_at
-            ):
-                reported[item.device_id] = (message, False)
+            if not item.retained or previous is None or _newer_retained(item, previous):
+                reported[item.device_id] = item
         online = presence_after(item)
         if online is not None:
             presence[item.device_id] = {
@@ -205,20 +197,24 @@ def _write(
     # transactions never wait on each other's rows in opposite orders (a deadlock).
     if presence:
         conn.execute(_SET_PRESENCE, [presence[d] for d in sorted(presence)])
-    live_reports: list[dict[str, Any]] = []
-    retained_reports: list[dict[str, Any]] = []
-    for device_id, (state, live) in sorted(reported.items()):
+    ordered: list[dict[str, Any]] = []
+    unordered: list[dict[str, Any]] = []
+    for device_id, item in sorted(reported.items()):
+        state = item.message
+        assert isinstance(state, ReportedState)
         params = {
             "b_id": device_id,
             "b_reported": state.model_dump(mode="json", exclude_none=True),
             "b_at": state.reported_at.astimezone(UTC),
             "b_agent": state.agent_version,
+            "b_future": item.received_at.astimezone(UTC) + CLOCK_SKEW,
         }
-        (live_reports if live else retained_reports).append(params)
-    if live_reports:
-        conn.execute(_SET_REPORTED, live_reports)
-    if retained_reports:
-        conn.execute(_SET_REPORTED_IF_NEWER, retained_reports)
+        off_clock = abs(state.reported_at - item.received_at) > CLOCK_SKEW
+        (unordered if off_clock and not item.retained else ordered).append(params)
+    if ordered:
+        conn.execute(_SET_REPORTED_IF_NEWER, ordered)
+    if unordered:
+        conn.execute(_SET_REPORTED, unordered)
     # Samples the agent's spool lost count once: only for a batch stored for the first time.
     dropped: dict[str, int] = {}
     for batch, keys in batches:
@@ -227,6 +223,13 @@ def _write(
     if dropped:
         conn.execute(_ADD_DROPPED, [{"b_id": k, "b_n": n} for k, n in dropped.items()])
     return result
+
+
+def _newer_retained(item: Accepted, previous: Accepted) -> bool:
+    """A retained report dated after the retained one ``previous`` (never after a live one)."""
+    assert isinstance(item.message, ReportedState)
+    assert isinstance(previous.message, ReportedState)
+    return previous.retained and previous.message.reported_at <= item.message.reported_at
 
 
 def write_batch(
@@ -244,7 +247,7 @@ def write_batch(
             return _write(conn, engine, items, stored_at)
     except sa_exc.SQLAlchemyError as exc:
         if is_transient(exc):
-            raise _unavailable(exc) from exc
+            raise unavailable(exc) from exc
         if len(items) == 1:
             detail = str(getattr(exc, "orig", None) or exc).strip().splitlines()
             return WriteResult(
@@ -275,7 +278,7 @@ def mark_offline(engine: sa.Engine, cutoff: datetime) -> int:
             return int(conn.execute(stmt).rowcount)
     except sa_exc.SQLAlchemyError as exc:
         if is_transient(exc):
-            raise _unavailable(exc) from exc
+            raise unavailable(exc) from exc
         raise
 
 
@@ -297,6 +300,6 @@ def prune(engine: sa.Engine, cutoff: datetime) -> tuple[int, int]:
             conn.execute(sa.delete(sessions).where(ended))
     except sa_exc.SQLAlchemyError as exc:
         if is_transient(exc):
-            raise _unavailable(exc) from exc
+            raise unavailable(exc) from exc
         raise
     return int(samples), int(events)

@@ -240,6 +240,30 @@ def test_reported_state_latest_wins_and_retained_copies_never_go_back(engine: sa
     assert device(engine).agent_version == "4.0"
 
 
+def test_a_live_report_committed_late_never_replaces_a_newer_one(engine: sa.Engine) -> None:
+    """Replicas sharing ingest commit in any order: the device's clock orders its reports."""
+    newer = report(at=NOW - timedelta(seconds=1), version="2.0")
+    older = report(at=NOW - timedelta(seconds=2), version="1.0")
+    store.write_batch(engine, [accept(newer, "reported")])
+    store.write_batch(engine, [accept(older, "reported")])  # held by a slower replica
+    assert device(engine).agent_version == "2.0"
+    assert as_utc(device(engine).reported_at) == NOW - timedelta(seconds=1)
+
+
+def test_a_report_dated_in_the_future_is_replaced_once_the_clock_is_fixed(
+    engine: sa.Engine,
+) -> None:
+    ahead = report(at=NOW + store.CLOCK_SKEW * 3, version="1.0")
+    store.write_batch(engine, [accept(ahead, "reported")])  # off clock: wins as it arrives
+    assert device(engine).agent_version == "1.0"
+    fixed = report(at=NOW, version="2.0")
+    store.write_batch(engine, [accept(fixed, "reported")])
+    assert device(engine).agent_version == "2.0"
+    # A report dated within the skew, but older than what is stored, still loses.
+    store.write_batch(engine, [accept(report(at=NOW - timedelta(minutes=5)), "reported")])
+    assert device(engine).agent_version == "2.0"
+
+
 def test_dropped_samples_count_once_per_batch(engine: sa.Engine) -> None:
     item = accept(batch(dropped=7), "telemetry")
     store.write_batch(engine, [item])
