@@ -5,8 +5,10 @@ each with its own database and a fake link, and the CLI builds exactly one. On f
 start the TUF repository is created with every key online (root included, with a
 warning to move it offline); every start adds registered artifacts that are not TUF
 targets yet, and background tasks renew TUF metadata and desired states before they
-expire. The work itself is in the services (:mod:`fleet.desired`,
-:mod:`fleet.registry`); the routes (:mod:`fleet.api`) only parse and answer.
+expire. Of several replicas on one database, only the one holding the leader lease
+(:mod:`fleet.leases`) runs those renewals, the rollout engine, presence and retention.
+The work itself is in the services (:mod:`fleet.desired`, :mod:`fleet.registry`); the
+routes (:mod:`fleet.api`) only parse and answer.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from fleet.db import make_engine, migrate
 from fleet.desired import DesiredStates
 from fleet.errors import ConfigError, Conflict, FleetError
 from fleet.files import atomic_write
+from fleet.leases import Leadership, LeaseTerms
 from fleet.link.port import LinkPort
 from fleet.registry.keys import KeyStore
 from fleet.registry.registration import add_missing_targets, artifact_store
@@ -103,11 +106,11 @@ def desired_signer(repo: TufRepository) -> Callable[[DesiredState], bytes]:
     return sign
 
 
-def _default_link(repo: TufRepository) -> LinkFactory:
+def _default_link(repo: TufRepository, leads: Callable[[], bool]) -> LinkFactory:
     def make(settings: FleetSettings, engine: Engine) -> AbstractAsyncContextManager[LinkPort]:
         from fleet.link import DeviceLink  # the MQTT stack loads only when the app starts
 
-        return DeviceLink(settings, engine, sign_desired=desired_signer(repo))
+        return DeviceLink(settings, engine, sign_desired=desired_signer(repo), leads=leads)
 
     return make
 
@@ -172,14 +175,18 @@ def preflight(settings: FleetSettings) -> None:
         engine.dispose()
 
 
-async def _every(interval_s: float, what: str, job: Callable[[], Awaitable[object]]) -> None:
-    """Renew ``what`` every ``interval_s`` until cancelled.
+async def _every(
+    interval_s: float, what: str, job: Callable[[], Awaitable[object]], leads: Callable[[], bool]
+) -> None:
+    """Renew ``what`` every ``interval_s`` while this replica leads, until cancelled.
 
     A failure is logged and the next round tries again: an expired timestamp or desired
     state would stop devices.
     """
     while True:
         await asyncio.sleep(interval_s)
+        if not leads():
+            continue
         try:
             renewed = await job()
         except FleetError as exc:
@@ -191,9 +198,18 @@ async def _every(interval_s: float, what: str, job: Callable[[], Awaitable[objec
                 log.info("renewed %s: %s", what, renewed)
 
 
-async def _renew(repo: TufRepository, interval_s: float, clock: Callable[[], datetime]) -> None:
+async def _renew(
+    repo: TufRepository,
+    interval_s: float,
+    clock: Callable[[], datetime],
+    leads: Callable[[], bool],
+) -> None:
     """Re-sign TUF metadata close to expiry, every ``interval_s``, until cancelled."""
-    await _every(interval_s, "TUF metadata", lambda: run_in_threadpool(repo.refresh, clock()))
+
+    async def renew() -> object:
+        return await run_in_threadpool(repo.refresh, clock())
+
+    await _every(interval_s, "TUF metadata", renew, leads)
 
 
 def create_app(
@@ -209,11 +225,13 @@ def create_app(
         engine = make_engine(settings.resolved_database_url)
         try:
             admin_token, repo = await run_in_threadpool(_prepare, settings, engine, clock())
-            factory = link_factory or _default_link(repo)
-            async with factory(settings, engine) as link:
+            leadership = Leadership(engine, LeaseTerms(ttl_s=settings.leader_lease_s))
+            leads = leadership.leads
+            factory = link_factory or _default_link(repo, leads)
+            async with leadership, factory(settings, engine) as link:
                 desired = DesiredStates(engine, link, clock)
                 rollouts = RolloutEngine(
-                    engine, desired, clock, interval_s=settings.rollout_interval_s
+                    engine, desired, clock, interval_s=settings.rollout_interval_s, leads=leads
                 )
                 app.state.fleet = FleetState(
                     settings=settings,
@@ -221,6 +239,7 @@ def create_app(
                     link=link,
                     admin_token=admin_token,
                     clock=clock,
+                    leadership=leadership,
                     tuf=repo,
                     desired=desired,
                     rollouts=rollouts,
@@ -231,9 +250,10 @@ def create_app(
                 )
                 interval_s = settings.tuf_refresh_interval_s
                 renewals = [
-                    asyncio.create_task(_renew(repo, interval_s, clock), name="tuf-renew"),
+                    asyncio.create_task(_renew(repo, interval_s, clock, leads), name="tuf-renew"),
                     asyncio.create_task(
-                        _every(interval_s, "desired states", desired.renew), name="desired-renew"
+                        _every(interval_s, "desired states", desired.renew, leads),
+                        name="desired-renew",
                     ),
                     asyncio.create_task(rollouts.run(), name="rollouts"),
                     asyncio.create_task(alerts.watch(engine, settings, clock, repo), name="alerts"),

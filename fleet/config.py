@@ -80,6 +80,9 @@ class FleetSettings(BaseSettings):
     telemetry_interval_s: float = Field(default=10.0, gt=0)  # told to devices at enrollment
     heartbeat_interval_s: float = Field(default=30.0, gt=0)  # offline after 3 missed
     rollout_interval_s: float = Field(default=2.0, gt=0, le=300)  # between rollout steps
+    # Seconds the leader lease lasts: a dead leader's jobs move to another replica
+    # within 4/3 of it (fleet/leases.py).
+    leader_lease_s: float = Field(default=10.0, ge=0.3, le=300)
     retention_days: float = Field(default=30.0, gt=0)  # older samples and events are pruned
     ingest_batch_rows: int = Field(default=500, ge=1)  # rows per database write
     ingest_flush_ms: int = Field(default=200, ge=1)  # at most this long before a write

@@ -11,7 +11,17 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, Column, DateTime, Index, Integer, String, UniqueConstraint
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Column,
+    DateTime,
+    Double,
+    Index,
+    Integer,
+    String,
+    UniqueConstraint,
+)
 from sqlmodel import Field, SQLModel
 
 __all__ = [
@@ -27,6 +37,7 @@ __all__ = [
     "EventRow",
     "GateCheckRow",
     "Group",
+    "Lease",
     "LoginAttempt",
     "ModelArtifact",
     "PolicyAssignment",
@@ -470,3 +481,19 @@ class AlertDelivery(SQLModel, table=True):
     attempts: int = 0
     next_attempt_at: datetime = _stamp()  # not before; while a POST runs, its lease's end
     last_error: str = Field(default="", sa_column=Column(String(500), nullable=False))
+
+
+class Lease(SQLModel, table=True):
+    """Who runs a fleet-wide job (``fleet.leases``); times are the database's own clock.
+
+    Seconds since the epoch as the database reads its clock, so replicas whose clocks
+    disagree still agree on when a lease ran out.
+    """
+
+    __tablename__ = "leases"
+
+    name: str = Field(primary_key=True, max_length=64)
+    holder: str = Field(max_length=128)  # host/pid/random: a restarted process is another
+    epoch: int = Field(sa_column=Column(BigInteger, nullable=False))  # grows at each takeover
+    acquired_at: float = Field(sa_column=Column(Double, nullable=False))
+    expires_at: float = Field(sa_column=Column(Double, nullable=False))

@@ -31,6 +31,7 @@ from fleet.auth.sessions import SessionLimits, resolve_session
 from fleet.config import FleetSettings
 from fleet.desired import DesiredStates
 from fleet.errors import Forbidden, Unauthorized
+from fleet.leases import Leadership
 from fleet.link.port import LinkPort
 from fleet.registry.repository import TufRepository
 from fleet.rollout.engine import RolloutEngine
@@ -70,6 +71,7 @@ class FleetState:
     link: LinkPort
     admin_token: str
     clock: Callable[[], datetime]  # aware UTC; tests pass a fixed one
+    leadership: Leadership  # whether this replica runs the fleet-wide jobs
     tuf: TufRepository  # signs model targets; its director keys sign desired states
     desired: DesiredStates  # stores and publishes desired states, in order
     rollouts: RolloutEngine  # runs staged rollouts; admins' actions go through it

@@ -22,6 +22,7 @@ from fleet.api.present import device_counts
 from fleet.api.schemas import DeviceCounts
 from fleet.db import current_revision, head_revision, ping
 from fleet.errors import DatabaseUnavailable
+from fleet.leases import Leadership
 from models.wire import SCHEMA_VERSION
 
 __all__ = ["router"]
@@ -45,6 +46,15 @@ class DatabasePublic(BaseModel):
     head: str  # the newest revision this controller knows
 
 
+class LeaderPublic(BaseModel):
+    """Which replica runs the fleet-wide jobs (rollouts, renewals, retention)."""
+
+    this_replica: bool  # this controller holds the leader lease now
+    replica: str  # this controller's holder id
+    holder: str | None  # who held the lease at this controller's last claim
+    epoch: int  # takeovers so far
+
+
 class StatusPublic(BaseModel):
     version: str
     wire_schema_version: int
@@ -52,6 +62,7 @@ class StatusPublic(BaseModel):
     broker_public_url: str
     database: DatabasePublic
     link: LinkPublic
+    leader: LeaderPublic
     devices: DeviceCounts
 
 
@@ -113,5 +124,16 @@ def status(session: SessionDep, state: StateDep) -> StatusPublic:
             duplicates=link.duplicates,
             rejected=link.rejected,
         ),
+        leader=_leader(state.leadership),
         devices=device_counts(session),
+    )
+
+
+def _leader(leadership: Leadership) -> LeaderPublic:
+    last = leadership.last
+    return LeaderPublic(
+        this_replica=leadership.leads(),
+        replica=leadership.holder,
+        holder=last.holder if last is not None else None,
+        epoch=last.epoch if last is not None else 0,
     )

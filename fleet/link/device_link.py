@@ -77,10 +77,12 @@ class DeviceLink:
         *,
         sign_desired: Callable[[DesiredState], bytes],
         reconnect: ReconnectPolicy | None = None,
+        leads: Callable[[], bool] = lambda: True,
     ) -> None:
         self._settings = settings
         self._engine = engine
         self._sign_desired = sign_desired
+        self._leads = leads  # presence and retention run on the leader replica only
         self._reconnect = reconnect or ReconnectPolicy()
         self._warn = RateLimitedLog(log, WARN_EVERY_S)
         self._ingest = IngestRouter(
@@ -106,7 +108,9 @@ class DeviceLink:
                 self._embedded = await stack.enter_async_context(self._embedded_broker())
                 self._broker_url = self._embedded.url
                 stack.callback(self._forget_embedded)  # runs before the broker stops
-            await stack.enter_async_context(Housekeeping(self._engine, settings, self._warn))
+            await stack.enter_async_context(
+                Housekeeping(self._engine, settings, self._warn, self._leads)
+            )
             session = MqttSession(
                 settings,
                 broker_url=self._broker_url,

@@ -3,6 +3,7 @@
 A device silent for three heartbeat intervals is marked offline (checked every half
 interval, at most every 30 s); telemetry and events older than ``retention_days`` are
 deleted at start and hourly. A round that fails is logged and the next one tries again.
+With several replicas only the leader (``fleet.leases``) runs them: ``leads`` says so.
 """
 
 from __future__ import annotations
@@ -37,10 +38,17 @@ def presence_interval_s(heartbeat_interval_s: float) -> float:
 class Housekeeping:
     """Runs the presence and retention rounds in the background while entered."""
 
-    def __init__(self, engine: sa.Engine, settings: FleetSettings, warn: RateLimitedLog) -> None:
+    def __init__(
+        self,
+        engine: sa.Engine,
+        settings: FleetSettings,
+        warn: RateLimitedLog,
+        leads: Callable[[], bool] = lambda: True,
+    ) -> None:
         self._engine = engine
         self._settings = settings
         self._warn = warn
+        self._leads = leads
         self._stack = AsyncExitStack()
 
     async def __aenter__(self) -> Housekeeping:
@@ -81,7 +89,8 @@ class Housekeeping:
         await asyncio.sleep(first_after_s)
         while True:
             try:
-                await asyncio.to_thread(job)
+                if self._leads():
+                    await asyncio.to_thread(job)
             except DatabaseUnavailable as exc:
                 self._warn.warning(name, "%s skipped: %s", name, exc)
             except Exception:

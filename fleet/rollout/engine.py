@@ -9,7 +9,9 @@ restart resumes where the rollout was, with no stage skipped or repeated; a desi
 state committed but not yet published reaches the broker when the link republishes
 stored states on connect.
 
-Two controllers on one database never advance a stage twice: a step takes the
+With several replicas only the leader (``fleet.leases``) runs the loop; admins'
+actions run on whichever replica they reach. Either way, two controllers on one
+database never advance a stage twice: a step takes the
 rollout's row with ``SELECT ... FOR UPDATE SKIP LOCKED`` (PostgreSQL; another
 controller skips the rollout for this round) and writes it back only at the revision it
 read (any database), so of two writers one commits and the other rolls back. Admin
@@ -77,8 +79,10 @@ class RolloutEngine:
         clock: Callable[[], datetime],
         *,
         interval_s: float = 2.0,
+        leads: Callable[[], bool] = lambda: True,
     ) -> None:
         self._db = db
+        self._leads = leads  # the loop steps rollouts only while this replica leads
         self._desired = desired
         self._clock = clock
         self._interval_s = interval_s  # seconds between steps when nothing wakes the loop
@@ -111,6 +115,8 @@ class RolloutEngine:
             log.exception("rollout step failed")
 
     async def step_all(self) -> None:
+        if not self._leads():
+            return
         ids = await asyncio.to_thread(self._live_ids)
         for rollout_id in ids:
             await self.step(rollout_id)

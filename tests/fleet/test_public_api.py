@@ -21,6 +21,7 @@ MODULES = [
     "fleet.api.limits",
     "fleet.api.present",
     "fleet.api.schemas",
+    "fleet.leases",
     "fleet.registry.backends",
     "fleet.registry.blobs",
     "fleet.registry.folder",

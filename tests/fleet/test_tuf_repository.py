@@ -268,7 +268,7 @@ def test_refresh_renews_each_role_before_it_expires(tmp_path: Path) -> None:
     ).verified
 
 
-def test_the_app_renews_metadata_on_its_interval(tmp_path: Path) -> None:
+def test_the_app_renews_metadata_on_its_interval_while_it_leads(tmp_path: Path) -> None:
     import asyncio
 
     from fleet.app import _renew
@@ -282,14 +282,22 @@ def test_the_app_renews_metadata_on_its_interval(tmp_path: Path) -> None:
         seen: list[str] = []
         refresh = repo.refresh
 
+        asked = 0
+
+        def leads_from_the_fourth_look() -> bool:  # another replica leads at first
+            nonlocal asked
+            asked += 1
+            return asked > 3
+
         def counting(now: datetime) -> list[str]:
+            assert seen or asked == 4, "renewed while another replica led"
             renewed = refresh(now)
             seen.extend(renewed)
             loop.call_soon_threadsafe(done.set)
             return renewed
 
         repo.refresh = counting  # type: ignore[method-assign]
-        task = asyncio.create_task(_renew(repo, 0.001, lambda: later))
+        task = asyncio.create_task(_renew(repo, 0.001, lambda: later, leads_from_the_fourth_look))
         await asyncio.wait_for(done.wait(), 10)
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
