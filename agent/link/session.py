@@ -342,10 +342,17 @@ class MqttSession:
     async def _connected(self, client: aiomqtt.Client) -> None:
         subscriptions = [(self._topics[Channel.DESIRED], 1), (self._topics[Channel.CMD], 1)]
         granted = await client.subscribe(subscriptions)
-        for (topic, _), code in zip(subscriptions, granted, strict=False):
-            value = getattr(code, "value", code)
-            if isinstance(value, int) and value >= 0x80:
-                log.error("the broker refused the subscription to %s (check its ACL)", topic)
+        refused = [
+            topic
+            for (topic, _), code in zip(subscriptions, granted, strict=False)
+            if isinstance(value := getattr(code, "value", code), int) and value >= 0x80
+        ]
+        if refused:
+            # Without them no desired state arrives: reconnect (with backoff) and ask
+            # again. A clustered broker refuses while it re-elects after losing a node
+            # (docs/scale.md); a wrong ACL refuses every time, and this log says so.
+            log.error("the broker refused the subscriptions to %s (check its ACL)", refused)
+            raise aiomqtt.MqttError(f"subscriptions refused: {', '.join(refused)}")
         online = new_event(
             self.device_id,
             EventKind.ONLINE,

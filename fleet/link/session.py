@@ -295,12 +295,15 @@ class MqttSession:
         filters = [(subscription(channel), 1) for channel in INGEST_CHANNELS]
         codes = [_code(rc) for rc in await client.subscribe(filters)]
         if any(code >= 0x80 for code in codes):
+            # Reconnect and ask again: a clustered broker refuses while it re-elects after
+            # losing a node (docs/scale.md); a wrong ACL refuses every time, logged here.
             log.error(
                 "the broker refused the controller's subscriptions %s (codes %s): check the "
                 "controller's ACL (docs/broker.md)",
                 [topic for topic, _ in filters],
                 codes,
             )
+            raise aiomqtt.MqttError(f"subscriptions refused (codes {codes})")
 
     async def _run(self, client: aiomqtt.Client) -> None:
         self._client = client

@@ -440,9 +440,11 @@ class SimulatedDevice:
 
     async def _serve(self, client: aiomqtt.Client) -> None:
         timeout = self.timing.publish_timeout
-        await client.subscribe(
+        granted = await client.subscribe(
             [(self._topics[Channel.DESIRED], 1), (self._topics[Channel.CMD], 1)], timeout=timeout
         )
+        if any(getattr(code, "value", code) >= 0x80 for code in granted):  # as the agent does
+            raise aiomqtt.MqttError(f"subscriptions refused: {granted}")
         await self._publish_event(client, _ONLINE)
         self._reconcile(client)  # updates a lost session or a power cut interrupted
         await self._publish_report(client)

@@ -25,6 +25,13 @@ from models.wire import (
     encode,
     utc_now,
 )
+from scripts.broker_cluster import (
+    NATS_SERVER,
+    BrokerCluster,
+    NatsUser,
+    nats_cluster,
+    set_nats_users,
+)
 from scripts.servers import MosquittoBroker
 from tests.agent.link_support import (
     WITHIN_S,
@@ -284,3 +291,34 @@ def test_a_full_spool_reports_what_it_dropped(broker: MosquittoBroker, device: P
             await watcher.stop()
 
     asyncio.run(scenario())
+
+
+@pytest.mark.skipif(not Path(NATS_SERVER).exists(), reason="nats-server is not installed")
+def test_a_refused_subscription_reconnects_until_the_broker_grants_it(tmp_path: Path) -> None:
+    """NATS refuses a QoS 1 SUBSCRIBE (SUBACK 0x80) the login may not make, as a cluster
+    re-electing after losing a node does for a while; Mosquitto would grant it silently.
+    Without its subscriptions the device would never see a desired state, so the link
+    reconnects and asks again until the broker grants them.
+    """
+    own = f"edgefleet.v1.devices.{DEVICE}"
+    refused = NatsUser(DEVICE, PASSWORD, publish=(f"{own}.>",), subscribe=(f"{own}.>",))
+    granted = NatsUser(
+        DEVICE, PASSWORD, publish=(f"{own}.>",), subscribe=(f"{own}.>", "$MQTT.sub.>")
+    )
+    state_dir = tmp_path / "state"
+
+    async def scenario(cluster: BrokerCluster) -> None:
+        write_identity(state_dir, cluster.nodes[0], DEVICE, PASSWORD)  # type: ignore[arg-type]
+        link = FleetLink(settings(state_dir), FakeHost(), FakeTelemetry(), DEVICE_REPORT)
+        async with link:
+            await eventually(
+                lambda: "subscriptions refused" in (link.status()["last_error"] or ""),
+                "the refusal seen",
+                within_s=WITHIN_S,
+            )
+            assert not link.status()["connected"]
+            await asyncio.to_thread(set_nats_users, cluster, [granted])
+            await eventually(lambda: link.status()["connected"], "connected", within_s=WITHIN_S)
+
+    with nats_cluster(tmp_path / "nats", [refused]) as cluster:
+        asyncio.run(scenario(cluster))
