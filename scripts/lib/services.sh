@@ -70,3 +70,14 @@ ensure_qemu() {
         apt_install --no-install-recommends qemu-system-x86 ovmf
     fi
 }
+
+ensure_scale_tools() {
+    # Scale-out tests (tests/integration/test_scale_out.py): haproxy in front of the
+    # replicas; nats-server and rabbitmq-server for the broker clusters
+    # (tests/integration/test_broker_cluster.py).
+    local missing=()
+    command -v haproxy >/dev/null || [[ -x /usr/sbin/haproxy ]] || missing+=(haproxy)
+    [[ -x /usr/sbin/nats-server ]] || missing+=(nats-server)
+    [[ -x /usr/sbin/rabbitmq-server ]] || missing+=(rabbitmq-server)
+    ((${#missing[@]} == 0)) || apt_install "${missing[@]}"
+}
