@@ -1,4 +1,5 @@
-"""Real servers for the tests and the benchmarks: Mosquitto, PostgreSQL, ``edgefleet serve``.
+"""Real servers for the tests and the benchmarks: Mosquitto, PostgreSQL, ``edgefleet serve``,
+and haproxy in front of controller replicas.
 
 Both start the same servers, configured as in production, so they live here once; the
 tests import ``scripts.servers``, the bench scripts (run with scripts/ on ``sys.path``)
@@ -17,16 +18,18 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 
 MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+HAPROXY = shutil.which("haproxy") or "/usr/sbin/haproxy"
 
 
 def free_port() -> int:
@@ -137,7 +140,8 @@ def postgres_database(admin_url: str) -> Iterator[str]:
     import sqlalchemy as sa
 
     name = f"edgefleet_test_{uuid.uuid4().hex[:12]}"
-    admin = sa.create_engine(admin_url, isolation_level="AUTOCOMMIT")
+    # No pool: a test that restarts the server leaves no dead connection to drop with.
+    admin = sa.create_engine(admin_url, isolation_level="AUTOCOMMIT", poolclass=sa.NullPool)
     with admin.connect() as conn:
         conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
     try:
@@ -146,6 +150,72 @@ def postgres_database(admin_url: str) -> Iterator[str]:
         with admin.connect() as conn:
             conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
         admin.dispose()
+
+
+def _postgres_bin(name: str) -> str:
+    """A server binary from Debian's newest PostgreSQL (they are not on ``PATH``)."""
+    found = shutil.which(name)
+    if found:
+        return found
+    versions = sorted(Path("/usr/lib/postgresql").glob("*/bin"), key=lambda p: int(p.parent.name))
+    if not versions:
+        raise FileNotFoundError("PostgreSQL is not installed: scripts/test installs it")
+    return str(versions[-1] / name)
+
+
+class PostgresServer:
+    """A PostgreSQL server of one test's own (``initdb`` on a free port), to stop and start.
+
+    The suite's shared server must stay up for every other test; a fault test that
+    restarts PostgreSQL restarts this one. As root, the server runs as ``postgres``
+    (it refuses root), so its folder lies outside pytest's root-only temporary tree.
+    """
+
+    def __init__(self) -> None:
+        self.root = Path(tempfile.mkdtemp(prefix="edgefleet-pg-"))
+        self.data = self.root / "data"
+        self.port = free_port()
+        self.log_file = self.root / "postgres.log"
+        self._as: list[str] = []
+        if os.geteuid() == 0:
+            self._as = ["runuser", "-u", "postgres", "--"]
+            shutil.chown(self.root, "postgres")
+        self._run(_postgres_bin("initdb"), "-D", str(self.data), "-A", "trust", "-U", "postgres")
+
+    def _run(self, *argv: str) -> None:
+        subprocess.run([*self._as, *argv], check=True, capture_output=True, timeout=120)
+
+    @property
+    def admin_url(self) -> str:
+        return f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/postgres"
+
+    def start(self) -> None:
+        options = f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1"
+        ctl = _postgres_bin("pg_ctl")
+        self._run(ctl, "-D", str(self.data), "-l", str(self.log_file), "-o", options, "-w", "start")
+
+    def crash(self) -> None:
+        """Stop at once, as a crash would (``immediate``): recovery replays the WAL."""
+        self._run(_postgres_bin("pg_ctl"), "-D", str(self.data), "-m", "immediate", "stop")
+
+    def stop(self) -> None:
+        self._run(_postgres_bin("pg_ctl"), "-D", str(self.data), "-m", "fast", "stop")
+
+    def log(self) -> str:
+        return self.log_file.read_text(errors="replace") if self.log_file.exists() else ""
+
+
+@contextmanager
+def postgres_server() -> Iterator[PostgresServer]:
+    """A running :class:`PostgresServer`, removed with its data afterwards."""
+    server = PostgresServer()
+    server.start()
+    try:
+        yield server
+    finally:
+        with suppress(subprocess.CalledProcessError):
+            server.crash()
+        shutil.rmtree(server.root, ignore_errors=True)
 
 
 EDGEFLEET = Path(sys.executable).parent / "edgefleet"
@@ -238,3 +308,63 @@ def running_controller(
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+
+
+def _haproxy_config(port: int, backends: list[str], mode: str) -> str:
+    """Round robin over ``backends`` (``host:port``), each health-checked every 300 ms.
+
+    ``http``: controller replicas, checked on ``/readyz``. ``tcp``: MQTT broker nodes,
+    checked by connecting, as a cloud's network load balancer does. A backend that dies
+    or says it is not ready leaves the rotation within a second; a connection that
+    fails is sent to another backend (``option redispatch``).
+    """
+    servers = [f"    server r{n} {where} check" for n, where in enumerate(backends, 1)]
+    check = ["    option httpchk GET /readyz", "    http-check expect status 200"]
+    return "\n".join(
+        [
+            "global",
+            "    maxconn 4096",
+            "defaults",
+            f"    mode {mode}",
+            "    timeout connect 2s",
+            "    timeout client 60s" if mode == "http" else "    timeout client 1h",
+            "    timeout server 60s" if mode == "http" else "    timeout server 1h",
+            "    retries 3",
+            "    option redispatch",
+            "frontend front",
+            f"    bind 127.0.0.1:{port}",
+            "    default_backend backends",
+            "backend backends",
+            "    balance roundrobin",
+            *(check if mode == "http" else []),
+            "    default-server inter 300ms fall 2 rise 1",
+            *servers,
+            "",
+        ]
+    )
+
+
+@contextmanager
+def haproxy(root: Path, backends: list[str], mode: str = "http") -> Iterator[str]:
+    """haproxy (Debian's) in front of controller replicas (or, ``tcp``, broker nodes).
+
+    Yields ``http://127.0.0.1:<port>`` (``mqtt://...`` in ``tcp`` mode).
+    """
+    root.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    config = root / "haproxy.cfg"
+    config.write_text(_haproxy_config(port, backends, mode))
+    with (root / "haproxy.log").open("ab") as out:
+        proc = subprocess.Popen(
+            [HAPROXY, "-db", "-f", str(config)], stdout=out, stderr=subprocess.STDOUT
+        )
+    try:
+        try:
+            wait_port(port)
+        except TimeoutError:
+            log = (root / "haproxy.log").read_text(errors="replace")
+            raise AssertionError(f"haproxy did not start (exit {proc.poll()}):\n{log}") from None
+        yield f"{'http' if mode == 'http' else 'mqtt'}://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)

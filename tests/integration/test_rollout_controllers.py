@@ -8,8 +8,8 @@ rollout never advance a stage twice. These tests run the real thing: ``edgefleet
 processes, a real Mosquitto and simulated devices that update like agents; the last one
 drives two engines from two threads at one PostgreSQL database, without devices. A
 device event held by a controller that is then killed still counts (the controller
-acknowledges a message only once it is stored); an ``xfail`` test shows what the link
-still loses when replicas share ingest: a device's newest report.
+acknowledges a message only once it is stored); and replicas sharing ingest through a
+shared subscription group keep each device's newest report, whichever commits last.
 
 What is checked is read from the database: the audit log (``rollout.stage_started``,
 ``rollout.stage_installed``, ``rollout.completed``), ``rollout_devices``, the devices'
@@ -160,11 +160,12 @@ class Database:
         }
 
     def update_events(self, device_id: str, sha256: str) -> list[str]:
+        """In the device's order (its clock): replicas sharing ingest may store them in another."""
         return [
             kind
             for kind, data in self.rows(
                 "SELECT kind, data FROM events WHERE device_id = :device "
-                "AND kind LIKE 'update%' ORDER BY id",
+                "AND kind LIKE 'update%' ORDER BY ts, id",
                 device=device_id,
             )
             if (_json(data) or {}).get("sha256") == sha256
@@ -264,6 +265,9 @@ def controller(
         env={
             "EDGEFLEET_FLEET_ADMIN_TOKEN": ADMIN_TOKEN,
             "EDGEFLEET_FLEET_ROLLOUT_INTERVAL_S": "0.2",
+            # A killed controller's replacement (a new lease holder) waits for the
+            # dead one's lease to run out before it steps rollouts: 2 s, not 10.
+            "EDGEFLEET_FLEET_LEADER_LEASE_S": "2",
             **{f"EDGEFLEET_FLEET_{key.upper()}": value for key, value in env.items()},
         },
         ready_s=60,
@@ -365,7 +369,7 @@ def test_a_controller_killed_mid_rollout_resumes_with_no_stage_skipped_or_repeat
     Each replacement starts on the same database and data folder. The devices update in
     1 s (no jitter): the kill lands right after the audit shows the stage started, before
     any device of that stage can have reported on it, so no acknowledged device event is
-    lost with the killed process (see the ``xfail`` test below for what happens then).
+    lost with the killed process.
     """
     devices, stages = 20, 4  # canary 2, then 25%, 50%, 100%: 2, 5, 10, 20 released
     quotas = [2, 5, 10, 20]
@@ -518,15 +522,17 @@ def test_an_update_event_a_killed_controller_had_acknowledged_still_counts(
 def test_two_controllers_on_one_postgres_database_never_advance_a_stage_twice(
     tmp_path: Path, broker: MosquittoBroker, postgres_url: str
 ) -> None:
-    """Two replicas step one rollout of eleven stages every 0.05 s; each stage starts once.
+    """Two replicas, one rollout of eleven stages stepped every 0.05 s; each stage starts once.
 
     They share the database, the data folder (admin token, TUF metadata and keys, the
     broker password) and the broker, each with its own MQTT client id. Each takes every
     device message (plain subscriptions; ingest stores each event once by its id): with
-    a shared subscription group a device's reports are split between the replicas and
-    can be stored out of order (the ``xfail`` test after this one). Soak 0 and no gates:
-    a stage advances in the step that sees its last device healthy, so both replicas
-    race for every advance.
+    a shared subscription group a device's reports are split between the replicas (the
+    test after this one checks the newest one is kept). Soak 0 and no gates. Only the
+    replica holding the leader lease steps rollouts (fleet/leases.py), so one replica
+    writes every step, whichever received the device reports; the engine's own guard
+    against two replicas stepping at once is raced in
+    ``test_two_engines_stepping_together_advance_each_stage_once``.
     """
     devices, stages = 20, 11  # canary 2, then 10%, 20%, ... 100%
     quotas = [2, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20]
@@ -575,7 +581,7 @@ def test_two_controllers_on_one_postgres_database_never_advance_a_stage_twice(
         assert_each_device_got_the_change_once(db, rollout_id, before, quotas)
         writes = assert_revisions_unbroken(db, rollout_id)
         shares = Counter(writer for _, _, writer in writes)
-        assert set(shares) == {"a", "b"}, shares  # the premise: both replicas stepped it
+        assert len(shares) == 1, shares  # the leader stepped it, alone
         for replica_log in (a, b):
             assert "Traceback" not in replica_log.output(), replica_log.output()[-4000:]
 
@@ -586,12 +592,6 @@ def test_two_controllers_on_one_postgres_database_never_advance_a_stage_twice(
         db.dispose()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: fleet/link/store.py _write stores a live reported state unconditionally "
-    "(_SET_REPORTED): with replicas in a shared subscription group, one replica can store a "
-    "device's older report after another stored its newer one, and the older one wins",
-)
 def test_replicas_in_a_shared_subscription_group_keep_a_devices_newest_report(
     tmp_path: Path, broker: MosquittoBroker, postgres_url: str
 ) -> None:
