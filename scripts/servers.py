@@ -13,6 +13,7 @@ starts one when none is running); each test or benchmark run gets a database of 
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -53,7 +54,7 @@ def wait_port(port: int, timeout: float = 10.0) -> None:
 class MosquittoBroker:
     """One real Mosquitto, authenticated by files in ``auth_dir``; restartable on its port."""
 
-    def __init__(self, root: Path, port: int | None = None) -> None:
+    def __init__(self, root: Path, port: int | None = None, bind: str = "127.0.0.1") -> None:
         self.root = root
         self.port = port or free_port()
         self.auth_dir = root / "auth"
@@ -68,7 +69,7 @@ class MosquittoBroker:
         # is the username, so no device can take over another's session (docs/broker.md).
         self.device_port = free_port()
         lines = [
-            f"listener {self.port} 127.0.0.1",
+            f"listener {self.port} {bind}",
             f"listener {self.device_port} 127.0.0.1",
             "use_username_as_clientid true",
             "allow_anonymous false",
@@ -120,8 +121,8 @@ class MosquittoBroker:
 
 
 @contextmanager
-def mosquitto(root: Path) -> Iterator[MosquittoBroker]:
-    broker = MosquittoBroker(root)
+def mosquitto(root: Path, bind: str = "127.0.0.1") -> Iterator[MosquittoBroker]:
+    broker = MosquittoBroker(root, bind=bind)
     broker.start()
     try:
         yield broker
@@ -171,7 +172,8 @@ class PostgresServer:
     (it refuses root), so its folder lies outside pytest's root-only temporary tree.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, also_listen: str | None = None) -> None:
+        self.also_listen = also_listen  # another address, trusted from its /24
         self.root = Path(tempfile.mkdtemp(prefix="edgefleet-pg-"))
         self.data = self.root / "data"
         self.port = free_port()
@@ -181,6 +183,10 @@ class PostgresServer:
             self._as = ["runuser", "-u", "postgres", "--"]
             shutil.chown(self.root, "postgres")
         self._run(_postgres_bin("initdb"), "-D", str(self.data), "-A", "trust", "-U", "postgres")
+        if also_listen is not None:
+            subnet = also_listen.rsplit(".", 1)[0] + ".0/24"
+            with (self.data / "pg_hba.conf").open("a") as hba:
+                hba.write(f"host all all {subnet} trust\n")
 
     def _run(self, *argv: str) -> None:
         subprocess.run([*self._as, *argv], check=True, capture_output=True, timeout=120)
@@ -190,7 +196,8 @@ class PostgresServer:
         return f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/postgres"
 
     def start(self) -> None:
-        options = f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1"
+        listen = ",".join(filter(None, ["127.0.0.1", self.also_listen]))
+        options = f"-p {self.port} -k {self.root} -c listen_addresses={listen}"
         ctl = _postgres_bin("pg_ctl")
         self._run(ctl, "-D", str(self.data), "-l", str(self.log_file), "-o", options, "-w", "start")
 
@@ -206,9 +213,9 @@ class PostgresServer:
 
 
 @contextmanager
-def postgres_server() -> Iterator[PostgresServer]:
+def postgres_server(also_listen: str | None = None) -> Iterator[PostgresServer]:
     """A running :class:`PostgresServer`, removed with its data afterwards."""
-    server = PostgresServer()
+    server = PostgresServer(also_listen)
     server.start()
     try:
         yield server
@@ -216,6 +223,60 @@ def postgres_server() -> Iterator[PostgresServer]:
         with suppress(subprocess.CalledProcessError):
             server.crash()
         shutil.rmtree(server.root, ignore_errors=True)
+
+
+IP = shutil.which("ip") or "/usr/sbin/ip"
+
+
+@dataclass(frozen=True)
+class NetworkNamespace:
+    """A network namespace joined to the host by one veth link, to cut and heal (root only).
+
+    A process started in it (:meth:`command`) reaches the host at ``host_ip`` and is
+    reached at ``inside_ip``; :meth:`cut` takes the host's end of the link down, which
+    is a network partition to both sides: packets are dropped, nothing is refused.
+    """
+
+    name: str
+    host_link: str
+    host_ip: str
+    inside_ip: str
+
+    def command(self, *argv: str) -> list[str]:
+        return [IP, "netns", "exec", self.name, *argv]
+
+    def cut(self) -> None:
+        _ip("link", "set", self.host_link, "down")
+
+    def heal(self) -> None:
+        _ip("link", "set", self.host_link, "up")
+
+
+def _ip(*argv: str) -> None:
+    subprocess.run([IP, *argv], check=True, capture_output=True, timeout=30)
+
+
+@contextmanager
+def network_namespace() -> Iterator[NetworkNamespace]:
+    """A fresh namespace on a random 10.x.y.0/24, removed with its link afterwards."""
+    tag = secrets.token_hex(3)
+    subnet = f"10.{secrets.randbelow(200) + 50}.{secrets.randbelow(250) + 1}"
+    ns = NetworkNamespace(f"ef-{tag}", f"efh{tag}", f"{subnet}.1", f"{subnet}.2")
+    inside_link = f"efn{tag}"
+    _ip("netns", "add", ns.name)
+    try:
+        _ip("link", "add", ns.host_link, "type", "veth", "peer", "name", inside_link)
+        _ip("link", "set", inside_link, "netns", ns.name)
+        _ip("addr", "add", f"{ns.host_ip}/24", "dev", ns.host_link)
+        _ip("link", "set", ns.host_link, "up")
+        _ip("-n", ns.name, "addr", "add", f"{ns.inside_ip}/24", "dev", inside_link)
+        _ip("-n", ns.name, "link", "set", inside_link, "up")
+        _ip("-n", ns.name, "link", "set", "lo", "up")
+        yield ns
+    finally:
+        with suppress(subprocess.CalledProcessError):
+            _ip("link", "del", ns.host_link)
+        _ip("netns", "del", ns.name)
 
 
 EDGEFLEET = Path(sys.executable).parent / "edgefleet"
@@ -273,6 +334,7 @@ def running_controller(
     ready_s: float = CONTROLLER_READY_S,
     name: str = "controller",
     data_dir: Path | None = None,
+    netns: NetworkNamespace | None = None,
 ) -> Iterator[Controller]:
     """``edgefleet serve *args`` on a free port, ready; stopped (SIGTERM) on the way out.
 
@@ -280,15 +342,19 @@ def running_controller(
     environment are left out. Its data folder is ``tmp_path/<name>`` and its log
     ``tmp_path/<name>.log``; give replicas (or a controller restarted after a crash) one
     ``data_dir`` and a ``name`` each. One killed (:meth:`Controller.kill`) is left dead.
+    In ``netns`` it listens on the namespace's address.
     """
     port = free_port()
     data_dir = data_dir or tmp_path / name
     log = tmp_path / f"{name}.log"
     inherited = {k: v for k, v in os.environ.items() if not k.startswith("EDGEFLEET_FLEET_")}
+    host = netns.inside_ip if netns is not None else "127.0.0.1"
     command = [
         str(EDGEFLEET), "serve", "--data-dir", str(data_dir), "--db", database_url,
-        "--port", str(port), "--log-level", "warning", *args,
+        "--host", host, "--port", str(port), "--log-level", "warning", *args,
     ]  # fmt: skip
+    if netns is not None:
+        command = netns.command(*command)
     with log.open("wb") as out:
         proc = subprocess.Popen(
             command,
@@ -296,7 +362,7 @@ def running_controller(
             stderr=subprocess.STDOUT,
             env={**inherited, **(env or {}), "PYTHONUNBUFFERED": "1"},
         )
-    running = Controller(proc, f"http://127.0.0.1:{port}", data_dir, log)
+    running = Controller(proc, f"http://{host}:{port}", data_dir, log)
     try:
         _wait_ready(running, ready_s)
         yield running

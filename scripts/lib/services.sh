@@ -74,10 +74,11 @@ ensure_qemu() {
 ensure_scale_tools() {
     # Scale-out tests (tests/integration/test_scale_out.py): haproxy in front of the
     # replicas; nats-server and rabbitmq-server for the broker clusters
-    # (tests/integration/test_broker_cluster.py).
+    # (tests/integration/test_broker_cluster.py); iproute2 to cut a replica off.
     local missing=()
     command -v haproxy >/dev/null || [[ -x /usr/sbin/haproxy ]] || missing+=(haproxy)
     [[ -x /usr/sbin/nats-server ]] || missing+=(nats-server)
     [[ -x /usr/sbin/rabbitmq-server ]] || missing+=(rabbitmq-server)
+    command -v ip >/dev/null || missing+=(iproute2)  # network namespaces (test_network_cut.py)
     ((${#missing[@]} == 0)) || apt_install "${missing[@]}"
 }

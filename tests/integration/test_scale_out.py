@@ -11,6 +11,7 @@ had acknowledged stored exactly once, and each rollout stage started once, in or
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from contextlib import AbstractContextManager, ExitStack
 from pathlib import Path
@@ -22,6 +23,7 @@ import pytest
 from scripts import servers
 from scripts.servers import MosquittoBroker
 from tests.integration.test_rollout_controllers import (
+    DEADLINE_S,
     LLM,
     Database,
     all_on_v1,
@@ -349,3 +351,68 @@ def test_postgres_restarted_under_load_loses_nothing_and_the_fleet_converges(
         db = Database(stack.enter_context(servers.postgres_database(pg.admin_url)))
         stack.callback(db.dispose)
         asyncio.run(scenario(stack, pg, db))
+
+
+_FORM_TOKEN = re.compile(r'name="login_token" value="([^"]+)"')
+
+
+async def sign_in(client: httpx.AsyncClient, name: str, password: str) -> None:
+    """Through the form, as a browser does: the login page, then the POST, then a page."""
+    page = await client.get("/ui/login")
+    found = _FORM_TOKEN.search(page.text)
+    assert found is not None, page.text
+    form = {"name": name, "password": password, "login_token": found.group(1), "next": "/ui/"}
+    answer = await client.post("/ui/login", data=form)
+    assert answer.status_code == 303, answer.text
+
+
+async def first_event(client: httpx.AsyncClient, topics: str) -> str:
+    """The name of the first event the page's live feed sends."""
+    async with client.stream("GET", "/ui/events", params={"topics": topics}) as stream:
+        assert stream.status_code == 200
+        async for line in stream.aiter_lines():
+            if line.startswith("event: "):
+                return line.removeprefix("event: ")
+    raise AssertionError("the event stream ended")
+
+
+def test_a_browser_signs_in_through_any_replica_and_gets_live_updates_from_the_others(
+    tmp_path: Path, broker: MosquittoBroker, postgres_url: str
+) -> None:
+    """Sessions and the dashboard's live feed live in PostgreSQL, not in one replica.
+
+    The browser signs in through haproxy (its requests land on different replicas) and
+    its session works on each replica. Replica ``a`` has a broker of its own with no
+    device on it, so every device report is stored by ``b``; a page listening on ``a``
+    still hears of it.
+    """
+    password = "correct horse battery staple"
+
+    async def scenario(stack: ExitStack) -> None:
+        lonely = stack.enter_context(servers.mosquitto(tmp_path / "lonely"))
+        a = await asyncio.to_thread(
+            stack.enter_context, controller(tmp_path, lonely, postgres_url, "a", client_id="a")
+        )
+        b = await asyncio.to_thread(
+            stack.enter_context, controller(tmp_path, broker, postgres_url, "b", client_id="b")
+        )
+        lb = stack.enter_context(servers.haproxy(tmp_path / "haproxy", [a.url[7:], b.url[7:]]))
+        async with api(lb) as admin:
+            user = {"name": "ada", "role": "admin", "password": password}
+            await ok(await admin.post("/api/v1/users", json=user))
+            secret = await fleet_on_v1(admin, 2)
+        async with httpx.AsyncClient(base_url=lb, timeout=15) as browser:
+            await sign_in(browser, "ada", password)
+            cookies = browser.cookies
+        for replica_url in (a.url, b.url):
+            async with httpx.AsyncClient(base_url=replica_url, cookies=cookies) as page:
+                answer = await page.get("/ui/")
+                assert answer.status_code == 200, (replica_url, answer.status_code)
+                assert "ada" in answer.text
+        async with httpx.AsyncClient(base_url=a.url, cookies=cookies, timeout=30) as page:
+            listening = asyncio.create_task(first_event(page, "devices"))
+            async with simulation(b.url, secret, 2, update_s=1.0):
+                assert await asyncio.wait_for(listening, DEADLINE_S) == "devices"
+
+    with ExitStack() as stack:
+        asyncio.run(scenario(stack))
