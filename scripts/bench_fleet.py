@@ -71,6 +71,7 @@ from benchlib import (  # noqa: E402 - scripts/ is on sys.path when a script run
 from servers import (  # noqa: E402
     MOSQUITTO,
     MosquittoBroker,
+    haproxy,
     postgres_database,
     running_controller,
 )
@@ -242,19 +243,26 @@ def cpu_usage(before: CpuMark, after: CpuMark) -> dict[str, float]:
 
 @dataclass
 class Controller:
-    """The controller under test (``servers.running_controller`` runs it) and its admin API."""
+    """The controller under test (``replicas`` processes on one database) and its admin API.
 
-    process: subprocess.Popen[bytes]
+    With more than one replica they share ingest (one MQTT 5 shared subscription group,
+    a client id each) and the admin API and the devices reach them through haproxy.
+    """
+
+    processes: list[subprocess.Popen[bytes]]
     url: str
-    log_path: Path
+    log_paths: list[Path]
     broker_password: str
     http: httpx.Client
-    ready_s: float  # from start to /readyz answering
+    ready_s: float  # from start to every replica's /readyz answering
 
-    def create_token(self, uses: int) -> str:
-        response = self.http.post(
-            "/api/v1/tokens", json={"uses": uses, "expires_in_s": 86_400, "note": "bench-fleet"}
-        )
+    @property
+    def pids(self) -> list[int]:
+        return [p.pid for p in self.processes]
+
+    def create_token(self, uses: int, group: str | None = None) -> str:
+        body = {"uses": uses, "expires_in_s": 86_400, "note": "bench-fleet", "group": group}
+        response = self.http.post("/api/v1/tokens", json=body)
         response.raise_for_status()
         return str(response.json()["secret"])
 
@@ -267,27 +275,57 @@ class Controller:
 
 
 @contextlib.contextmanager
-def controlled(root: Path, database_url: str, broker: MosquittoBroker) -> Iterator[Controller]:
+def controlled(
+    root: Path, database_url: str, broker: MosquittoBroker, replicas: int = 1
+) -> Iterator[Controller]:
     """``edgefleet serve`` against the broker, with an admin token and a broker password."""
     admin_token = secrets.token_urlsafe(24)
     broker_password = secrets.token_urlsafe(24)
-    env = {
-        "EDGEFLEET_FLEET_ADMIN_TOKEN": admin_token,
-        "EDGEFLEET_FLEET_BROKER_PASSWORD": broker_password,
-    }
     broker_args = [
         "--broker", broker.url, "--broker-auth-dir", str(broker.auth_dir),
         "--broker-pid-file", str(broker.pid_file),
     ]  # fmt: skip
     started = time.monotonic()
-    with (
-        running_controller(root, database_url, *broker_args, env=env, ready_s=READY_S) as served,
-        httpx.Client(
-            base_url=served.url, headers={"Authorization": f"Bearer {admin_token}"}, timeout=30
-        ) as http,
-    ):
-        ready_s = time.monotonic() - started
-        yield Controller(served.proc, served.url, served.log, broker_password, http, ready_s)
+    with contextlib.ExitStack() as running:
+        served = []
+        for k in range(replicas):
+            env = {
+                "EDGEFLEET_FLEET_ADMIN_TOKEN": admin_token,
+                "EDGEFLEET_FLEET_BROKER_PASSWORD": broker_password,
+            }
+            if replicas > 1:
+                env["EDGEFLEET_FLEET_CLIENT_ID"] = f"edgefleet-controller-r{k}"
+                env["EDGEFLEET_FLEET_SHARED_SUBSCRIPTION_GROUP"] = "controllers"
+            served.append(
+                running.enter_context(
+                    running_controller(
+                        root,
+                        database_url,
+                        *broker_args,
+                        env=env,
+                        ready_s=READY_S,
+                        name=f"controller-r{k}",
+                        data_dir=root / "data",  # the shared artifact store
+                    )
+                )
+            )
+        url = served[0].url
+        if replicas > 1:
+            backends = [r.url.removeprefix("http://") for r in served]
+            url = running.enter_context(haproxy(root / "haproxy", backends))
+        http = running.enter_context(
+            httpx.Client(
+                base_url=url, headers={"Authorization": f"Bearer {admin_token}"}, timeout=30
+            )
+        )
+        yield Controller(
+            [r.proc for r in served],
+            url,
+            [r.log for r in served],
+            broker_password,
+            http,
+            time.monotonic() - started,
+        )
 
 
 class Simulator:
@@ -424,6 +462,15 @@ class TelemetryQueries:
             lags.append((stored_utc - sent_utc).total_seconds())
         return lags
 
+    def bytes_per_row(self) -> float | None:
+        """PostgreSQL's bytes per stored sample, indexes and TOAST included."""
+        sa = self.sa
+        name = self.table.name
+        query = sa.text(f"SELECT pg_total_relation_size('{name}'), count(*) FROM {name}")
+        with self.engine.connect() as conn:
+            size, rows = conn.execute(query).one()
+        return float(size) / rows if rows else None
+
     def dispose(self) -> None:
         self.engine.dispose()
 
@@ -515,7 +562,7 @@ def run_step(
         log(f"  connected in {result['connect_s']:.1f} s; warming up {args.warmup:.0f} s")
         time.sleep(args.warmup)
         roles = {
-            "controller": [controller.process.pid],
+            "controller": controller.pids,
             "broker": [broker.process.pid] if broker.process else [],
             "simulator": sim.pids,
             "reference": [reference.pid],
@@ -550,7 +597,7 @@ def run_step(
         window = t1 - t0
         lags = queries.lags(first_id, last_id)
         stored = len(lags)
-        controller_rss = tree_rss([controller.process.pid])
+        controller_rss = tree_rss(controller.pids)
         result.update(
             {
                 "window_s": round(window, 2),
@@ -610,12 +657,105 @@ def judge(step: dict[str, Any], lag_limit: float) -> list[str]:
     return reasons
 
 
+# --------------------------------------------------------------------------- fan-out
+
+FANOUT_MODEL = "bench-fanout"
+FANOUT_BYTES = b"GGUF" + bytes(range(256)) * 16  # starts like a GGUF file: the registry checks
+
+
+def serving(queries: TelemetryQueries, version: str) -> tuple[int, dt.datetime | None]:
+    """Devices that report ``FANOUT_MODEL`` ``version`` ready, and the last such report."""
+    from fleet.tables import Device, as_utc
+
+    sa = queries.sa
+    table = Device.__table__  # type: ignore[attr-defined]
+    with queries.engine.connect() as conn:
+        rows = conn.execute(sa.select(table.c.reported, table.c.reported_at)).all()
+    count, last = 0, None
+    for reported, at in rows:
+        models = (json.loads(reported) if isinstance(reported, str) else reported or {}).get(
+            "models", []
+        )
+        if any(
+            (m.get("name"), m.get("version"), m.get("state")) == (FANOUT_MODEL, version, "ready")
+            for m in models
+        ):
+            count += 1
+            at_utc = as_utc(at)
+            last = at_utc if last is None or (at_utc and at_utc > last) else last
+    return count, last
+
+
+def run_fanout(
+    args: argparse.Namespace,
+    root: Path,
+    devices: int,
+    controller: Controller,
+    queries: TelemetryQueries,
+    state_dir: Path,
+    roles: dict[str, list[int]],
+) -> dict[str, Any]:
+    """Every device connected; one desired state for the group; until every device serves it.
+
+    Timed from the ``PUT`` to the last device's report that it serves the new model (the
+    controller's ``reported_at``), so it covers signing and publishing the desired states,
+    the broker's delivery, each device's download through the controller and its report.
+    """
+    for version in ("1.0",):
+        controller.http.post(
+            f"/api/v1/models/{FANOUT_MODEL}/versions/{version}",
+            content=FANOUT_BYTES,
+            headers={"Content-Type": "application/octet-stream"},
+        ).raise_for_status()
+    sim = Simulator(
+        root,
+        devices=devices,
+        fleet_url=controller.url,
+        state_dir=state_dir,
+        interval=args.interval,
+        processes=args.sim_processes,
+        name=f"fanout-{devices}",
+    )
+    try:
+        wait_connected(sim, devices, args.connect_timeout)
+        time.sleep(args.warmup)
+        roles = {**roles, "simulator": sim.pids}
+        cpu0 = cpu_mark(roles)
+        put_at = dt.datetime.now(dt.UTC)
+        started = time.monotonic()
+        controller.http.put(
+            "/api/v1/groups/bench/desired",
+            json={"models": [{"name": FANOUT_MODEL, "version": "1.0"}]},
+        ).raise_for_status()
+        put_s = time.monotonic() - started
+        count, last = 0, None
+        while time.monotonic() - started < args.connect_timeout:
+            count, last = serving(queries, "1.0")
+            if count >= devices:
+                break
+            time.sleep(0.5)  # polling the database another process writes
+        cpu = cpu_usage(cpu0, cpu_mark(roles))
+    finally:
+        sim.stop()
+    seconds = (last - put_at).total_seconds() if last is not None else None
+    return {
+        "devices": devices,
+        "serving": count,
+        "put_s": round(put_s, 3),
+        "seconds": seconds,
+        "devices_per_s": devices / seconds if seconds and count >= devices else None,
+        "cpu_cores": cpu,
+    }
+
+
 # --------------------------------------------------------------------------- one database
 
 
-def run_database(args: argparse.Namespace, kind: str, steps: list[int]) -> dict[str, Any]:
+def run_database(
+    args: argparse.Namespace, kind: str, steps: list[int], replicas: int = 1
+) -> dict[str, Any]:
     root = Path(tempfile.mkdtemp(prefix=f"bench-fleet-{kind}-"))
-    result: dict[str, Any] = {"database": kind, "steps": []}
+    result: dict[str, Any] = {"database": kind, "replicas": replicas, "steps": []}
     broker = MosquittoBroker(root / "mosquitto")
     controller: Controller | None = None
     reference: Reference | None = None
@@ -624,16 +764,17 @@ def run_database(args: argparse.Namespace, kind: str, steps: list[int]) -> dict[
         with database(kind, root) as url, contextlib.ExitStack() as running:
             broker.start()
             log(f"{kind}: Mosquitto on port {broker.port}; starting the controller")
-            controller = running.enter_context(controlled(root, url, broker))
+            controller = running.enter_context(controlled(root, url, broker, replicas))
             result["controller_ready_s"] = round(controller.ready_s, 2)
-            result["controller_command"] = " ".join(controller.process.args)
+            result["controller_command"] = " ".join(controller.processes[0].args)
             time.sleep(3.0)
-            result["controller_idle_rss_bytes"] = idle_rss = tree_rss([controller.process.pid])
+            result["controller_idle_rss_bytes"] = idle_rss = tree_rss(controller.pids)
             assert broker.process is not None
             result["broker_idle_rss_bytes"] = tree_rss([broker.process.pid])
             log(f"{kind}: controller idle RSS {idle_rss / MiB:.0f} MiB")
             state_dir = root / "identities"
-            token = controller.create_token(max(steps))
+            controller.http.post("/api/v1/groups", json={"name": "bench"}).raise_for_status()
+            token = controller.create_token(max(steps), group="bench")
             log(f"{kind}: enrolling {max(steps)} devices")
             started = time.monotonic()
             enroll = Simulator(
@@ -677,8 +818,21 @@ def run_database(args: argparse.Namespace, kind: str, steps: list[int]) -> dict[
                 if step["broken"] and not args.keep_going:
                     log(f"{kind}: stopping at {devices} devices: {'; '.join(step['broken'])}")
                     break
+            if kind == "postgresql":
+                result["telemetry_bytes_per_row"] = queries.bytes_per_row()
             first_broken = next((s for s in result["steps"] if s["broken"]), None)
             result["breaks_at"] = first_broken["devices"] if first_broken else None
+            if args.fanout:
+                held = [s["devices"] for s in result["steps"] if not s["broken"]]
+                fanout_devices = max(held or [min(steps)])
+                log(f"{kind}: fan-out of one desired state to {fanout_devices} devices")
+                roles = {"controller": controller.pids, "database": db_pids}
+                if broker.process is not None:
+                    roles["broker"] = [broker.process.pid]
+                result["fanout"] = run_fanout(
+                    args, root, fanout_devices, controller, queries, state_dir, roles
+                )
+                log(f"  {fanout_line(result['fanout'])}")
             result["status"] = "ok"
     except SkippedError as exc:
         log(f"{kind}: SKIPPED: {exc}")
@@ -698,7 +852,7 @@ def run_database(args: argparse.Namespace, kind: str, steps: list[int]) -> dict[
         if queries is not None:
             queries.dispose()
         if controller is not None:  # stopped by now
-            result["controller_log_tail"] = tail(controller.log_path)
+            result["controller_log_tail"] = tail(controller.log_paths[0])
         broker.kill()
         result["broker_log_tail"] = broker.log()[-4000:]
         if args.keep:
@@ -729,10 +883,64 @@ def summary_line(step: dict[str, Any]) -> str:
     )
 
 
+def fanout_line(fanout: dict[str, Any]) -> str:
+    return (
+        f"fan-out: {fanout['serving']}/{fanout['devices']} devices serving the new model "
+        f"{fmt(fanout.get('seconds'), 1)} s after the PUT "
+        f"({fmt(fanout.get('devices_per_s'), 0)} devices/s)"
+    )
+
+
+def scaling(doc: dict[str, Any]) -> list[str]:
+    """Replicas side by side at each step, one replica as the reference (ratios to it)."""
+    runs = [db for db in doc["databases"] if db["database"] == "postgresql" and db.get("steps")]
+    if len({db.get("replicas", 1) for db in runs}) < 2:
+        return []
+    reference = {s["devices"]: s for db in runs if db.get("replicas", 1) == 1 for s in db["steps"]}
+    ref_fanout = next((db.get("fanout") for db in runs if db.get("replicas", 1) == 1), None) or {}
+    rows = [
+        [
+            "replicas",
+            "devices",
+            "samples/s",
+            "p99 lag",
+            "p99 / 1 replica",
+            "ctrl CPU",
+            "CPU / 1 replica",
+            "ctrl MiB",
+            "fan-out s",
+            "fan-out / 1 replica",
+        ]
+    ]
+    for db in runs:
+        fanout = db.get("fanout") or {}
+        for s in db["steps"]:
+            ref = reference.get(s["devices"], {})
+            p99 = s.get("lag", {}).get("p99_s")
+            cpu = s.get("cpu_cores", {}).get("controller")
+            ref_fan = ref_fanout.get("seconds") if fanout.get("devices") == s["devices"] else None
+            rows.append(
+                [
+                    str(db.get("replicas", 1)),
+                    str(s["devices"]),
+                    fmt(s.get("stored_per_s"), 1),
+                    fmt(p99, 3),
+                    fmt(ratio(p99, ref.get("lag", {}).get("p99_s")), 2),
+                    fmt(cpu, 2),
+                    fmt(ratio(cpu, ref.get("cpu_cores", {}).get("controller")), 2),
+                    fmt((s.get("rss_bytes", {}).get("controller") or 0) / MiB, 0),
+                    fmt(fanout.get("seconds"), 2) if ref_fan is not None else "",
+                    fmt(ratio(fanout.get("seconds"), ref_fan), 2) if ref_fan is not None else "",
+                ]
+            )
+    return ["\n== replicas side by side (PostgreSQL) ==", render_table(rows)]
+
+
 def report(doc: dict[str, Any]) -> str:
     out = []
     for db in doc["databases"]:
-        out.append(f"\n== {db['database']} ==")
+        replicas = db.get("replicas", 1)
+        out.append(f"\n== {db['database']}, {replicas} replica{'s' if replicas > 1 else ''} ==")
         if db.get("status") != "ok":
             out.append(f"{db.get('status')}: {db.get('reason')}")
             if not db.get("steps"):
@@ -798,11 +1006,16 @@ def report(doc: dict[str, Any]) -> str:
                 ]
             )
         out.append(render_table(rows))
+        if db.get("fanout"):
+            out.append(fanout_line(db["fanout"]))
+        if db.get("telemetry_bytes_per_row"):
+            out.append(f"telemetry: {db['telemetry_bytes_per_row']:.0f} bytes per stored sample")
         out.append(
             f"breaks at: {db.get('breaks_at') or 'no step broke'} "
             f"(p99 lag > {doc['config']['lag_limit']:g} s, a device not connected, "
             "or samples missing)"
         )
+    out.extend(scaling(doc))
     out.append(
         "\nCPU in cores (100% = one core); lag = stored_at - sent_at (controller) or arrival - "
         "sent_at (reference); ratios = controller / reference."
@@ -851,6 +1064,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="seconds after connecting, before measuring (2 intervals)",
     )
     parser.add_argument("--db", default="sqlite,postgresql", help="databases: sqlite, postgresql")
+    parser.add_argument(
+        "--replicas",
+        type=parse_steps,
+        default=[1],
+        help="controller replicas on PostgreSQL, e.g. 1,2,3, behind haproxy (1)",
+    )
+    parser.add_argument(
+        "--fanout", action="store_true", help="time one desired state reaching every device"
+    )
     parser.add_argument("--quick", action="store_true", help="a smoke run: 50 devices, 15 s")
     parser.add_argument("--sim-processes", type=int, default=1, help="simulator processes per step")
     parser.add_argument(
@@ -926,6 +1148,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             "interval_s": args.interval,
             "warmup_s": args.warmup,
             "databases": args.databases,
+            "replicas": args.replicas,
+            "fanout": args.fanout,
             "sim_processes": args.sim_processes,
             "lag_limit_s": args.lag_limit,
             "lag_limit": args.lag_limit,
@@ -936,9 +1160,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         "databases": [],
     }
     for kind in args.databases:
-        doc["databases"].append(run_database(args, kind, args.devices))
+        for replicas in args.replicas if kind == "postgresql" else [1]:
+            doc["databases"].append(run_database(args, kind, args.devices, replicas))
     doc["finished_utc"] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
-    out = args.out or REPO / "bench-results" / f"fleet-{started.strftime('%Y%m%dT%H%M%SZ')}.json"
+    name = "fleet" if args.replicas == [1] else "scale"
+    out = args.out or REPO / "bench-results" / f"{name}-{started.strftime('%Y%m%dT%H%M%SZ')}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(doc, indent=2, default=str) + "\n")
     print(report(doc))
