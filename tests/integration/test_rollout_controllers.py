@@ -56,6 +56,16 @@ V1 = b"GGUF" + bytes(range(256)) * 40  # starts like a GGUF file; the registry c
 V2 = b"GGUF" + bytes(range(255, -1, -1)) * 40
 SHA1, SHA2 = hashlib.sha256(V1).hexdigest(), hashlib.sha256(V2).hexdigest()
 STARTS_ON = ServedModel.initial(ModelRef.parse(f"{LLM}@0.9"))  # not in the registry
+# 2.0 to group "lab" in four stages: a canary of 2, then 25%, 50% and 100%.
+STAGED = {
+    "change": {"model": LLM, "version": "2.0"},
+    "target": {"groups": ["lab"]},
+    "canary": {"count": 2},
+    "stages": {"percents": [25, 50, 100]},
+    "soak_s": 1,
+    "check_interval_s": 0.5,
+    "device_timeout_s": 30,
+}
 
 # -- the database, as the test reads it ------------------------------------------------------
 
@@ -386,16 +396,7 @@ def test_a_controller_killed_mid_rollout_resumes_with_no_stage_skipped_or_repeat
             ids = [d.identity.device_id for d in sim.devices]
             async with api(first.url) as client:
                 before = await all_on_v1(client, db, ids)
-                spec = {
-                    "change": {"model": LLM, "version": "2.0"},
-                    "target": {"groups": ["lab"]},
-                    "canary": {"count": 2},
-                    "stages": {"percents": [25, 50, 100]},
-                    "soak_s": 1,
-                    "check_interval_s": 0.5,
-                    "device_timeout_s": 30,
-                }
-                rollout_id = (await ok(await client.post("/api/v1/rollouts", json=spec)))["id"]
+                rollout_id = (await ok(await client.post("/api/v1/rollouts", json=STAGED)))["id"]
             running = first
             killed_at = []
             for stage, name in ((1, "second"), (2, "third")):

@@ -24,7 +24,7 @@ from scripts import servers
 from scripts.servers import MosquittoBroker
 from tests.integration.test_rollout_controllers import (
     DEADLINE_S,
-    LLM,
+    STAGED,
     Database,
     all_on_v1,
     api,
@@ -212,16 +212,7 @@ def test_the_leader_killed_during_a_rollout_stage_hands_it_on_with_no_stage_repe
             ids = [d.identity.device_id for d in sim.devices]
             async with api(lb) as client:
                 before = await all_on_v1(client, db, ids)
-                spec = {
-                    "change": {"model": LLM, "version": "2.0"},
-                    "target": {"groups": ["lab"]},
-                    "canary": {"count": 2},
-                    "stages": {"percents": [25, 50, 100]},
-                    "soak_s": 1,
-                    "check_interval_s": 0.5,
-                    "device_timeout_s": 30,
-                }
-                rollout_id = (await ok(await client.post("/api/v1/rollouts", json=spec)))["id"]
+                rollout_id = (await ok(await client.post("/api/v1/rollouts", json=STAGED)))["id"]
 
             def started() -> bool:
                 return 1 in db.stages(rollout_id, "rollout.stage_started")
