@@ -75,6 +75,11 @@ class FleetSettings(BaseSettings):
     manage_broker_auth: bool = True  # write password_file + acl_file for the broker
     client_id: str = "edgefleet-controller"
     shared_subscription_group: str | None = None  # MQTT 5 only: spread ingest over replicas
+    # NATS's MQTT gateway has no MQTT 5: replicas share ingest through JetStream instead,
+    # pulling from nats://host:4222[,nats://host2:4222] (docs/scale.md).
+    nats_ingest_url: str | None = None
+    # A message a replica took and did not acknowledge goes to another after this long.
+    nats_ingest_ack_wait_s: float = Field(default=30.0, ge=1, le=3600)
 
     # Telemetry.
     telemetry_interval_s: float = Field(default=10.0, gt=0)  # told to devices at enrollment
@@ -113,6 +118,17 @@ class FleetSettings(BaseSettings):
         if parts.scheme not in {"mqtt", "mqtts", "http", "https"} or not parts.hostname:
             raise ValueError(f"{value!r} is not a URL like mqtt://host:1883 or http://host:8000")
         return value.rstrip("/")
+
+    @field_validator("nats_ingest_url")
+    @classmethod
+    def _check_nats_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        for server in value.split(","):
+            parts = urlsplit(server.strip())
+            if parts.scheme not in {"nats", "tls"} or not parts.hostname:
+                raise ValueError(f"{server!r} is not a NATS URL like nats://host:4222")
+        return value
 
     @field_validator("artifact_s3_endpoint_url")
     @classmethod

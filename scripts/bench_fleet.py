@@ -5,7 +5,8 @@ For each database (``sqlite``: a file in a temporary data folder; ``postgresql``
 fresh database on the server named by ``EDGEFLEET_TEST_POSTGRES_URL``):
 
 1. start a real Mosquitto on a free port, authenticated by the password and ACL files
-   the controller writes (``scripts/servers.py``'s ``MosquittoBroker``);
+   the controller writes (``scripts/servers.py``'s ``MosquittoBroker``); or, with
+   ``--broker nats``, a 3-node NATS cluster behind haproxy (``scripts/bench_brokers.py``);
 2. start ``edgefleet serve`` against it (its own process, a free HTTP port), measure its
    idle RSS, create an enrollment token and enroll every device once
    (``edgefleet simulate --duration 0``, identities kept in a state folder);
@@ -56,6 +57,7 @@ import psutil
 
 REPO = Path(__file__).resolve().parent.parent
 
+from bench_brokers import BROKERS, BenchBroker, bench_broker, host_port  # noqa: E402
 from benchlib import (  # noqa: E402 - scripts/ is on sys.path when a script runs
     fmt,
     machine_cpu,
@@ -70,7 +72,6 @@ from benchlib import (  # noqa: E402 - scripts/ is on sys.path when a script run
 )
 from servers import (  # noqa: E402
     MOSQUITTO,
-    MosquittoBroker,
     haproxy,
     postgres_database,
     running_controller,
@@ -276,15 +277,10 @@ class Controller:
 
 @contextlib.contextmanager
 def controlled(
-    root: Path, database_url: str, broker: MosquittoBroker, replicas: int = 1
+    root: Path, database_url: str, broker: BenchBroker, broker_password: str, replicas: int = 1
 ) -> Iterator[Controller]:
     """``edgefleet serve`` against the broker, with an admin token and a broker password."""
     admin_token = secrets.token_urlsafe(24)
-    broker_password = secrets.token_urlsafe(24)
-    broker_args = [
-        "--broker", broker.url, "--broker-auth-dir", str(broker.auth_dir),
-        "--broker-pid-file", str(broker.pid_file),
-    ]  # fmt: skip
     started = time.monotonic()
     with contextlib.ExitStack() as running:
         served = []
@@ -292,16 +288,14 @@ def controlled(
             env = {
                 "EDGEFLEET_FLEET_ADMIN_TOKEN": admin_token,
                 "EDGEFLEET_FLEET_BROKER_PASSWORD": broker_password,
+                **broker.replica_env(k, replicas),
             }
-            if replicas > 1:
-                env["EDGEFLEET_FLEET_CLIENT_ID"] = f"edgefleet-controller-r{k}"
-                env["EDGEFLEET_FLEET_SHARED_SUBSCRIPTION_GROUP"] = "controllers"
             served.append(
                 running.enter_context(
                     running_controller(
                         root,
                         database_url,
-                        *broker_args,
+                        *broker.controller_args(),
                         env=env,
                         ready_s=READY_S,
                         name=f"controller-r{k}",
@@ -538,7 +532,7 @@ def run_step(
     root: Path,
     devices: int,
     controller: Controller,
-    broker: MosquittoBroker,
+    broker: BenchBroker,
     reference: Reference,
     queries: TelemetryQueries,
     state_dir: Path,
@@ -563,7 +557,7 @@ def run_step(
         time.sleep(args.warmup)
         roles = {
             "controller": controller.pids,
-            "broker": [broker.process.pid] if broker.process else [],
+            "broker": broker.pids(),
             "simulator": sim.pids,
             "reference": [reference.pid],
         }
@@ -755,22 +749,29 @@ def run_database(
     args: argparse.Namespace, kind: str, steps: list[int], replicas: int = 1
 ) -> dict[str, Any]:
     root = Path(tempfile.mkdtemp(prefix=f"bench-fleet-{kind}-"))
-    result: dict[str, Any] = {"database": kind, "replicas": replicas, "steps": []}
-    broker = MosquittoBroker(root / "mosquitto")
+    result: dict[str, Any] = {
+        "database": kind,
+        "replicas": replicas,
+        "broker": args.broker,
+        "steps": [],
+    }
+    broker: BenchBroker | None = None
     controller: Controller | None = None
     reference: Reference | None = None
     queries: TelemetryQueries | None = None
+    broker_password = secrets.token_urlsafe(24)
     try:
         with database(kind, root) as url, contextlib.ExitStack() as running:
-            broker.start()
-            log(f"{kind}: Mosquitto on port {broker.port}; starting the controller")
-            controller = running.enter_context(controlled(root, url, broker, replicas))
+            broker = running.enter_context(bench_broker(args.broker, root, broker_password))
+            log(f"{kind}: {broker.name} at {broker.url}; starting the controller")
+            controller = running.enter_context(
+                controlled(root, url, broker, broker_password, replicas)
+            )
             result["controller_ready_s"] = round(controller.ready_s, 2)
             result["controller_command"] = " ".join(controller.processes[0].args)
             time.sleep(3.0)
             result["controller_idle_rss_bytes"] = idle_rss = tree_rss(controller.pids)
-            assert broker.process is not None
-            result["broker_idle_rss_bytes"] = tree_rss([broker.process.pid])
+            result["broker_idle_rss_bytes"] = tree_rss(broker.pids())
             log(f"{kind}: controller idle RSS {idle_rss / MiB:.0f} MiB")
             state_dir = root / "identities"
             controller.http.post("/api/v1/groups", json={"name": "bench"}).raise_for_status()
@@ -802,8 +803,9 @@ def run_database(
                 raise RuntimeError(
                     f"only {enrolled} of {max(steps)} enrolled:\n{tail(enroll.logs[0])}"
                 )
+            broker.admit(state_dir)
             queries = TelemetryQueries(url)
-            reference = Reference("127.0.0.1", broker.port, controller.broker_password)
+            reference = Reference(*host_port(broker.url), controller.broker_password)
             db_pids = postgres_pids() if kind == "postgresql" else []
             for devices in steps:
                 step = run_step(
@@ -826,9 +828,11 @@ def run_database(
                 held = [s["devices"] for s in result["steps"] if not s["broken"]]
                 fanout_devices = max(held or [min(steps)])
                 log(f"{kind}: fan-out of one desired state to {fanout_devices} devices")
-                roles = {"controller": controller.pids, "database": db_pids}
-                if broker.process is not None:
-                    roles["broker"] = [broker.process.pid]
+                roles = {
+                    "controller": controller.pids,
+                    "database": db_pids,
+                    "broker": broker.pids(),
+                }
                 result["fanout"] = run_fanout(
                     args, root, fanout_devices, controller, queries, state_dir, roles
                 )
@@ -853,8 +857,8 @@ def run_database(
             queries.dispose()
         if controller is not None:  # stopped by now
             result["controller_log_tail"] = tail(controller.log_paths[0])
-        broker.kill()
-        result["broker_log_tail"] = broker.log()[-4000:]
+        if broker is not None:  # stopped by now, its logs kept
+            result["broker_log_tail"] = broker.log()[-4000:]
         if args.keep:
             log(f"{kind}: kept {root}")
         else:
@@ -940,7 +944,10 @@ def report(doc: dict[str, Any]) -> str:
     out = []
     for db in doc["databases"]:
         replicas = db.get("replicas", 1)
-        out.append(f"\n== {db['database']}, {replicas} replica{'s' if replicas > 1 else ''} ==")
+        out.append(
+            f"\n== {db['database']}, {replicas} replica{'s' if replicas > 1 else ''}, "
+            f"{db.get('broker', 'mosquitto')} =="
+        )
         if db.get("status") != "ok":
             out.append(f"{db.get('status')}: {db.get('reason')}")
             if not db.get("steps"):
@@ -1071,6 +1078,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="controller replicas on PostgreSQL, e.g. 1,2,3, behind haproxy (1)",
     )
     parser.add_argument(
+        "--broker",
+        choices=BROKERS,
+        default="mosquitto",
+        help="one Mosquitto, or a 3-node NATS cluster behind haproxy (mosquitto)",
+    )
+    parser.add_argument(
         "--fanout", action="store_true", help="time one desired state reaching every device"
     )
     parser.add_argument("--quick", action="store_true", help="a smoke run: 50 devices, 15 s")
@@ -1149,6 +1162,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "warmup_s": args.warmup,
             "databases": args.databases,
             "replicas": args.replicas,
+            "broker": args.broker,
             "fanout": args.fanout,
             "sim_processes": args.sim_processes,
             "lag_limit_s": args.lag_limit,
@@ -1164,6 +1178,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             doc["databases"].append(run_database(args, kind, args.devices, replicas))
     doc["finished_utc"] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
     name = "fleet" if args.replicas == [1] else "scale"
+    name += "" if args.broker == "mosquitto" else f"-{args.broker}"
     out = args.out or REPO / "bench-results" / f"{name}-{started.strftime('%Y%m%dT%H%M%SZ')}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(doc, indent=2, default=str) + "\n")

@@ -209,6 +209,15 @@ class NatsUser:
 # What every MQTT login needs beside its own topics: a QoS 1 subscription is a JetStream
 # consumer that delivers to "$MQTT.sub.<nuid>", which the client subscribes to itself.
 NATS_MQTT_INTERNAL_SUBSCRIBE = ("$MQTT.sub.>",)
+# What the controller's JetStream ingest (fleet/link/jetstream.py) asks of the JetStream
+# API on the gateway's stream: read and create its consumers, pull, acknowledge. The
+# replies come to "_INBOX.>".
+NATS_JETSTREAM_INGEST_PUBLISH = (
+    "$JS.API.CONSUMER.INFO.$MQTT_msgs.*",
+    "$JS.API.CONSUMER.DURABLE.CREATE.$MQTT_msgs.*",
+    "$JS.API.CONSUMER.MSG.NEXT.$MQTT_msgs.*",
+    "$JS.ACK.$MQTT_msgs.>",
+)
 
 
 def edgefleet_nats_users(
@@ -220,9 +229,9 @@ def edgefleet_nats_users(
         NatsUser(
             name,
             password,
-            publish=("edgefleet.v1.>",),
-            subscribe=("edgefleet.v1.>", *NATS_MQTT_INTERNAL_SUBSCRIBE),
-            mqtt_only=False,  # it may also read the devices' subjects over NATS (JetStream)
+            publish=("edgefleet.v1.>", *NATS_JETSTREAM_INGEST_PUBLISH),
+            subscribe=("edgefleet.v1.>", *NATS_MQTT_INTERNAL_SUBSCRIBE, "_INBOX.>"),
+            mqtt_only=False,  # it also pulls the devices' messages over NATS (JetStream)
         )
     ]
     for device_id, secret in devices:
@@ -265,6 +274,11 @@ class NatsNode:
     @property
     def nats_url(self) -> str:
         return f"nats://127.0.0.1:{self.client_port}"
+
+    @property
+    def pid(self) -> int | None:
+        process = self._process.process
+        return process.pid if process is not None and self.running else None
 
     @property
     def running(self) -> bool:

@@ -12,8 +12,12 @@ what it starts, in this order (and leaves in the reverse one):
    ``broker_url`` is set;
 4. housekeeping (:mod:`fleet.link.housekeeping`): presence and retention;
 5. the MQTT session (:mod:`fleet.link.session`), which republishes the stored desired
-   states on every connect (:mod:`fleet.link.publish`). Left first, so the controller
-   stops taking messages before it stores the last of them.
+   states on every connect (:mod:`fleet.link.publish`);
+6. with ``nats_ingest_url``, JetStream ingest (:mod:`fleet.link.jetstream`), which then
+   takes the device messages instead of the session.
+
+The last two are left first, so the controller stops taking messages before it stores
+the last of them.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from fleet.link.backoff import ReconnectPolicy
 from fleet.link.broker_auth import PASSWORD_FILE, controller_password, write_auth_files
 from fleet.link.embedded import EmbeddedBroker
 from fleet.link.housekeeping import Housekeeping
+from fleet.link.jetstream import JetStreamIngest
 from fleet.link.logs import RateLimitedLog
 from fleet.link.passwords import hash_password
 from fleet.link.publish import DesiredPublisher
@@ -61,6 +66,7 @@ class LinkStats:
     rejected_by_reason: dict[str, int] = field(default_factory=dict)
     protocol: str = "3.1.1"  # MQTT version of the current (or last) session
     shared_subscription: bool = False  # subscribed through $share/<group>/
+    jetstream_ingest: bool = False  # pulling device messages from NATS JetStream
     backlog: int = 0  # messages received, not yet stored
     db_retries: int = 0  # batch writes retried because the database was unavailable
     overflowed: int = 0  # messages dropped because the backlog was full
@@ -93,6 +99,7 @@ class DeviceLink:
         self._auth_lock = asyncio.Lock()
         self._embedded: EmbeddedBroker | None = None
         self._session: MqttSession | None = None
+        self._jetstream: JetStreamIngest | None = None
         self._publisher: DesiredPublisher | None = None
         self._stack = AsyncExitStack()
 
@@ -120,6 +127,7 @@ class DeviceLink:
                 on_message=self._ingest.handle,
                 on_connect=self._on_connect,
                 warn=self._warn,
+                ingest=settings.nats_ingest_url is None,
             )
             self._publisher = DesiredPublisher(
                 session,
@@ -129,6 +137,17 @@ class DeviceLink:
                 warn=self._warn,
             )
             self._session = await stack.enter_async_context(session)
+            if settings.nats_ingest_url is not None:
+                self._jetstream = await stack.enter_async_context(
+                    JetStreamIngest(
+                        settings,
+                        url=settings.nats_ingest_url,
+                        password=password,
+                        reconnect=self._reconnect,
+                        on_message=self._ingest.handle,
+                        warn=self._warn,
+                    )
+                )
             self._stack = stack.pop_all()
         return self
 
@@ -209,6 +228,7 @@ class DeviceLink:
             rejected_by_reason=dict(self._ingest.rejected),
             protocol=session.protocol if session is not None else "3.1.1",
             shared_subscription=session is not None and session.shared,
+            jetstream_ingest=self._jetstream is not None and self._jetstream.pulling,
             backlog=writer.backlog,
             db_retries=writer.db_retries,
             overflowed=writer.overflowed,

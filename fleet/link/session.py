@@ -6,8 +6,8 @@ the controller was away arrive when it comes back. It reconnects forever with
 exponential backoff and jitter; while the broker is down :attr:`MqttSession.connected`
 is False and :meth:`MqttSession.publish` raises ``BrokerUnavailable``. A broker that
 does not speak MQTT 5 gets MQTT 3.1.1 instead. On every connect it subscribes (QoS 1,
-MQTT 5 shared subscriptions when a group is set) and runs ``on_connect`` for as long
-as that connection lasts.
+MQTT 5 shared subscriptions when a group is set; nothing when ingest comes through
+JetStream instead) and runs ``on_connect`` for as long as that connection lasts.
 
 Each message goes to ``on_message`` with a *settle* callback, and a QoS 1 message is
 acknowledged to the broker (PUBACK) only once the ingest settles it: after the database
@@ -153,8 +153,10 @@ class MqttSession:
         on_message: OnMessage,
         on_connect: Callable[[], Coroutine[Any, Any, None]],
         warn: RateLimitedLog,
+        ingest: bool = True,
     ) -> None:
         self._settings = settings
+        self._ingest = ingest  # False: device messages come another way (fleet.link.jetstream)
         self._broker_url = broker_url
         self._password = password
         self._protocol = aiomqtt.ProtocolVersion.V5 if mqtt5 else aiomqtt.ProtocolVersion.V311
@@ -279,6 +281,11 @@ class MqttSession:
     async def _subscribe(self, client: aiomqtt.Client) -> None:
         group = self._settings.shared_subscription_group
         self.shared = False
+        if not self._ingest:
+            # A persistent session may still hold the subscriptions of an earlier run,
+            # which would bring every message a second time: drop them.
+            await client.unsubscribe([subscription(channel) for channel in INGEST_CHANNELS])
+            return
         if group is not None and self._protocol is aiomqtt.ProtocolVersion.V5:
             filters = [(shared_subscription(group, channel), 1) for channel in INGEST_CHANNELS]
             codes = [_code(rc) for rc in await client.subscribe(filters)]

@@ -677,9 +677,15 @@ class FakeConnection:
         self._queue = messages
         self.hang_up = asyncio.Event()
         self.delivered = asyncio.Event()
+        self.subscribed: list[str] = []
+        self.unsubscribed: list[str] = []
 
     async def subscribe(self, filters: list[tuple[str, int]]) -> list[int]:
+        self.subscribed.extend(f for f, _ in filters)
         return [1 for _ in filters]
+
+    async def unsubscribe(self, filters: list[str]) -> None:
+        self.unsubscribed.extend(filters)
 
     @property
     def messages(self) -> AsyncIterator[SimpleNamespace]:
@@ -747,6 +753,32 @@ def test_the_session_acknowledges_a_message_only_once_ingest_settles_it(tmp_path
         assert acked == [(1, 1), (2, 1), (4, 1)]
 
     asyncio.run(scenario())
+
+
+def test_with_jetstream_ingest_the_session_drops_its_ingest_subscriptions(tmp_path: Path) -> None:
+    """Device messages come through JetStream: an old persistent session would double them."""
+    connection = FakeConnection([])
+    settings = FleetSettings(data_dir=tmp_path / "data", nats_ingest_url="nats://nats.test:4222")
+
+    async def nothing() -> None:
+        return None
+
+    session = MqttSession(
+        settings,
+        broker_url="mqtt://broker.test:1883",
+        password="x",
+        mqtt5=False,
+        reconnect=ReconnectPolicy(),
+        on_message=lambda *_: None,
+        on_connect=nothing,
+        warn=RateLimitedLog(logging.getLogger(__name__), 10),
+        ingest=False,
+    )
+    asyncio.run(session._subscribe(connection))  # type: ignore[arg-type]
+    assert connection.subscribed == []
+    assert sorted(connection.unsubscribed) == sorted(
+        topic("+", channel) for channel in ("reported", "telemetry", "events")
+    )
 
 
 # --- the database going away ------------------------------------------------------------

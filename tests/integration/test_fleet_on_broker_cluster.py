@@ -1,18 +1,21 @@
-"""The controller and its devices on a 3-node NATS cluster: kill a broker node, bring it back.
+"""Two controller replicas and their devices on a 3-node NATS cluster: kill a node, a replica.
 
 Real processes: three ``nats-server`` nodes (MQTT gateway, JetStream R3), haproxy in TCP
-mode in front of their MQTT ports as a network load balancer would be, ``edgefleet
-serve`` on PostgreSQL, and simulated devices. Every MQTT client, the controller
+mode in front of their MQTT ports as a network load balancer would be, two ``edgefleet
+serve`` replicas on PostgreSQL, and simulated devices. Every MQTT client, the replicas
 included, connects through haproxy, so a client of the dead node reconnects to a
-survivor. The node killed is the one leading ``$MQTT_msgs``, where every QoS 1 message
-is stored first: the loss that hurts most (docs/scale.md, "The broker cluster").
+survivor. NATS's gateway has no MQTT 5 shared subscriptions, so the replicas share
+ingest by pulling from JetStream consumers on ``$MQTT_msgs`` (``fleet/link/jetstream.py``),
+where every QoS 1 message is stored first. The node killed is the one leading that
+stream: the loss that hurts most (docs/scale.md, "The broker cluster"). Then one replica
+is SIGKILLed and never restarted: what it held unacknowledged goes to the other.
 
 NATS reads its users from its configuration, and the controller writes Mosquitto's
 files only; so here the test writes the NATS users (``edgefleet_nats_users``: the same
 per-device permissions) from the identities the devices enrolled with, and reloads
 every node, the way ``sync_auth`` does for Mosquitto. What is checked is read from the
 database: every sample a device had acknowledged stored exactly once, and a desired
-state set after the node's return served by every device.
+state set after the faults served by every device.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import asyncio
 import json
 import secrets
 import time
-from contextlib import ExitStack
+from contextlib import AbstractContextManager, ExitStack
 from pathlib import Path
 
 import pytest
@@ -31,6 +34,7 @@ from scripts import servers
 from scripts.broker_cluster import (
     NATS_SERVER,
     BrokerCluster,
+    NatsNode,
     edgefleet_nats_users,
     nats_cluster,
     nats_msgs_leader,
@@ -43,9 +47,10 @@ from tests.integration.test_rollout_controllers import (
     all_on_v1,
     api,
     fleet_on_v1,
+    ok,
     until,
 )
-from tests.integration.test_scale_out import each_acknowledged_sample_stored_once, telemetry_counts
+from tests.integration.test_scale_out import each_acknowledged_sample_stored_once
 
 pytestmark = [
     pytest.mark.integration,
@@ -85,7 +90,44 @@ async def whole_again(cluster: BrokerCluster, index: int) -> float:
     return time.monotonic() - started
 
 
-def test_a_broker_node_killed_while_devices_publish_loses_nothing_and_the_fleet_converges(
+ACK_WAIT_S = "3"  # a killed replica's unacknowledged messages go to the other after 3 s
+
+
+def replica(
+    tmp_path: Path,
+    postgres_url: str,
+    cluster: BrokerCluster,
+    broker_url: str,
+    password: str,
+    name: str,
+) -> AbstractContextManager[servers.Controller]:
+    nats_urls = ",".join(node.nats_url for node in cluster.nodes if isinstance(node, NatsNode))
+    return servers.running_controller(
+        tmp_path,
+        postgres_url,
+        "--broker", broker_url,
+        "--no-manage-broker-auth",  # NATS's users are written by the test
+        env={
+            "EDGEFLEET_FLEET_ADMIN_TOKEN": ADMIN_TOKEN,
+            "EDGEFLEET_FLEET_BROKER_PASSWORD": password,
+            "EDGEFLEET_FLEET_ROLLOUT_INTERVAL_S": "0.2",
+            "EDGEFLEET_FLEET_LEADER_LEASE_S": "2",
+            "EDGEFLEET_FLEET_CLIENT_ID": f"edgefleet-controller-{name}",
+            "EDGEFLEET_FLEET_NATS_INGEST_URL": nats_urls,
+            "EDGEFLEET_FLEET_NATS_INGEST_ACK_WAIT_S": ACK_WAIT_S,
+        },
+        ready_s=60,
+        name=name,
+        data_dir=tmp_path / "data",
+    )  # fmt: skip
+
+
+async def stored_by(running: servers.Controller) -> int:
+    async with api(running.url) as client:
+        return int((await ok(await client.get("/api/v1/status")))["link"]["stored"])
+
+
+def test_a_broker_node_and_a_replica_killed_while_devices_publish_lose_nothing(
     tmp_path: Path, postgres_url: str
 ) -> None:
     devices = 12
@@ -96,33 +138,30 @@ def test_a_broker_node_killed_while_devices_publish_loses_nothing_and_the_fleet_
     async def scenario(stack: ExitStack, cluster: BrokerCluster) -> None:
         backends = [url.removeprefix("mqtt://") for url in cluster.urls]
         broker_url = stack.enter_context(servers.haproxy(tmp_path / "lb", backends, mode="tcp"))
-        served = stack.enter_context(
-            servers.running_controller(
-                tmp_path,
-                postgres_url,
-                "--broker", broker_url,
-                "--no-manage-broker-auth",  # NATS's users are written below
-                env={
-                    "EDGEFLEET_FLEET_ADMIN_TOKEN": ADMIN_TOKEN,
-                    "EDGEFLEET_FLEET_BROKER_PASSWORD": password,
-                    "EDGEFLEET_FLEET_ROLLOUT_INTERVAL_S": "0.2",
-                },
-                ready_s=60,
+        a, b = [
+            await asyncio.to_thread(
+                stack.enter_context,
+                replica(tmp_path, postgres_url, cluster, broker_url, password, name),
             )
-        )  # fmt: skip
-        async with api(served.url) as client:
+            for name in ("a", "b")
+        ]
+        async with api(a.url) as client:
             secret = await fleet_on_v1(client, devices)
         # Enroll, then let the devices in: NATS learns their logins at the reload.
-        enroll = devices_config(served.url, devices, state_dir, token=secret, duration_s=0)
+        enroll = devices_config(a.url, devices, state_dir, token=secret, duration_s=0)
         await Simulation(enroll).run()
         logins = device_logins(state_dir)
         assert len(logins) == devices
         users = edgefleet_nats_users((CONTROLLER, password), logins)
         await asyncio.to_thread(set_nats_users, cluster, users)
 
-        async with Simulation(devices_config(served.url, devices, state_dir)) as sim:
+        async with Simulation(devices_config(a.url, devices, state_dir)) as sim:
             ids = [d.identity.device_id for d in sim.devices]
-            await until(lambda: telemetry_counts(db)[0] >= 2 * devices, "samples stored")
+
+            async def both_store() -> bool:
+                return min(await stored_by(a), await stored_by(b)) > 0
+
+            await until(both_store, "both replicas storing samples")
             victim = nats_msgs_leader(cluster)
             published = sim.stats.counters.published
             killed_at = time.monotonic()
@@ -135,7 +174,15 @@ def test_a_broker_node_killed_while_devices_publish_loses_nothing_and_the_fleet_
             print(f"devices publishing again {time.monotonic() - killed_at:.1f} s after the kill")
             back_s = await whole_again(cluster, victim)
             print(f"the killed node back in the cluster in {back_s:.1f} s")
-            async with api(served.url) as client:
+            # Replica b dies for good, with whatever it had pulled and not acknowledged.
+            assert await asyncio.to_thread(b.kill) == -9
+            at_kill = await stored_by(a)
+
+            async def a_alone_stores() -> bool:
+                return await stored_by(a) > at_kill + 2 * devices
+
+            await until(a_alone_stores, "replica a storing everything")
+            async with api(a.url) as client:
                 await all_on_v1(client, db, ids)
         counters = sim.stats.counters
         await each_acknowledged_sample_stored_once(db, counters.published, counters.sent)
