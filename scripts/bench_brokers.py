@@ -114,8 +114,13 @@ class NatsBench:
 
 
 @contextlib.contextmanager
-def bench_broker(kind: str, root: Path, controller_password: str) -> Iterator[BenchBroker]:
-    """The broker ``kind`` (one of :data:`BROKERS`), started; stopped on the way out."""
+def bench_broker(
+    kind: str, root: Path, controller_password: str, consumer_replicas: int | None = None
+) -> Iterator[BenchBroker]:
+    """The broker ``kind`` (one of :data:`BROKERS`), started; stopped on the way out.
+
+    ``consumer_replicas``: NATS's ``mqtt.consumer_replicas`` (docs/scale.md).
+    """
     if kind == "mosquitto":
         broker = MosquittoBroker(root / "mosquitto")
         broker.start()
@@ -127,11 +132,12 @@ def bench_broker(kind: str, root: Path, controller_password: str) -> Iterator[Be
     if kind != "nats":
         raise ValueError(f"unknown broker {kind!r}: one of {', '.join(BROKERS)}")
     users = edgefleet_nats_users((CONTROLLER_USER, controller_password), [])
-    with (
-        nats_cluster(root / "nats", users) as cluster,
-        haproxy(root / "haproxy", [u.removeprefix("mqtt://") for u in cluster.urls], "tcp") as lb,
-    ):
-        yield NatsBench(cluster, lb, controller_password)
+    with nats_cluster(root / "nats", users, consumer_replicas=consumer_replicas) as cluster:
+        nodes = [node for node in cluster.nodes if isinstance(node, NatsNode)]
+        backends = [f"{node.address}:{node.mqtt_port}" for node in nodes]
+        health = [node.http_port for node in nodes]
+        with haproxy(root / "haproxy", backends, "tcp", health) as lb:
+            yield NatsBench(cluster, lb, controller_password)
 
 
 def host_port(url: str) -> tuple[str, int]:

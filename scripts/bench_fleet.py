@@ -762,7 +762,9 @@ def run_database(
     broker_password = secrets.token_urlsafe(24)
     try:
         with database(kind, root) as url, contextlib.ExitStack() as running:
-            broker = running.enter_context(bench_broker(args.broker, root, broker_password))
+            broker = running.enter_context(
+                bench_broker(args.broker, root, broker_password, args.nats_consumer_replicas)
+            )
             log(f"{kind}: {broker.name} at {broker.url}; starting the controller")
             controller = running.enter_context(
                 controlled(root, url, broker, broker_password, replicas)
@@ -1084,6 +1086,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="one Mosquitto, or a 3-node NATS cluster behind haproxy (mosquitto)",
     )
     parser.add_argument(
+        "--nats-consumer-replicas",
+        type=int,
+        default=None,
+        help="NATS's mqtt.consumer_replicas: 1 holds connect storms, 3 (default) node loss",
+    )
+    parser.add_argument(
         "--fanout", action="store_true", help="time one desired state reaching every device"
     )
     parser.add_argument("--quick", action="store_true", help="a smoke run: 50 devices, 15 s")
@@ -1163,6 +1171,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "databases": args.databases,
             "replicas": args.replicas,
             "broker": args.broker,
+            "nats_consumer_replicas": args.nats_consumer_replicas,
             "fanout": args.fanout,
             "sim_processes": args.sim_processes,
             "lag_limit_s": args.lag_limit,

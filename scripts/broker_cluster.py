@@ -37,7 +37,15 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
+
+try:
+    from scripts.servers import free_port
+except ModuleNotFoundError:  # a bench script, run with scripts/ on sys.path
+    from servers import free_port  # type: ignore[no-redef]
+
+if TYPE_CHECKING:
+    from scripts.servers import NetworkNamespace
 
 __all__ = [
     "NATS_SERVER",
@@ -70,15 +78,9 @@ READY_S = 60.0  # a loaded 2-core machine; a ready cluster returns at once
 POLL_S = 0.05
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _listening(port: int) -> bool:
+def _listening(port: int, host: str = "127.0.0.1") -> bool:
     try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+        with socket.create_connection((host, port), timeout=0.5):
             return True
     except OSError:
         return False
@@ -247,9 +249,9 @@ def edgefleet_nats_users(
     return users
 
 
-def _http_json(port: int, path: str) -> Any:
+def _http_json(host: str, port: int, path: str) -> Any:
     try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=2) as answer:
+        with urllib.request.urlopen(f"http://{host}:{port}{path}", timeout=2) as answer:
             return json.load(answer)
     except (OSError, ValueError, urllib.error.URLError):
         return None
@@ -258,9 +260,25 @@ def _http_json(port: int, path: str) -> Any:
 class NatsNode:
     """One ``nats-server``: client, cluster-route, monitoring and MQTT ports, a JetStream folder."""
 
-    def __init__(self, root: Path, name: str) -> None:
+    def __init__(
+        self,
+        root: Path,
+        name: str,
+        *,
+        address: str = "127.0.0.1",
+        route_address: str = "127.0.0.1",
+        netns: NetworkNamespace | None = None,
+    ) -> None:
+        """``address`` is where clients reach it, ``route_address`` where other nodes do.
+
+        In ``netns`` it runs in that network namespace (the others reach its route port
+        at ``route_address``, which may be on another link than ``address``); outside, with
+        a node in a namespace, it listens on every address for that node to reach it.
+        """
         self.name = name
         self.root = root
+        self.address, self.route_address, self.netns = address, route_address, netns
+        self.consumer_replicas: int | None = None  # the MQTT sessions' consumers: as streams
         self.client_port, self.route_port = free_port(), free_port()
         self.http_port, self.mqtt_port = free_port(), free_port()
         self.config_file = root / "nats.conf"
@@ -269,11 +287,15 @@ class NatsNode:
 
     @property
     def url(self) -> str:
-        return f"mqtt://127.0.0.1:{self.mqtt_port}"
+        return f"mqtt://{self.address}:{self.mqtt_port}"
 
     @property
     def nats_url(self) -> str:
-        return f"nats://127.0.0.1:{self.client_port}"
+        return f"nats://{self.address}:{self.client_port}"
+
+    @property
+    def health_url(self) -> str:
+        return f"http://{self.address}:{self.http_port}/healthz"
 
     @property
     def pid(self) -> int | None:
@@ -286,29 +308,40 @@ class NatsNode:
 
     def configure(self, peers: Sequence[NatsNode], users: Sequence[NatsUser]) -> None:
         # NATS's config format accepts JSON, which saves quoting "$MQTT.sub.>" by hand.
+        # One node in a namespace: every node listens everywhere, so it can reach them.
+        spread = self.netns is not None or any(peer.netns is not None for peer in peers)
+        host = "0.0.0.0" if spread else "127.0.0.1"  # test nodes on host-only links
         config: dict[str, Any] = {
             "server_name": self.name,
-            "listen": f"127.0.0.1:{self.client_port}",
-            "http": f"127.0.0.1:{self.http_port}",
+            "listen": f"{host}:{self.client_port}",
+            "http": f"{host}:{self.http_port}",
             "jetstream": {"store_dir": str(self.root / "jetstream")},
             "cluster": {
                 "name": "edgefleet",
-                "listen": f"127.0.0.1:{self.route_port}",
-                "routes": [f"nats-route://127.0.0.1:{peer.route_port}" for peer in peers],
+                "listen": f"{host}:{self.route_port}",
+                "routes": [
+                    f"nats-route://{self._route_to(peer)}:{peer.route_port}" for peer in peers
+                ],
+                "no_advertise": True,  # the routes above are the whole mesh
             },
             # Said outright: left out, the gateway counts this node's configured routes
             # (two here, so R2) when it first creates its streams.
             "mqtt": {
-                "listen": f"127.0.0.1:{self.mqtt_port}",
+                "listen": f"{host}:{self.mqtt_port}",
                 "stream_replicas": min(3, len(peers) + 1),
+                **({"consumer_replicas": self.consumer_replicas} if self.consumer_replicas else {}),
             },
         }
         if users:
             config["authorization"] = {"users": [user.config() for user in users]}
         self.config_file.write_text(json.dumps(config, indent=2) + "\n")
 
+    def _route_to(self, peer: NatsNode) -> str:
+        return "127.0.0.1" if peer.netns is self.netns else peer.route_address
+
     def start(self) -> None:
-        self._process.spawn([NATS_SERVER, "-c", str(self.config_file)])
+        command = [NATS_SERVER, "-c", str(self.config_file)]
+        self._process.spawn(self.netns.command(*command) if self.netns else command)
 
     def reload(self) -> None:
         """Make the running server re-read its configuration (SIGHUP), users included."""
@@ -322,14 +355,15 @@ class NatsNode:
         self._process.signal(signal.SIGTERM, wait_s=30)
 
     def varz(self, path: str) -> Any:
-        return _http_json(self.http_port, path)
+        return _http_json(self.address, self.http_port, path)
 
     def ready(self) -> bool:
         """Up, JetStream current with its meta leader (``/healthz``), and MQTT listening."""
         if not self.running:
             raise RuntimeError(f"{self.name} exited\n{self.log()[-4000:]}")
         health = self.varz("/healthz")
-        return bool(health and health.get("status") == "ok") and _listening(self.mqtt_port)
+        healthy = bool(health and health.get("status") == "ok")
+        return healthy and _listening(self.mqtt_port, self.address)
 
     def log(self) -> str:
         return self._process.log()
@@ -370,15 +404,35 @@ def nats_msgs_leader(cluster: BrokerCluster) -> int:
 
 @contextmanager
 def nats_cluster(
-    root: Path, users: Sequence[NatsUser] = (), size: int = 3
+    root: Path,
+    users: Sequence[NatsUser] = (),
+    size: int = 3,
+    netns: NetworkNamespace | None = None,
+    consumer_replicas: int | None = None,
 ) -> Iterator[BrokerCluster]:
     """``size`` NATS nodes with MQTT and JetStream, clustered and ready; killed on the way out.
 
     No ``users``: anyone may connect and do anything. With them, only they may, each
-    within its permissions.
+    within its permissions. With ``netns`` (two links), the first node runs in it: its
+    clients reach it over the first link, the other nodes over the second, so cutting
+    the second partitions it from its peers and nothing else. ``consumer_replicas`` sets
+    the gateway's ``mqtt.consumer_replicas`` (a JetStream consumer per QoS 1
+    subscription; left out, as many replicas as the streams: docs/scale.md).
     """
     nodes = [NatsNode(root / f"nats-{i}", f"n{i}") for i in range(1, size + 1)]
+    if netns is not None:
+        clients, routes = netns.links[0], netns.links[1]
+        nodes[0] = NatsNode(
+            root / "nats-1",
+            "n1",
+            address=clients.inside_ip,
+            route_address=routes.inside_ip,
+            netns=netns,
+        )
+        for node in nodes[1:]:
+            node.route_address = routes.host_ip
     for node in nodes:
+        node.consumer_replicas = consumer_replicas
         node.configure([peer for peer in nodes if peer is not node], users)
     cluster = BrokerCluster(list[BrokerNode](nodes), _nats_agreed)
     try:

@@ -33,10 +33,39 @@ MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
 HAPROXY = shutil.which("haproxy") or "/usr/sbin/haproxy"
 
 
+_HANDED_OUT: set[int] = set()
+
+
+def _ephemeral_low() -> int:
+    """Where the kernel's ephemeral ports (outgoing connections, ``bind(0)``) begin."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A port nothing listens on, below the kernel's ephemeral range, for a server to take.
+
+    ``bind(0)`` would pick an ephemeral port, which any outgoing connection made before
+    the server binds it may take (seen: a NATS node failing with "address already in
+    use" while 2,000 simulated devices connected). A port is handed out once per process
+    and checked free on every address, as a server in a namespace listens on them all.
+    """
+    low = _ephemeral_low()
+    first = 10_000 if low > 12_000 else 1_024
+    for _ in range(1_000):
+        port = first + secrets.randbelow(low - first)
+        if port in _HANDED_OUT:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("0.0.0.0", port))  # probing: closed at once
+            except OSError:
+                continue
+        _HANDED_OUT.add(port)
+        return port
+    raise RuntimeError(f"no free port between {first} and {low}")
 
 
 def wait_port(port: int, timeout: float = 10.0) -> None:
@@ -229,27 +258,44 @@ IP = shutil.which("ip") or "/usr/sbin/ip"
 
 
 @dataclass(frozen=True)
-class NetworkNamespace:
-    """A network namespace joined to the host by one veth link, to cut and heal (root only).
+class VethLink:
+    """One veth pair: the host's end and its address, the namespace's address."""
 
-    A process started in it (:meth:`command`) reaches the host at ``host_ip`` and is
-    reached at ``inside_ip``; :meth:`cut` takes the host's end of the link down, which
-    is a network partition to both sides: packets are dropped, nothing is refused.
-    """
-
-    name: str
     host_link: str
     host_ip: str
     inside_ip: str
 
+
+@dataclass(frozen=True)
+class NetworkNamespace:
+    """A network namespace joined to the host by veth links, to cut and heal (root only).
+
+    A process started in it (:meth:`command`) reaches the host at ``host_ip`` and is
+    reached at ``inside_ip`` (those of the first link; ``links[k]`` for the others, each
+    its own subnet, so which link a connection takes is decided by the address it
+    uses). :meth:`cut` takes the host's end of a link down, which is a network
+    partition to both sides: packets are dropped, nothing is refused.
+    """
+
+    name: str
+    links: tuple[VethLink, ...]
+
+    @property
+    def host_ip(self) -> str:
+        return self.links[0].host_ip
+
+    @property
+    def inside_ip(self) -> str:
+        return self.links[0].inside_ip
+
     def command(self, *argv: str) -> list[str]:
         return [IP, "netns", "exec", self.name, *argv]
 
-    def cut(self) -> None:
-        _ip("link", "set", self.host_link, "down")
+    def cut(self, link: int = 0) -> None:
+        _ip("link", "set", self.links[link].host_link, "down")
 
-    def heal(self) -> None:
-        _ip("link", "set", self.host_link, "up")
+    def heal(self, link: int = 0) -> None:
+        _ip("link", "set", self.links[link].host_link, "up")
 
 
 def _ip(*argv: str) -> None:
@@ -257,25 +303,34 @@ def _ip(*argv: str) -> None:
 
 
 @contextmanager
-def network_namespace() -> Iterator[NetworkNamespace]:
-    """A fresh namespace on a random 10.x.y.0/24, removed with its link afterwards."""
+def network_namespace(links: int = 1) -> Iterator[NetworkNamespace]:
+    """A fresh namespace with ``links`` veth links, each on a random 10.x.y.0/24.
+
+    Removed with its links afterwards.
+    """
     tag = secrets.token_hex(3)
-    subnet = f"10.{secrets.randbelow(200) + 50}.{secrets.randbelow(250) + 1}"
-    ns = NetworkNamespace(f"ef-{tag}", f"efh{tag}", f"{subnet}.1", f"{subnet}.2")
-    inside_link = f"efn{tag}"
+    first = secrets.randbelow(250) + 1
+    subnets = [f"10.{secrets.randbelow(200) + 50}.{(first + k) % 250 + 1}" for k in range(links)]
+    veths = tuple(
+        VethLink(f"efh{tag}{k}", f"{subnet}.1", f"{subnet}.2") for k, subnet in enumerate(subnets)
+    )
+    ns = NetworkNamespace(f"ef-{tag}", veths)
     _ip("netns", "add", ns.name)
     try:
-        _ip("link", "add", ns.host_link, "type", "veth", "peer", "name", inside_link)
-        _ip("link", "set", inside_link, "netns", ns.name)
-        _ip("addr", "add", f"{ns.host_ip}/24", "dev", ns.host_link)
-        _ip("link", "set", ns.host_link, "up")
-        _ip("-n", ns.name, "addr", "add", f"{ns.inside_ip}/24", "dev", inside_link)
-        _ip("-n", ns.name, "link", "set", inside_link, "up")
         _ip("-n", ns.name, "link", "set", "lo", "up")
+        for k, veth in enumerate(veths):
+            inside_link = f"efn{tag}{k}"
+            _ip("link", "add", veth.host_link, "type", "veth", "peer", "name", inside_link)
+            _ip("link", "set", inside_link, "netns", ns.name)
+            _ip("addr", "add", f"{veth.host_ip}/24", "dev", veth.host_link)
+            _ip("link", "set", veth.host_link, "up")
+            _ip("-n", ns.name, "addr", "add", f"{veth.inside_ip}/24", "dev", inside_link)
+            _ip("-n", ns.name, "link", "set", inside_link, "up")
         yield ns
     finally:
-        with suppress(subprocess.CalledProcessError):
-            _ip("link", "del", ns.host_link)
+        for veth in veths:
+            with suppress(subprocess.CalledProcessError):
+                _ip("link", "del", veth.host_link)
         _ip("netns", "del", ns.name)
 
 
@@ -376,16 +431,34 @@ def running_controller(
                 proc.wait()
 
 
-def _haproxy_config(port: int, backends: list[str], mode: str) -> str:
+# What a load balancer should ask a NATS node: the server and its JetStream cluster
+# membership, not every stream and consumer (plain /healthz is 503 whenever one of
+# those is catching up, which under load is often: haproxy dropped all three nodes).
+NATS_LB_HEALTH = "/healthz?js-server-only=true"
+
+
+def _haproxy_config(
+    port: int, backends: list[str], mode: str, health_ports: list[int] | None = None
+) -> str:
     """Round robin over ``backends`` (``host:port``), each health-checked every 300 ms.
 
     ``http``: controller replicas, checked on ``/readyz``. ``tcp``: MQTT broker nodes,
-    checked by connecting, as a cloud's network load balancer does. A backend that dies
-    or says it is not ready leaves the rotation within a second; a connection that
-    fails is sent to another backend (``option redispatch``).
+    checked by connecting, as a cloud's network load balancer does, or, with
+    ``health_ports``, by :data:`NATS_LB_HEALTH` on each node's monitoring port (NATS says
+    503 there while it has lost its JetStream cluster). A backend that dies or says it is
+    not ready leaves the rotation within a second; a connection that fails is sent to
+    another backend (``option redispatch``).
     """
     servers = [f"    server r{n} {where} check" for n, where in enumerate(backends, 1)]
     check = ["    option httpchk GET /readyz", "    http-check expect status 200"]
+    if health_ports is not None:  # and a node taken out drops its clients, to reconnect
+        servers = [
+            f"{line} port {p} on-marked-down shutdown-sessions"
+            for line, p in zip(servers, health_ports, strict=True)
+        ]
+        check = [f"    option httpchk GET {NATS_LB_HEALTH}", "    http-check expect status 200"]
+    elif mode != "http":
+        check = []
     return "\n".join(
         [
             "global",
@@ -402,7 +475,7 @@ def _haproxy_config(port: int, backends: list[str], mode: str) -> str:
             "    default_backend backends",
             "backend backends",
             "    balance roundrobin",
-            *(check if mode == "http" else []),
+            *check,
             "    default-server inter 300ms fall 2 rise 1",
             *servers,
             "",
@@ -411,7 +484,9 @@ def _haproxy_config(port: int, backends: list[str], mode: str) -> str:
 
 
 @contextmanager
-def haproxy(root: Path, backends: list[str], mode: str = "http") -> Iterator[str]:
+def haproxy(
+    root: Path, backends: list[str], mode: str = "http", health_ports: list[int] | None = None
+) -> Iterator[str]:
     """haproxy (Debian's) in front of controller replicas (or, ``tcp``, broker nodes).
 
     Yields ``http://127.0.0.1:<port>`` (``mqtt://...`` in ``tcp`` mode).
@@ -419,7 +494,7 @@ def haproxy(root: Path, backends: list[str], mode: str = "http") -> Iterator[str
     root.mkdir(parents=True, exist_ok=True)
     port = free_port()
     config = root / "haproxy.cfg"
-    config.write_text(_haproxy_config(port, backends, mode))
+    config.write_text(_haproxy_config(port, backends, mode, health_ports))
     with (root / "haproxy.log").open("ab") as out:
         proc = subprocess.Popen(
             [HAPROXY, "-db", "-f", str(config)], stdout=out, stderr=subprocess.STDOUT

@@ -25,6 +25,7 @@ import json
 import secrets
 import time
 from contextlib import AbstractContextManager, ExitStack
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -35,6 +36,7 @@ from scripts.broker_cluster import (
     NATS_SERVER,
     BrokerCluster,
     NatsNode,
+    NatsUser,
     edgefleet_nats_users,
     nats_cluster,
     nats_msgs_leader,
@@ -101,6 +103,7 @@ def replica(
     password: str,
     name: str,
 ) -> AbstractContextManager[servers.Controller]:
+    """Replica ``name`` through haproxy, pulling device messages from every node."""
     nats_urls = ",".join(node.nats_url for node in cluster.nodes if isinstance(node, NatsNode))
     return servers.running_controller(
         tmp_path,
@@ -127,41 +130,76 @@ async def stored_by(running: servers.Controller) -> int:
         return int((await ok(await client.get("/api/v1/status")))["link"]["stored"])
 
 
+ADMIN = NatsUser("test-admin", secrets.token_urlsafe(18), (">",), (">",), mqtt_only=False)
+
+
+@dataclass
+class NatsFleet:
+    """Two replicas (``a``, ``b``) and ``devices`` enrolled devices on a NATS cluster."""
+
+    cluster: BrokerCluster
+    a: servers.Controller
+    b: servers.Controller
+    state_dir: Path
+    devices: int
+
+    def simulation(self) -> Simulation:
+        return Simulation(devices_config(self.a.url, self.devices, self.state_dir))
+
+
+async def fleet_on_nats(
+    stack: ExitStack,
+    tmp_path: Path,
+    postgres_url: str,
+    devices: int,
+    netns: servers.NetworkNamespace | None = None,
+) -> NatsFleet:
+    """The cluster, haproxy in front of it, two replicas; devices enrolled and let in.
+
+    haproxy checks each node's ``/healthz`` (docs/scale.md): a node that lost its
+    cluster leaves the rotation, though its MQTT port still answers.
+    """
+    password = secrets.token_urlsafe(18)
+    users = [*edgefleet_nats_users((CONTROLLER, password), []), ADMIN]
+    cluster = stack.enter_context(nats_cluster(tmp_path / "nats", users, netns=netns))
+    nodes = [node for node in cluster.nodes if isinstance(node, NatsNode)]
+    backends = [f"{node.address}:{node.mqtt_port}" for node in nodes]
+    health = [node.http_port for node in nodes]
+    lb = stack.enter_context(servers.haproxy(tmp_path / "lb", backends, "tcp", health))
+    a, b = [
+        await asyncio.to_thread(
+            stack.enter_context, replica(tmp_path, postgres_url, cluster, lb, password, name)
+        )
+        for name in ("a", "b")
+    ]
+    async with api(a.url) as client:
+        secret = await fleet_on_v1(client, devices)
+    # Enroll, then let the devices in: NATS learns their logins at the reload.
+    state_dir = tmp_path / "identities"
+    enroll = devices_config(a.url, devices, state_dir, token=secret, duration_s=0)
+    await Simulation(enroll).run()
+    logins = device_logins(state_dir)
+    assert len(logins) == devices
+    users = [*edgefleet_nats_users((CONTROLLER, password), logins), ADMIN]
+    await asyncio.to_thread(set_nats_users, cluster, users)
+    return NatsFleet(cluster, a, b, state_dir, devices)
+
+
+async def both_store(fleet: NatsFleet) -> bool:
+    return min(await stored_by(fleet.a), await stored_by(fleet.b)) > 0
+
+
 def test_a_broker_node_and_a_replica_killed_while_devices_publish_lose_nothing(
     tmp_path: Path, postgres_url: str
 ) -> None:
-    devices = 12
-    password = secrets.token_urlsafe(18)
     db = Database(postgres_url)
-    state_dir = tmp_path / "identities"
 
-    async def scenario(stack: ExitStack, cluster: BrokerCluster) -> None:
-        backends = [url.removeprefix("mqtt://") for url in cluster.urls]
-        broker_url = stack.enter_context(servers.haproxy(tmp_path / "lb", backends, mode="tcp"))
-        a, b = [
-            await asyncio.to_thread(
-                stack.enter_context,
-                replica(tmp_path, postgres_url, cluster, broker_url, password, name),
-            )
-            for name in ("a", "b")
-        ]
-        async with api(a.url) as client:
-            secret = await fleet_on_v1(client, devices)
-        # Enroll, then let the devices in: NATS learns their logins at the reload.
-        enroll = devices_config(a.url, devices, state_dir, token=secret, duration_s=0)
-        await Simulation(enroll).run()
-        logins = device_logins(state_dir)
-        assert len(logins) == devices
-        users = edgefleet_nats_users((CONTROLLER, password), logins)
-        await asyncio.to_thread(set_nats_users, cluster, users)
-
-        async with Simulation(devices_config(a.url, devices, state_dir)) as sim:
+    async def scenario(stack: ExitStack) -> None:
+        fleet = await fleet_on_nats(stack, tmp_path, postgres_url, devices=12)
+        cluster, a, b, devices = fleet.cluster, fleet.a, fleet.b, fleet.devices
+        async with fleet.simulation() as sim:
             ids = [d.identity.device_id for d in sim.devices]
-
-            async def both_store() -> bool:
-                return min(await stored_by(a), await stored_by(b)) > 0
-
-            await until(both_store, "both replicas storing samples")
+            await until(lambda: both_store(fleet), "both replicas storing samples")
             victim = nats_msgs_leader(cluster)
             published = sim.stats.counters.published
             killed_at = time.monotonic()
@@ -189,8 +227,94 @@ def test_a_broker_node_and_a_replica_killed_while_devices_publish_lose_nothing(
 
     try:
         with ExitStack() as stack:
-            users = edgefleet_nats_users((CONTROLLER, password), [])
-            cluster = stack.enter_context(nats_cluster(tmp_path / "nats", users))
-            asyncio.run(scenario(stack, cluster))
+            asyncio.run(scenario(stack))
+    finally:
+        db.dispose()
+
+
+def msgs_leader_now(cluster: BrokerCluster) -> int | None:
+    """The node leading ``$MQTT_msgs``; None while it elects one."""
+    try:
+        return nats_msgs_leader(cluster)
+    except (AssertionError, KeyError, ValueError):
+        return None
+
+
+async def lead_msgs_stream(cluster: BrokerCluster, index: int) -> None:
+    """Make node ``index`` the leader of ``$MQTT_msgs``: step the leader down until it is."""
+    import nats
+
+    survivor = cluster.nodes[(index + 1) % len(cluster.nodes)]
+    assert isinstance(survivor, NatsNode)
+    client = await nats.connect(survivor.nats_url, user=ADMIN.name, password=ADMIN.password)
+    try:
+        for _ in range(20):
+            await until(lambda: msgs_leader_now(cluster) is not None, "a $MQTT_msgs leader")
+            leader = msgs_leader_now(cluster)
+            if leader == index:
+                return
+            await client.request("$JS.API.STREAM.LEADER.STEPDOWN.$MQTT_msgs", b"", timeout=10)
+
+            def moved(was: int | None = leader) -> bool:
+                return msgs_leader_now(cluster) not in (was, None)
+
+            await until(moved, "a new $MQTT_msgs leader")
+    finally:
+        await client.close()
+    raise AssertionError(f"{cluster.nodes[index].name} never led $MQTT_msgs")
+
+
+def test_a_broker_node_cut_off_from_its_peers_loses_nothing_and_the_fleet_converges(
+    tmp_path: Path, postgres_url: str
+) -> None:
+    """The node leading ``$MQTT_msgs`` loses its routes; its clients can still reach it.
+
+    Node n1 runs in a network namespace with two links: its clients reach it over the
+    first, the other nodes over the second, which is cut. It is then a minority of one:
+    it cannot store a QoS 1 message or serve a session, while its MQTT port answers.
+    haproxy's ``/healthz`` check takes it out of the rotation; its clients' connections
+    fail and they reconnect to the majority, which elects new leaders. After the heal it
+    catches up. Every sample a device had acknowledged is stored once, and a desired
+    state set afterwards reaches every device.
+    """
+    db = Database(postgres_url)
+
+    async def scenario(stack: ExitStack) -> None:
+        ns = stack.enter_context(servers.network_namespace(links=2))
+        fleet = await fleet_on_nats(stack, tmp_path, postgres_url, devices=12, netns=ns)
+        cluster, a, devices = fleet.cluster, fleet.a, fleet.devices
+        async with fleet.simulation() as sim:
+            ids = [d.identity.device_id for d in sim.devices]
+            await until(lambda: both_store(fleet), "both replicas storing samples")
+            await lead_msgs_stream(cluster, 0)
+            published = sim.stats.counters.published
+            cut_at = time.monotonic()
+            await asyncio.to_thread(ns.cut, 1)  # n1's routes; its client link stays up
+            n1 = cluster.nodes[0]
+            assert isinstance(n1, NatsNode)
+
+            def n1_says_it_is_cut_off() -> bool:  # what haproxy checks
+                return (n1.varz(servers.NATS_LB_HEALTH) or {}).get("status") != "ok"
+
+            await until(n1_says_it_is_cut_off, "n1 unhealthy to the load balancer")
+            print(f"n1 unhealthy {time.monotonic() - cut_at:.1f} s after the cut")
+
+            def publishing_again() -> bool:
+                return sim.stats.counters.published >= published + 2 * devices
+
+            await until(publishing_again, "devices publishing again after the cut")
+            print(f"devices publishing again {time.monotonic() - cut_at:.1f} s after the cut")
+            healed_at = time.monotonic()
+            await asyncio.to_thread(ns.heal, 1)
+            await asyncio.to_thread(cluster.wait_ready)
+            print(f"n1 back in the cluster {time.monotonic() - healed_at:.1f} s after the heal")
+            async with api(a.url) as client:
+                await all_on_v1(client, db, ids)
+        counters = sim.stats.counters
+        await each_acknowledged_sample_stored_once(db, counters.published, counters.sent)
+
+    try:
+        with ExitStack() as stack:
+            asyncio.run(scenario(stack))
     finally:
         db.dispose()
