@@ -434,6 +434,9 @@ def running_controller(
 # What a load balancer should ask a NATS node: the server and its JetStream cluster
 # membership, not every stream and consumer (plain /healthz is 503 whenever one of
 # those is catching up, which under load is often: haproxy dropped all three nodes).
+# Even this flaps under a connect storm ("not current with the meta leader"), so a node
+# taken out keeps its sessions: only new connections go elsewhere. A node cut off from
+# its peers closes its clients' connections itself, as their publishes time out.
 NATS_LB_HEALTH = "/healthz?js-server-only=true"
 
 
@@ -451,11 +454,8 @@ def _haproxy_config(
     """
     servers = [f"    server r{n} {where} check" for n, where in enumerate(backends, 1)]
     check = ["    option httpchk GET /readyz", "    http-check expect status 200"]
-    if health_ports is not None:  # and a node taken out drops its clients, to reconnect
-        servers = [
-            f"{line} port {p} on-marked-down shutdown-sessions"
-            for line, p in zip(servers, health_ports, strict=True)
-        ]
+    if health_ports is not None:
+        servers = [f"{line} port {p}" for line, p in zip(servers, health_ports, strict=True)]
         check = [f"    option httpchk GET {NATS_LB_HEALTH}", "    http-check expect status 200"]
     elif mode != "http":
         check = []

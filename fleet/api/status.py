@@ -38,6 +38,7 @@ class LinkPublic(BaseModel):
     stored: int
     duplicates: int
     rejected: int
+    ingest: str  # mqtt, mqtt-shared ($share), jetstream or jetstream-waiting (docs/scale.md)
 
 
 class DatabasePublic(BaseModel):
@@ -123,6 +124,7 @@ def status(session: SessionDep, state: StateDep) -> StatusPublic:
             stored=link.stored,
             duplicates=link.duplicates,
             rejected=link.rejected,
+            ingest=link.ingest,
         ),
         leader=_leader(state.leadership),
         devices=device_counts(session),

@@ -66,7 +66,9 @@ class LinkStats:
     rejected_by_reason: dict[str, int] = field(default_factory=dict)
     protocol: str = "3.1.1"  # MQTT version of the current (or last) session
     shared_subscription: bool = False  # subscribed through $share/<group>/
-    jetstream_ingest: bool = False  # pulling device messages from NATS JetStream
+    # How device messages come in: "mqtt", "mqtt-shared" (a $share group), "jetstream"
+    # (pulling from NATS JetStream) or "jetstream-waiting" (not pulling yet, or not now).
+    ingest: str = "mqtt"
     backlog: int = 0  # messages received, not yet stored
     db_retries: int = 0  # batch writes retried because the database was unavailable
     overflowed: int = 0  # messages dropped because the backlog was full
@@ -228,12 +230,17 @@ class DeviceLink:
             rejected_by_reason=dict(self._ingest.rejected),
             protocol=session.protocol if session is not None else "3.1.1",
             shared_subscription=session is not None and session.shared,
-            jetstream_ingest=self._jetstream is not None and self._jetstream.pulling,
+            ingest=self._ingest_path(),
             backlog=writer.backlog,
             db_retries=writer.db_retries,
             overflowed=writer.overflowed,
             last_error=None if connected or session is None else session.last_error,
         )
+
+    def _ingest_path(self) -> str:
+        if self._jetstream is not None:
+            return "jetstream" if self._jetstream.pulling else "jetstream-waiting"
+        return "mqtt-shared" if self._session is not None and self._session.shared else "mqtt"
 
     async def wait_connected(self) -> None:
         """Wait until the session is up (wrap it in ``asyncio.timeout``)."""

@@ -23,6 +23,7 @@ class LinkStatus(Protocol):
     stored: int  # telemetry samples and events written (duplicates excluded)
     duplicates: int  # samples and events already stored, skipped
     rejected: int  # payloads dropped as invalid, oversized, unknown or misaddressed
+    ingest: str  # how device messages come in: mqtt, mqtt-shared, jetstream(-waiting)
 
 
 class LinkPort(Protocol):

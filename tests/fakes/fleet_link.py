@@ -31,6 +31,7 @@ class FakeLinkStatus:
     stored: int = 0
     duplicates: int = 0
     rejected: int = 0
+    ingest: str = "mqtt"
 
 
 @dataclass

@@ -454,6 +454,7 @@ def test_shared_subscriptions_on_mosquitto(fleet: Fleet) -> None:
             link = await up(stack, fleet.link(shared_subscription_group="fleet"))
             status = link.status()
             assert (status.protocol, status.shared_subscription) == ("5", True)
+            assert status.ingest == "mqtt-shared"
             a = await fleet.connect(stack, A)
             await a.publish(topic(A, "telemetry"), encode(telemetry()), qos=1)
             await until(lambda: link.status().stored == 2, "stored through $share")

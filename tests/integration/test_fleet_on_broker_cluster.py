@@ -27,6 +27,7 @@ import time
 from contextlib import AbstractContextManager, ExitStack
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -125,9 +126,13 @@ def replica(
     )  # fmt: skip
 
 
-async def stored_by(running: servers.Controller) -> int:
+async def link_of(running: servers.Controller) -> dict[str, Any]:
     async with api(running.url) as client:
-        return int((await ok(await client.get("/api/v1/status")))["link"]["stored"])
+        return dict((await ok(await client.get("/api/v1/status")))["link"])
+
+
+async def stored_by(running: servers.Controller) -> int:
+    return int((await link_of(running))["stored"])
 
 
 ADMIN = NatsUser("test-admin", secrets.token_urlsafe(18), (">",), (">",), mqtt_only=False)
@@ -186,7 +191,9 @@ async def fleet_on_nats(
 
 
 async def both_store(fleet: NatsFleet) -> bool:
-    return min(await stored_by(fleet.a), await stored_by(fleet.b)) > 0
+    """Both replicas pull from JetStream, and each has stored some of what they pulled."""
+    links = [await link_of(fleet.a), await link_of(fleet.b)]
+    return all(link["ingest"] == "jetstream" and link["stored"] > 0 for link in links)
 
 
 def test_a_broker_node_and_a_replica_killed_while_devices_publish_lose_nothing(
