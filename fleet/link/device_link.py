@@ -17,7 +17,8 @@ what it starts, in this order (and leaves in the reverse one):
    takes the device messages instead of the session.
 
 The last two are left first, so the controller stops taking messages before it stores
-the last of them.
+the last of them; the NATS connection closes after that, so what was stored on the way
+out is acknowledged.
 """
 
 from __future__ import annotations
@@ -111,6 +112,17 @@ class DeviceLink:
         password = await asyncio.to_thread(controller_password, settings)
         self._controller_hash = await asyncio.to_thread(hash_password, password)
         async with AsyncExitStack() as stack:
+            if settings.nats_ingest_url is not None:
+                self._jetstream = JetStreamIngest(
+                    settings,
+                    url=settings.nats_ingest_url,
+                    password=password,
+                    reconnect=self._reconnect,
+                    on_message=self._ingest.handle,
+                    warn=self._warn,
+                )
+                # Disconnects last, so what ingest stores on its way out is acknowledged.
+                stack.push_async_callback(self._jetstream.close)
             await stack.enter_async_context(self._ingest)
             await self.sync_auth()
             if settings.broker_url is None:
@@ -139,17 +151,8 @@ class DeviceLink:
                 warn=self._warn,
             )
             self._session = await stack.enter_async_context(session)
-            if settings.nats_ingest_url is not None:
-                self._jetstream = await stack.enter_async_context(
-                    JetStreamIngest(
-                        settings,
-                        url=settings.nats_ingest_url,
-                        password=password,
-                        reconnect=self._reconnect,
-                        on_message=self._ingest.handle,
-                        warn=self._warn,
-                    )
-                )
+            if self._jetstream is not None:
+                await stack.enter_async_context(self._jetstream)  # pulls from here on
             self._stack = stack.pop_all()
         return self
 

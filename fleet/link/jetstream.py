@@ -124,10 +124,24 @@ class JetStreamIngest:
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
+        """Stop pulling; the connection stays for the acknowledgements still to come."""
         if self._task is not None:
             await cancel(self._task)
-        if self._acking:  # acknowledgements of what was stored go out before we leave
+
+    async def close(self) -> None:
+        """Send the acknowledgements of what was stored meanwhile, then disconnect.
+
+        Called once ingest has stored what it held (``DeviceLink`` orders it so): what
+        could not be acknowledged goes to another replica after the ack wait.
+        """
+        if self._acking:
             await asyncio.wait(self._acking, timeout=5.0)
+        client = self._client
+        if client is not None and client.is_connected:
+            try:  # a PING answered: every acknowledgement before it reached the server
+                await client.flush(timeout=5)
+            except Exception as exc:  # redelivered after the ack wait, found stored
+                log.warning("acknowledgements to JetStream may not have gone out: %s", exc)
         await self._close()
 
     async def _connect(self) -> NatsClient:

@@ -53,7 +53,7 @@ from tests.integration.test_rollout_controllers import (
     ok,
     until,
 )
-from tests.integration.test_scale_out import each_acknowledged_sample_stored_once
+from tests.integration.test_scale_out import each_acknowledged_sample_stored_once, telemetry_counts
 
 pytestmark = [
     pytest.mark.integration,
@@ -294,7 +294,7 @@ def test_a_broker_node_cut_off_from_its_peers_loses_nothing_and_the_fleet_conver
             ids = [d.identity.device_id for d in sim.devices]
             await until(lambda: both_store(fleet), "both replicas storing samples")
             await lead_msgs_stream(cluster, 0)
-            published = sim.stats.counters.published
+            published, stored = sim.stats.counters.published, telemetry_counts(db)[0]
             cut_at = time.monotonic()
             await asyncio.to_thread(ns.cut, 1)  # n1's routes; its client link stays up
             n1 = cluster.nodes[0]
@@ -311,6 +311,9 @@ def test_a_broker_node_cut_off_from_its_peers_loses_nothing_and_the_fleet_conver
 
             await until(publishing_again, "devices publishing again after the cut")
             print(f"devices publishing again {time.monotonic() - cut_at:.1f} s after the cut")
+            # The replicas pull from the majority meanwhile, whichever node they were on.
+            more = stored + 2 * devices
+            await until(lambda: telemetry_counts(db)[0] >= more, "samples stored during the cut")
             healed_at = time.monotonic()
             await asyncio.to_thread(ns.heal, 1)
             await asyncio.to_thread(cluster.wait_ready)
