@@ -22,14 +22,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from fleet.config import FleetSettings
 from fleet.errors import ConfigError
 from fleet.link.backoff import ReconnectPolicy
 from fleet.link.ingest import INGEST_CHANNELS
 from fleet.link.logs import RateLimitedLog
+from fleet.link.session import OnMessage
 from fleet.link.tasks import cancel, spawn
 from fleet.link.writer import Settle
 from models.topics import Channel, subscription
@@ -60,8 +60,6 @@ _NO_STREAM_YET = (
     "own, normally), so this passes once that is up; check mqtt {} in nats-server.conf if not"
 )
 _NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
-
-OnMessage = Callable[[str, Any, bool, Settle | None], None]
 
 
 def consumer_name(group: str | None, channel: Channel) -> str:

@@ -24,6 +24,7 @@ import asyncio
 import json
 import secrets
 import time
+from collections.abc import Awaitable, Callable
 from contextlib import AbstractContextManager, ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -190,6 +191,15 @@ async def fleet_on_nats(
     return NatsFleet(cluster, a, b, state_dir, devices)
 
 
+def run_with(db: Database, scenario: Callable[[ExitStack], Awaitable[None]]) -> None:
+    """Run ``scenario`` with an exit stack for what it starts; the database let go after."""
+    try:
+        with ExitStack() as stack:
+            asyncio.run(scenario(stack))
+    finally:
+        db.dispose()
+
+
 async def both_store(fleet: NatsFleet) -> bool:
     """Both replicas pull from JetStream, and each has stored some of what they pulled."""
     links = [await link_of(fleet.a), await link_of(fleet.b)]
@@ -232,11 +242,7 @@ def test_a_broker_node_and_a_replica_killed_while_devices_publish_lose_nothing(
         counters = sim.stats.counters
         await each_acknowledged_sample_stored_once(db, counters.published, counters.sent)
 
-    try:
-        with ExitStack() as stack:
-            asyncio.run(scenario(stack))
-    finally:
-        db.dispose()
+    run_with(db, scenario)
 
 
 def msgs_leader_now(cluster: BrokerCluster) -> int | None:
@@ -323,8 +329,4 @@ def test_a_broker_node_cut_off_from_its_peers_loses_nothing_and_the_fleet_conver
         counters = sim.stats.counters
         await each_acknowledged_sample_stored_once(db, counters.published, counters.sent)
 
-    try:
-        with ExitStack() as stack:
-            asyncio.run(scenario(stack))
-    finally:
-        db.dispose()
+    run_with(db, scenario)
