@@ -93,6 +93,9 @@ class Device(SQLModel, table=True):
     hardware_id: str | None = Field(default=None, unique=True, index=True, max_length=128)
     token_id: str | None = Field(default=None, max_length=32)  # the token it enrolled with
     mqtt_password_hash: str = Field(max_length=256)  # Mosquitto's $7$ PBKDF2-SHA512 form
+    # The same password in bcrypt, for nats-server. NULL for devices enrolled before
+    # there was one: they re-enroll to log in to NATS (docs/broker.md).
+    mqtt_password_bcrypt: str | None = Field(default=None, max_length=60)
     agent_version: str = Field(default="", max_length=64)
     device_report: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON))
     enrolled_at: datetime = Field(

@@ -48,7 +48,7 @@ from fleet.api.deps import StateDep, client_address
 from fleet.api.present import token_view
 from fleet.config import FleetSettings
 from fleet.errors import ConfigError, Conflict, EnrollmentRejected
-from fleet.link.passwords import hash_password, new_password
+from fleet.link.passwords import hash_bcrypt, hash_password, new_password
 from fleet.tables import Device, EnrollmentToken, EventRow
 from fleet.tokens import EnrollmentAction, check_token, hash_secret, plan_enrollment
 from models.paths import ENROLL_PATH, PROVISION_CHECK_PATH
@@ -79,6 +79,26 @@ def new_device_id() -> str:
 class _Enrolled:
     device_id: str
     password: str
+
+
+@dataclass(frozen=True)
+class _Login:
+    """A fresh broker password, and its hashes as the device's row keeps them."""
+
+    password: str
+    mqtt_password_hash: str  # for Mosquitto and the embedded broker
+    mqtt_password_bcrypt: str  # for nats-server
+
+    @classmethod
+    def new(cls) -> _Login:
+        password = new_password()
+        return cls(password, hash_password(password), hash_bcrypt(password))
+
+    def columns(self) -> dict[str, str]:
+        return {
+            "mqtt_password_hash": self.mqtt_password_hash,
+            "mqtt_password_bcrypt": self.mqtt_password_bcrypt,
+        }
 
 
 class _Raced(Exception):
@@ -123,9 +143,9 @@ def _still(device: Device, key: str) -> list[ColumnElement[bool]]:
 
 
 def _replay(session: Session, device: Device, request: EnrollmentRequest) -> _Enrolled:
-    password = new_password()
+    login = _Login.new()
     values: dict[str, Any] = {
-        "mqtt_password_hash": hash_password(password),
+        **login.columns(),
         "agent_version": request.agent_version,
         "device_report": request.device.model_dump(mode="json"),
     }
@@ -141,7 +161,7 @@ def _replay(session: Session, device: Device, request: EnrollmentRequest) -> _En
         session.rollback()
         raise _Raced
     session.commit()
-    return _Enrolled(device.id, password)
+    return _Enrolled(device.id, login.password)
 
 
 def _reflash(
@@ -154,14 +174,14 @@ def _reflash(
 ) -> _Enrolled:
     """The same device takes the new key and a new password; its old ones stop working."""
     _spend_one_use(session, token, now)
-    password = new_password()
+    login = _Login.new()
     old_key = device.public_key
     moved = session.exec(
         update(Device)
         .where(*_still(device, old_key))
         .values(
+            **login.columns(),
             public_key=request.public_key,
-            mqtt_password_hash=hash_password(password),
             token_id=token.id,  # so a lost response's retry is a replay, as for a new device
             agent_version=request.agent_version,
             device_report=request.device.model_dump(mode="json"),
@@ -195,7 +215,7 @@ def _reflash(
         source=source,
     )
     session.commit()
-    return _Enrolled(device.id, password)
+    return _Enrolled(device.id, login.password)
 
 
 def _new_device(
@@ -203,7 +223,7 @@ def _new_device(
 ) -> _Enrolled:
     group = token.group
     _spend_one_use(session, token, now)
-    password = new_password()
+    login = _Login.new()
     device = Device(
         id=new_device_id(),
         name=request.name,
@@ -211,14 +231,15 @@ def _new_device(
         public_key=request.public_key,
         hardware_id=request.hardware_id,
         token_id=token.id,
-        mqtt_password_hash=hash_password(password),
+        mqtt_password_hash=login.mqtt_password_hash,
+        mqtt_password_bcrypt=login.mqtt_password_bcrypt,
         agent_version=request.agent_version,
         device_report=request.device.model_dump(mode="json"),
         enrolled_at=now,
     )
     session.add(device)
     session.commit()
-    return _Enrolled(device.id, password)
+    return _Enrolled(device.id, login.password)
 
 
 def _known(session: Session, request: EnrollmentRequest) -> tuple[Device | None, Device | None]:
