@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 __all__ = ["ADMIN_TOKEN_FILE", "DEFAULT_DATA_DIR", "FleetSettings"]
@@ -67,8 +67,15 @@ class FleetSettings(BaseSettings):
     broker_public_url: str | None = None  # what devices are told; None: broker_url
     embedded_broker_host: str = "127.0.0.1"
     embedded_broker_port: int = Field(default=1883, ge=0, le=65535)
-    broker_auth_dir: Path | None = None  # Mosquitto password_file + acl_file; None: data_dir
-    broker_pid_file: Path | None = None  # SIGHUP this pid after rewriting the auth files
+    broker_auth_dir: Path | None = None  # where the broker's users go; None: <data_dir>/broker
+    # The users' form: "mosquitto" (password_file + acl_file, also the embedded broker's)
+    # or "nats" (an authorization block each nats-server includes: docs/broker.md).
+    broker_auth_format: Literal["mosquitto", "nats"] = "mosquitto"
+    # SIGHUP this pid after rewriting the users; a pattern (/run/nats/*.pid) for a cluster.
+    broker_pid_file: Path | None = None
+    # "nats" only: the operator's own NATS logins, a JSON list of nats-server user maps,
+    # written beside the controller's and the devices'.
+    nats_extra_users_file: Path | None = None
     broker_ca_file: Path | None = None  # the broker's CA, handed to devices for mqtts://
     broker_username: str = "edgefleet-controller"  # the controller's own broker account
     broker_password: SecretStr | None = None  # None: generated into <data_dir>/broker-password
@@ -151,6 +158,15 @@ class FleetSettings(BaseSettings):
     @classmethod
     def _strip_prefix(cls, value: str) -> str:
         return value.strip("/")
+
+    @model_validator(mode="after")
+    def _check_broker_auth(self) -> FleetSettings:
+        if self.broker_auth_format == "nats" and self.broker_url is None:
+            raise ValueError(
+                "broker_auth_format 'nats' needs broker_url (a NATS node's MQTT port): the "
+                "embedded broker reads Mosquitto's files"
+            )
+        return self
 
     @property
     def resolved_database_url(self) -> str:

@@ -44,8 +44,13 @@ def serve(
     broker_auth_dir: Annotated[
         Path | None, typer.Option(help="where to write the broker's password and ACL files")
     ] = None,
+    broker_auth_format: Annotated[
+        str | None,
+        typer.Option(help="the broker's users as 'mosquitto' (default) or 'nats' files"),
+    ] = None,
     broker_pid_file: Annotated[
-        Path | None, typer.Option(help="pid file of the broker to SIGHUP after auth changes")
+        Path | None,
+        typer.Option(help="pid file (or a pattern, for a cluster) to SIGHUP after auth changes"),
     ] = None,
     broker_ca_file: Annotated[
         Path | None, typer.Option(help="the broker's CA certificate, handed to devices")
@@ -89,6 +94,7 @@ def serve(
             "embedded_broker_host": broker_host,
             "embedded_broker_port": broker_port,
             "broker_auth_dir": broker_auth_dir,
+            "broker_auth_format": broker_auth_format,
             "broker_pid_file": broker_pid_file,
             "broker_ca_file": broker_ca_file,
             "manage_broker_auth": manage_broker_auth,

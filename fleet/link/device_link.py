@@ -6,7 +6,7 @@ what it starts, in this order (and leaves in the reverse one):
 
 1. ingest routing (:mod:`fleet.link.router`): the batch writer's flusher and the
    device directory; leaving stores what was buffered;
-2. broker auth (:mod:`fleet.link.broker_auth`): the broker's password and ACL files,
+2. broker auth (:mod:`fleet.link.broker_auth`): the broker's users and their rights,
    written from the database now and on every :meth:`DeviceLink.sync_auth`;
 3. the embedded broker (:mod:`fleet.link.embedded`) on those files, when no
    ``broker_url`` is set;
@@ -40,7 +40,7 @@ from fleet.link.embedded import EmbeddedBroker
 from fleet.link.housekeeping import Housekeeping
 from fleet.link.jetstream import JetStreamIngest
 from fleet.link.logs import RateLimitedLog
-from fleet.link.passwords import hash_password
+from fleet.link.passwords import hash_bcrypt, hash_password
 from fleet.link.publish import DesiredPublisher
 from fleet.link.router import IngestRouter
 from fleet.link.session import MqttSession
@@ -100,6 +100,8 @@ class DeviceLink:
         self._broker_url = settings.resolved_broker_url
         self._controller_hash = ""
         self._auth_lock = asyncio.Lock()
+        self._auth_wanted = 0  # sync_auth calls so far
+        self._auth_done = 0  # calls the last finished sync covered
         self._embedded: EmbeddedBroker | None = None
         self._session: MqttSession | None = None
         self._jetstream: JetStreamIngest | None = None
@@ -110,7 +112,8 @@ class DeviceLink:
         store.check_dialect(self._engine)
         settings = self._settings
         password = await asyncio.to_thread(controller_password, settings)
-        self._controller_hash = await asyncio.to_thread(hash_password, password)
+        hash_for_broker = hash_bcrypt if settings.broker_auth_format == "nats" else hash_password
+        self._controller_hash = await asyncio.to_thread(hash_for_broker, password)
         async with AsyncExitStack() as stack:
             if settings.nats_ingest_url is not None:
                 self._jetstream = JetStreamIngest(
@@ -194,21 +197,33 @@ class DeviceLink:
     # --- LinkPort ----------------------------------------------------------------------
 
     async def sync_auth(self) -> None:
-        """Rewrite the broker's password and ACL files from the database; make it reload."""
+        """Rewrite the broker's users from the database; make it reload.
+
+        Returns once a sync that read the database after this call has written them.
+        Calls that arrive while one runs share the next one: a burst of enrollments
+        costs two rewrites and reloads, not one each (the broker reloads every user).
+        """
+        self._auth_wanted += 1
+        wanted = self._auth_wanted
         async with self._auth_lock:
+            if self._auth_done >= wanted:
+                return  # a sync that began after this call wrote them
+            covers = self._auth_wanted  # every call so far committed before this read
             credentials = await asyncio.to_thread(store.load_credentials, self._engine)
             self._ingest.install(credentials)
-            if not self._settings.manage_broker_auth:
-                return
-            try:
-                files = await asyncio.to_thread(
-                    write_auth_files, self._settings, self._controller_hash, credentials
+            if self._settings.manage_broker_auth:
+                try:
+                    files = await asyncio.to_thread(
+                        write_auth_files, self._settings, self._controller_hash, credentials
+                    )
+                except OSError as exc:
+                    raise ConfigError(f"cannot write the broker's auth files: {exc}") from exc
+                if self._embedded is not None:
+                    await self._embedded.disconnect_unauthorized()
+                log.debug(
+                    "broker auth synced: %d devices, reloaded=%s", files.devices, files.reloaded
                 )
-            except OSError as exc:
-                raise ConfigError(f"cannot write the broker's auth files: {exc}") from exc
-            if self._embedded is not None:
-                await self._embedded.disconnect_unauthorized()
-            log.debug("broker auth synced: %d devices, reloaded=%s", files.devices, files.reloaded)
+            self._auth_done = covers
 
     async def publish_desired(self, state: DesiredState) -> None:
         await self._publishing().publish_desired(state)

@@ -69,7 +69,10 @@ def check_dialect(engine: sa.Engine) -> None:
 
 def load_credentials(engine: sa.Engine) -> list[DeviceCredential]:
     """Every device's broker login, revoked ones flagged."""
-    query = sa.select(_devices.c.id, _devices.c.mqtt_password_hash, _devices.c.revoked_at)
+    devices = _devices.c
+    query = sa.select(
+        devices.id, devices.mqtt_password_hash, devices.revoked_at, devices.mqtt_password_bcrypt
+    )
     try:
         with engine.connect() as conn:
             rows = conn.execute(query).all()
@@ -77,7 +80,7 @@ def load_credentials(engine: sa.Engine) -> list[DeviceCredential]:
         if is_transient(exc):
             raise unavailable(exc) from exc
         raise
-    return [DeviceCredential(row[0], row[1], row[2] is not None) for row in rows]
+    return [DeviceCredential(row[0], row[1], row[2] is not None, row[3]) for row in rows]
 
 
 def load_desired(engine: sa.Engine) -> list[tuple[str, dict[str, Any]]]:

@@ -153,9 +153,10 @@ def test_auth_files_leave_out_revoked_and_malformed_devices(tmp_path: Path) -> N
     )
     assert files.devices == 1
     assert not files.reloaded
-    users = parse_password_file(files.password_file.read_text().splitlines())
+    _, password_file = files.files  # the ACL first
+    users = parse_password_file(password_file.read_text().splitlines())
     assert set(users) == {CTL, A}
-    for path in (files.password_file, files.acl_file):
+    for path in files.files:
         assert path.parent == settings.resolved_auth_dir
         assert stat.S_IMODE(path.stat().st_mode) == 0o600
     assert {p.name for p in settings.resolved_auth_dir.iterdir()} == {PASSWORD_FILE, ACL_FILE}

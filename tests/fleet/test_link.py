@@ -29,7 +29,8 @@ from sqlmodel import Session, SQLModel, func, select
 from fleet.config import FleetSettings
 from fleet.db import make_engine
 from fleet.errors import BrokerUnavailable, ConfigError
-from fleet.link import DeviceLink, ReconnectPolicy
+from fleet.link import DeviceLink, ReconnectPolicy, device_link
+from fleet.link.broker_auth import AuthFiles, DeviceCredential
 from fleet.link.embedded import EmbeddedBroker
 from fleet.link.logs import RateLimitedLog
 from fleet.link.passwords import hash_password
@@ -780,6 +781,60 @@ def test_with_jetstream_ingest_the_session_drops_its_ingest_subscriptions(tmp_pa
     assert sorted(connection.unsubscribed) == sorted(
         topic("+", channel) for channel in ("reported", "telemetry", "events")
     )
+
+
+class RecordedWrites:
+    """Stands in for writing the broker's users: records which devices each write held."""
+
+    def __init__(self) -> None:
+        self.writes: list[set[str]] = []
+
+    def __call__(
+        self, _settings: FleetSettings, _hash: str, credentials: list[DeviceCredential]
+    ) -> AuthFiles:
+        self.writes.append({credential.device_id for credential in credentials})
+        return AuthFiles((), len(credentials), reloaded=False)
+
+
+@pytest.fixture
+def recorded(monkeypatch: pytest.MonkeyPatch) -> RecordedWrites:
+    writes = RecordedWrites()
+    monkeypatch.setattr(device_link, "write_auth_files", writes)
+    return writes
+
+
+def test_a_burst_of_auth_syncs_shares_one_rewrite(tmp_path: Path, recorded: RecordedWrites) -> None:
+    """The broker reloads every user at each rewrite: ten enrollments at once cost two."""
+    with make_fleet(f"sqlite:///{tmp_path / 'fleet.db'}", tmp_path) as fleet:
+        fleet.enroll(*(f"dev-{n:03}" for n in range(10)))
+        link = fleet.link()
+
+        async def scenario() -> None:
+            # The first runs at once; the nine that come while it runs share the next.
+            await asyncio.gather(*(link.sync_auth() for _ in range(10)))
+            assert len(recorded.writes) == 2
+            await link.sync_auth()  # a call after the burst writes again
+            assert len(recorded.writes) == 3
+
+        asyncio.run(scenario())
+
+
+def test_each_auth_sync_returns_after_a_write_holding_its_device(
+    tmp_path: Path, recorded: RecordedWrites
+) -> None:
+    """Enrollment answers after sync_auth: the device must be able to log in by then."""
+    with make_fleet(f"sqlite:///{tmp_path / 'fleet.db'}", tmp_path) as fleet:
+        link = fleet.link()
+
+        async def enroll_and_sync(device: str) -> None:
+            await asyncio.to_thread(fleet.enroll, device)
+            await link.sync_auth()
+            assert device in recorded.writes[-1]
+
+        async def scenario() -> None:
+            await asyncio.gather(*(enroll_and_sync(f"dev-{n:03}") for n in range(12)))
+
+        asyncio.run(scenario())
 
 
 # --- the database going away ------------------------------------------------------------
