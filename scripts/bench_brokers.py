@@ -4,15 +4,13 @@
 replicas share ingest through an MQTT 5 shared subscription. ``nats``: three
 ``nats-server`` nodes (MQTT gateway, JetStream R3) behind haproxy in TCP mode, as
 tests/integration/test_fleet_on_broker_cluster.py runs them; replicas (one included)
-share ingest through JetStream consumers (fleet/link/jetstream.py), and the devices'
-NATS users are written once they have enrolled, as that test does (the controller
-writes Mosquitto's files only: docs/scale.md).
+share ingest through JetStream consumers (fleet/link/jetstream.py). Either way the
+controller writes the broker's users at each enrollment and makes every node reload.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,9 +20,8 @@ from urllib.parse import urlsplit
 from broker_cluster import (
     BrokerCluster,
     NatsNode,
-    edgefleet_nats_users,
+    first_users_file,
     nats_cluster,
-    set_nats_users,
 )
 from servers import MosquittoBroker, haproxy
 
@@ -41,7 +38,6 @@ class BenchBroker(Protocol):
     def pids(self) -> list[int]: ...
     def controller_args(self) -> list[str]: ...
     def replica_env(self, index: int, replicas: int) -> dict[str, str]: ...
-    def admit(self, state_dir: Path) -> None: ...
     def log(self) -> str: ...
 
 
@@ -71,9 +67,6 @@ class MosquittoBench:
             "EDGEFLEET_FLEET_SHARED_SUBSCRIPTION_GROUP": "controllers",
         }
 
-    def admit(self, state_dir: Path) -> None:
-        """Nothing to do: the controller wrote Mosquitto's files at each enrollment."""
-
     def log(self) -> str:
         return self.broker.log()
 
@@ -82,7 +75,7 @@ class MosquittoBench:
 class NatsBench:
     cluster: BrokerCluster
     url: str  # haproxy's
-    password: str  # the controller's
+    auth_dir: Path  # where the controller writes the users every node includes
     name: str = "nats"
     nodes: list[NatsNode] = field(init=False)
 
@@ -93,21 +86,17 @@ class NatsBench:
         return [pid for node in self.nodes if (pid := node.pid) is not None]
 
     def controller_args(self) -> list[str]:
-        return ["--broker", self.url, "--no-manage-broker-auth"]
+        return [
+            "--broker", self.url, "--broker-auth-format", "nats",
+            "--broker-auth-dir", str(self.auth_dir),
+            "--broker-pid-file", str(self.nodes[0].pid_file.with_name("*.pid")),
+        ]  # fmt: skip
 
     def replica_env(self, index: int, replicas: int) -> dict[str, str]:
         return {
             "EDGEFLEET_FLEET_CLIENT_ID": f"edgefleet-controller-r{index}",
             "EDGEFLEET_FLEET_NATS_INGEST_URL": ",".join(node.nats_url for node in self.nodes),
         }
-
-    def admit(self, state_dir: Path) -> None:
-        """Write every enrolled device's NATS user, with its permissions, and reload."""
-        logins = []
-        for path in sorted(state_dir.glob("*.json")):
-            broker = json.loads(path.read_text())["broker"]
-            logins.append((broker["username"], broker["password"]))
-        set_nats_users(self.cluster, edgefleet_nats_users((CONTROLLER_USER, self.password), logins))
 
     def log(self) -> str:
         return self.cluster.logs()
@@ -131,13 +120,16 @@ def bench_broker(
         return
     if kind != "nats":
         raise ValueError(f"unknown broker {kind!r}: one of {', '.join(BROKERS)}")
-    users = edgefleet_nats_users((CONTROLLER_USER, controller_password), [])
-    with nats_cluster(root / "nats", users, consumer_replicas=consumer_replicas) as cluster:
+    auth_dir = root / "broker-auth"
+    users_file = first_users_file(auth_dir, (CONTROLLER_USER, controller_password))
+    with nats_cluster(
+        root / "nats", consumer_replicas=consumer_replicas, users_file=users_file
+    ) as cluster:
         nodes = [node for node in cluster.nodes if isinstance(node, NatsNode)]
         backends = [f"{node.address}:{node.mqtt_port}" for node in nodes]
         health = [node.http_port for node in nodes]
         with haproxy(root / "haproxy", backends, "tcp", health) as lb:
-            yield NatsBench(cluster, lb, controller_password)
+            yield NatsBench(cluster, lb, auth_dir)
 
 
 def host_port(url: str) -> tuple[str, int]:

@@ -805,7 +805,6 @@ def run_database(
                 raise RuntimeError(
                     f"only {enrolled} of {max(steps)} enrolled:\n{tail(enroll.logs[0])}"
                 )
-            broker.admit(state_dir)
             queries = TelemetryQueries(url)
             reference = Reference(*host_port(broker.url), controller.broker_password)
             db_pids = postgres_pids() if kind == "postgresql" else []

@@ -33,11 +33,14 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
+
+from fleet.link.nats_auth import NATS_USERS_FILE, controller_user, device_user, render_nats_users
+from fleet.link.passwords import hash_bcrypt
 
 try:
     from scripts.servers import free_port
@@ -52,10 +55,12 @@ __all__ = [
     "RABBITMQ_SERVER",
     "BrokerCluster",
     "BrokerNode",
+    "NatsLogin",
     "NatsNode",
     "NatsUser",
     "RabbitNode",
     "edgefleet_nats_users",
+    "first_users_file",
     "free_port",
     "nats_cluster",
     "nats_msgs_leader",
@@ -208,45 +213,35 @@ class NatsUser:
         return user
 
 
-# What every MQTT login needs beside its own topics: a QoS 1 subscription is a JetStream
-# consumer that delivers to "$MQTT.sub.<nuid>", which the client subscribes to itself.
-NATS_MQTT_INTERNAL_SUBSCRIBE = ("$MQTT.sub.>",)
-# What the controller's JetStream ingest (fleet/link/jetstream.py) asks of the JetStream
-# API on the gateway's stream: read and create its consumers, pull, acknowledge. The
-# replies come to "_INBOX.>".
-NATS_JETSTREAM_INGEST_PUBLISH = (
-    "$JS.API.CONSUMER.INFO.$MQTT_msgs.*",
-    "$JS.API.CONSUMER.DURABLE.CREATE.$MQTT_msgs.*",
-    "$JS.API.CONSUMER.MSG.NEXT.$MQTT_msgs.*",
-    "$JS.ACK.$MQTT_msgs.>",
-)
+NatsLogin = NatsUser | Mapping[str, Any]
+"""A user for a node's ``authorization``: a :class:`NatsUser`, or a nats-server user map."""
 
 
 def edgefleet_nats_users(
     controller: tuple[str, str], devices: Sequence[tuple[str, str]]
-) -> list[NatsUser]:
-    """docs/broker.md's rules as NATS permissions: ``(username, password)`` pairs in."""
+) -> list[NatsLogin]:
+    """The controller's rules for NATS (:mod:`fleet.link.nats_auth`), plain passwords in."""
+    return [controller_user(*controller), *(device_user(*device) for device in devices)]
+
+
+def first_users_file(
+    auth_dir: Path, controller: tuple[str, str], extra: Sequence[NatsUser] = ()
+) -> Path:
+    """What a controller writes into ``auth_dir`` before any device enrolled.
+
+    The nodes include it, so it must exist before they start: a deployment's nodes wait
+    for the controller to write it (deploy/compose/nats-node.sh); a test writes it first.
+    """
     name, password = controller
-    users = [
-        NatsUser(
-            name,
-            password,
-            publish=("edgefleet.v1.>", *NATS_JETSTREAM_INGEST_PUBLISH),
-            subscribe=("edgefleet.v1.>", *NATS_MQTT_INTERNAL_SUBSCRIBE, "_INBOX.>"),
-            mqtt_only=False,  # it also pulls the devices' messages over NATS (JetStream)
-        )
-    ]
-    for device_id, secret in devices:
-        own = f"edgefleet.v1.devices.{device_id}"
-        users.append(
-            NatsUser(
-                device_id,
-                secret,
-                publish=(f"{own}.reported", f"{own}.telemetry", f"{own}.events"),
-                subscribe=(f"{own}.desired", f"{own}.cmd", *NATS_MQTT_INTERNAL_SUBSCRIBE),
-            )
-        )
-    return users
+    auth_dir.mkdir(parents=True, exist_ok=True)
+    users_file = auth_dir / NATS_USERS_FILE
+    extra_users = [user.config() for user in extra]
+    users_file.write_text(render_nats_users(name, hash_bcrypt(password), {}, extra_users))
+    return users_file
+
+
+def _user_map(user: NatsLogin) -> dict[str, Any]:
+    return user.config() if isinstance(user, NatsUser) else dict(user)
 
 
 def _http_json(host: str, port: int, path: str) -> Any:
@@ -282,6 +277,9 @@ class NatsNode:
         self.client_port, self.route_port = free_port(), free_port()
         self.http_port, self.mqtt_port = free_port(), free_port()
         self.config_file = root / "nats.conf"
+        self.pid_file = root.parent / f"{name}.pid"  # beside its peers': "<root>/*.pid"
+        # An authorization block to include (the controller's, broker_auth_format "nats").
+        self.users_file: Path | None = None
         self._process = _Process(root / "nats.log")
         root.mkdir(parents=True, exist_ok=True)
 
@@ -306,8 +304,7 @@ class NatsNode:
     def running(self) -> bool:
         return self._process.running
 
-    def configure(self, peers: Sequence[NatsNode], users: Sequence[NatsUser]) -> None:
-        # NATS's config format accepts JSON, which saves quoting "$MQTT.sub.>" by hand.
+    def configure(self, peers: Sequence[NatsNode], users: Sequence[NatsLogin]) -> None:
         # One node in a namespace: every node listens everywhere, so it can reach them.
         spread = self.netns is not None or any(peer.netns is not None for peer in peers)
         host = "0.0.0.0" if spread else "127.0.0.1"  # test nodes on host-only links
@@ -315,6 +312,7 @@ class NatsNode:
             "server_name": self.name,
             "listen": f"{host}:{self.client_port}",
             "http": f"{host}:{self.http_port}",
+            "pid_file": str(self.pid_file),
             "jetstream": {"store_dir": str(self.root / "jetstream")},
             "cluster": {
                 "name": "edgefleet",
@@ -333,8 +331,13 @@ class NatsNode:
             },
         }
         if users:
-            config["authorization"] = {"users": [user.config() for user in users]}
-        self.config_file.write_text(json.dumps(config, indent=2) + "\n")
+            config["authorization"] = {"users": [_user_map(user) for user in users]}
+        # NATS reads JSON values, which saves quoting "$MQTT.sub.>" by hand; an include
+        # is relative to this file.
+        lines = [f"{key}: {json.dumps(value, indent=2)}" for key, value in config.items()]
+        if self.users_file is not None:
+            lines.append(f'include "{os.path.relpath(self.users_file, self.root)}"')
+        self.config_file.write_text("\n".join(lines) + "\n")
 
     def _route_to(self, peer: NatsNode) -> str:
         return "127.0.0.1" if peer.netns is self.netns else peer.route_address
@@ -381,7 +384,7 @@ def _nats_agreed(nodes: list[BrokerNode]) -> bool:
     return len(leaders) == 1 and None not in leaders and "" not in leaders
 
 
-def set_nats_users(cluster: BrokerCluster, users: Sequence[NatsUser]) -> None:
+def set_nats_users(cluster: BrokerCluster, users: Sequence[NatsLogin]) -> None:
     """Give every node ``users`` and make the running ones reload (as ``sync_auth`` would)."""
     nodes = [node for node in cluster.nodes if isinstance(node, NatsNode)]
     for node in nodes:
@@ -405,10 +408,11 @@ def nats_msgs_leader(cluster: BrokerCluster) -> int:
 @contextmanager
 def nats_cluster(
     root: Path,
-    users: Sequence[NatsUser] = (),
+    users: Sequence[NatsLogin] = (),
     size: int = 3,
     netns: NetworkNamespace | None = None,
     consumer_replicas: int | None = None,
+    users_file: Path | None = None,
 ) -> Iterator[BrokerCluster]:
     """``size`` NATS nodes with MQTT and JetStream, clustered and ready; killed on the way out.
 
@@ -418,6 +422,9 @@ def nats_cluster(
     the second partitions it from its peers and nothing else. ``consumer_replicas`` sets
     the gateway's ``mqtt.consumer_replicas`` (a JetStream consumer per QoS 1
     subscription; left out, as many replicas as the streams: docs/scale.md).
+    ``users_file`` is included by every node: the users a controller writes there
+    (``broker_auth_format`` "nats"), reloaded through the pid files ``<root>/*.pid``.
+    It must exist before the nodes start.
     """
     nodes = [NatsNode(root / f"nats-{i}", f"n{i}") for i in range(1, size + 1)]
     if netns is not None:
@@ -433,6 +440,7 @@ def nats_cluster(
             node.route_address = routes.host_ip
     for node in nodes:
         node.consumer_replicas = consumer_replicas
+        node.users_file = users_file
         node.configure([peer for peer in nodes if peer is not node], users)
     cluster = BrokerCluster(list[BrokerNode](nodes), _nats_agreed)
     try:

@@ -10,12 +10,12 @@ where every QoS 1 message is stored first. The node killed is the one leading th
 stream: the loss that hurts most (docs/scale.md, "The broker cluster"). Then one replica
 is SIGKILLed and never restarted: what it held unacknowledged goes to the other.
 
-NATS reads its users from its configuration, and the controller writes Mosquitto's
-files only; so here the test writes the NATS users (``edgefleet_nats_users``: the same
-per-device permissions) from the identities the devices enrolled with, and reloads
-every node, the way ``sync_auth`` does for Mosquitto. What is checked is read from the
-database: every sample a device had acknowledged stored exactly once, and a desired
-state set after the faults served by every device.
+The replicas write the NATS users (``--broker-auth-format nats``): one file every node
+includes, each enrolled device with its own permissions, and SIGHUP every node through
+its pid file, as in production (docs/broker.md, "NATS"). The devices log in with the
+password enrollment gave them. What is checked is read from the database: every sample
+a device had acknowledged stored exactly once, and a desired state set after the faults
+served by every device.
 """
 
 from __future__ import annotations
@@ -39,10 +39,9 @@ from scripts.broker_cluster import (
     BrokerCluster,
     NatsNode,
     NatsUser,
-    edgefleet_nats_users,
+    first_users_file,
     nats_cluster,
     nats_msgs_leader,
-    set_nats_users,
 )
 from tests.integration.test_rollout_controllers import (
     ADMIN_TOKEN,
@@ -62,15 +61,6 @@ pytestmark = [
 ]
 
 CONTROLLER = "edgefleet-controller"  # FleetSettings.broker_username's default
-
-
-def device_logins(state_dir: Path) -> list[tuple[str, str]]:
-    """``(username, password)`` of every device that enrolled, from its saved identity."""
-    logins = []
-    for path in sorted(state_dir.glob("*.json")):
-        broker = json.loads(path.read_text())["broker"]
-        logins.append((broker["username"], broker["password"]))
-    return logins
 
 
 def devices_config(url: str, devices: int, state_dir: Path, **more: object) -> SimulationConfig:
@@ -105,13 +95,18 @@ def replica(
     password: str,
     name: str,
 ) -> AbstractContextManager[servers.Controller]:
-    """Replica ``name`` through haproxy, pulling device messages from every node."""
-    nats_urls = ",".join(node.nats_url for node in cluster.nodes if isinstance(node, NatsNode))
+    """Replica ``name`` through haproxy, pulling device messages from every node.
+
+    Both replicas write the same users file (``<data>/broker``) and reload every node.
+    """
+    nodes = [node for node in cluster.nodes if isinstance(node, NatsNode)]
+    nats_urls = ",".join(node.nats_url for node in nodes)
     return servers.running_controller(
         tmp_path,
         postgres_url,
         "--broker", broker_url,
-        "--no-manage-broker-auth",  # NATS's users are written by the test
+        "--broker-auth-format", "nats",
+        "--broker-pid-file", str(nodes[0].pid_file.with_name("*.pid")),
         env={
             "EDGEFLEET_FLEET_ADMIN_TOKEN": ADMIN_TOKEN,
             "EDGEFLEET_FLEET_BROKER_PASSWORD": password,
@@ -120,6 +115,7 @@ def replica(
             "EDGEFLEET_FLEET_CLIENT_ID": f"edgefleet-controller-{name}",
             "EDGEFLEET_FLEET_NATS_INGEST_URL": nats_urls,
             "EDGEFLEET_FLEET_NATS_INGEST_ACK_WAIT_S": ACK_WAIT_S,
+            "EDGEFLEET_FLEET_NATS_EXTRA_USERS_FILE": str(admin_file(tmp_path)),
         },
         ready_s=60,
         name=name,
@@ -137,6 +133,14 @@ async def stored_by(running: servers.Controller) -> int:
 
 
 ADMIN = NatsUser("test-admin", secrets.token_urlsafe(18), (">",), (">",), mqtt_only=False)
+
+
+def admin_file(tmp_path: Path) -> Path:
+    """The test's own NATS login, which the replicas write beside theirs (stepdowns)."""
+    path = tmp_path / "nats-admin.json"
+    if not path.exists():
+        path.write_text(json.dumps([ADMIN.config()]))
+    return path
 
 
 @dataclass
@@ -160,14 +164,18 @@ async def fleet_on_nats(
     devices: int,
     netns: servers.NetworkNamespace | None = None,
 ) -> NatsFleet:
-    """The cluster, haproxy in front of it, two replicas; devices enrolled and let in.
+    """The cluster, haproxy in front of it, two replicas; devices enrolled.
 
     haproxy checks each node's ``/healthz`` (docs/scale.md): a node that lost its
-    cluster leaves the rotation, though its MQTT port still answers.
+    cluster leaves the rotation, though its MQTT port still answers. The nodes start on
+    the users file a replica writes before any device enrolled, as a deployment's nodes
+    wait for it (deploy/compose).
     """
     password = secrets.token_urlsafe(18)
-    users = [*edgefleet_nats_users((CONTROLLER, password), []), ADMIN]
-    cluster = stack.enter_context(nats_cluster(tmp_path / "nats", users, netns=netns))
+    users_file = first_users_file(tmp_path / "data" / "broker", (CONTROLLER, password), [ADMIN])
+    cluster = stack.enter_context(
+        nats_cluster(tmp_path / "nats", netns=netns, users_file=users_file)
+    )
     nodes = [node for node in cluster.nodes if isinstance(node, NatsNode)]
     backends = [f"{node.address}:{node.mqtt_port}" for node in nodes]
     health = [node.http_port for node in nodes]
@@ -180,14 +188,11 @@ async def fleet_on_nats(
     ]
     async with api(a.url) as client:
         secret = await fleet_on_v1(client, devices)
-    # Enroll, then let the devices in: NATS learns their logins at the reload.
+    # Each enrollment rewrites the users file and reloads every node.
     state_dir = tmp_path / "identities"
     enroll = devices_config(a.url, devices, state_dir, token=secret, duration_s=0)
     await Simulation(enroll).run()
-    logins = device_logins(state_dir)
-    assert len(logins) == devices
-    users = [*edgefleet_nats_users((CONTROLLER, password), logins), ADMIN]
-    await asyncio.to_thread(set_nats_users, cluster, users)
+    assert len(list(state_dir.glob("*.json"))) == devices
     return NatsFleet(cluster, a, b, state_dir, devices)
 
 
