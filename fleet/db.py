@@ -192,6 +192,7 @@ def current_revision(engine: Engine) -> str | None:
 
 
 DESIRED_PUBLISH_LOCK = 0x45_46_44_53  # "EFDS": held while desired states are published
+BROKER_AUTH_LOCK = 0x45_46_42_41  # "EFBA": held while a replica reads and writes broker users
 
 
 @contextlib.asynccontextmanager

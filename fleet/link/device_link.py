@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 import sqlalchemy as sa
 
 from fleet.config import FleetSettings
+from fleet.db import BROKER_AUTH_LOCK, advisory_lock
 from fleet.errors import ConfigError
 from fleet.link import store
 from fleet.link.backoff import ReconnectPolicy
@@ -202,6 +203,8 @@ class DeviceLink:
         Returns once a sync that read the database after this call has written them.
         Calls that arrive while one runs share the next one: a burst of enrollments
         costs two rewrites and reloads, not one each (the broker reloads every user).
+        Replicas sharing the files take turns (an advisory lock), so one that read the
+        database earlier never writes over a newer file.
         """
         self._auth_wanted += 1
         wanted = self._auth_wanted
@@ -209,21 +212,24 @@ class DeviceLink:
             if self._auth_done >= wanted:
                 return  # a sync that began after this call wrote them
             covers = self._auth_wanted  # every call so far committed before this read
-            credentials = await asyncio.to_thread(store.load_credentials, self._engine)
-            self._ingest.install(credentials)
-            if self._settings.manage_broker_auth:
-                try:
-                    files = await asyncio.to_thread(
-                        write_auth_files, self._settings, self._controller_hash, credentials
-                    )
-                except OSError as exc:
-                    raise ConfigError(f"cannot write the broker's auth files: {exc}") from exc
-                if self._embedded is not None:
-                    await self._embedded.disconnect_unauthorized()
-                log.debug(
-                    "broker auth synced: %d devices, reloaded=%s", files.devices, files.reloaded
-                )
+            async with advisory_lock(self._engine, BROKER_AUTH_LOCK):
+                await self._load_and_write_auth()
             self._auth_done = covers
+
+    async def _load_and_write_auth(self) -> None:
+        credentials = await asyncio.to_thread(store.load_credentials, self._engine)
+        self._ingest.install(credentials)
+        if not self._settings.manage_broker_auth:
+            return
+        try:
+            files = await asyncio.to_thread(
+                write_auth_files, self._settings, self._controller_hash, credentials
+            )
+        except OSError as exc:
+            raise ConfigError(f"cannot write the broker's auth files: {exc}") from exc
+        if self._embedded is not None:
+            await self._embedded.disconnect_unauthorized()
+        log.debug("broker auth synced: %d devices, reloaded=%s", files.devices, files.reloaded)
 
     async def publish_desired(self, state: DesiredState) -> None:
         await self._publishing().publish_desired(state)

@@ -12,6 +12,7 @@ import socket
 import sqlite3
 import subprocess
 import sys
+import threading
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import AsyncExitStack, contextmanager
@@ -835,6 +836,39 @@ def test_each_auth_sync_returns_after_a_write_holding_its_device(
             await asyncio.gather(*(enroll_and_sync(f"dev-{n:03}") for n in range(12)))
 
         asyncio.run(scenario())
+
+
+def test_a_replica_that_read_the_devices_earlier_never_writes_the_users_last(
+    postgres_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Replicas share the users file: a's sync read before dev-late enrolled through b."""
+    a_has_read, b_wrote = threading.Event(), threading.Event()
+    writes: list[set[str]] = []
+
+    def write(
+        _settings: FleetSettings, _hash: str, credentials: list[DeviceCredential]
+    ) -> AuthFiles:
+        if not writes and not a_has_read.is_set():  # a's write, from what it read
+            a_has_read.set()
+            b_wrote.wait(timeout=2)  # b writes meanwhile, unless it must wait its turn
+        else:
+            b_wrote.set()
+        writes.append({credential.device_id for credential in credentials})
+        return AuthFiles((), len(credentials), reloaded=False)
+
+    monkeypatch.setattr(device_link, "write_auth_files", write)
+    with make_fleet(postgres_url, tmp_path) as fleet:
+        a, b = fleet.link(), fleet.link()
+
+        async def scenario() -> None:
+            first = asyncio.create_task(a.sync_auth())
+            assert await asyncio.to_thread(a_has_read.wait, 30)
+            await asyncio.to_thread(fleet.enroll, "dev-late")
+            await b.sync_auth()
+            await first
+
+        asyncio.run(scenario())
+    assert writes == [set(), {"dev-late"}]
 
 
 # --- the database going away ------------------------------------------------------------
