@@ -159,6 +159,7 @@ def _logins(
 ) -> dict[str, str]:
     """``device id -> hash`` of every device that may log in, in the broker's hash form."""
     entries: dict[str, str] = {}
+    unhashed: list[str] = []
     for device in devices:
         if device.revoked:
             continue
@@ -171,16 +172,19 @@ def _logins(
             continue
         hashed = device.bcrypt_hash if nats else device.password_hash
         if hashed is None:
-            log.warning(
-                "device %r enrolled before NATS logins existed; it cannot log in to NATS "
-                'until it enrolls again (docs/broker.md, "NATS")',
-                device.device_id,
-            )
+            unhashed.append(device.device_id)
             continue
         if not (valid_bcrypt(hashed) if nats else valid_device_entry(device.device_id, hashed)):
             log.error("device %r has a malformed id or password hash; left out", device.device_id)
             continue
         entries[device.device_id] = hashed
+    if unhashed:  # one line per sync, however many there are
+        log.warning(
+            "%d device(s) enrolled before NATS logins existed cannot log in to NATS until "
+            'they enroll again (docs/broker.md, "NATS"): %s',
+            len(unhashed),
+            ", ".join(unhashed[:5]) + (", ..." if len(unhashed) > 5 else ""),
+        )
     return entries
 
 

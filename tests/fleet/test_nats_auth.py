@@ -110,7 +110,7 @@ def credential(device_id: str, password: str, **more: Any) -> DeviceCredential:
 
 
 def test_the_users_file_leaves_out_revoked_devices_and_those_without_a_bcrypt_hash(
-    tmp_path: Path,
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     extra = tmp_path / "ops.json"
     extra.write_text(json.dumps([{"user": "ops", "password": hash_bcrypt("ops")}]))
@@ -131,6 +131,9 @@ def test_the_users_file_leaves_out_revoked_devices_and_those_without_a_bcrypt_ha
     assert users_file == settings.resolved_auth_dir / NATS_USERS_FILE
     assert stat.S_IMODE(users_file.stat().st_mode) == 0o600
     assert list(by_name(users_file.read_text())) == [CTL, A, "ops"]
+    (said,) = [r.getMessage() for r in caplog.records if "enroll again" in r.getMessage()]
+    assert said.startswith("1 device(s) enrolled before NATS logins")
+    assert said.endswith(C)
 
 
 @pytest.mark.parametrize(
