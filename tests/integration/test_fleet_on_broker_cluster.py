@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from fleet.simulate import Simulation, SimulationConfig
@@ -78,8 +79,16 @@ def devices_config(url: str, devices: int, state_dir: Path, **more: object) -> S
 
 # A node back is one whose every stream and session consumer is current again (plain
 # /healthz): devices get desired states through those consumers. That took 15-25 s
-# alone, and over 60 s once with the whole suite running beside it.
+# alone, and over 60 s once with the whole suite running beside it; once, two devices
+# that reconnected while consumers were stalled got a desired state set after the
+# faults later than 45 s. Every wait after a fault on this cluster is allowed as long.
 RECOVERY_S = 180.0
+
+
+async def all_on_v1_after_a_fault(client: httpx.AsyncClient, db: Database, ids: list[str]) -> None:
+    put_at = time.monotonic()
+    await all_on_v1(client, db, ids, within_s=RECOVERY_S)
+    print(f"every device serving 1.0 {time.monotonic() - put_at:.1f} s after the PUT")
 
 
 async def whole_again(cluster: BrokerCluster, index: int) -> float:
@@ -249,7 +258,7 @@ def test_a_broker_node_and_a_replica_killed_while_devices_publish_lose_nothing(
 
             await until(a_alone_stores, "replica a storing everything")
             async with api(a.url) as client:
-                await all_on_v1(client, db, ids)
+                await all_on_v1_after_a_fault(client, db, ids)
         counters = sim.stats.counters
         await each_acknowledged_sample_stored_once(db, counters.published, counters.sent)
 
@@ -336,7 +345,7 @@ def test_a_broker_node_cut_off_from_its_peers_loses_nothing_and_the_fleet_conver
             await asyncio.to_thread(cluster.wait_ready, RECOVERY_S)
             print(f"n1 back in the cluster {time.monotonic() - healed_at:.1f} s after the heal")
             async with api(a.url) as client:
-                await all_on_v1(client, db, ids)
+                await all_on_v1_after_a_fault(client, db, ids)
         counters = sim.stats.counters
         await each_acknowledged_sample_stored_once(db, counters.published, counters.sent)
 

@@ -300,9 +300,13 @@ async def ok(response: httpx.Response) -> Any:
 
 
 async def until(
-    check: Callable[[], Any], what: str, detail: Callable[[], object] | None = None
+    check: Callable[[], Any],
+    what: str,
+    detail: Callable[[], object] | None = None,
+    *,
+    within_s: float = DEADLINE_S,
 ) -> Any:
-    return await eventually(check, what, within_s=DEADLINE_S, every_s=0.05, detail=detail)
+    return await eventually(check, what, within_s=within_s, every_s=0.05, detail=detail)
 
 
 async def fleet_on_v1(client: httpx.AsyncClient, devices: int) -> str:
@@ -334,7 +338,9 @@ def simulation(url: str, secret: str, devices: int, update_s: float) -> Simulati
     )
 
 
-async def all_on_v1(client: httpx.AsyncClient, db: Database, ids: list[str]) -> dict[str, int]:
+async def all_on_v1(
+    client: httpx.AsyncClient, db: Database, ids: list[str], *, within_s: float = DEADLINE_S
+) -> dict[str, int]:
     """Put the group on 1.0, wait until every device serves it; their desired versions."""
     await ok(
         await client.put(
@@ -354,7 +360,9 @@ async def all_on_v1(client: httpx.AsyncClient, db: Database, ids: list[str]) -> 
     def reports() -> object:
         return {d: (v["desired_version"], v["reported"]) for d, v in db.devices().items()}
 
-    before: dict[str, int] = await until(serving_v1, "every device serving 1.0", reports)
+    before: dict[str, int] = await until(
+        serving_v1, "every device serving 1.0", reports, within_s=within_s
+    )
     assert set(before.values()) == {1}
     return before
 
